@@ -1,0 +1,62 @@
+# affpipe — the commands a newcomer and CI run. Every target installs what it needs itself.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+AFFPIPE := $(VENV)/bin/affpipe
+# torch/torchvision pinned to the releases this project is tested with (CPU machines take them
+# from the local wheel cache when one exists; elsewhere pip downloads them).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.install-stamp
+DEMO ?= demo
+DEMO_VIDEOS ?= 24
+DEMO_FRAMES ?= 300
+DEMO_EPOCHS ?= 3
+
+.PHONY: install demo test test-fast lint benchmark benchmark-full benchmark-gpu experiments clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(AFFPIPE) synth $(DEMO)/affwild2 --videos $(DEMO_VIDEOS) --frames $(DEMO_FRAMES) --mtl --seed 0
+	$(AFFPIPE) index $(DEMO)/affwild2 -o $(DEMO)/index
+	$(AFFPIPE) stats $(DEMO)/index -o $(DEMO)/stats
+	$(AFFPIPE) shard $(DEMO)/index -o $(DEMO)/shards --split all
+	$(AFFPIPE) verify $(DEMO)/shards
+	$(AFFPIPE) show $(DEMO)/shards -o $(DEMO)/shards/grid.png
+	$(AFFPIPE) train --config pipelines/demo.toml --shards $(DEMO)/shards -o $(DEMO)/runs/mtl --epochs $(DEMO_EPOCHS)
+	$(AFFPIPE) evaluate $(DEMO)/runs/mtl --shards $(DEMO)/shards
+	@echo
+	@echo "demo outputs: $(DEMO)/  (index: $(DEMO)/index, stats: $(DEMO)/stats, shards: $(DEMO)/shards,"
+	@echo "              run: $(DEMO)/runs/mtl — eval.md, curves.png, best.pt)"
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m 'not slow'
+
+lint: install
+	$(VENV)/bin/ruff check affpipe tests
+
+benchmark: install
+	$(AFFPIPE) bench --out bench
+
+benchmark-full: install
+	$(AFFPIPE) bench-full --out bench/full
+
+# Runs on a GPU host where DALI was installed from wheels onto PYTHONPATH (see BENCHMARKS.md).
+benchmark-gpu:
+	PYTHONPATH=$$PWD:$$PYTHONPATH $(PYTHON) -m affpipe.bench_gpu --out bench/gpu
+
+experiments: install
+	$(AFFPIPE) experiments --out experiments
+
+clean:
+	rm -rf $(DEMO) bench runs experiments

@@ -1,0 +1,29 @@
+"""Optional imports in one place, each with a clear message when missing."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+DALI_HINT = (
+    "NVIDIA DALI is not installed. On Linux x86-64: pip install nvidia-dali-cuda130 "
+    "(it also runs CPU-only). Elsewhere use --backend torch."
+)
+
+
+@functools.cache
+def dali_available() -> bool:
+    try:
+        importlib.import_module("nvidia.dali")
+    except Exception:  # ImportError, or a broken CUDA runtime on import
+        return False
+    return True
+
+
+def import_dali() -> ModuleType:
+    """``nvidia.dali``, or an ImportError that says how to get it."""
+    try:
+        return importlib.import_module("nvidia.dali")
+    except Exception as exc:
+        raise ImportError(DALI_HINT) from exc
