@@ -1,0 +1,462 @@
+"""Find an Aff-Wild2 tree's layout (any ABAW edition) and parse its annotation files.
+
+Parsing has two paths that must agree: a vectorized fast path (``pyarrow.csv`` on the whole
+file, then numpy range checks) and a per-line reference scanner. The fast path is used when
+it parses and validates cleanly; on any failure the reference scanner reruns the file, so the
+error names the exact ``file:line`` (or, with ``on_bad_line="skip"``, skips and counts the
+line). The property tests check the two paths agree on arbitrary input.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from affpipe.labels import AU_NAMES, EXPR_CLASSES, NUM_AU, TASKS, VA_INVALID, VA_NAMES
+
+log = logging.getLogger(__name__)
+
+# Challenge folder name -> (task, edition rank, editions). A higher rank is a newer naming.
+CHALLENGE_DIRS: dict[str, tuple[str, int, str]] = {
+    "VA_Set": ("va", 1, "abaw1-2"),
+    "VA_Estimation_Challenge": ("va", 3, "abaw3+"),
+    "EXPR_Set": ("expr", 1, "abaw1-2"),
+    "EXPR_Classification_Challenge": ("expr", 3, "abaw3-5"),
+    "EXPR_Recognition_Challenge": ("expr", 6, "abaw6+"),
+    "AU_Set": ("au", 1, "abaw1-2"),
+    "AU_Detection_Challenge": ("au", 3, "abaw3+"),
+}
+SPLIT_DIRS = {"train_set": "train", "validation_set": "val"}
+MTL_FILES = {
+    "training_set_annotations.txt": "train",
+    "validation_set_annotations.txt": "val",
+}
+MTL_CHALLENGE_FILES = {"train_set.txt": "train", "validation_set.txt": "val"}
+ON_BAD_LINE = ("error", "skip")
+
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+_NEWLINE = re.compile(rb"\r\n|\r|\n")  # the line terminators pyarrow.csv accepts
+_FRAME_JPG = re.compile(r"\d+\.jpg", re.IGNORECASE)
+_MAX_DEPTH = 8
+
+
+# --- layout ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnnotationFile:
+    """One ``<video>.txt`` of a challenge folder."""
+
+    task: str
+    split: str  # the folder it sits in: "train" | "val"
+    video: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What :func:`find_layout` found under a root."""
+
+    root: Path
+    challenges: dict[str, Path]  # task -> challenge folder used
+    files: tuple[AnnotationFile, ...]
+    image_roots: tuple[Path, ...]
+    mtl_files: dict[str, Path] = field(default_factory=dict)  # split -> MTL file
+    ignored: tuple[Path, ...] = ()  # older-edition challenge folders not used
+
+    def describe(self) -> dict:
+        """JSON-able description for ``index.json``."""
+        return {
+            "root": str(self.root),
+            "challenges": {
+                t: {"folder": str(p), "name": p.name, "editions": CHALLENGE_DIRS[p.name][2],
+                    "files": {s: sum(1 for f in self.files if f.task == t and f.split == s)
+                              for s in ("train", "val")}}
+                for t, p in self.challenges.items()
+            },
+            "image_roots": [str(p) for p in self.image_roots],
+            "mtl_files": {s: str(p) for s, p in self.mtl_files.items()},
+            "ignored": [str(p) for p in self.ignored],
+        }
+
+
+def _subdirs(path: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as it:
+            return [e for e in it if not e.name.startswith(".") and e.is_dir()]
+    except OSError:
+        return []
+
+
+def _looks_like_image_root(subdirs: list[os.DirEntry]) -> bool:
+    """A folder of ``<video>/<frame>.jpg``: one of its first subfolders holds frame JPEGs.
+
+    Only the first entries of a few subfolders are read, so a 47k-frame video costs nothing.
+    """
+    for entry in sorted(subdirs, key=lambda e: e.name)[:3]:
+        try:
+            with os.scandir(entry.path) as it:
+                for i, f in enumerate(it):
+                    if _FRAME_JPG.fullmatch(f.name):
+                        return True
+                    if i >= 50:
+                        break
+        except OSError:
+            continue
+    return False
+
+
+def find_layout(root: Path, images: tuple[Path, ...] = ()) -> Layout:
+    """Search ``root`` recursively for challenge folders, MTL files and image roots.
+
+    ``images`` (non-empty) replaces the automatic image-root search.
+    """
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a directory")
+    found: dict[str, list[Path]] = {t: [] for t in TASKS}
+    mtl: dict[str, list[Path]] = {"train": [], "val": []}
+    image_roots: list[Path] = []
+    stack = [(root, 0)]
+    while stack:
+        d, depth = stack.pop()
+        for name, split in MTL_FILES.items():
+            if (d / name).is_file():
+                mtl[split].append(d / name)
+        if d.name == "MTL_Challenge":
+            for name, split in MTL_CHALLENGE_FILES.items():
+                if (d / name).is_file():
+                    mtl[split].append(d / name)
+        subdirs = _subdirs(d)
+        if d.name in CHALLENGE_DIRS:
+            found[CHALLENGE_DIRS[d.name][0]].append(d)
+            continue
+        if not images and _looks_like_image_root(subdirs):
+            image_roots.append(d)
+            continue
+        if depth < _MAX_DEPTH:
+            stack.extend((Path(e.path), depth + 1) for e in subdirs)
+
+    challenges: dict[str, Path] = {}
+    ignored: list[Path] = []
+    for task, dirs in found.items():
+        if not dirs:
+            continue
+        best = max(CHALLENGE_DIRS[p.name][1] for p in dirs)
+        top = sorted(p for p in dirs if CHALLENGE_DIRS[p.name][1] == best)
+        if len(top) > 1:
+            raise ValueError(
+                f"{root}: {len(top)} {task.upper()} challenge folders of the same edition "
+                f"({', '.join(map(str, top))}); point ROOT at one edition's tree"
+            )
+        challenges[task] = top[0]
+        ignored += sorted(p for p in dirs if p != top[0])
+    for p in ignored:
+        log.warning("ignoring older-edition challenge folder %s", p)
+
+    files = []
+    for task, cdir in sorted(challenges.items()):
+        for sub in _subdirs(cdir):
+            split = SPLIT_DIRS.get(sub.name.lower())
+            if split is None:
+                continue
+            with os.scandir(sub.path) as it:
+                for e in it:
+                    if e.name.lower().endswith(".txt") and e.is_file():
+                        files.append(AnnotationFile(task, split, e.name[:-4], Path(e.path)))
+    files.sort(key=lambda f: (f.task, f.split, f.video))
+
+    mtl_files = {}
+    for split, paths in mtl.items():
+        if len(paths) > 1:
+            raise ValueError(f"{root}: several MTL {split} files ({', '.join(map(str, sorted(paths)))})")
+        if paths:
+            mtl_files[split] = paths[0]
+    roots = tuple(Path(p).resolve() for p in images) if images else tuple(sorted(image_roots))
+    for p in roots:
+        if not p.is_dir():
+            raise ValueError(f"{p}: image root is not a directory")
+    return Layout(root, challenges, tuple(files), roots, mtl_files, tuple(ignored))
+
+
+# --- headers --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed header: which canonical column each file column maps to."""
+
+    task: str
+    names: tuple[str, ...]  # as written, normalized (stripped)
+    columns: tuple[int, ...]  # va: index into VA_NAMES; expr: class index per header class; au: AU index
+
+    @property
+    def ncols(self) -> int:
+        """Value columns per data line (EXPR's header lists classes; its lines hold one index)."""
+        return 1 if self.task == "expr" else len(self.columns)
+
+
+def _split_header(line: str) -> list[str]:
+    return [c.strip() for c in line.lstrip("\ufeff").split(",")]
+
+
+def parse_header(line: str, task: str, where: str) -> Header:
+    """Map a header line to canonical columns; ``ValueError`` naming ``where`` if unknown."""
+    names = _split_header(line)
+    vocab = {"va": VA_NAMES, "expr": EXPR_CLASSES, "au": AU_NAMES}[task]
+    lower = {n.lower(): i for i, n in enumerate(vocab)}
+    cols = [lower.get(n.lower()) for n in names]
+    unknown = [n for n, c in zip(names, cols) if c is None]
+    ok = not unknown and len(set(cols)) == len(cols)
+    if task == "va":
+        ok = ok and len(cols) == 2
+    elif task == "expr":
+        ok = ok and len(cols) in (7, 8)
+    if not ok:
+        why = f"unknown column(s) {unknown}" if unknown else "wrong or duplicate columns"
+        raise ValueError(f"{where}: unknown {task.upper()} header {line.strip()!r} ({why}); expected "
+                         f"{','.join(vocab)}")
+    return Header(task, tuple(names), tuple(cols))
+
+
+# --- values ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Parsed:
+    """Labels of one file, one row per data line (line i labels frame i)."""
+
+    n_lines: int
+    present: np.ndarray  # bool [n]: False for skipped bad lines
+    va: np.ndarray | None = None  # float32 [n, 2], NaN when invalid
+    expr: np.ndarray | None = None  # int8 [n], -1 when invalid
+    au: np.ndarray | None = None  # int8 [n, 12], -1 when invalid or absent
+    bad_lines: list[int] = field(default_factory=list)  # file line numbers skipped
+    header: Header | None = None
+
+
+def _check_values(task: str, header: Header, vals: np.ndarray) -> np.ndarray:
+    """Row-wise validity of raw float values ``[n, ncols]`` (True = acceptable)."""
+    if task == "va":
+        ok = (vals == VA_INVALID) | ((vals >= -1.0) & (vals <= 1.0))
+    elif task == "expr":
+        ok = (vals == -1) | ((vals >= 0) & (vals < len(header.columns)) & (vals == np.floor(vals)))
+    else:
+        ok = (vals == -1) | (vals == 0) | (vals == 1)
+    return ok.all(axis=1)
+
+
+def _canonical(task: str, header: Header, vals: np.ndarray) -> dict[str, np.ndarray]:
+    """Raw validated values ``[n, ncols]`` -> canonical label arrays."""
+    n = len(vals)
+    if task == "va":
+        out = np.empty((n, 2), np.float32)
+        out[:, list(header.columns)] = vals
+        out[(out == VA_INVALID).any(axis=1)] = np.nan  # one -5 discards the frame for VA
+        return {"va": out}
+    if task == "expr":
+        lut = np.array((*header.columns, -1), np.int8)  # file class k -> canonical; -1 -> -1
+        return {"expr": lut[vals[:, 0].astype(np.int64)]}
+    out = np.full((n, NUM_AU), -1, np.int8)
+    out[:, list(header.columns)] = vals.astype(np.int8)
+    return {"au": out}
+
+
+def _reason(task: str, header: Header, tokens: list[str]) -> str | None:
+    """Why one data line is bad (``None`` when it is fine) — the reference check."""
+    if len(tokens) != header.ncols:
+        return f"expected {header.ncols} column(s), got {len(tokens)}"
+    vals = []
+    for t in tokens:
+        t = t.strip()
+        if not _NUMBER.fullmatch(t):
+            return f"non-numeric value {t!r}"
+        vals.append(float(t))
+    arr = np.array([vals], np.float64)
+    if not _check_values(task, header, arr)[0]:
+        rng = {"va": "[-1, 1] or -5", "expr": f"a class 0..{len(header.columns) - 1} or -1",
+               "au": "0, 1 or -1"}[task]
+        return f"value out of range {tokens!r} (expected {rng})"
+    return None
+
+
+def split_lines(data: bytes) -> list[str]:
+    """Lines as pyarrow.csv sees them (CRLF, CR or LF), trailing blank lines dropped."""
+    data = data.rstrip(b" \t\r\n")
+    return [s.decode("utf-8", "replace") for s in _NEWLINE.split(data)] if data else []
+
+
+def _scan(task: str, header: Header, lines: list[str], path: Path, on_bad_line: str) -> Parsed:
+    """Reference per-line parser; ``lines`` are the data lines (file line = index + 2)."""
+    n = len(lines)
+    raw = np.zeros((n, header.ncols), np.float64)
+    present = np.ones(n, bool)
+    bad: list[int] = []
+    for i, line in enumerate(lines):
+        tokens = line.split(",")
+        why = _reason(task, header, tokens)
+        if why is not None:
+            if on_bad_line != "skip":
+                raise ValueError(f"{path}:{i + 2}: {why}")
+            present[i] = False
+            bad.append(i + 2)
+            raw[i] = -1 if task != "va" else VA_INVALID
+            continue
+        raw[i] = [float(t) for t in tokens]
+    out = Parsed(n, present, bad_lines=bad, header=header, **_canonical(task, header, raw))
+    return out
+
+
+def _fast(task: str, header: Header, body: bytes) -> Parsed | None:
+    """Vectorized parse of the data lines; ``None`` when anything is off (caller rescans)."""
+    ncol = header.ncols
+    names = [f"c{i}" for i in range(ncol)]
+    try:
+        table = pacsv.read_csv(
+            io.BytesIO(body),
+            read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
+            parse_options=pacsv.ParseOptions(quote_char=False, ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.float64() for c in names}, null_values=[],
+                strings_can_be_null=False, quoted_strings_can_be_null=False),
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+    n = table.num_rows
+    vals = np.empty((n, ncol), np.float64)
+    for i, c in enumerate(names):
+        vals[:, i] = table.column(c).to_numpy()
+    if not _check_values(task, header, vals).all():
+        return None
+    return Parsed(n, np.ones(n, bool), header=header, **_canonical(task, header, vals))
+
+
+def parse_annotation(path: Path, task: str, on_bad_line: str = "error") -> Parsed:
+    """Parse one per-video annotation file of ``task`` ("va" | "expr" | "au")."""
+    if on_bad_line not in ON_BAD_LINE:
+        raise ValueError(f"on_bad_line must be one of {ON_BAD_LINE}, not {on_bad_line!r}")
+    data = Path(path).read_bytes()
+    return parse_annotation_bytes(data, task, path, on_bad_line)
+
+
+def parse_annotation_bytes(data: bytes, task: str, path: Path | str, on_bad_line: str = "error") -> Parsed:
+    """:func:`parse_annotation` on the file's bytes (``path`` only names it in errors)."""
+    m = _NEWLINE.search(data)
+    head, body = (data[: m.start()], data[m.end():]) if m else (data, b"")
+    if not head.strip():
+        raise ValueError(f"{path}:1: missing header")
+    header = parse_header(head.decode("utf-8", "replace"), task, f"{path}:1")
+    body = body.rstrip(b" \t\r\n")
+    if not body:
+        return Parsed(0, np.zeros(0, bool), header=header, **_canonical(task, header, np.zeros((0, header.ncols))))
+    fast = _fast(task, header, body)
+    if fast is not None:
+        return fast
+    return _scan(task, header, split_lines(body), Path(path), on_bad_line)
+
+
+# --- MTL (s-Aff-Wild2) ----------------------------------------------------------------------
+
+MTL_COLUMNS = ("image", *VA_NAMES, "expression", *AU_NAMES)
+_MTL_ALIASES = {"expr": "expression", "exp": "expression", "v": "valence", "a": "arousal"}
+_MTL_PATH = re.compile(r"(.+)/(\d+)\.jpg", re.IGNORECASE | re.ASCII)
+_VA_H = Header("va", VA_NAMES, (0, 1))
+_EXPR_H = Header("expr", EXPR_CLASSES, tuple(range(len(EXPR_CLASSES))))
+_AU_H = Header("au", AU_NAMES, tuple(range(NUM_AU)))
+
+
+@dataclass
+class MTLParsed:
+    """Rows of the MTL files in file order (train file first), duplicates still in."""
+
+    video: list[str]
+    frame: np.ndarray  # int32
+    split: list[str]  # the file's split
+    va: np.ndarray  # float32 [n, 2]
+    expr: np.ndarray  # int8 [n]
+    au: np.ndarray  # int8 [n, 12]
+    where: list[str]  # "file:line" per row, for duplicate errors
+    bad_lines: list[str] = field(default_factory=list)
+
+
+def _mtl_order(first: str, where: str) -> tuple[list[int] | None, bool]:
+    """Column permutation (file column -> MTL_COLUMNS index) and whether line 1 is a header."""
+    tokens = [t.strip() for t in first.lstrip("\ufeff").split(",")]
+    if tokens and _MTL_PATH.fullmatch(tokens[0]):
+        return None, False  # no header: canonical order
+    if tokens and tokens[-1].lower() in ("aus", "au"):  # s-Aff-Wild2: "...,expression,aus" = 12 AU columns
+        tokens = tokens[:-1] + list(AU_NAMES)
+    known = {c.lower(): i for i, c in enumerate(MTL_COLUMNS)}
+    order = [0] + [known.get(_MTL_ALIASES.get(t.lower(), t.lower()), -1) for t in tokens[1:]]
+    if len(tokens) != len(MTL_COLUMNS) or -1 in order[1:] or len(set(order)) != len(order):
+        raise ValueError(f"{where}: unknown MTL header {first.strip()!r}; expected "
+                         f"{','.join(MTL_COLUMNS)}")
+    return order, True
+
+
+def _mtl_row(tokens: list[str], order: list[int] | None) -> tuple[str, int, list[float]] | str:
+    """One MTL line -> (video, frame, values in MTL_COLUMNS[1:] order), or why it is bad."""
+    if len(tokens) != len(MTL_COLUMNS):
+        return f"expected {len(MTL_COLUMNS)} columns, got {len(tokens)}"
+    if order is not None:
+        canon = [""] * len(tokens)
+        for src, dst in enumerate(order):
+            canon[dst] = tokens[src]
+        tokens = canon
+    m = _MTL_PATH.fullmatch(tokens[0].strip())
+    if not m:
+        return f"bad image path {tokens[0]!r} (expected <video>/<frame>.jpg)"
+    for h, part in ((_VA_H, tokens[1:3]), (_EXPR_H, tokens[3:4]), (_AU_H, tokens[4:])):
+        why = _reason(h.task, h, part)
+        if why is not None:
+            return f"{h.task.upper()}: {why}"
+    return m.group(1), int(m.group(2)), [float(t) for t in tokens[1:]]
+
+
+def parse_mtl(files: dict[str, Path], on_bad_line: str = "error") -> MTLParsed:
+    """Parse the MTL files (``{"train": path, "val": path}``), line by line.
+
+    The MTL subset is small (~0.2M rows), so the reference scanner is fast enough here.
+    """
+    video: list[str] = []
+    frame: list[int] = []
+    split: list[str] = []
+    vals: list[list[float]] = []
+    where: list[str] = []
+    bad: list[str] = []
+    for sp in ("train", "val"):
+        if sp not in files:
+            continue
+        path = files[sp]
+        lines = split_lines(Path(path).read_bytes())
+        if not lines:
+            continue
+        order, has_header = _mtl_order(lines[0], f"{path}:1")
+        for i, line in enumerate(lines[1:] if has_header else lines, start=2 if has_header else 1):
+            row = _mtl_row(line.split(","), order)
+            if isinstance(row, str):
+                if on_bad_line != "skip":
+                    raise ValueError(f"{path}:{i}: {row}")
+                bad.append(f"{path}:{i}")
+                continue
+            video.append(row[0])
+            frame.append(row[1])
+            vals.append(row[2])
+            split.append(sp)
+            where.append(f"{path}:{i}")
+    raw = np.array(vals, np.float64).reshape(-1, len(MTL_COLUMNS) - 1)
+    return MTLParsed(
+        video, np.array(frame, np.int32), split,
+        _canonical("va", _VA_H, raw[:, 0:2])["va"],
+        _canonical("expr", _EXPR_H, raw[:, 2:3])["expr"],
+        _canonical("au", _AU_H, raw[:, 3:])["au"],
+        where, bad,
+    )

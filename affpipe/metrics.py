@@ -1,0 +1,320 @@
+"""ABAW metrics: CCC for valence/arousal, macro F1 for expressions and action units, P_MTL.
+
+The functions take numpy arrays or torch tensors and compute in float64 numpy, exactly as the
+ABAW organisers do: Lin's CCC with population (``ddof=0``) variances, F1 per class with
+``zero_division=0`` (a class absent from both prediction and target scores 0 and still counts
+in the macro over all 8 classes, as ``sklearn.metrics.f1_score(labels=range(8),
+average="macro", zero_division=0)``), binary F1 per AU over that AU's valid entries.
+
+``MetricAccumulator`` collects a model's predictions batch by batch on the CPU (every row, with
+each head's mask, so the same store serves metrics and prediction files), computes the metrics
+at the end, tunes per-AU thresholds, and gathers the stores of all ranks under DDP.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from affpipe.labels import AU_NAMES, EXPR_CLASSES, NUM_AU, NUM_EXPR, TASKS
+
+log = logging.getLogger(__name__)
+
+ArrayLike = Any  # np.ndarray | torch.Tensor | sequence
+
+DEFAULT_THRESHOLD_GRID = np.linspace(0.05, 0.95, 19)
+
+
+def _np(x: ArrayLike, dtype: Any = None) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu")
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
+        x = x.numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def ccc(pred: ArrayLike, target: ArrayLike) -> float:
+    """Lin's concordance correlation coefficient of two 1-d series (population variances).
+
+    ``2 cov(x, y) / (var(x) + var(y) + (mean(x) - mean(y))^2)``. NaN for empty input; when the
+    denominator is 0 (both series constant and equal) the agreement is perfect and 1.0 is
+    returned.
+    """
+    x = _np(pred, np.float64).reshape(-1)
+    y = _np(target, np.float64).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"ccc: pred has {x.size} values, target {y.size}")
+    if x.size == 0:
+        return float("nan")
+    mx, my = x.mean(), y.mean()
+    vx, vy = x.var(), y.var()
+    cov = ((x - mx) * (y - my)).mean()
+    den = vx + vy + (mx - my) ** 2
+    if den == 0.0:
+        return 1.0
+    return float(2.0 * cov / den)
+
+
+def va_ccc(pred: ArrayLike, target: ArrayLike) -> dict[str, float]:
+    """CCC of valence (column 0) and arousal (column 1) and their mean, ``va_ccc``."""
+    p, t = _np(pred, np.float64), _np(target, np.float64)
+    if p.ndim != 2 or p.shape[1] != 2 or p.shape != t.shape:
+        raise ValueError(f"va_ccc: expected pred and target [N,2], got {p.shape} and {t.shape}")
+    v, a = ccc(p[:, 0], t[:, 0]), ccc(p[:, 1], t[:, 1])
+    return {"valence_ccc": v, "arousal_ccc": a, "va_ccc": (v + a) / 2.0}
+
+
+def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    # 2tp / (2tp + fp + fn) equals 2PR/(P+R) wherever that is defined; 0 elsewhere (zero_division=0).
+    den = 2 * tp + fp + fn
+    return np.where(den > 0, 2 * tp / np.maximum(den, 1), 0.0).astype(np.float64)
+
+
+def expr_f1(pred_labels: ArrayLike, target: ArrayLike) -> tuple[float, list[float]]:
+    """Macro F1 over the 8 expression classes and the per-class F1 (classes in ``EXPR_CLASSES`` order)."""
+    p = _np(pred_labels, np.int64).reshape(-1)
+    t = _np(target, np.int64).reshape(-1)
+    if p.shape != t.shape:
+        raise ValueError(f"expr_f1: pred has {p.size} labels, target {t.size}")
+    if ((t < 0) | (t >= NUM_EXPR)).any() or ((p < 0) | (p >= NUM_EXPR)).any():
+        raise ValueError(f"expr_f1: labels must be in 0..{NUM_EXPR - 1} (mask invalid frames first)")
+    tp = np.bincount(t[p == t], minlength=NUM_EXPR).astype(np.float64)
+    fp = np.bincount(p, minlength=NUM_EXPR) - tp
+    fn = np.bincount(t, minlength=NUM_EXPR) - tp
+    per = _f1(tp, fp, fn)
+    return float(per.mean()), per.tolist()
+
+
+def au_f1(
+    pred_binary: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None
+) -> tuple[float, list[float]]:
+    """Macro F1 over the 12 AUs (binary F1 per AU over entries where ``mask`` is true) and per AU."""
+    p = _np(pred_binary).astype(bool)
+    t = _np(target)
+    if p.ndim != 2 or p.shape[1] != NUM_AU or p.shape != t.shape:
+        raise ValueError(f"au_f1: expected pred and target [N,{NUM_AU}], got {p.shape} and {t.shape}")
+    m = np.ones(p.shape, bool) if mask is None else _np(mask).astype(bool)
+    if m.shape != p.shape:
+        raise ValueError(f"au_f1: mask shape {m.shape} != {p.shape}")
+    t = (t > 0.5) & m
+    p = p & m
+    tp = (p & t).sum(0).astype(np.float64)
+    fp = (p & ~t).sum(0).astype(np.float64)
+    fn = (~p & t).sum(0).astype(np.float64)
+    per = _f1(tp, fp, fn)
+    return float(per.mean()), per.tolist()
+
+
+def p_mtl(va_ccc: float, expr_f1: float, au_f1: float) -> float:
+    """The ABAW multi-task score: mean VA CCC + EXPR macro F1 + AU macro F1 (range [-1, 3])."""
+    return float(va_ccc + expr_f1 + au_f1)
+
+
+def _get(batch: Any, name: str) -> Any:
+    return batch[name] if isinstance(batch, Mapping) else getattr(batch, name)
+
+
+_FIELDS = {
+    "va": ("va_pred", "va_target", "va_mask"),
+    "expr": ("expr_pred", "expr_prob", "expr_target", "expr_mask"),
+    "au": ("au_prob", "au_target", "au_mask"),
+}
+
+
+class MetricAccumulator:
+    """Streaming store of predictions and labels for the given tasks, kept on the CPU.
+
+    ``update(outputs, batch)`` takes the model's output dict (``va`` [N,2], ``expr`` [N,8]
+    logits, ``au`` [N,12] logits) and a ``Batch`` (or a mapping with its fields). Every row is
+    kept with its masks, so ``predictions()`` covers unlabelled frames too and ``compute()``
+    scores only the valid labels of each head.
+    """
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        tasks = tuple(tasks)
+        bad = [t for t in tasks if t not in TASKS]
+        if bad or not tasks:
+            raise ValueError(f"MetricAccumulator: tasks must be a non-empty subset of {TASKS}, got {tasks}")
+        self.tasks = tasks
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything stored."""
+        self._chunks: dict[str, list[np.ndarray]] = {"row_id": []}
+        for t in self.tasks:
+            for f in _FIELDS[t]:
+                self._chunks[f] = []
+        self._cache: dict[str, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return int(sum(len(c) for c in self._chunks["row_id"]))
+
+    @torch.no_grad()
+    def update(self, outputs: Mapping[str, torch.Tensor], batch: Any) -> None:
+        """Store one batch's predictions (detached, on the CPU) with its labels and masks."""
+        new: dict[str, torch.Tensor] = {"row_id": _get(batch, "row_id").reshape(-1).long()}
+        n = new["row_id"].shape[0]
+        if "va" in self.tasks:
+            new["va_pred"] = outputs["va"].float()
+            new["va_target"] = _get(batch, "va").float()
+            new["va_mask"] = _get(batch, "va_mask").bool()
+        if "expr" in self.tasks:
+            logits = outputs["expr"].float()
+            new["expr_prob"] = torch.softmax(logits, dim=1)
+            new["expr_pred"] = logits.argmax(dim=1)
+            new["expr_target"] = _get(batch, "expr").long()
+            new["expr_mask"] = _get(batch, "expr_mask").bool()
+        if "au" in self.tasks:
+            new["au_prob"] = torch.sigmoid(outputs["au"].float())
+            new["au_target"] = _get(batch, "au").float()
+            new["au_mask"] = _get(batch, "au_mask").bool()
+        for key, value in new.items():
+            if value.shape[0] != n:
+                raise ValueError(f"MetricAccumulator.update: {key} has {value.shape[0]} rows, row_id {n}")
+            arr = value.detach().to("cpu").numpy()
+            if key == "expr_target":
+                arr = arr.astype(np.int8)
+            elif key == "au_target":
+                arr = arr.astype(np.int8)
+            self._chunks[key].append(arr)
+        self._cache = None
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        if self._cache is None:
+            self._cache = {}
+            for key, chunks in self._chunks.items():
+                if chunks:
+                    self._cache[key] = np.concatenate(chunks)
+                    self._chunks[key] = [self._cache[key]]
+                else:
+                    self._cache[key] = _empty(key)
+        return self._cache
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The stored arrays (row_id, per-task predictions, targets, masks)."""
+        return dict(self._arrays())
+
+    def _au_binary(self, au_thresholds: Sequence[float] | None) -> np.ndarray:
+        a = self._arrays()
+        thr = np.full(NUM_AU, 0.5) if au_thresholds is None else np.asarray(au_thresholds, np.float64)
+        if thr.shape != (NUM_AU,):
+            raise ValueError(f"au_thresholds must hold {NUM_AU} values, got {thr.shape}")
+        return a["au_prob"] >= thr
+
+    def compute(self, au_thresholds: Sequence[float] | None = None) -> dict[str, Any]:
+        """Metrics over the stored valid labels.
+
+        Keys (for the tasks present): ``va_ccc``, ``valence_ccc``, ``arousal_ccc``, ``n_va``;
+        ``expr_f1``, ``expr_f1_per_class`` {class: f1}, ``n_expr``; ``au_f1``,
+        ``au_f1_per_au`` {AU: f1}, ``n_au`` (rows with at least one valid AU); ``p_mtl`` when
+        all three tasks are present. ``au_thresholds`` (12 values) default to 0.5.
+        """
+        a = self._arrays()
+        out: dict[str, Any] = {}
+        if "va" in self.tasks:
+            m = a["va_mask"]
+            out.update(va_ccc(a["va_pred"][m], a["va_target"][m]))
+            out["n_va"] = int(m.sum())
+        if "expr" in self.tasks:
+            m = a["expr_mask"]
+            f1, per = expr_f1(a["expr_pred"][m], a["expr_target"][m])
+            out["expr_f1"] = f1
+            out["expr_f1_per_class"] = dict(zip(EXPR_CLASSES, per, strict=True))
+            out["n_expr"] = int(m.sum())
+        if "au" in self.tasks:
+            m = a["au_mask"]
+            f1, per = au_f1(self._au_binary(au_thresholds), a["au_target"], m)
+            out["au_f1"] = f1
+            out["au_f1_per_au"] = dict(zip(AU_NAMES, per, strict=True))
+            out["n_au"] = int(m.any(axis=1).sum())
+        if all(t in self.tasks for t in TASKS):
+            out["p_mtl"] = p_mtl(out["va_ccc"], out["expr_f1"], out["au_f1"])
+        for key in ("va_ccc", "expr_f1", "au_f1"):
+            if key in out and isinstance(out[key], float) and math.isnan(out[key]):
+                log.warning("%s is NaN: no valid labels were stored", key)
+        return out
+
+    def tune_au_thresholds(self, grid: Sequence[float] = DEFAULT_THRESHOLD_GRID) -> list[float]:
+        """Per-AU threshold from ``grid`` maximizing that AU's F1 on the stored valid entries.
+
+        Ties go to the lowest threshold; an AU without valid entries keeps 0.5. Tune on
+        validation data only when the score is then reported on other data (or say so).
+        """
+        if "au" not in self.tasks:
+            raise ValueError("tune_au_thresholds: this accumulator has no 'au' task")
+        a = self._arrays()
+        grid = np.asarray(grid, np.float64).reshape(-1)
+        prob, mask = a["au_prob"], a["au_mask"]
+        target = (a["au_target"] > 0) & mask
+        out: list[float] = []
+        for j in range(NUM_AU):
+            m = mask[:, j]
+            if not m.any():
+                out.append(0.5)
+                continue
+            p, t = prob[m, j], target[m, j]
+            pred = p[None, :] >= grid[:, None]  # [G, n]
+            tp = (pred & t).sum(1).astype(np.float64)
+            fp = pred.sum(1) - tp
+            fn = t.sum() - tp
+            out.append(float(grid[int(np.argmax(_f1(tp, fp, fn)))]))
+        return out
+
+    def all_reduce(self, dedupe: bool = True) -> None:
+        """Gather every rank's store onto every rank (no-op unless torch.distributed is initialized).
+
+        Rows are then de-duplicated by ``row_id`` (a distributed reader may pad a rank's last
+        batch with repeated samples), keeping the first copy.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, self._arrays())
+        merged = {k: np.concatenate([g[k] for g in gathered]) for k in self._chunks}
+        if dedupe:
+            _, first = np.unique(merged["row_id"], return_index=True)
+            if len(first) != len(merged["row_id"]):
+                log.info("all_reduce: dropped %d duplicate rows", len(merged["row_id"]) - len(first))
+            first.sort()
+            merged = {k: v[first] for k, v in merged.items()}
+        self._chunks = {k: [v] for k, v in merged.items()}
+        self._cache = None
+
+    def predictions(self, au_thresholds: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+        """Raw predictions of every stored row, for prediction files.
+
+        ``row_id`` [N]; ``va`` [N,2] (valence, arousal); ``expr`` [N] (argmax) and ``expr_prob``
+        [N,8]; ``au_prob`` [N,12] and ``au`` [N,12] (0/1 at ``au_thresholds``, default 0.5).
+        """
+        a = self._arrays()
+        out = {"row_id": a["row_id"]}
+        if "va" in self.tasks:
+            out["va"] = a["va_pred"]
+        if "expr" in self.tasks:
+            out["expr"] = a["expr_pred"]
+            out["expr_prob"] = a["expr_prob"]
+        if "au" in self.tasks:
+            out["au_prob"] = a["au_prob"]
+            out["au"] = self._au_binary(au_thresholds).astype(np.int8)
+        return out
+
+
+def _empty(key: str) -> np.ndarray:
+    shapes = {
+        "row_id": ((0,), np.int64),
+        "va_pred": ((0, 2), np.float32), "va_target": ((0, 2), np.float32), "va_mask": ((0,), bool),
+        "expr_pred": ((0,), np.int64), "expr_prob": ((0, NUM_EXPR), np.float32),
+        "expr_target": ((0,), np.int8), "expr_mask": ((0,), bool),
+        "au_prob": ((0, NUM_AU), np.float32), "au_target": ((0, NUM_AU), np.int8),
+        "au_mask": ((0, NUM_AU), bool),
+    }
+    shape, dtype = shapes[key]
+    return np.zeros(shape, dtype)

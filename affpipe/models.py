@@ -1,0 +1,192 @@
+"""ResNet-18 backbone with one linear head per task (VA, EXPR, AU), and its initializations.
+
+``build_model(ModelConfig(...))`` returns a module whose ``forward(images)`` (float, normalized,
+NCHW — contiguous or channels_last) gives ``{"va": [N,2] in [-1,1], "expr": [N,8] logits,
+"au": [N,12] logits}`` for the configured tasks. Parameters are named ``backbone.*`` and
+``heads.<task>.*`` so a checkpoint's backbone can seed another model (e.g. a uni-task model's
+backbone to start a multi-task one) without touching its heads.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from affpipe.labels import NUM_AU, NUM_EXPR, TASKS
+
+log = logging.getLogger(__name__)
+
+ARCHS: tuple[str, ...] = ("resnet18",)
+FEATURE_DIM = {"resnet18": 512}
+HEAD_OUTPUTS = {"va": 2, "expr": NUM_EXPR, "au": NUM_AU}
+IMAGENET_FILE = "resnet18-f37072fd.pth"
+# Prefixes added by DistributedDataParallel and torch.compile to a saved state_dict.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Model options. ``init``: ``"random"``, ``"imagenet"`` or the path of a checkpoint."""
+
+    arch: str = "resnet18"
+    tasks: tuple[str, ...] = ("va", "expr", "au")
+    init: str = "random"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Recipes arrive from TOML/JSON with lists and paths; normalize so the config stays hashable.
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        object.__setattr__(self, "init", str(self.init))
+        if self.arch not in ARCHS:
+            raise ValueError(f"ModelConfig.arch must be one of {ARCHS}, got {self.arch!r}")
+        if not self.tasks or any(t not in TASKS for t in self.tasks) or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"ModelConfig.tasks must be distinct tasks from {TASKS}, got {self.tasks}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+
+
+class MultiTaskNet(nn.Module):
+    """Backbone (fc removed) → dropout → one linear head per task; VA goes through tanh."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, tasks: tuple[str, ...], dropout: float) -> None:
+        super().__init__()
+        self.tasks = tasks
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.heads = nn.ModuleDict({t: nn.Linear(feature_dim, HEAD_OUTPUTS[t]) for t in tasks})
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.dropout(self.backbone(images))
+        out = {t: head(feats) for t, head in self.heads.items()}
+        if "va" in out:
+            out["va"] = torch.tanh(out["va"])
+        return out
+
+
+def build_model(cfg: ModelConfig) -> MultiTaskNet:
+    """The model for ``cfg``, initialized as ``cfg.init`` says (heads are always fresh)."""
+    from torchvision.models import resnet18
+
+    backbone = resnet18(weights=None)
+    backbone.fc = nn.Identity()
+    model = MultiTaskNet(backbone, FEATURE_DIM[cfg.arch], cfg.tasks, cfg.dropout)
+    if cfg.init == "imagenet":
+        state = _imagenet_state_dict()
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        model.backbone.load_state_dict(state, strict=True)
+        log.info("backbone initialized from torchvision ResNet18_Weights.IMAGENET1K_V1")
+    elif cfg.init != "random":
+        load_backbone(model, cfg.init)
+    return model
+
+
+def imagenet_cache_file() -> Path:
+    """Where torch hub keeps (and looks for) the ImageNet ResNet-18 weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
+
+
+def _imagenet_state_dict() -> dict[str, torch.Tensor]:
+    from torchvision.models import ResNet18_Weights
+
+    cached = imagenet_cache_file()
+    try:
+        # Finds the cached file first; downloads only when it is absent.
+        return torch.hub.load_state_dict_from_url(
+            ResNet18_Weights.IMAGENET1K_V1.url, map_location="cpu", progress=False, check_hash=True
+        )
+    except Exception as exc:  # URLError, socket errors, hash mismatch, a partial file...
+        raise RuntimeError(
+            f"could not load the ImageNet ResNet-18 weights: {cached} is not there and downloading "
+            f"{ResNet18_Weights.IMAGENET1K_V1.url} failed ({type(exc).__name__}: {exc}). "
+            f"On an offline machine, copy {IMAGENET_FILE} to {cached}, "
+            f"or pass --init PATH with a checkpoint (an affpipe .pt or that torchvision .pth file)."
+        ) from exc
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's weights with torchvision ResNet key names (no ``backbone.`` prefix, no fc).
+
+    Unwraps DDP and ``torch.compile``; ``load_backbone`` accepts a file holding this dict.
+    """
+    return {k: v.detach().clone() for k, v in _unwrap(model).backbone.state_dict().items()}
+
+
+def _read_checkpoint(path: Path) -> Mapping[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # A trainer checkpoint may pickle more than tensors (e.g. numpy scalars in its config);
+        # it is the user's own file, so fall back to a full load.
+        log.warning("%s: not loadable with weights_only=True, loading it fully", path)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: expected a state_dict or a dict with a 'model' state_dict")
+    return obj
+
+
+def load_backbone(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
+    """Copy a checkpoint's backbone weights into ``model.backbone``; never its heads.
+
+    ``path`` holds an affpipe checkpoint (dict with ``"model"``), a bare state_dict with
+    ``backbone.*`` keys, or torchvision ResNet keys (``conv1.weight``…, e.g. the ImageNet
+    ``.pth``; its ``fc`` is ignored). Returns ``{"loaded", "missing", "unexpected", "ignored"}``
+    key lists; missing or unexpected backbone keys are logged as warnings, and a checkpoint
+    with no matching backbone key (or a shape mismatch) is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--init {path}: no such checkpoint file (or use 'random' / 'imagenet')")
+    raw = _read_checkpoint(path)
+    state: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        state[key] = value
+    if any(k.startswith("backbone.") for k in state):
+        src = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        ignored = sorted(k for k in state if not k.startswith("backbone."))
+    else:  # torchvision layout (or backbone_state_dict output): everything but fc is backbone
+        src = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        ignored = sorted(k for k in state if k.startswith("fc."))
+    target = _unwrap(model).backbone
+    own = target.state_dict()
+    loaded = sorted(k for k in src if k in own)
+    if not loaded:
+        sample = ", ".join(list(state)[:5])
+        raise ValueError(
+            f"{path}: no backbone weights found (expected 'backbone.*' or torchvision ResNet keys; "
+            f"the file has {len(state)} keys such as {sample})"
+        )
+    bad = [f"{k}: {tuple(src[k].shape)} vs {tuple(own[k].shape)}" for k in loaded if src[k].shape != own[k].shape]
+    if bad:
+        raise ValueError(f"{path}: backbone shape mismatch (checkpoint vs model): {'; '.join(bad[:5])}")
+    missing = sorted(k for k in own if k not in src)
+    unexpected = sorted(k for k in src if k not in own)
+    target.load_state_dict({k: src[k] for k in loaded}, strict=False)
+    if missing:
+        log.warning("%s: %d backbone keys missing, left as initialized: %s", path, len(missing), ", ".join(missing[:10]))
+    if unexpected:
+        log.warning("%s: %d unexpected backbone keys ignored: %s", path, len(unexpected), ", ".join(unexpected[:10]))
+    log.info("backbone initialized from %s (%d tensors; %d non-backbone keys ignored)", path, len(loaded), len(ignored))
+    return {"loaded": loaded, "missing": missing, "unexpected": unexpected, "ignored": ignored}
