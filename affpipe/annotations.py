@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from affpipe.labels import AU_NAMES, EXPR_CLASSES, NUM_AU, TASKS, VA_INVALID, VA_NAMES
@@ -214,7 +215,7 @@ def parse_header(line: str, task: str, where: str) -> Header:
     vocab = {"va": VA_NAMES, "expr": EXPR_CLASSES, "au": AU_NAMES}[task]
     lower = {n.lower(): i for i, n in enumerate(vocab)}
     cols = [lower.get(n.lower()) for n in names]
-    unknown = [n for n, c in zip(names, cols) if c is None]
+    unknown = [n for n, c in zip(names, cols, strict=False) if c is None]
     ok = not unknown and len(set(cols)) == len(cols)
     if task == "va":
         ok = ok and len(cols) == 2
@@ -383,8 +384,14 @@ class MTLParsed:
     va: np.ndarray  # float32 [n, 2]
     expr: np.ndarray  # int8 [n]
     au: np.ndarray  # int8 [n, 12]
-    where: list[str]  # "file:line" per row, for duplicate errors
+    source: np.ndarray  # int: index into ``paths`` per row
+    line: np.ndarray  # int: file line number per row
+    paths: list[Path] = field(default_factory=list)
     bad_lines: list[str] = field(default_factory=list)
+
+    def where(self, i: int) -> str:
+        """``file:line`` of row ``i`` (for error messages)."""
+        return f"{self.paths[int(self.source[i])]}:{int(self.line[i])}"
 
 
 def _mtl_order(first: str, where: str) -> tuple[list[int] | None, bool]:
@@ -421,42 +428,98 @@ def _mtl_row(tokens: list[str], order: list[int] | None) -> tuple[str, int, list
     return m.group(1), int(m.group(2)), [float(t) for t in tokens[1:]]
 
 
-def parse_mtl(files: dict[str, Path], on_bad_line: str = "error") -> MTLParsed:
-    """Parse the MTL files (``{"train": path, "val": path}``), line by line.
+def _mtl_fast(body: bytes, order: list[int] | None) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+    """Vectorized parse of MTL data lines: (videos, frames, values ``[n, 15]``), or ``None``."""
+    names = [f"c{i}" for i in range(len(MTL_COLUMNS))]
+    try:
+        table = pacsv.read_csv(
+            io.BytesIO(body),
+            read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
+            parse_options=pacsv.ParseOptions(quote_char=False, ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.string() if i == (order or [0]).index(0) else pa.float64()
+                              for i, c in enumerate(names)},
+                null_values=[], strings_can_be_null=False, quoted_strings_can_be_null=False),
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+    n = table.num_rows
+    perm = order or list(range(len(MTL_COLUMNS)))
+    vals = np.empty((n, len(MTL_COLUMNS) - 1), np.float64)
+    path_col = None
+    for src, dst in enumerate(perm):
+        if dst == 0:
+            path_col = table.column(src)
+        else:
+            vals[:, dst - 1] = table.column(src).to_numpy()
+    parts = pc.extract_regex(path_col, r"^(?P<video>.+)/(?P<frame>[0-9]+)\.(?i:jpg)$")
+    if parts.null_count:
+        return None
+    ok = (_check_values("va", _VA_H, vals[:, 0:2]) & _check_values("expr", _EXPR_H, vals[:, 2:3])
+          & _check_values("au", _AU_H, vals[:, 3:]))
+    if not ok.all():
+        return None
+    parts = parts.combine_chunks()
+    frame = parts.field("frame").to_numpy(zero_copy_only=False).astype(np.int64)
+    return parts.field("video").to_pylist(), frame, vals
 
-    The MTL subset is small (~0.2M rows), so the reference scanner is fast enough here.
+
+def parse_mtl(files: dict[str, Path], on_bad_line: str = "error") -> MTLParsed:
+    """Parse the MTL files (``{"train": path, "val": path}``).
+
+    Same two paths as the per-video files: a vectorized read that is used when every row is
+    well formed, else the per-line scanner (exact ``file:line`` errors, or skip and count).
     """
     video: list[str] = []
-    frame: list[int] = []
-    split: list[str] = []
-    vals: list[list[float]] = []
-    where: list[str] = []
+    frames, vals, split, source, line = [], [], [], [], []
     bad: list[str] = []
+    paths: list[Path] = []
     for sp in ("train", "val"):
         if sp not in files:
             continue
-        path = files[sp]
-        lines = split_lines(Path(path).read_bytes())
-        if not lines:
+        path = Path(files[sp])
+        paths.append(path)
+        src = len(paths) - 1
+        data = path.read_bytes().rstrip(b" \t\r\n")
+        if not data:
             continue
-        order, has_header = _mtl_order(lines[0], f"{path}:1")
-        for i, line in enumerate(lines[1:] if has_header else lines, start=2 if has_header else 1):
-            row = _mtl_row(line.split(","), order)
-            if isinstance(row, str):
-                if on_bad_line != "skip":
-                    raise ValueError(f"{path}:{i}: {row}")
-                bad.append(f"{path}:{i}")
-                continue
-            video.append(row[0])
-            frame.append(row[1])
-            vals.append(row[2])
-            split.append(sp)
-            where.append(f"{path}:{i}")
-    raw = np.array(vals, np.float64).reshape(-1, len(MTL_COLUMNS) - 1)
+        m = _NEWLINE.search(data)
+        first = (data[: m.start()] if m else data).decode("utf-8", "replace")
+        order, has_header = _mtl_order(first, f"{path}:1")
+        body, first_line = (data[m.end():] if m else b"", 2) if has_header else (data, 1)
+        fast = _mtl_fast(body, order) if body else ([], np.zeros(0, np.int64), np.zeros((0, 15)))
+        if fast is not None:
+            v, f, x = fast
+            video += v
+            frames.append(f)
+            vals.append(x)
+            line.append(np.arange(first_line, first_line + len(v)))
+        else:
+            rows_v, rows_f, rows_x, rows_l = [], [], [], []
+            for i, text in enumerate(split_lines(body), start=first_line):
+                row = _mtl_row(text.split(","), order)
+                if isinstance(row, str):
+                    if on_bad_line != "skip":
+                        raise ValueError(f"{path}:{i}: {row}")
+                    bad.append(f"{path}:{i}")
+                    continue
+                rows_v.append(row[0])
+                rows_f.append(row[1])
+                rows_x.append(row[2])
+                rows_l.append(i)
+            video += rows_v
+            frames.append(np.array(rows_f, np.int64))
+            vals.append(np.array(rows_x, np.float64).reshape(-1, len(MTL_COLUMNS) - 1))
+            line.append(np.array(rows_l, np.int64))
+        n = len(line[-1])
+        split += [sp] * n
+        source.append(np.full(n, src))
+    cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape)  # noqa: E731
+    raw = cat(vals, (0, len(MTL_COLUMNS) - 1))
     return MTLParsed(
-        video, np.array(frame, np.int32), split,
+        video, cat(frames, 0).astype(np.int32), split,
         _canonical("va", _VA_H, raw[:, 0:2])["va"],
         _canonical("expr", _EXPR_H, raw[:, 2:3])["expr"],
         _canonical("au", _AU_H, raw[:, 3:])["au"],
-        where, bad,
+        cat(source, 0).astype(np.int64), cat(line, 0).astype(np.int64), paths, bad,
     )

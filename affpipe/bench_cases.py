@@ -167,9 +167,25 @@ class TorchvisionDecodeLoader:
 # ---- building loaders ------------------------------------------------------------------------
 
 
+def fork_safe_cv2() -> None:
+    """Stop OpenCV's thread pool before DataLoader workers are forked.
+
+    A process that already ran threaded cv2 code (the synthetic data generator does) forks
+    children holding a copy of the pool's locks without its threads; the first cv2 call that
+    touches the pool in a child (``cv2.setNumThreads`` in the torch loader's worker init,
+    ``warpAffine``) then blocks forever. One thread in the parent joins the pool first.
+    """
+    try:
+        import cv2
+    except ImportError:
+        return
+    cv2.setNumThreads(1)
+
+
 def build_loader(name: str, *, index: Path, shards: Path, batch_size: int, device: str | torch.device, image_size: int = 112, seed: int = 0) -> Iterable[Batch]:
     """The loader of case ``name`` over the train split, yielding augmented training batches."""
     cores = usable_cores()
+    fork_safe_cv2()
     if name == "research":
         from affpipe.loaders.research import make_research_loader
 
@@ -292,5 +308,5 @@ def close_loader(loader: object) -> None:
 
 __all__ = [
     "LOADER_CASES", "LoaderCase", "TorchvisionDecodeLoader", "TrainStep", "build_loader", "close_loader",
-    "decode_ceiling_step", "flip_rotate", "iter_shard_samples", "loader_step", "read_jpegs",
+    "decode_ceiling_step", "flip_rotate", "fork_safe_cv2", "iter_shard_samples", "loader_step", "read_jpegs",
 ]

@@ -41,14 +41,14 @@ def naive_index(root: Path, images: tuple[Path, ...] = ()) -> pa.Table:
                                                      "expr": -1, **{a: -1 for a in AU_NAMES}})
                 vals = [float(x) for x in line.split(",")]
                 if f.task == "va":
-                    d = dict(zip(header, vals))
+                    d = dict(zip(header, vals, strict=False))
                     if d["valence"] != -5 and d["arousal"] != -5:
                         row["valence"], row["arousal"] = d["valence"], d["arousal"]
                 elif f.task == "expr":
                     k = int(vals[0])
                     row["expr"] = -1 if k < 0 else [c.lower() for c in EXPR_CLASSES].index(header[k])
                 else:
-                    for name, v in zip(header, vals):
+                    for name, v in zip(header, vals, strict=False):
                         row[AU_NAMES[[a.lower() for a in AU_NAMES].index(name)]] = int(v)
     out: dict[str, list] = {"video": [], "frame": [], "has_image": [], "valence": [], "arousal": [],
                             "expr": [], **{a: [] for a in AU_NAMES}}
@@ -77,8 +77,8 @@ def compare_index(root: Path, workers: int = 2) -> dict:
         table, _ = load_index(Path(tmp))
     # the naive table lists annotated frames only: compare on those
     annotated = np.zeros(table.num_rows, bool)
-    keys = {(v, f) for v, f in zip(naive.column("video").to_pylist(), naive.column("frame").to_pylist())}
-    for i, (v, f) in enumerate(zip(table.column("video").to_pylist(), table.column("frame").to_pylist())):
+    keys = {(v, f) for v, f in zip(naive.column("video").to_pylist(), naive.column("frame").to_pylist(), strict=False)}
+    for i, (v, f) in enumerate(zip(table.column("video").to_pylist(), table.column("frame").to_pylist(), strict=False)):
         annotated[i] = (v, f) in keys
     sub = table.filter(pa.array(annotated))
     same = sub.num_rows == naive.num_rows and all(

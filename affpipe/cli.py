@@ -28,6 +28,36 @@ def main(verbose: int) -> None:
 
 # ---- synth ---------------------------------------------------------------------------------
 
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--layout", type=click.Choice(["abaw2", "abaw3", "abaw5", "abaw6"]), default="abaw6",
+              help="ABAW edition whose folder and header conventions to follow.")
+@click.option("--videos", type=click.IntRange(min=1), default=None,
+              help="Number of videos [default: 24; 560 with --full-scale].")
+@click.option("--frames", type=click.IntRange(min=10), default=None,
+              help="Mean frames per video [default: 300; 5200 with --full-scale].")
+@click.option("--seed", type=int, default=0, help="Same seed, same bytes.")
+@click.option("--mtl", is_flag=True, help="Also write the s-Aff-Wild2 MTL files.")
+@click.option("--full-scale", is_flag=True,
+              help="Aff-Wild2's size (~2.9M frames): a rendered face pool hard-linked into place; resumable.")
+def synth(out: Path, layout: str, videos: int | None, frames: int | None, seed: int, mtl: bool,
+          full_scale: bool) -> None:
+    """Write a synthetic Aff-Wild2 twin (annotations, face JPEGs, ground truth) under OUT."""
+    from affpipe.synth import FULL_SCALE_FRAMES, FULL_SCALE_VIDEOS, SynthConfig, format_summary, generate
+
+    cfg = SynthConfig(
+        out=out, layout=layout, seed=seed, mtl=mtl, full_scale=full_scale,
+        videos=videos if videos is not None else (FULL_SCALE_VIDEOS if full_scale else 24),
+        frames=frames if frames is not None else (FULL_SCALE_FRAMES if full_scale else 300),
+    )
+    try:
+        summary = generate(cfg)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(format_summary(summary))
+
+
 # ---- index / stats -------------------------------------------------------------------------
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import tomllib
 import types
 import typing
 from collections.abc import Mapping
@@ -21,6 +20,11 @@ from typing import Any
 
 from affpipe.models import ModelConfig
 from affpipe.tasks import LossConfig
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, packaged (pip install tomli)
+    import tomli as tomllib
 
 # Heads each task trains, and the validation score that drives ReduceLROnPlateau and best.pt.
 TASK_HEADS: dict[str, tuple[str, ...]] = {

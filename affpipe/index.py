@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from affpipe.annotations import Layout, find_layout, parse_annotation, parse_mtl
+from affpipe.annotations import Layout, MTLParsed, find_layout, parse_annotation, parse_mtl
 from affpipe.labels import AU_NAMES, FRAMES_SCHEMA, NUM_AU, TABLE_SCHEMA_VERSION, TASKS
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def _scan_images(dirs: tuple[tuple[int, str], ...]) -> tuple[np.ndarray, np.ndar
         return np.zeros(0, np.int64), np.zeros(0, np.int16), {}, 0
     allf, allr = np.concatenate(frames), np.concatenate(roots)
     uniq, first = np.unique(allf, return_index=True)  # first occurrence = earliest root
-    names = {int(f): odd[(int(allr[i]), int(f))] for f, i in zip(uniq, first) if (int(allr[i]), int(f)) in odd} if odd else {}
+    names = {int(f): odd[(int(allr[i]), int(f))] for f, i in zip(uniq, first, strict=False) if (int(allr[i]), int(f)) in odd} if odd else {}
     return uniq, allr[first], names, len(allf) - len(uniq)
 
 
@@ -234,7 +234,7 @@ def _frames_table(results: list[_Video]) -> pa.Table:
     lens = [len(r.frames) for r in results]
     odd = {}
     start = 0
-    for r, n in zip(results, lens):
+    for r, n in zip(results, lens, strict=False):
         odd.update({start + i: name for i, name in r.odd_names.items()})
         start += n
     cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape)  # noqa: E731
@@ -262,9 +262,8 @@ def _task_counts(results: list[_Video]) -> dict:
     return counts
 
 
-def _mtl_table(layout: Layout, results: list[_Video], val_videos: set[str], on_bad_line: str) -> tuple[pa.Table, dict]:
+def _mtl_table(m: MTLParsed, results: list[_Video], val_videos: set[str]) -> tuple[pa.Table, dict]:
     """The MTL rows (duplicates collapsed), with image lookups from the per-video results."""
-    m = parse_mtl(layout.mtl_files, on_bad_line)
     videos = sorted(set(m.video))
     code = {v: i for i, v in enumerate(videos)}
     vid = np.array([code[v] for v in m.video], np.int64)
@@ -277,7 +276,7 @@ def _mtl_table(layout: Layout, results: list[_Video], val_videos: set[str], on_b
         equal = (np.array_equal(m.va[a], m.va[b], equal_nan=True) and m.expr[a] == m.expr[b]
                  and np.array_equal(m.au[a], m.au[b]))
         if not equal:
-            raise ValueError(f"{m.where[a]} and {m.where[b]}: conflicting duplicate MTL rows for "
+            raise ValueError(f"{m.where(a)} and {m.where(b)}: conflicting duplicate MTL rows for "
                              f"{m.video[a]}/{int(m.frame[a]):05d}.jpg")
     keep = np.concatenate([[True], ~same]) if len(vid) else np.zeros(0, bool)
     vid, frame, va, expr, au = vid[keep], frame[keep], va[keep], expr[keep], au[keep]
@@ -318,10 +317,9 @@ def build_index(cfg: IndexConfig) -> dict:
         log.warning("no image roots found under %s (use --images DIR)", layout.root)
     log.info("layout: %s; image roots: %s", {t: p.name for t, p in layout.challenges.items()},
              [str(p) for p in layout.image_roots])
-    mtl_val = set()
-    if "val" in layout.mtl_files:  # the MTL validation videos take part in the split rule too
-        mtl_val = {ln.split(",", 1)[0].strip().rsplit("/", 1)[0]
-                   for ln in layout.mtl_files["val"].read_text().splitlines() if "/" in ln}
+    mtl = parse_mtl(layout.mtl_files, cfg.on_bad_line) if layout.mtl_files else None
+    # the MTL validation videos take part in the split rule too
+    mtl_val = {v for v, sp in zip(mtl.video, mtl.split, strict=False) if sp == "val"} if mtl else set()
     jobs, split_info = _jobs(layout, cfg.on_bad_line, mtl_val)
     results = _run_jobs(jobs, cfg.workers)
     frames = _frames_table(results)
@@ -334,7 +332,7 @@ def build_index(cfg: IndexConfig) -> dict:
 
     has = frames.column("has_image").to_numpy()
     annotated = np.zeros(frames.num_rows, bool)
-    for r_start, r in zip(np.cumsum([0] + [len(r.frames) for r in results]), results):
+    for r_start, r in zip(np.cumsum([0] + [len(r.frames) for r in results]), results, strict=False):
         annotated[r_start : r_start + len(r.frames)] = np.any([a for a in r.annot.values()], axis=0) if r.annot else False
     bad = [b for r in results for b in r.bad_lines]
     counts = {
@@ -353,9 +351,9 @@ def build_index(cfg: IndexConfig) -> dict:
         "expr_headers": _header_kinds(results, "expr"),
         "au_headers": _header_kinds(results, "au"),
     }
-    if layout.mtl_files:
-        mtl, counts["mtl"] = _mtl_table(layout, results, split_info["val_videos"], cfg.on_bad_line)
-        _write_parquet(mtl, out / "mtl_frames.parquet")
+    if mtl is not None:
+        mtl_table, counts["mtl"] = _mtl_table(mtl, results, split_info["val_videos"])
+        _write_parquet(mtl_table, out / "mtl_frames.parquet")
     counts["seconds"] = round(time.perf_counter() - t0, 3)
     meta = {
         "schema_version": TABLE_SCHEMA_VERSION,
@@ -389,7 +387,7 @@ def _header_kinds(results: list[_Video], task: str) -> dict[str, int]:
     kinds: dict[str, int] = {}
     for r in results:
         if task in r.headers:
-            k = f"{len(r.headers[task])} columns"
+            k = f"{len(r.headers[task])} {'classes' if task == 'expr' else 'AUs'}"
             kinds[k] = kinds.get(k, 0) + 1
     return kinds
 

@@ -58,7 +58,7 @@ def _plot_expr(s: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=False)
-    for ax, sp in zip(axes, SPLITS):
+    for ax, sp in zip(axes, SPLITS, strict=False):
         counts = s[sp]["expr_counts"]
         bars = ax.bar(range(NUM_EXPR), counts, color="tab:blue")
         ax.bar_label(bars, labels=[str(c) for c in counts], fontsize=8)
@@ -77,7 +77,7 @@ def _plot_au(s: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
-    for ax, sp in zip(axes, SPLITS):
+    for ax, sp in zip(axes, SPLITS, strict=False):
         pos, val = np.array(s[sp]["au_pos"]), np.array(s[sp]["au_valid_per_au"])
         prev = np.divide(pos, val, out=np.zeros(len(pos)), where=val > 0)
         bars = ax.bar(range(len(AU_NAMES)), prev, color="tab:orange")
@@ -99,7 +99,7 @@ def _plot_va(s: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     bins = np.linspace(-1, 1, 41)
-    for ax, sp in zip(axes, SPLITS):
+    for ax, sp in zip(axes, SPLITS, strict=False):
         v, a = s[sp]["valence"], s[sp]["arousal"]
         h, _, _ = np.histogram2d(v, a, bins=[bins, bins])
         im = ax.pcolormesh(bins, bins, h.T, norm=LogNorm(vmin=1, vmax=max(h.max(), 1)), cmap="viridis")
@@ -127,6 +127,12 @@ def _markdown(index: Path, meta: dict, s: dict, mtl: dict | None) -> str:
               f"any line: {c.get('images_without_line', '-')}; videos x tasks whose line count differs "
               f"from the image count: {c.get('line_image_mismatches', '-')}; split conflicts resolved: "
               f"{c.get('split_conflicts', '-')}; bad lines skipped: {c.get('bad_lines', 0)}.", ""]
+    if "tasks" in c:
+        lines += ["Annotation files per task (from `index.json`):", "",
+                  "| task | split | files | lines | valid | valid, with image |", "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {t.upper()} | {sp} | {d['files']} | {d['lines']} | {d['valid']} | {d['valid_with_image']} |"
+                  for t, by in c["tasks"].items() for sp, d in by.items()]
+        lines.append("")
     lines += ["## Expression classes", "", "![expression classes](expr_distribution.png)", "",
               "| class | " + " | ".join(SPLITS) + " |", "|---|" + "---:|" * len(SPLITS)]
     for k, name in enumerate(EXPR_CLASSES):

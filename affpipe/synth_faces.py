@@ -287,7 +287,7 @@ class FaceRenderer:
         # cheeks rise and flush with AU6 (and a little with AU12)
         cheek = _mix(self.skin, self.rosy, 0.15 + 0.6 * au6)
         for s in (-1, 1):
-            self._ell(img, cx + s * (es + 2), ey + 10 - 3.5 * au6 - 1.0 * au12, 6, 4, 0, 360, cheek)
+            self._ell(img, cx + s * (es + 2), ey + 10 - 4.5 * au6 - 1.0 * au12, 6, 4, 0, 360, cheek)
         # forehead wrinkles: AU1 in the middle, AU2 at the sides
         brow_y = ey - self.brow_gap - 1.5 * max(aro, 0.0) - 1.0 * au5
         if au1 > 0.2:
@@ -314,7 +314,7 @@ class FaceRenderer:
             for s in (-1, 1):
                 self._line(img, cx + s * 1.8, brow_y + 1, cx + s * 1.4, brow_y + 5, col)
         # eyes: AU5/arousal open them, AU7 (lower lid) and AU6 (cheek) narrow them
-        open_h = self.eye_h * (1 + 0.6 * au5 + 0.25 * max(aro, 0.0) - 0.45 * au7 - 0.3 * au6)
+        open_h = self.eye_h * (1 + 0.6 * au5 + 0.25 * max(aro, 0.0) - 0.55 * au7 - 0.35 * au6)
         open_h = min(max(open_h, 0.5), 6.0)
         ecy = ey - 0.8 * au7 - 0.6 * au6
         lid = _c(self.hair, 0.5)
@@ -324,7 +324,7 @@ class FaceRenderer:
             self._ell(img, ex, ecy, 2.6, min(2.6, open_h), 0, 360, _c(self.iris))
             self._ell(img, ex, ecy, self.eye_w, open_h, 180, 360, lid, 1)
             if au7 > 0.15:
-                self._ell(img, ex, ecy, self.eye_w, open_h, 10, 170, _mix(self.skin, self.shadow, 1.3 * au7), 1)
+                self._ell(img, ex, ecy, self.eye_w, open_h, 10, 170, _mix(self.skin, self.shadow, 1.3 * au7), 1 + int(au7 > 0.5))
             if au6 > 0.25:  # crow's feet
                 col = _mix(self.skin, self.shadow, au6)
                 x0 = ex + s * (self.eye_w + 1.5)
@@ -348,10 +348,10 @@ class FaceRenderer:
     def _mouth(self, img, au10, au12, au15, au23, au24, au25, au26, au20, au9, val, ny) -> None:
         cx, my = self.cx, self.mouth_y
         hw = self.mouth_w * (1 + 0.22 * au12 + 0.25 * au20 - 0.18 * au23 - 0.08 * au24)
-        corner = my - 3.6 * au12 + 3.6 * au15 - 1.8 * val
-        gap = (1.8 * au25 + 5.5 * au26) * (1 - 0.8 * au24)
-        ul_bot = my - 0.5 * gap - 1.5 * au10
-        ul_top = ul_bot - self.lip_u * (1 - 0.45 * au23 - 0.45 * au24) - 0.6 * au10
+        corner = my - 4.0 * au12 + 4.5 * au15 - 1.8 * val
+        gap = (3.2 * au25 + 5.5 * au26) * (1 - 0.8 * au24)
+        ul_bot = my - 0.5 * gap - 2.2 * au10
+        ul_top = ul_bot - self.lip_u * (1 - 0.45 * au23 - 0.45 * au24) - 0.8 * au10
         ll_top = my + 0.5 * gap + 2.5 * au26
         ll_bot = ll_top + self.lip_l * (1 - 0.45 * au23 - 0.45 * au24)
         x = cx + hw * _XS

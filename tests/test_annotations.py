@@ -71,7 +71,7 @@ def test_au_8_columns_abaw1_mapped_by_name():
         parse((",".join(names) + "\n").encode(), "au")  # AU20 is not one of the 12
     names[6] = "AU26"
     p = parse((",".join(names) + "\n1,0,1,0,1,0,1,0\n-1,-1,-1,-1,-1,-1,-1,-1\n").encode(), "au")
-    row = dict(zip(AU_NAMES, p.au[0].tolist()))
+    row = dict(zip(AU_NAMES, p.au[0].tolist(), strict=False))
     assert row == {"AU1": 1, "AU2": 0, "AU4": 1, "AU6": 0, "AU7": -1, "AU10": -1, "AU12": 1,
                    "AU15": 0, "AU23": -1, "AU24": -1, "AU25": 0, "AU26": 1}
     assert (p.au[1] == -1).all()
@@ -145,7 +145,7 @@ def test_va_valid_rows_round_trip(rows, crlf):
     text = "valence,arousal" + nl + "".join(f"{v},{a}{nl}" for v, a in rows)
     p = parse(text.encode(), "va")
     assert p.n_lines == len(rows)
-    for (v, a), got in zip(rows, p.va):
+    for (v, a), got in zip(rows, p.va, strict=False):
         if v == -5 or a == -5:
             assert np.isnan(got).all()
         else:
@@ -214,7 +214,7 @@ def test_mtl_with_and_without_header(tmp_path):
     assert m.video == ["v1", "v1", "v2"] and m.frame.tolist() == [1, 2, 10]
     assert m.split == ["train", "train", "val"]
     assert m.expr.tolist() == [3, -1, 7] and np.isnan(m.va[1]).all()
-    assert m.where[2] == f"{va}:1"
+    assert m.where(2) == f"{va}:1" and m.where(1) == f"{tr}:3"
 
 
 def test_mtl_aus_header(tmp_path):
@@ -234,3 +234,33 @@ def test_mtl_bad_line(tmp_path):
         parse_mtl({"train": tr})
     m = parse_mtl({"train": tr}, on_bad_line="skip")
     assert len(m.video) == 1 and m.bad_lines == [f"{tr}:3"]
+
+
+def test_mtl_permuted_header_and_fallback_agree(tmp_path, monkeypatch):
+    import affpipe.annotations as ann
+
+    tr = tmp_path / "train_set.txt"
+    au = ",".join(reversed(AU_NAMES))
+    rows = [f"v/{k:05d}.jpg,{k / 10},-0.5,{k % 8}," + ",".join(["1"] + ["0"] * 11) for k in range(1, 8)]
+    tr.write_text(f"image,arousal,valence,expression,{au}\r\n" + "\r\n".join(rows) + "\r\n\r\n")
+    fast = parse_mtl({"train": tr})
+    assert fast.va[2].tolist() == pytest.approx([-0.5, 0.3])  # valence is the file's 3rd column
+    assert fast.au[0].tolist() == [0] * 11 + [1]  # first AU column of the file is AU26
+    assert fast.line.tolist() == list(range(2, 9))
+    monkeypatch.setattr(ann, "_mtl_fast", lambda body, order: None)
+    slow = parse_mtl({"train": tr})
+    assert slow.video == fast.video and slow.frame.tolist() == fast.frame.tolist()
+    np.testing.assert_array_equal(slow.va, fast.va)
+    np.testing.assert_array_equal(slow.expr, fast.expr)
+    np.testing.assert_array_equal(slow.au, fast.au)
+    assert slow.line.tolist() == fast.line.tolist()
+
+
+def test_mtl_fast_path_rejects_what_the_scanner_rejects(tmp_path):
+    tr = tmp_path / "train_set.txt"
+    tr.write_text(f"v/00001.jpg,0.5,-0.5,3,{AU_ROW}\nv/00002.png,0.5,-0.5,3,{AU_ROW}\n")
+    with pytest.raises(ValueError, match=re.escape(f"{tr}:2: bad image path")):
+        parse_mtl({"train": tr})
+    tr.write_text(f"v/00001.jpg,0.5,-0.5,8,{AU_ROW}\n")
+    with pytest.raises(ValueError, match=re.escape(f"{tr}:1: EXPR: value out of range")):
+        parse_mtl({"train": tr})

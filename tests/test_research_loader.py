@@ -13,6 +13,19 @@ from affpipe.labels import AU_NAMES
 from affpipe.loaders.research import make_research_loader
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """In-process loading (num_workers=0) like a DataLoader worker: one torch thread.
+
+    With several intra-op threads on a busy machine, per-image ToTensor/Normalize spin-wait
+    for ~10 ms each; DataLoader workers avoid that by running single-threaded.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _rows(index_dir, split):
     table, _ = load_index(index_dir)
     t = table.filter(pc.and_(pc.equal(table["split"], split), table["has_image"]))
@@ -20,19 +33,17 @@ def _rows(index_dir, split):
 
 
 def _check_labels(b: Batch, rows: dict) -> None:
-    for i, rid in enumerate(b.row_id.tolist()):
-        r = rows[rid]
-        assert bool(b.va_mask[i]) == r["va_valid"]
-        if r["va_valid"]:
-            assert b.va[i].tolist() == pytest.approx([r["valence"], r["arousal"]], abs=1e-6)
-        assert bool(b.expr_mask[i]) == r["expr_valid"]
-        if r["expr_valid"]:
-            assert int(b.expr[i]) == r["expr"]
-        for j, name in enumerate(AU_NAMES):
-            valid = r["au_valid"] and r[name] >= 0
-            assert bool(b.au_mask[i, j]) == valid
-            if valid:
-                assert int(b.au[i, j]) == r[name]
+    rs = [rows[rid] for rid in b.row_id.tolist()]
+    col = lambda k: np.array([r[k] for r in rs])  # noqa: E731
+    va_valid, expr_valid = col("va_valid"), col("expr_valid")
+    assert np.array_equal(b.va_mask.numpy(), va_valid)
+    np.testing.assert_allclose(b.va.numpy()[va_valid], np.stack([col("valence"), col("arousal")], 1)[va_valid], atol=1e-6)
+    assert np.array_equal(b.expr_mask.numpy(), expr_valid)
+    assert np.array_equal(b.expr.numpy()[expr_valid], col("expr")[expr_valid])
+    au = np.stack([col(a) for a in AU_NAMES], 1)
+    au_valid = col("au_valid")[:, None] & (au >= 0)
+    assert np.array_equal(b.au_mask.numpy(), au_valid)
+    assert np.array_equal(b.au.numpy()[au_valid], au[au_valid])
 
 
 def test_val_in_order_with_labels_and_shapes(index_dir):

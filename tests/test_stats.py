@@ -32,6 +32,7 @@ def test_stats_writes_markdown_and_plots(tmp_path):
     assert "| Neutral | 2 (66.7%) | 0 (-) |" in text
     assert "| AU26 | 0 / 0 (-) | 2 / 2 (100.0%) |" in text
     assert "| frames | 4 | 2 |" in text
+    assert "| EXPR | train | 1 | 4 | 3 | 1 |" in text
 
 
 def test_split_summary_counts(tmp_path):
