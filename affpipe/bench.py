@@ -56,8 +56,8 @@ class BenchConfig:
     """Options of ``affpipe bench``. Sizes default to stable figures in < 10 min on 2 cores."""
 
     out: Path
-    videos: int = 40
-    frames: int = 750
+    videos: int = 48
+    frames: int = 1000
     batch_size: int = 128
     train_batch_size: int = 64
     image_size: int = 112
@@ -113,7 +113,7 @@ def prepare_data(cache: Path, *, videos: int, frames: int, seed: int, workers: i
     generate(SynthConfig(out=cache / "tree", layout="abaw6", videos=videos, frames=frames, seed=seed))
     timings["synth_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    summary = build_index(IndexConfig(root=cache / "tree", out=cache / "index"))
+    summary = build_index(IndexConfig(root=cache / "tree", out=cache / "index", workers=workers))
     timings["index_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     manifest = write_shards(ShardConfig(index=cache / "index", out=cache / "shards", split="train", workers=workers, seed=seed))

@@ -12,6 +12,7 @@ import logging
 import math
 import tarfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +151,12 @@ class TorchvisionDecodeLoader:
             jpgs.append(torch.frombuffer(bytearray(jpg), dtype=torch.uint8))
             lbls.append(lbl)
             if len(jpgs) == self.batch_size:
-                yield self._batch(decode_jpeg(jpgs, device=self.device), lbls)
+                with warnings.catch_warnings():
+                    # torchvision >= 0.29 deprecates its codecs in favour of torchcodec; the
+                    # brief measures decode_jpeg itself, so keep the reference as it is.
+                    warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+                    decoded = decode_jpeg(jpgs, device=self.device)
+                yield self._batch(decoded, lbls)
                 jpgs, lbls = [], []
 
     def _batch(self, decoded: list[torch.Tensor], lbls: list[bytes]) -> Batch:
@@ -216,6 +222,7 @@ def loader_step(loader: Iterable[Batch], device: str | torch.device) -> Callable
             b = b.to(device)
         return len(b), 0.0
 
+    step.source = it  # lets measure() time the epoch starts
     return step
 
 
@@ -294,6 +301,7 @@ class TrainStep:
             self(b)
             return len(b), wait
 
+        step.source = it
         return step
 
 

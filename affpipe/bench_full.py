@@ -42,7 +42,7 @@ class BenchFullConfig:
     frames: int = 300
     seed: int = 0
     shard_frames: int = 300_000
-    naive_frames: int = 200_000
+    naive_frames: int = 500_000
     workers: int = 0  # 0 = the usable cores
     markdown: Path | None = Path("BENCHMARKS.md")
 
@@ -167,8 +167,8 @@ def stage_naive(tree: Path, table: pa.Table, out: Path, cfg: BenchFullConfig) ->
     scaled = len(videos) < all_videos
     full_s = seconds * total / sub_frames if scaled else seconds
     row = {
-        "seconds_measured": round(seconds, 2), "frames_measured": sub_frames, "videos_measured": len(videos),
-        "scaled": scaled, "seconds": round(full_s, 1), "frames": total, "fps": round(sub_frames / seconds, 1),
+        "seconds_measured": round(seconds, 4), "frames_measured": sub_frames, "videos_measured": len(videos),
+        "scaled": scaled, "seconds": round(full_s, 3), "frames": total, "fps": round(sub_frames / seconds, 1),
         "note": (f"measured on {len(videos)} of {all_videos} videos ({sub_frames:,} frames), scaled linearly to {total:,} frames"
                  if scaled else "measured on the whole tree"),
     }

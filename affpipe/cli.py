@@ -269,8 +269,8 @@ def predict(ckpt: Path, shards: Path, out: Path, fmt: str, split: str, batch_siz
 @main.command()
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: results.json, loaders.png, cache/ (the synthetic data, reused).")
-@click.option("--videos", type=int, default=40, help="Synthetic videos.")
-@click.option("--frames", type=int, default=750, help="Frames per synthetic video.")
+@click.option("--videos", type=int, default=48, help="Synthetic videos.")
+@click.option("--frames", type=int, default=1000, help="Frames per synthetic video.")
 @click.option("--batch-size", type=int, default=128, help="Loader batch size.")
 @click.option("--train-batch-size", type=int, default=64, help="Training-step batch size.")
 @click.option("--image-size", type=int, default=112)
@@ -307,7 +307,7 @@ def bench(out: Path, markdown: Path, no_markdown: bool, **kw) -> None:
 @click.option("--videos", type=int, default=24, help="Videos with --small.")
 @click.option("--frames", type=int, default=300, help="Frames per video with --small.")
 @click.option("--shard-frames", type=int, default=300_000, help="Shard whole train videos up to this many frames.")
-@click.option("--naive-frames", type=int, default=200_000,
+@click.option("--naive-frames", type=int, default=500_000,
               help="Time the naive index on whole videos up to this many frames, scaled to the tree.")
 @click.option("--workers", type=int, default=0, help="Processes for index and shards (0 = usable cores).")
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), default=Path("BENCHMARKS.md"),

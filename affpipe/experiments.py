@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing as mp
 import re
 import socket
 import time
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,12 +170,43 @@ def imagenet_available() -> tuple[bool, str]:
         socket.setdefaulttimeout(old)
 
 
-def train_run(recipe: Path, overrides: Mapping[str, Any]) -> Path:
-    """Resolve the recipe with ``overrides`` and train it (the one call tests replace)."""
-    from affpipe.config import load_config
-    from affpipe.train import train
+def _train_child(recipe: str, overrides: dict[str, Any], level: int, conn) -> None:
+    """Body of the training process: resolve, train, send back the run folder or the error."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        from affpipe.config import load_config
+        from affpipe.train import train
 
-    return train(load_config(recipe, overrides))
+        conn.send(("ok", str(train(load_config(recipe, overrides)))))
+    except BaseException as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        raise SystemExit(1) from None
+
+
+def train_run(recipe: Path, overrides: Mapping[str, Any]) -> Path:
+    """Resolve the recipe with ``overrides`` and train it in a fresh process (tests replace this).
+
+    A fresh (spawned) process per run: the data preparation before it leaves thread pools
+    (pyarrow, OpenCV) behind, and DataLoader workers forked from such a process can deadlock;
+    it also gives every run its own memory and keeps one run's crash from ending the grid.
+    """
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_train_child, name=f"train-{Path(str(overrides.get('out', recipe))).name}",
+                       args=(str(recipe), dict(overrides), logging.getLogger().getEffectiveLevel(), send))
+    proc.start()
+    send.close()
+    try:
+        msg = recv.recv()
+    except EOFError:  # the child died without a word (killed, out of memory)
+        msg = None
+    proc.join()
+    if msg and msg[0] == "ok":
+        return Path(msg[1])
+    if msg:
+        log.debug("training process traceback:\n%s", msg[2])
+        raise RuntimeError(msg[1])
+    raise RuntimeError(f"the training process died (exit code {proc.exitcode})")
 
 
 def prepare_data(cfg: ExperimentsConfig, grid: Grid) -> tuple[Path, str]:
@@ -186,15 +219,17 @@ def prepare_data(cfg: ExperimentsConfig, grid: Grid) -> tuple[Path, str]:
     data = Path(cfg.out) / "data"
     root = cfg.root
     if root is None:
-        from affpipe.synth import SynthConfig, generate
+        from affpipe.synth import FULL_SCALE_FRAMES, FULL_SCALE_VIDEOS, SynthConfig, generate
 
         root = data / "affwild2"
         full = cfg.resolved_scale == "full"
-        synth = {k: v for k, v in grid.synthetic.items() if not full or k == "seed"}
+        synth = dict(grid.synthetic)
+        if full:  # Aff-Wild2's own size; the recipes then run unchanged
+            synth.update(videos=FULL_SCALE_VIDEOS, frames=FULL_SCALE_FRAMES)
         if not (root / "synth_truth.parquet").exists():
             log.info("experiments: writing the synthetic twin to %s", root)
             generate(SynthConfig(out=root, full_scale=full, **synth))
-        desc = "the synthetic twin (" + ("full scale" if full else ", ".join(f"{k}={v}" for k, v in synth.items())) + ")"
+        desc = "the synthetic twin (" + ", ".join(f"{k}={v}" for k, v in synth.items()) + ")"
     else:
         desc = f"Aff-Wild2 at `{root}`"
     index, shards = data / "index", data / "shards"
@@ -264,8 +299,10 @@ def run_experiments(cfg: ExperimentsConfig) -> dict[str, Any]:
     notes = [f"Data: {data_desc}; scale `{scale}`"
              + (" (size overrides from the grid's [synthetic.overrides])" if scale == "synthetic" else "") + "."]
     if cfg.root is None and cfg.shards is None:
-        notes.append("The synthetic twin's labels are generated: these numbers show the pipeline works end to "
-                     "end; they say nothing about Aff-Wild2. Rerun with `--root` or `--shards` for real answers.")
+        notes.append("The synthetic twin's faces are drawn from their labels, so every task is learnable, but "
+                     "they are not real faces: these numbers show the grid works end to end and how the "
+                     "comparisons come out on the twin; they say nothing about Aff-Wild2. Rerun with `--root` "
+                     "(or `--shards`) on the real data for the research answers.")
     notes += [f"`{n}` {s['status']}: {s['reason']}" for n, s in status.items() if s["status"] in ("skipped", "failed")]
     (out / "experiments.json").write_text(json.dumps(
         {"grid": str(grid.source), "scale": scale, "shards": str(shards), "runs": status}, indent=2) + "\n")

@@ -303,7 +303,9 @@ def _per_item_table(runs: Sequence[Run], key: str, names: Sequence[str], title: 
     for name in names:
         vals = [_num(r.eval[key].get(name)) for r in have]
         best = max((v for v in vals if v is not None), default=None)
-        rows.append([name] + [f"**{fmt(v)}**" if v is not None and v == best and len(have) > 1 else fmt(v) for v in vals])
+        # Bold marks a winner: not when every run ties (e.g. a class no run ever predicts).
+        unique = sum(v == best for v in vals) < len(have)
+        rows.append([name] + [f"**{fmt(v)}**" if v is not None and v == best and unique else fmt(v) for v in vals])
     return [f"## {title}", "", "Validation F1; the best run per row in bold.", "",
             *_table(["", *(f"`{r.name}`" for r in have)], rows)]
 
@@ -368,6 +370,7 @@ def write_figures(runs: Sequence[Run], out: Path) -> dict[str, Path]:
     panels = [m for m in CURVE_METRICS if any(m in p for r in runs for p in r.curve)]
     if not panels:
         return figs
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     for key, xkey, xlabel in (("curves_epoch", "epoch", "epochs trained"), ("curves_time", "wall_time", "wall time (min)")):
@@ -388,8 +391,11 @@ def write_figures(runs: Sequence[Run], out: Path) -> dict[str, Path]:
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
-        handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
-        fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)), fontsize=8)
+        # One legend entry per run, in report order, whichever panels the run appears in.
+        drawn = {h.get_label() for ax in axes.flat for h in ax.get_lines()}
+        handles = [Line2D([], [], marker="o", markersize=3, **style[r.name]) for r in runs if r.name in drawn]
+        labels = [r.name for r in runs if r.name in drawn]
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(handles)), fontsize=8)
         fig.suptitle("Validation score vs " + ("epoch" if xkey == "epoch" else "wall time"))
         fig.tight_layout(rect=(0, 0.04 + 0.025 * math.ceil(len(handles) / 4), 1, 1))
         figs[key] = out / f"{key}.png"

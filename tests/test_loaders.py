@@ -259,3 +259,20 @@ def test_undecodable_jpeg_skipped_and_counted(bad_copy):
     loader = make_loader(bad_copy, "val", batch_size=8, train=False, backend="torch", on_bad="skip", num_workers=1)
     rows = torch.cat([b.row_id for b in loader]).tolist()
     assert 245 not in rows and len(rows) == 69 and loader.skipped == {"bad_sample": 1}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_round_trip_from_label_table(shard_dir, index_dir, backend):
+    """index → shard → loader: every val row comes back once with exactly its table labels."""
+    from affpipe.index import load_index
+    from affpipe.labels import records_from_table
+    from affpipe.shards import read_manifest
+
+    table, _ = load_index(index_dir)
+    by_row = {int(r["row_id"]): r.tobytes() for r in records_from_table(table)}
+    loader = make_loader(shard_dir, "val", batch_size=32, train=False, backend=backend, num_workers=1)
+    rows = []
+    for b in loader:
+        _check_labels(b, {r: (None, by_row[r]) for r in b.row_id.tolist()})
+        rows += b.row_id.tolist()
+    assert len(rows) == len(set(rows)) == read_manifest(shard_dir)["splits"]["val"]["samples"]

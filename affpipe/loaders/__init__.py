@@ -200,6 +200,18 @@ def find_shards(shards: Path, split: str) -> list[tuple[Path, Path]]:
     return [(t, t.with_suffix(".idx")) for t in tars]
 
 
+def shard_order(n: int, seed: int, epoch: int, train: bool) -> list[int]:
+    """Shard order of an epoch: seeded permutation (train) or manifest order (val)."""
+    if not train:
+        return list(range(n))
+    return [int(i) for i in np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)]
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """A per-(seed, epoch, rank) seed for shuffling and augmentation draws."""
+    return int(np.random.default_rng([seed, epoch, rank]).integers(0, 2**31 - 1))
+
+
 # ---- the loader factory --------------------------------------------------------------------
 
 
@@ -306,13 +318,11 @@ class BaseLoader:
 
     def shard_order(self, epoch: int) -> list[int]:
         """Shard order of an epoch: seeded permutation (train) or manifest order (val)."""
-        if not self.train:
-            return list(range(len(self.shards)))
-        return [int(i) for i in np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(self.shards))]
+        return shard_order(len(self.shards), self.seed, epoch, self.train)
 
     def epoch_seed(self, epoch: int) -> int:
         """A per-(seed, epoch, rank) seed for shuffling and augmentation draws."""
-        return int(np.random.default_rng([self.seed, epoch, self.rank]).integers(0, 2**31 - 1))
+        return epoch_seed(self.seed, epoch, self.rank)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(split={self.split!r}, shards={len(self.shards)}, samples={self.total}, "

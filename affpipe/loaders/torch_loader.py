@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import mmap
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,7 +25,15 @@ from torch.utils.data import DataLoader, Dataset
 from affpipe.augment import AugmentConfig, resize_linear, sample_params, warp_nearest
 from affpipe.batch import Batch, make_batch, normalize_uint8
 from affpipe.labels import RECORD_SIZE
-from affpipe.loaders import BaseLoader, Shard, parse_idx, rank_range, sample_key
+from affpipe.loaders import (
+    BaseLoader,
+    Shard,
+    epoch_seed,
+    parse_idx,
+    rank_range,
+    sample_key,
+    shard_order,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,32 +70,66 @@ def block_shuffle(n: int, rng: np.random.Generator) -> np.ndarray:
     return perm
 
 
-class EpochBatches(Dataset):
-    """Batch ``b`` of one epoch of one rank, decoded and augmented (runs in a worker)."""
+@dataclass(frozen=True)
+class EpochPlan:
+    """Everything a worker needs to compute any epoch's batches on its own (picklable)."""
 
-    def __init__(self, shards: list[Shard], samples: np.ndarray, batch_size: int, aug: AugmentConfig,
-                 seed: int, on_bad: str) -> None:
-        self.shards, self.samples, self.batch_size = shards, samples, batch_size
-        self.aug, self.seed, self.on_bad = aug, seed, on_bad
+    counts: tuple[int, ...]
+    seed: int
+    rank: int
+    world: int
+    train: bool
+    batch_size: int
+    num_batches: int
+
+    def samples(self, epoch: int) -> tuple[np.ndarray, int]:
+        """``([n, 2] (shard, sample) in yield order, augmentation seed)`` of ``epoch``."""
+        order = shard_order(len(self.counts), self.seed, epoch, self.train)
+        samples = epoch_samples(list(self.counts), order, self.rank, self.world)
+        seed = epoch_seed(self.seed, epoch, self.rank)
+        if self.train:
+            samples = samples[block_shuffle(len(samples), np.random.default_rng([seed, 1]))]
+            samples = samples[: self.num_batches * self.batch_size]
+        return samples, seed
+
+
+class ShardBatches(Dataset):
+    """Item ``(epoch, b)``: batch ``b`` of ``epoch`` on this rank, decoded and augmented.
+
+    Runs in persistent workers; each computes (and caches) the epoch plan itself, so nothing
+    but the ``(epoch, b)`` pair crosses the pipe to a worker.
+    """
+
+    def __init__(self, shards: list[Shard], plan: EpochPlan, aug: AugmentConfig, on_bad: str) -> None:
+        self.shards, self.plan, self.aug, self.on_bad = shards, plan, aug, on_bad
+        self.batch_size = plan.batch_size
         self._maps: dict[int, mmap.mmap] = {}
         self._index: dict[int, list] = {}
+        self._epoch: tuple[int, np.ndarray, int] | None = None
 
     def __len__(self) -> int:
-        return -(-len(self.samples) // self.batch_size)
+        return self.plan.num_batches
+
+    def epoch(self, epoch: int) -> tuple[np.ndarray, int]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, *self.plan.samples(epoch))
+        return self._epoch[1], self._epoch[2]
 
     def _open(self, shard: int) -> tuple[mmap.mmap, list]:
-        if shard not in self._maps:  # per worker: the dataset is copied into each one
+        if shard not in self._maps:  # per worker: each opens the tars it reads
             with open(self.shards[shard].tar, "rb") as f:
                 self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self._index[shard] = parse_idx(self.shards[shard].idx)
         return self._maps[shard], self._index[shard]
 
-    def __getitem__(self, b: int) -> dict:
+    def __getitem__(self, item: tuple[int, int]) -> dict:
         import cv2
 
-        sel = self.samples[b * self.batch_size:(b + 1) * self.batch_size]
+        epoch, b = item
+        samples, seed = self.epoch(epoch)
+        sel = samples[b * self.batch_size:(b + 1) * self.batch_size]
         size = self.aug.image_size
-        flips, angles = sample_params(np.random.default_rng([self.seed, b]), len(sel), self.aug)
+        flips, angles = sample_params(np.random.default_rng([seed, b]), len(sel), self.aug)
         images = np.empty((len(sel), size, size, 3), np.uint8)
         labels = np.empty((len(sel), RECORD_SIZE), np.uint8)
         keep, bad = [], []
@@ -126,10 +169,17 @@ class EpochBatches(Dataset):
         }
 
 
-def _worker_init(_: int) -> None:
-    import cv2
+class _EpochSampler:
+    """Yields ``(epoch, b)`` for the loader's current epoch (read when iteration starts)."""
 
-    cv2.setNumThreads(1)  # one process per core already; OpenCV's own pool would oversubscribe
+    def __init__(self, owner: TorchLoader) -> None:
+        self.owner = owner
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def __iter__(self):
+        return ((self.owner.epoch, b) for b in range(len(self.owner)))
 
 
 class TorchLoader(BaseLoader):
@@ -137,24 +187,29 @@ class TorchLoader(BaseLoader):
 
     backend = "torch"
 
-    def epoch_dataset(self, epoch: int) -> EpochBatches:
-        """The batches this rank yields in ``epoch`` (also used by tests to inspect the plan)."""
-        samples = epoch_samples([s.samples for s in self.shards], self.shard_order(epoch), self.rank, self.world)
-        seed = self.epoch_seed(epoch)
-        if self.train:
-            samples = samples[block_shuffle(len(samples), np.random.default_rng([seed, 1]))]
-            samples = samples[: self.num_batches * self.batch_size]
-        return EpochBatches(self.shards, samples, self.batch_size, self.aug, seed, self.on_bad)
-
-    def __iter__(self) -> Iterator[Batch]:
-        data = self.epoch_dataset(self.epoch)
-        workers = min(self.num_workers, len(data))
-        loader = DataLoader(
-            data, batch_size=None, shuffle=False, num_workers=workers,
-            prefetch_factor=4 if workers else None, worker_init_fn=_worker_init if workers else None,
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.plan = EpochPlan(tuple(s.samples for s in self.shards), self.seed, self.rank, self.world,
+                              self.train, self.batch_size, self.num_batches)
+        self.dataset = ShardBatches(self.shards, self.plan, self.aug, self.on_bad)
+        workers = min(self.num_workers, self.num_batches)
+        # Workers start per epoch (a fork is cheap; persistent workers took 5 s each to shut
+        # down) and compute the epoch's plan themselves from (epoch, b). They are forked: the
+        # per-sample OpenCV calls on small images stay single-threaded, so they never touch an
+        # OpenCV thread pool the parent may have started (calling cv2.setNumThreads in a forked
+        # child whose parent used the pool deadlocks).
+        self._loader = DataLoader(
+            self.dataset, batch_size=None, sampler=_EpochSampler(self), num_workers=workers,
+            prefetch_factor=4 if workers else None,
             pin_memory=self.device.type == "cuda",
         )
-        for item in loader:
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """``[n, 2]`` (shard, sample) this rank yields in ``epoch``, in order (for inspection)."""
+        return self.plan.samples(epoch)[0]
+
+    def __iter__(self) -> Iterator[Batch]:
+        for item in self._loader:
             if item["bad"]:
                 for problem in item["bad"]:
                     log.warning("%s; skipped", problem)
