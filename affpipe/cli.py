@@ -44,7 +44,13 @@ def main(verbose: int) -> None:
 def synth(out: Path, layout: str, videos: int | None, frames: int | None, seed: int, mtl: bool,
           full_scale: bool) -> None:
     """Write a synthetic Aff-Wild2 twin (annotations, face JPEGs, ground truth) under OUT."""
-    from affpipe.synth import FULL_SCALE_FRAMES, FULL_SCALE_VIDEOS, SynthConfig, format_summary, generate
+    from affpipe.synth import (
+        FULL_SCALE_FRAMES,
+        FULL_SCALE_VIDEOS,
+        SynthConfig,
+        format_summary,
+        generate,
+    )
 
     cfg = SynthConfig(
         out=out, layout=layout, seed=seed, mtl=mtl, full_scale=full_scale,

@@ -16,13 +16,12 @@ import multiprocessing as mp
 import re
 import socket
 import time
+import tomllib
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 log = logging.getLogger(__name__)
 

@@ -252,9 +252,12 @@ def make_loader(
         log.info("loader backend: %s (%s)", backend, "DALI importable" if backend == "dali" else "DALI not importable")
     aug = AugmentConfig(image_size=image_size, train=train, flip_p=flip_p, max_rotation=max_rotation)
     rank, world = dist_env(rank, world_size)
+    if num_workers is not None and num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    workers = default_workers() if num_workers is None else int(num_workers)  # 0: in-process
     kwargs = dict(
         shards=Path(shards), split=split, batch_size=batch_size, aug=aug, device=torch.device(device),
-        seed=seed, rank=rank, world=world, num_workers=num_workers or default_workers(), on_bad=on_bad,
+        seed=seed, rank=rank, world=world, num_workers=workers, on_bad=on_bad,
     )
     if backend == "dali":
         from affpipe._optional import import_dali

@@ -74,7 +74,7 @@ class DaliLoader(BaseLoader):
         shards = [self.shards[i] for i in order]
         fill = max(1, min(SHUFFLE_FILL, self.rank_samples))
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
-        pipe = pipeline_def(_graph, batch_size=self.batch_size, num_threads=self.num_workers,
+        pipe = pipeline_def(_graph, batch_size=self.batch_size, num_threads=max(1, self.num_workers),
                             device_id=device_id, seed=seed, prefetch_queue_depth=2)(
             [str(s.tar) for s in shards], [str(s.idx) for s in shards], aug=self.aug, gpu=gpu,
             rank=self.rank, world=self.world, reader_seed=seed, fill=fill,
