@@ -207,7 +207,10 @@ def bench_train(cfg: BenchConfig, data: dict, device: str, loader_rows: list[dic
     except Exception as exc:
         row["status"] = _error(exc)
     rows.append(row)
+    train_step = {c.name: c.train_step for c in LOADER_CASES}
     for lrow in loader_rows:
+        if not train_step.get(lrow["name"], True):
+            continue
         row = {"name": lrow["name"], "label": lrow["label"], "status": lrow["status"], "fps": None}
         if lrow["status"] != "ok":
             rows.append(row)

@@ -34,12 +34,18 @@ class LoaderCase:
     name: str
     label: str
     needs_cuda: bool = False
+    train_step: bool = True  # also time a training step fed by it (the loaders trainers use)
 
 
+# "float": batches normalized in the loader (the research's contract); "uint8": the trainers'
+# setting (normalize=False), where the model's first op normalizes — the same arithmetic, on the
+# training device, without a 4x larger float copy in the loader.
 LOADER_CASES: tuple[LoaderCase, ...] = (
     LoaderCase("research", "research: per-frame JPEG, PIL, torchvision, DataLoader"),
-    LoaderCase("torch", "affpipe torch fallback (shards, DataLoader)"),
-    LoaderCase("dali-cpu", "affpipe DALI, CPU mode"),
+    LoaderCase("torch", "affpipe torch fallback (shards, DataLoader), float", train_step=False),
+    LoaderCase("torch-u8", "affpipe torch fallback, uint8 (model normalizes)"),
+    LoaderCase("dali-cpu", "affpipe DALI, CPU mode, float", train_step=False),
+    LoaderCase("dali-cpu-u8", "affpipe DALI, CPU mode, uint8 (model normalizes)"),
     LoaderCase("dali-gpu", "affpipe DALI, GPU decoding (mixed)", needs_cuda=True),
     LoaderCase("tv-gpu-decode", "torchvision decode_jpeg on the GPU", needs_cuda=True),
 )
@@ -202,12 +208,14 @@ def build_loader(name: str, *, index: Path, shards: Path, batch_size: int, devic
 
     backend, loader_device = {
         "torch": ("torch", device),
+        "torch-u8": ("torch", device),
         "dali-cpu": ("dali", "cpu"),
+        "dali-cpu-u8": ("dali", "cpu"),
         "dali-gpu": ("dali", device),
     }[name]
     return make_loader(
         shards, "train", batch_size=batch_size, train=True, backend=backend, device=loader_device,
-        image_size=image_size, seed=seed, num_workers=cores,
+        image_size=image_size, seed=seed, num_workers=cores, normalize=not name.endswith("-u8"),
     )
 
 

@@ -131,7 +131,7 @@ def evaluate(run_or_ckpt: Path, shards: Path, *, split: str = "val", tune_au_thr
     model, cfg, state = load_model(ckpt, dev)
     loader = make_loader(Path(shards), split, batch_size=batch_size or cfg.batch_size, train=False,
                          backend=backend, device=dev, image_size=cfg.image_size, seed=cfg.seed,
-                         rank=0, world_size=1, num_workers=cfg.num_workers)
+                         rank=0, world_size=1, num_workers=cfg.num_workers, normalize=False)
     acc, frames = evaluate_model(model, loader, cfg.heads, device=dev, amp=cfg.amp, max_steps=max_steps)
     result = _result(acc.compute(), cfg, ckpt, state, split, frames)
     if tune_au_thresholds:

@@ -51,6 +51,17 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
 
 
+def normalize_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N,3,H,W]`` (any memory format) → the float normalized input the backbone expects
+    (``affpipe.batch.normalize_uint8``: the same arithmetic as a loader with ``normalize=True``)."""
+    from affpipe.batch import normalize_uint8
+
+    with torch.autocast(images.device.type, enabled=False):
+        if images.is_contiguous(memory_format=torch.channels_last):
+            return normalize_uint8(images.permute(0, 2, 3, 1), channels_last=True)
+        return normalize_uint8(images)
+
+
 class MultiTaskNet(nn.Module):
     """Backbone (fc removed) → dropout → one linear head per task; VA goes through tanh."""
 
@@ -62,6 +73,8 @@ class MultiTaskNet(nn.Module):
         self.heads = nn.ModuleDict({t: nn.Linear(feature_dim, HEAD_OUTPUTS[t]) for t in tasks})
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if images.dtype == torch.uint8:  # loaders' normalize=False: normalize here, in fp32
+            images = normalize_input(images)
         feats = self.dropout(self.backbone(images))
         out = {t: head(feats) for t, head in self.heads.items()}
         if "va" in out:

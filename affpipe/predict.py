@@ -92,7 +92,7 @@ def predict(ckpt: Path, shards: Path, out: Path, fmt: str = "abaw-per-video", *,
 
     loader = make_loader(Path(shards), split, batch_size=batch_size or cfg.batch_size, train=False,
                          backend=backend, device=dev, image_size=cfg.image_size, seed=cfg.seed,
-                         rank=0, world_size=1, num_workers=cfg.num_workers)
+                         rank=0, world_size=1, num_workers=cfg.num_workers, normalize=False)
     acc = MetricAccumulator(cfg.heads)
     for outputs, batch in iterate_outputs(model, loader, device=dev, amp=cfg.amp):
         acc.update(outputs, batch)

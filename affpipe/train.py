@@ -169,7 +169,8 @@ def train(cfg: TrainConfig) -> Path:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if on_gpu else None)
 
     loader_args = dict(backend=cfg.backend, device=ctx.device, image_size=cfg.image_size, seed=cfg.seed,
-                       rank=ctx.rank, world_size=ctx.world, num_workers=cfg.num_workers)
+                       rank=ctx.rank, world_size=ctx.world, num_workers=cfg.num_workers,
+                       normalize=False)  # uint8 batches: the model normalizes (models.normalize_input)
     train_loader = make_loader(cfg.shards, "train", batch_size=cfg.batch_size, train=True,
                                flip_p=cfg.flip_p, max_rotation=cfg.max_rotation, **loader_args)
     val_loader = make_loader(cfg.shards, "val", batch_size=cfg.batch_size, train=False, **loader_args)

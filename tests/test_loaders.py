@@ -120,6 +120,25 @@ def test_val_yields_source_images_and_labels_once(tiny, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train", [False, True])
+def test_uint8_batches_normalized_by_the_model_equal_float_batches(tiny, backend, train):
+    """``normalize=False`` (what the trainers use) + the model's input normalization gives exactly
+    the float batch of ``normalize=True``: same samples, augmentation draws and arithmetic."""
+    from affpipe.models import normalize_input
+
+    out, _ = tiny
+    split = "train" if train else "val"
+    kw = dict(batch_size=16, train=train, backend=backend, seed=5, num_workers=0)
+    floats, _ = _collect(make_loader(out, split, **kw))
+    uint8s, _ = _collect(make_loader(out, split, normalize=False, **kw))
+    assert len(floats) == len(uint8s) > 0
+    for f, u in zip(floats, uint8s, strict=True):
+        assert u.images.dtype == torch.uint8 and u.images.shape == f.images.shape
+        assert torch.equal(u.row_id, f.row_id)
+        assert torch.equal(normalize_input(u.images), f.images)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_train_augments_at_rates_and_keeps_labels(tiny, backend):
     out, truth = tiny
     loader = make_loader(out, "train", batch_size=16, train=True, backend=backend, seed=3, num_workers=2)

@@ -231,12 +231,16 @@ def make_loader(
     flip_p: float = 0.5,
     max_rotation: float = 10.0,
     on_bad: str = "error",
+    normalize: bool = True,
 ) -> Loader:
     """A loader over ``shards/<split>`` (see the module docstring for the epoch plan).
 
     ``train`` turns on shuffling, drop-last and the augmentation (``flip_p``,
     ``max_rotation`` degrees, nearest-neighbour). ``num_workers``: DALI threads or DataLoader
-    worker processes (default: this rank's share of the cores).
+    worker processes (default: this rank's share of the cores; ``0`` decodes in this process).
+    ``normalize=False`` yields ``Batch.images`` as uint8 ``[N,3,H,W]`` (a channels_last view):
+    the models normalize uint8 input themselves (``affpipe.models``), which keeps a 4x larger
+    float copy out of the loader — the trainers use it.
     """
     from affpipe._optional import dali_available
     from affpipe.augment import AugmentConfig
@@ -257,7 +261,7 @@ def make_loader(
     workers = default_workers() if num_workers is None else int(num_workers)  # 0: in-process
     kwargs = dict(
         shards=Path(shards), split=split, batch_size=batch_size, aug=aug, device=torch.device(device),
-        seed=seed, rank=rank, world=world, num_workers=workers, on_bad=on_bad,
+        seed=seed, rank=rank, world=world, num_workers=workers, on_bad=on_bad, normalize=normalize,
     )
     if backend == "dali":
         from affpipe._optional import import_dali
@@ -277,12 +281,13 @@ class BaseLoader:
     backend = "base"
 
     def __init__(self, *, shards: Path, split: str, batch_size: int, aug, device: torch.device, seed: int,
-                 rank: int, world: int, num_workers: int, on_bad: str) -> None:
+                 rank: int, world: int, num_workers: int, on_bad: str, normalize: bool = True) -> None:
         import tempfile
 
         self.split, self.batch_size, self.aug, self.device = split, batch_size, aug, device
         self.seed, self.rank, self.world, self.num_workers, self.on_bad = seed, rank, world, num_workers, on_bad
         self.train = aug.train
+        self.normalize = normalize
         self.epoch = 0
         self.skipped: dict[str, int] = {}
         self.last_augment: dict[str, torch.Tensor] = {}
@@ -307,6 +312,14 @@ class BaseLoader:
         else:
             self.num_batches = -(-self.rank_samples // batch_size)
             self.samples_per_epoch = self.rank_samples
+
+    def finish(self, images: torch.Tensor, raw: torch.Tensor) -> Batch:
+        """The ``Batch`` of uint8 NHWC ``images`` (memory this loader no longer reuses)."""
+        from affpipe.batch import make_batch, normalize_uint8
+
+        if self.normalize:
+            return make_batch(normalize_uint8(images, channels_last=True), raw)
+        return make_batch(images.permute(0, 3, 1, 2), raw)
 
     def _count(self, lost: dict[str, int]) -> None:
         for k, v in lost.items():

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from affpipe.augment import AugmentConfig, resize_linear, sample_params, warp_nearest
-from affpipe.batch import Batch, make_batch, normalize_uint8
+from affpipe.batch import Batch
 from affpipe.labels import RECORD_SIZE
 from affpipe.loaders import (
     BaseLoader,
@@ -218,7 +218,4 @@ class TorchLoader(BaseLoader):
                 continue
             images = item["images"].to(self.device, non_blocking=True)
             self.last_augment = {"flip": item["flip"], "angle": item["angle"]}
-            yield make_batch(
-                normalize_uint8(images, channels_last=True),
-                item["labels"].to(self.device, non_blocking=True),
-            )
+            yield self.finish(images, item["labels"].to(self.device, non_blocking=True))
