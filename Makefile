@@ -30,6 +30,7 @@ demo: install
 	$(AFFPIPE) shard $(DEMO)/index -o $(DEMO)/shards --split all
 	$(AFFPIPE) verify $(DEMO)/shards
 	$(AFFPIPE) show $(DEMO)/shards -o $(DEMO)/shards/grid.png
+	rm -rf $(DEMO)/runs/mtl  # a rerun of the demo trains afresh
 	$(AFFPIPE) train --config pipelines/demo.toml --shards $(DEMO)/shards -o $(DEMO)/runs/mtl --epochs $(DEMO_EPOCHS)
 	$(AFFPIPE) evaluate $(DEMO)/runs/mtl --shards $(DEMO)/shards
 	@echo
@@ -53,7 +54,7 @@ benchmark-full: install
 
 # Runs on a GPU host where DALI was installed from wheels onto PYTHONPATH (see BENCHMARKS.md).
 benchmark-gpu:
-	PYTHONPATH=$$PWD:$$PYTHONPATH $(PYTHON) -m affpipe.bench_gpu --out bench/gpu
+	PYTHONPATH=$$PWD:$$PYTHONPATH $(PYTHON) -m affpipe.bench_gpu --out bench/gpu --markdown BENCHMARKS.md
 
 experiments: install
 	$(AFFPIPE) experiments --out experiments

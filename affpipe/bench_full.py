@@ -61,9 +61,12 @@ def _timed(fn, *args, **kwargs):
 
 def stage_synth(cfg: BenchFullConfig, tree: Path) -> dict:
     """Generate (or reuse) the tree; the summary with the generation time."""
-    from affpipe.synth import SynthConfig, generate
+    from affpipe.synth import FULL_SCALE_FRAMES, FULL_SCALE_VIDEOS, SynthConfig, generate
 
-    params = {"full_scale": cfg.full_scale, "videos": cfg.videos, "frames": cfg.frames, "seed": cfg.seed, "layout": "abaw6"}
+    # --full-scale means Aff-Wild2's size; videos/frames only size the --small tree (tests)
+    videos, frames = (FULL_SCALE_VIDEOS, FULL_SCALE_FRAMES) if cfg.full_scale else (cfg.videos, cfg.frames)
+    params = {"full_scale": cfg.full_scale, "videos": videos, "frames": frames, "seed": cfg.seed, "layout": "abaw6",
+              "mtl": True}
     stamp = tree.parent / "synth.json"
     if stamp.is_file() and (tree / "synth_truth.parquet").is_file():
         done = json.loads(stamp.read_text())
@@ -72,7 +75,8 @@ def stage_synth(cfg: BenchFullConfig, tree: Path) -> dict:
             return {**done, "reused": True}
     if tree.exists():
         shutil.rmtree(tree)
-    sc = SynthConfig(out=tree, layout="abaw6", videos=cfg.videos, frames=cfg.frames, seed=cfg.seed, full_scale=cfg.full_scale)
+    sc = SynthConfig(out=tree, layout="abaw6", videos=videos, frames=frames, seed=cfg.seed, full_scale=cfg.full_scale,
+                     mtl=True)
     summary, seconds = _timed(generate, sc)
     done = {"params": params, "seconds": round(seconds, 2), "summary": _jsonable(summary)}
     stamp.write_text(json.dumps(done, indent=1) + "\n")
