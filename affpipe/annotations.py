@@ -316,20 +316,28 @@ def _scan(task: str, header: Header, lines: list[str], path: Path, on_bad_line: 
     return out
 
 
+def _read_csv(body: bytes, column_types: dict[str, pa.DataType]) -> pa.Table | None:
+    """Strict Arrow CSV read of header-less data lines (no quotes, no nulls, no empty lines
+    skipped); ``None`` when any line does not fit, so the caller rescans line by line."""
+    try:
+        return pacsv.read_csv(
+            io.BytesIO(body),
+            read_options=pacsv.ReadOptions(column_names=list(column_types), use_threads=False),
+            parse_options=pacsv.ParseOptions(quote_char=False, ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types=column_types, null_values=[], strings_can_be_null=False,
+                quoted_strings_can_be_null=False),
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+
+
 def _fast(task: str, header: Header, body: bytes) -> Parsed | None:
     """Vectorized parse of the data lines; ``None`` when anything is off (caller rescans)."""
     ncol = header.ncols
     names = [f"c{i}" for i in range(ncol)]
-    try:
-        table = pacsv.read_csv(
-            io.BytesIO(body),
-            read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
-            parse_options=pacsv.ParseOptions(quote_char=False, ignore_empty_lines=False),
-            convert_options=pacsv.ConvertOptions(
-                column_types={c: pa.float64() for c in names}, null_values=[],
-                strings_can_be_null=False, quoted_strings_can_be_null=False),
-        )
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
+    table = _read_csv(body, {c: pa.float64() for c in names})
+    if table is None:
         return None
     n = table.num_rows
     vals = np.empty((n, ncol), np.float64)
@@ -431,17 +439,9 @@ def _mtl_row(tokens: list[str], order: list[int] | None) -> tuple[str, int, list
 def _mtl_fast(body: bytes, order: list[int] | None) -> tuple[list[str], np.ndarray, np.ndarray] | None:
     """Vectorized parse of MTL data lines: (videos, frames, values ``[n, 15]``), or ``None``."""
     names = [f"c{i}" for i in range(len(MTL_COLUMNS))]
-    try:
-        table = pacsv.read_csv(
-            io.BytesIO(body),
-            read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
-            parse_options=pacsv.ParseOptions(quote_char=False, ignore_empty_lines=False),
-            convert_options=pacsv.ConvertOptions(
-                column_types={c: pa.string() if i == (order or [0]).index(0) else pa.float64()
-                              for i, c in enumerate(names)},
-                null_values=[], strings_can_be_null=False, quoted_strings_can_be_null=False),
-        )
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
+    path_at = (order or [0]).index(0)
+    table = _read_csv(body, {c: pa.string() if i == path_at else pa.float64() for i, c in enumerate(names)})
+    if table is None:
         return None
     n = table.num_rows
     perm = order or list(range(len(MTL_COLUMNS)))
