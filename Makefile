@@ -10,7 +10,7 @@ STAMP := $(VENV)/.install-stamp
 DEMO ?= demo
 DEMO_VIDEOS ?= 24
 DEMO_FRAMES ?= 300
-DEMO_EPOCHS ?= 3
+DEMO_EPOCHS ?= 4
 
 .PHONY: install demo test test-fast lint benchmark benchmark-full benchmark-gpu experiments clean
 

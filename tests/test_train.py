@@ -159,7 +159,7 @@ def test_torchrun_two_process_gloo(shard_dir, tmp_path):
 
 @pytest.mark.slow
 def test_short_cpu_mtl_run_learns_every_head(tmp_path):
-    """The demo recipe beats chance on every head of a demo-size twin (~2-3 minutes on 2 cores)."""
+    """The demo recipe beats chance on every head of a demo-size twin (~3 minutes on 2 cores)."""
     from affpipe.index import IndexConfig, build_index
     from affpipe.shards import ShardConfig, write_shards
     from affpipe.synth import SynthConfig, generate
@@ -175,12 +175,12 @@ def test_short_cpu_mtl_run_learns_every_head(tmp_path):
     chance_expr, all_pos_au = _baselines(shards)
     print("learning run:", {k: round(ev[k], 3) for k in ("va_ccc", "expr_f1", "au_f1", "p_mtl")},
           f"EXPR uniform-guess F1 {chance_expr:.3f}, AU all-positive F1 {all_pos_au:.3f}")
-    # Seen in two runs (seed 0, 2 cores; thread order makes runs differ): VA CCC 0.16 / 0.07,
-    # EXPR F1 0.15 / 0.18 vs 0.09, AU F1 0.29 / 0.30 vs 0.25. VA is the slow head in a 2-minute
-    # CPU budget, so its bar is only "positive agreement", well short of the 0.2 hoped for.
-    assert ev["va_ccc"] > 0.03
-    assert ev["expr_f1"] > chance_expr + 0.03
-    assert ev["au_f1"] > all_pos_au + 0.015
+    # Seen (seed 0, 2 cores, demo.toml: lr 3e-4, 4 epochs, torch loader): VA CCC 0.20, EXPR F1
+    # 0.185 vs 0.089 uniform guessing, AU F1 0.31 vs 0.246 all-positive; with the DALI loader
+    # 0.22 / 0.16 / 0.33. The bars sit well under those, above chance on every head.
+    assert ev["va_ccc"] > 0.1
+    assert ev["expr_f1"] > chance_expr + 0.04
+    assert ev["au_f1"] > all_pos_au + 0.02
 
 
 def _baselines(shards: Path) -> tuple[float, float]:
