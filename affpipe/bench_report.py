@@ -45,7 +45,7 @@ def bench_markdown(results: dict, out: Path, md_dir: Path | None = None, chart: 
         "epoch (new workers or pipeline, first batch) is taken out and shown on its own; the rates that "
         "include it are in results.json (`fps_with_epoch_starts`).",
         "",
-        "| loader (augmented, normalized, on the device) | frames/s | × research | epoch start | train step frames/s | waiting for data |",
+        "| loader (augmented batches on the training device) | frames/s | × research | epoch start | train step frames/s | waiting for data |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in results["loaders"]:
@@ -107,7 +107,7 @@ def loaders_chart(results: dict, png: Path) -> Path:
     ax.set_xlim(0, top * 1.3)
     ax.set_ylim(-0.6, len(rows) - 0.1)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:,.0f}"))
-    ax.set_xlabel("frames/s: augmented, normalized batches on the training device (decode ceiling: decode only)")
+    ax.set_xlabel("frames/s: augmented batches on the training device (decode ceiling: decode only)")
     m = results["machine"]
     ax.set_title(f"affpipe loaders — {m['cpu']}, {m['cores']} cores, GPU: {m.get('gpu') or 'none'}", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
