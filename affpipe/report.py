@@ -292,7 +292,7 @@ def _metrics_table(runs: Sequence[Run]) -> list[str]:
         rows.append([f"`{r.name}`", r.kind.label(), *(fmt(_num(r.eval.get(m))) for m in metrics),
                      str(conv["total_epochs"] or r.config.get("epochs", "—")),
                      fmt(conv["total_wall_time"]).rsplit(".", 1)[0] if conv["total_wall_time"] is not None else "—"])
-    return ["## Every run", "", "Final validation metrics from each run's `eval.json`.", "", *_table(header, rows, left=2)]
+    return ["## Every run", "", "Validation metrics of each run's best checkpoint (`best.pt`, selected on the run's validation score), from its `eval.json`.", "", *_table(header, rows, left=2)]
 
 
 def _per_item_table(runs: Sequence[Run], key: str, names: Sequence[str], title: str) -> list[str]:
