@@ -93,14 +93,9 @@ def warp_nearest(image: np.ndarray, angle: float, flip: bool, out: np.ndarray | 
 
 def warp_batch(images: np.ndarray, flips: np.ndarray, angles: np.ndarray) -> np.ndarray:
     """``warp_nearest`` on every image of a uint8 ``NHWC`` batch, into a new array."""
-    import cv2
-
     out = np.empty_like(images)
-    size = images.shape[1]
     for k in range(len(images)):
-        cv2.warpAffine(images[k], affine_matrix(float(angles[k]), bool(flips[k]), size), (size, size),
-                       dst=out[k], flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
-                       borderValue=(0, 0, 0))
+        warp_nearest(images[k], float(angles[k]), bool(flips[k]), out=out[k])
     return out
 
 

@@ -313,13 +313,15 @@ class BaseLoader:
             self.num_batches = -(-self.rank_samples // batch_size)
             self.samples_per_epoch = self.rank_samples
 
-    def finish(self, images: torch.Tensor, raw: torch.Tensor) -> Batch:
-        """The ``Batch`` of uint8 NHWC ``images`` (memory this loader no longer reuses)."""
+    def finish(self, images: torch.Tensor, raw: torch.Tensor, *, reused: bool = False) -> Batch:
+        """The ``Batch`` of uint8 NHWC ``images``. ``reused``: the memory is a buffer the
+        source overwrites later (DALI's output), so a uint8 batch must copy it; normalizing
+        writes new memory anyway, so the copy is made only when it is needed."""
         from affpipe.batch import make_batch, normalize_uint8
 
         if self.normalize:
             return make_batch(normalize_uint8(images, channels_last=True), raw)
-        return make_batch(images.permute(0, 3, 1, 2), raw)
+        return make_batch((images.clone() if reused else images).permute(0, 3, 1, 2), raw)
 
     def _count(self, lost: dict[str, int]) -> None:
         for k, v in lost.items():

@@ -128,10 +128,10 @@ class DaliLoader(BaseLoader):
             raise ValueError(f"{self.split}: images of different sizes in one batch; every source "
                              f"must be {NATIVE_SIZE}x{NATIVE_SIZE} or pass image_size") from exc
         flips, angles = sample_params(np.random.default_rng([self._aug_seed, b]), n, self.aug)
-        # new memory either way: DALI reuses its output buffer on the next run
-        img = warp_batch(img, flips, angles) if self.aug.augments else img.copy()
+        if self.aug.augments:
+            img = warp_batch(img, flips, angles)  # new memory, no longer DALI's buffer
         self.last_augment = {"flip": torch.from_numpy(flips), "angle": torch.from_numpy(angles)}
-        return self.finish(torch.from_numpy(img), raw)
+        return self.finish(torch.from_numpy(img), raw, reused=not self.aug.augments)
 
     def _diagnose(self, order: list[int], exc: Exception) -> Exception:
         """DALI reports a failed batch, not the sample: find the bad one(s) of this rank's shards."""
