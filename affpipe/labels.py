@@ -26,8 +26,7 @@ TASKS: tuple[str, ...] = ("va", "expr", "au")
 
 # Invalid markers as written in the annotation files.
 VA_INVALID = -5.0
-EXPR_INVALID = -1
-AU_INVALID = -1
+EXPR_INVALID = -1  # (and AU: -1 in every column of a row)
 
 SPLITS: tuple[str, ...] = ("train", "val")
 

@@ -6,12 +6,13 @@ many tests that only read.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-HAS_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+from affpipe._optional import dali_available
+
+HAS_DALI = dali_available()
 
 
 def _has_cuda() -> bool:
@@ -37,7 +38,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def synth_tree(tmp_path_factory) -> Path:
     """A small abaw6-layout twin with the MTL files: 10 videos x 60 frames, seed 0."""
-    from affpipe.synth import SynthConfig, generate
+    from affpipe.synth.generate import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("synth") / "affwild2"
     generate(SynthConfig(out=root, layout="abaw6", videos=10, frames=60, seed=0, mtl=True))
@@ -46,7 +47,7 @@ def synth_tree(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def index_dir(synth_tree, tmp_path_factory) -> Path:
-    from affpipe.index import IndexConfig, build_index
+    from affpipe.index.build import IndexConfig, build_index
 
     out = tmp_path_factory.mktemp("index")
     build_index(IndexConfig(root=synth_tree, out=out))
@@ -55,7 +56,7 @@ def index_dir(synth_tree, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shard_dir(index_dir, tmp_path_factory) -> Path:
-    from affpipe.shards import ShardConfig, write_shards
+    from affpipe.shards.write import ShardConfig, write_shards
 
     out = tmp_path_factory.mktemp("shards") / "tiny"
     write_shards(ShardConfig(index=index_dir, out=out, split="all", samples_per_shard=100, workers=1, seed=0))

@@ -1,0 +1,5 @@
+"""``python -m affpipe`` runs the command line."""
+
+from affpipe.cli import main
+
+main()

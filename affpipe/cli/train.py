@@ -1,0 +1,132 @@
+"""Training commands: train, evaluate, predict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from affpipe.cli.main import main
+
+# ---- train / evaluate / predict ------------------------------------------------------------
+
+
+def _loader_options(fn):
+    """The loader flags evaluate and predict share (train sets them in its recipe's [loader])."""
+    for opt in reversed([
+        click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", help="Loader backend."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto"),
+        click.option("--num-workers", type=click.IntRange(min=0), default=None,
+                     help="Loader threads/processes (default: usable cores)."),
+        click.option("--on-bad", type=click.Choice(["error", "skip"]), default="error",
+                     help="Bad samples: stop, or skip and count them."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _csv_floats(value: str | None) -> tuple[float, ...] | None:
+    return None if value is None else tuple(float(v) for v in value.split(",") if v.strip())
+
+
+@main.command()
+@click.option("--config", "recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Recipe TOML (pipelines/*.toml); the flags below override it.")
+@click.option("--task", type=click.Choice(["va", "expr", "au", "mtl"]), default=None)
+@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Run folder.")
+@click.option("--epochs", type=int, default=None)
+@click.option("--batch-size", type=int, default=None, help="Per process (per GPU).")
+@click.option("--lr", type=float, default=None)
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default=None)
+@click.option("--weight-decay", type=float, default=None)
+@click.option("--init", default=None, help="random | imagenet | PATH of a checkpoint (backbone only).")
+@click.option("--dropout", type=float, default=None)
+@click.option("--va-loss", type=click.Choice(["ccc", "mse"]), default=None)
+@click.option("--expr-class-weights/--no-expr-class-weights", default=None)
+@click.option("--au-pos-weight/--no-au-pos-weight", default=None)
+@click.option("--task-weighting", type=click.Choice(["fixed", "uncertainty"]), default=None)
+@click.option("--task-weights", default=None, help="Fixed weights va,expr,au, e.g. 1,1,1.")
+@click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default=None)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "none"]), default=None, help="GPU only.")
+@click.option("--channels-last/--no-channels-last", default=None, help="GPU only.")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
+@click.option("--image-size", type=int, default=None)
+@click.option("--num-workers", type=int, default=None, help="Loader threads/processes (default: usable cores).")
+@click.option("--on-bad", type=click.Choice(["error", "skip"]), default=None,
+              help="Bad samples (undecodable JPEG, bad label record, truncated shard): stop, or skip and count.")
+@click.option("--ckpt-every", type=int, default=None, help="Also write last.pt every N steps.")
+@click.option("--val-every", type=int, default=None, help="Validate every N epochs.")
+@click.option("--max-steps-per-epoch", type=int, default=None)
+@click.option("--max-val-steps", type=int, default=None)
+@click.option("--log-every", type=int, default=None, help="Log to metrics.jsonl every N steps.")
+@click.option("--sync-timing/--no-sync-timing", default=None, help="Exact data-wait on GPU (syncs).")
+@click.option("--seed", type=int, default=None)
+@click.option("--resume", is_flag=True, help="Continue the run in -o from its last.pt.")
+def train(recipe: Path | None, task: str | None, shards: Path | None, out: Path | None, resume: bool,
+          compile_: bool | None, task_weights: str | None, **flags) -> None:
+    """Train a uni-task (va|expr|au) or multi-task (mtl) ResNet-18 on shards into a run folder."""
+    from affpipe.dist import dist_env
+    from affpipe.train.config import load_config
+    from affpipe.train.loop import train as run_training
+
+    if recipe is None and resume and out is not None and (out / "config.json").is_file():
+        recipe = out / "config.json"  # resume with the run's own resolved config
+    if recipe is None and task is None:
+        raise click.UsageError("give --task or a recipe with --config")
+    nested = {"init": "model.init", "dropout": "model.dropout", "va_loss": "loss.va_loss",
+              "expr_class_weights": "loss.expr_class_weights", "au_pos_weight": "loss.au_pos_weight",
+              "task_weighting": "loss.task_weighting", "backend": "loader.backend",
+              "num_workers": "loader.num_workers", "on_bad": "loader.on_bad"}
+    overrides = {nested.get(k, k): v for k, v in flags.items()}
+    overrides.update({"task": task, "shards": shards, "out": out, "compile": compile_,
+                      "loss.task_weights": _csv_floats(task_weights), "resume": resume or None})
+    cfg = load_config(recipe, overrides)
+    if cfg.shards is None or cfg.out is None:
+        raise click.UsageError("--shards and -o/--out are required (or set them in the recipe)")
+    run = run_training(cfg)
+    if dist_env()[0] == 0:  # under torchrun only rank 0 reports
+        if (run / "eval.md").is_file():
+            click.echo((run / "eval.md").read_text())
+        click.echo(f"run folder: {run}")
+
+
+@main.command()
+@click.argument("run_or_ckpt", type=click.Path(exists=True, path_type=Path))
+@click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--split", type=click.Choice(["train", "val"]), default="val")
+@click.option("--tune-au-thresholds", is_flag=True, help="Tune per-AU thresholds on this split and store them.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@_loader_options
+def evaluate(run_or_ckpt: Path, shards: Path, split: str, tune_au_thresholds: bool, batch_size: int | None,
+             backend: str, device: str, num_workers: int | None, on_bad: str) -> None:
+    """Evaluate a run's best.pt (or a checkpoint) on SHARDS: eval.json + eval.md beside it."""
+    from affpipe.loaders import LoaderConfig
+    from affpipe.train.evaluate import eval_markdown
+    from affpipe.train.evaluate import evaluate as run_evaluate
+
+    result = run_evaluate(run_or_ckpt, shards, split=split, tune_au_thresholds=tune_au_thresholds,
+                          batch_size=batch_size, device=device,
+                          loader=LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad))
+    click.echo(eval_markdown(result))
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path(exists=True, path_type=Path))
+@click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["abaw-per-video", "abaw-single", "mtl"]), default="abaw-per-video")
+@click.option("--split", type=click.Choice(["train", "val"]), default="val")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@_loader_options
+def predict(ckpt: Path, shards: Path, out: Path, fmt: str, split: str, batch_size: int | None, backend: str,
+            device: str, num_workers: int | None, on_bad: str) -> None:
+    """Write CKPT's predictions on SHARDS in an ABAW submission format under OUT."""
+    from affpipe.loaders import LoaderConfig
+    from affpipe.train.predict import predict as run_predict
+
+    summary = run_predict(ckpt, shards, out, fmt, split=split, batch_size=batch_size, device=device,
+                          loader=LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad))
+    click.echo(f"{len(summary['files'])} file(s), {summary['videos']} videos, "
+               f"{summary['filled_from_neighbour']} frame(s) filled from a neighbour → {out}")

@@ -1,0 +1,306 @@
+"""``affpipe experiments``: the research questions' run grid as one resumable command.
+
+``affpipe/experiments/recipes/grid.toml`` (package data) lists the runs (a recipe each), their order and
+dependencies, and the size of the synthetic twin. ``run_experiments`` prepares the data
+(synthetic twin → index → shards, or real Aff-Wild2 via ``root``, or ready ``shards``), trains
+every run into ``<out>/runs/<name>/`` and writes ``<out>/report.md`` (``affpipe.experiments.report``).
+A run whose ``eval.json`` exists is skipped; one killed midway (``last.pt``, no ``eval.json``)
+resumes; a run that fails is reported and only the runs that depend on it are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import re
+import socket
+import time
+import tomllib
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRID = Path(__file__).resolve().parent / "recipes" / "grid.toml"
+SCALES = ("synthetic", "full")
+NEEDS = ("imagenet",)
+_RUN_KEYS = {"name", "recipe", "after", "init_from", "needs", "question"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """One run of the grid: a recipe plus where its backbone comes from and what it waits for."""
+
+    name: str
+    recipe: Path
+    after: tuple[str, ...] = ()
+    init_from: str | None = None  # a grid run whose best.pt initializes the backbone
+    needs: tuple[str, ...] = ()  # "imagenet": skipped (with a note) when the weights are unavailable
+    question: str = ""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The parsed ``grid.toml``."""
+
+    source: Path
+    runs: tuple[GridRun, ...]
+    synthetic: Mapping[str, Any] = field(default_factory=dict)  # SynthConfig fields for the twin
+    synthetic_overrides: Mapping[str, Any] = field(default_factory=dict)  # TrainConfig overrides
+
+
+@dataclass(frozen=True)
+class ExperimentsConfig:
+    """Options of ``affpipe experiments``. Without ``root``/``shards`` the synthetic twin is used."""
+
+    out: Path
+    grid: Path = DEFAULT_GRID
+    root: Path | None = None  # a real (or any) Aff-Wild2 tree: indexed and sharded under out/data
+    shards: Path | None = None  # ready shards: used as they are
+    scale: str | None = None  # "synthetic" | "full"; None: synthetic for the twin, full otherwise
+    only: tuple[str, ...] = ()  # run just these grid runs (and nothing else)
+    overrides: tuple[tuple[str, Any], ...] = ()  # TrainConfig overrides for every run, e.g. device
+    workers: int = 2  # processes for indexing and shard writing
+
+    def __post_init__(self) -> None:
+        if self.root is not None and self.shards is not None:
+            raise ValueError("give either root (annotations + images) or shards, not both")
+        if self.scale is not None and self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
+
+    @property
+    def resolved_scale(self) -> str:
+        if self.scale is not None:
+            return self.scale
+        return "synthetic" if self.root is None and self.shards is None else "full"
+
+
+def _where(text: str, source: Path, name: str | None) -> str:
+    """``file:line`` of a run's ``name = "..."`` line (just the file when it cannot be found)."""
+    if name is not None:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if re.match(rf'\s*name\s*=\s*["\']{re.escape(name)}["\']', line):
+                return f"{source}:{lineno}"
+    return str(source)
+
+
+def load_grid(path: Path = DEFAULT_GRID) -> Grid:
+    """Parse and check a grid file: known keys, unique names, recipes exist, dependencies earlier."""
+    path = Path(path)
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+    unknown = set(data) - {"synthetic", "run"}
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level key(s) {sorted(unknown)}; known: synthetic, run")
+    synthetic = dict(data.get("synthetic", {}))
+    overrides = synthetic.pop("overrides", {})
+    runs: list[GridRun] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(data.get("run", [])):
+        name = entry.get("name")
+        where = _where(text, path, name)
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(f"{where}: run #{i + 1} needs a name of letters, digits, _ . - (got {name!r})")
+        if name in seen:
+            raise ValueError(f"{where}: run name {name!r} appears twice")
+        bad = set(entry) - _RUN_KEYS
+        if bad:
+            raise ValueError(f"{where}: run {name!r}: unknown key(s) {sorted(bad)}; known: {sorted(_RUN_KEYS)}")
+        if "recipe" not in entry:
+            raise ValueError(f"{where}: run {name!r} has no recipe")
+        recipe = (path.parent / entry["recipe"]).resolve()
+        if not recipe.is_file():
+            raise ValueError(f"{where}: run {name!r}: recipe {recipe} does not exist")
+        init_from = entry.get("init_from")
+        after = tuple(entry.get("after", ()))
+        if init_from and init_from not in after:
+            after = (*after, init_from)
+        for dep in after:
+            if dep not in seen:
+                raise ValueError(f"{where}: run {name!r} depends on {dep!r}, which is not a run listed before it")
+        needs = tuple(entry.get("needs", ()))
+        if set(needs) - set(NEEDS):
+            raise ValueError(f"{where}: run {name!r}: needs must be among {NEEDS}, got {list(needs)}")
+        runs.append(GridRun(name=name, recipe=recipe, after=after, init_from=init_from, needs=needs,
+                            question=str(entry.get("question", ""))))
+        seen.add(name)
+    if not runs:
+        raise ValueError(f"{path}: no [[run]] entries")
+    return Grid(source=path, runs=tuple(runs), synthetic=synthetic, synthetic_overrides=overrides)
+
+
+def run_overrides(grid: Grid, run: GridRun, *, scale: str, shards: Path, runs_dir: Path,
+                  extra: Mapping[str, Any] = ()) -> dict[str, Any]:
+    """The ``load_config`` overrides for one run: data and run folder, scale, init, resume."""
+    out = runs_dir / run.name
+    ov: dict[str, Any] = {"shards": str(shards), "out": str(out)}
+    if scale == "synthetic":
+        ov.update(grid.synthetic_overrides)
+    ov.update(dict(extra))
+    if run.init_from:
+        ov["model.init"] = str(runs_dir / run.init_from / "best.pt")
+    if (out / "last.pt").exists():
+        ov["resume"] = True  # killed midway: continue from last.pt rather than refuse the folder
+    return ov
+
+
+def imagenet_available() -> tuple[bool, str]:
+    """Whether torchvision's ImageNet ResNet-18 weights can be had (cached, or downloaded now)."""
+    from affpipe.train.models import ModelConfig, build_model, imagenet_cache_file
+
+    if imagenet_cache_file().exists():
+        return True, ""
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20)  # an offline machine must not hang the grid on a download
+    try:
+        build_model(ModelConfig(tasks=("va",), init="imagenet"))
+        return True, ""
+    except Exception as exc:  # RuntimeError from models naming the cache file, or a network error
+        return False, str(exc)
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _train_child(recipe: str, overrides: dict[str, Any], level: int, conn) -> None:
+    """Body of the training process: resolve, train, send back the run folder or the error."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        from affpipe.train.config import load_config
+        from affpipe.train.loop import train
+
+        conn.send(("ok", str(train(load_config(recipe, overrides)))))
+    except BaseException as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        raise SystemExit(1) from None
+
+
+def train_run(recipe: Path, overrides: Mapping[str, Any]) -> Path:
+    """Resolve the recipe with ``overrides`` and train it in a fresh process (tests replace this).
+
+    A fresh (spawned) process per run: the data preparation before it leaves thread pools
+    (pyarrow, OpenCV) behind, and DataLoader workers forked from such a process can deadlock;
+    it also gives every run its own memory and keeps one run's crash from ending the grid.
+    """
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_train_child, name=f"train-{Path(str(overrides.get('out', recipe))).name}",
+                       args=(str(recipe), dict(overrides), logging.getLogger().getEffectiveLevel(), send))
+    proc.start()
+    send.close()
+    try:
+        msg = recv.recv()
+    except EOFError:  # the child died without a word (killed, out of memory)
+        msg = None
+    proc.join()
+    if msg and msg[0] == "ok":
+        return Path(msg[1])
+    if msg:
+        log.debug("training process traceback:\n%s", msg[2])
+        raise RuntimeError(msg[1])
+    raise RuntimeError(f"the training process died (exit code {proc.exitcode})")
+
+
+def prepare_data(cfg: ExperimentsConfig, grid: Grid) -> tuple[Path, str]:
+    """Shards to train on (making them when needed, cached in ``<out>/data``) and a line
+    describing the data."""
+    from affpipe.shards.format import read_manifest
+    from affpipe.twin import prepare_data as prepare
+
+    if cfg.shards is not None:
+        read_manifest(cfg.shards)  # fail before any run starts
+        return Path(cfg.shards), f"shards `{cfg.shards}`"
+    if cfg.root is not None:
+        data = prepare(Path(cfg.out) / "data", root=cfg.root, split="all", workers=cfg.workers)
+        return Path(data["shards"]), f"Aff-Wild2 at `{cfg.root}`"
+    from affpipe.synth.generate import FULL_SCALE_FRAMES, FULL_SCALE_VIDEOS
+
+    synth = dict(grid.synthetic)
+    full = cfg.resolved_scale == "full"
+    if full:  # Aff-Wild2's own size; the recipes then run unchanged
+        synth.update(videos=FULL_SCALE_VIDEOS, frames=FULL_SCALE_FRAMES)
+    log.info("experiments: preparing the synthetic twin, its index and shards in %s", Path(cfg.out) / "data")
+    data = prepare(Path(cfg.out) / "data", split="all", workers=cfg.workers, full_scale=full, **synth)
+    desc = "the synthetic twin (" + ", ".join(f"{k}={v}" for k, v in synth.items()) + ")"
+    return Path(data["shards"]), desc
+
+
+def run_experiments(cfg: ExperimentsConfig) -> dict[str, Any]:
+    """Run the grid and write the report. Returns ``{"report", "runs": {name: status}, "notes"}``.
+
+    A status is ``trained``, ``done`` (eval.json was already there), ``skipped`` or ``failed``;
+    ``<out>/experiments.json`` keeps the statuses, reasons and seconds per run.
+    """
+    from affpipe.experiments.report import ReportConfig, write_report
+
+    grid = load_grid(cfg.grid)
+    unknown = set(cfg.only) - {r.name for r in grid.runs}
+    if unknown:
+        raise ValueError(f"--only: no run(s) {sorted(unknown)} in {grid.source}")
+    out = Path(cfg.out)
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    scale = cfg.resolved_scale
+    shards, data_desc = prepare_data(cfg, grid)
+    status: dict[str, dict[str, Any]] = {}
+    imagenet: tuple[bool, str] | None = None
+    for run in grid.runs:
+        if cfg.only and run.name not in cfg.only:
+            continue
+        run_dir = runs_dir / run.name
+        if (run_dir / "eval.json").exists():
+            status[run.name] = {"status": "done", "reason": "eval.json exists"}
+            log.info("experiments: %s already done (eval.json exists)", run.name)
+            continue
+        reason = None
+        missing = [d for d in run.after if not (runs_dir / d / "eval.json").exists()]
+        if run.init_from and not (runs_dir / run.init_from / "best.pt").exists():
+            reason = f"needs `{run.init_from}`'s best.pt, which is not there"
+        elif missing and any(status.get(d, {}).get("status") in ("failed", "skipped") for d in missing):
+            reason = "depends on " + ", ".join(f"`{d}`" for d in missing) + ", which did not finish"
+        elif "imagenet" in run.needs:
+            imagenet = imagenet or imagenet_available()
+            if not imagenet[0]:
+                reason = "ImageNet weights unavailable (offline?): " + imagenet[1]
+        if reason:
+            status[run.name] = {"status": "skipped", "reason": reason}
+            log.warning("experiments: %s skipped: %s", run.name, reason)
+            continue
+        overrides = run_overrides(grid, run, scale=scale, shards=shards, runs_dir=runs_dir, extra=dict(cfg.overrides))
+        log.info("experiments: training %s (%s)", run.name, run.recipe.name)
+        t0 = time.perf_counter()
+        try:
+            train_run(run.recipe, overrides)
+        except Exception as exc:  # one broken run must not cost the rest of the grid
+            log.exception("experiments: %s failed", run.name)
+            status[run.name] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}",
+                                "seconds": time.perf_counter() - t0}
+            continue
+        ok = (run_dir / "eval.json").exists()
+        status[run.name] = {"status": "trained" if ok else "failed", "seconds": round(time.perf_counter() - t0, 1),
+                            **({} if ok else {"reason": "training ended without eval.json"})}
+    notes = [f"Data: {data_desc}; scale `{scale}`"
+             + (" (size overrides from the grid's [synthetic.overrides])" if scale == "synthetic" else "") + "."]
+    if cfg.root is None and cfg.shards is None:
+        notes.append("The synthetic twin's faces are drawn from their labels, so every task is learnable, but "
+                     "they are not real faces: these numbers show the grid works end to end and how the "
+                     "comparisons come out on the twin; they say nothing about Aff-Wild2. Rerun with `--root` "
+                     "(or `--shards`) on the real data for the research answers.")
+    notes += [f"`{n}` {s['status']}: {s['reason']}" for n, s in status.items() if s["status"] in ("skipped", "failed")]
+    (out / "experiments.json").write_text(json.dumps(
+        {"grid": str(grid.source), "scale": scale, "shards": str(shards), "runs": status}, indent=2) + "\n")
+    finished = tuple(runs_dir / n for n, s in status.items() if s["status"] in ("trained", "done"))
+    report = None
+    if finished:
+        report = write_report(ReportConfig(runs=finished, out=out, title="affpipe experiments: "
+                                           f"{len(finished)} of {len(status)} runs", notes=tuple(notes)))
+    else:
+        log.error("experiments: no run finished; no report written")
+    return {"report": report, "runs": {n: s["status"] for n, s in status.items()}, "notes": notes}

@@ -1,0 +1,106 @@
+"""Small file helpers every stage shares: atomic writes, hashing, JSON-safe values.
+
+"Atomic" here means: the data goes to ``<name>.tmp`` beside the target, is flushed and fsynced,
+then renamed over the target, so a kill or a full disk leaves either the old file or the new
+one, whole — never a file that looks complete and is not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+_CHUNK = 8 << 20
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path | str, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open ``<path>.tmp`` for writing; on success fsync it and rename it to ``path``.
+
+    On any exception (a kill aside) the temporary file is removed and the target untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see the module docstring)."""
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode())
+
+
+def write_parquet(table: Any, path: Path | str, **kwargs: Any) -> None:
+    """``pyarrow.parquet.write_table`` through a temporary name (an interrupted write never
+    leaves a table that looks whole)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        pq.write_table(table, tmp, **kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def fsync_dir(path: Path | str) -> None:
+    """Make a rename inside ``path`` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path | str) -> str:
+    """Hex sha256 of a file, read in 8 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON values: tensors/numpy scalars → Python numbers, non-finite floats → None,
+    Paths → str, tuples → lists, dict keys → str."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bool | str) or value is None:
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and getattr(value, "size", 1) == 1:
+        value = value.item()
+    elif hasattr(value, "tolist"):
+        return jsonable(value.tolist())
+    if isinstance(value, float | int):
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+    return value

@@ -1,0 +1,85 @@
+"""The epoch plan both loader backends follow (see ``affpipe.loaders`` for the rules).
+
+Pure functions of (shard sample counts, seed, epoch, rank, world): which samples a rank yields
+in an epoch, in which order, and the seed of its augmentation draws. The DALI backend gets
+the same cut from its reader's ``shard_id``/``num_shards``; the torch backend computes it here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def rank_range(total: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous ``[start, stop)`` of rank ``rank`` (DALI's ``shard_id``/``num_shards`` rule)."""
+    return total * rank // world, total * (rank + 1) // world
+
+
+def shard_order(n: int, seed: int, epoch: int, train: bool) -> list[int]:
+    """Shard order of an epoch: seeded permutation (train) or manifest order (val)."""
+    if not train:
+        return list(range(n))
+    return [int(i) for i in np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)]
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """A per-(seed, epoch, rank) seed for shuffling and augmentation draws."""
+    return int(np.random.default_rng([seed, epoch, rank]).integers(0, 2**31 - 1))
+
+
+SHUFFLE_BLOCK = 256  # contiguous samples kept together so reads stay mostly sequential
+SHUFFLE_WINDOW = 64  # blocks shuffled together (~16k samples, like DALI's shuffle buffer)
+
+
+def epoch_samples(counts: list[int], order: list[int], rank: int, world: int) -> np.ndarray:
+    """``[n_r, 2]`` int64 (shard, sample-in-shard) of this rank's range of the concatenation of
+    the shards in ``order`` (the same cut DALI makes with ``shard_id``/``num_shards``)."""
+    sizes = np.array([counts[i] for i in order], np.int64)
+    ends = np.cumsum(sizes)
+    start, stop = rank_range(int(ends[-1]) if len(ends) else 0, rank, world)
+    out = []
+    for pos, shard in enumerate(order):
+        lo, hi = int(ends[pos] - sizes[pos]), int(ends[pos])
+        a, b = max(lo, start), min(hi, stop)
+        if a < b:
+            out.append(np.stack([np.full(b - a, shard, np.int64), np.arange(a - lo, b - lo, dtype=np.int64)], 1))
+    return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
+
+
+def block_shuffle(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of ``range(n)`` that moves blocks of ``SHUFFLE_BLOCK`` and then shuffles
+    samples within windows of ``SHUFFLE_WINDOW`` blocks: well mixed, yet each window touches
+    only a few regions of the tars."""
+    blocks = np.arange(-(-n // SHUFFLE_BLOCK))
+    rng.shuffle(blocks)
+    perm = (blocks[:, None] * SHUFFLE_BLOCK + np.arange(SHUFFLE_BLOCK)[None, :]).reshape(-1)
+    perm = perm[perm < n]
+    win = SHUFFLE_BLOCK * SHUFFLE_WINDOW
+    for s in range(0, n, win):
+        rng.shuffle(perm[s:s + win])
+    return perm
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Everything a worker needs to compute any epoch's batches on its own (picklable)."""
+
+    counts: tuple[int, ...]
+    seed: int
+    rank: int
+    world: int
+    train: bool
+    batch_size: int
+    num_batches: int
+
+    def samples(self, epoch: int) -> tuple[np.ndarray, int]:
+        """``([n, 2] (shard, sample) in yield order, augmentation seed)`` of ``epoch``."""
+        order = shard_order(len(self.counts), self.seed, epoch, self.train)
+        samples = epoch_samples(list(self.counts), order, self.rank, self.world)
+        seed = epoch_seed(self.seed, epoch, self.rank)
+        if self.train:
+            samples = samples[block_shuffle(len(samples), np.random.default_rng([seed, 1]))]
+            samples = samples[: self.num_batches * self.batch_size]
+        return samples, seed

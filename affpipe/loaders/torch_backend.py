@@ -1,0 +1,154 @@
+"""The PyTorch fallback loader: shards read through their ``.idx`` + DataLoader workers.
+
+Used where DALI is missing (macOS, ARM, Windows) or on request. Each worker produces whole
+batches: it reads the samples of its batch straight from the memory-mapped tars at the
+offsets the DALI index lists (no tar parsing, exact per-sample splits and shuffles), decodes
+with OpenCV (libjpeg-turbo), warps flip + rotation in one nearest-neighbour ``warpAffine``
+and returns a uint8 NHWC batch (4x fewer bytes through the worker pipe than float). The
+main process moves it to the device and normalizes it there.
+
+Same epoch plan, augmentation semantics and ``Batch`` as the DALI backend (see
+``affpipe.loaders.base``).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from affpipe.batch import Batch
+from affpipe.labels import RECORD_SIZE
+from affpipe.loaders.augment import AugmentConfig, resize_linear, sample_params, warp_nearest
+from affpipe.loaders.base import BaseLoader, Shard
+from affpipe.loaders.plan import EpochPlan
+from affpipe.shards.format import parse_idx, sample_key
+
+log = logging.getLogger(__name__)
+
+class ShardBatches(Dataset):
+    """Item ``(epoch, b)``: batch ``b`` of ``epoch`` on this rank, decoded and augmented.
+
+    Runs in persistent workers; each computes (and caches) the epoch plan itself, so nothing
+    but the ``(epoch, b)`` pair crosses the pipe to a worker.
+    """
+
+    def __init__(self, shards: list[Shard], plan: EpochPlan, aug: AugmentConfig, on_bad: str) -> None:
+        self.shards, self.plan, self.aug, self.on_bad = shards, plan, aug, on_bad
+        self.batch_size = plan.batch_size
+        self._maps: dict[int, mmap.mmap] = {}
+        self._index: dict[int, list] = {}
+        self._epoch: tuple[int, np.ndarray, int] | None = None
+
+    def __len__(self) -> int:
+        return self.plan.num_batches
+
+    def epoch(self, epoch: int) -> tuple[np.ndarray, int]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, *self.plan.samples(epoch))
+        return self._epoch[1], self._epoch[2]
+
+    def _open(self, shard: int) -> tuple[mmap.mmap, list]:
+        if shard not in self._maps:  # per worker: each opens the tars it reads
+            with open(self.shards[shard].tar, "rb") as f:
+                self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._index[shard] = parse_idx(self.shards[shard].idx)
+        return self._maps[shard], self._index[shard]
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        import cv2
+
+        epoch, b = item
+        samples, seed = self.epoch(epoch)
+        sel = samples[b * self.batch_size:(b + 1) * self.batch_size]
+        size = self.aug.image_size
+        flips, angles = sample_params(np.random.default_rng([seed, b]), len(sel), self.aug)
+        images = np.empty((len(sel), size, size, 3), np.uint8)
+        labels = np.empty((len(sel), RECORD_SIZE), np.uint8)
+        keep, bad = [], []
+        for k, (shard, j) in enumerate(sel):
+            mm, index = self._open(int(shard))
+            comp = index[int(j)]
+            where = f"{self.shards[int(shard)].tar}: sample {sample_key(comp)}"
+            if "jpg" not in comp or "lbl" not in comp:
+                problem = f"{where}: missing member(s) {sorted({'jpg', 'lbl'} - set(comp))}"
+            elif comp["lbl"][1] != RECORD_SIZE:
+                problem = f"{where}: .lbl has {comp['lbl'][1]} bytes, expected {RECORD_SIZE}"
+            else:
+                off, n, _ = comp["jpg"]
+                img = cv2.imdecode(np.frombuffer(mm, np.uint8, n, off), cv2.IMREAD_COLOR_RGB)
+                problem = None if img is not None else f"{where}: undecodable JPEG ({n} bytes)"
+            if problem is not None:
+                if self.on_bad != "skip":
+                    raise ValueError(problem + " (pass on_bad='skip' to skip bad samples)")
+                bad.append(problem)
+                continue
+            img = resize_linear(img, size)
+            if self.aug.augments:
+                warp_nearest(img, float(angles[k]), bool(flips[k]), out=images[k])
+            else:
+                images[k] = img
+            off, n, _ = comp["lbl"]
+            labels[k] = np.frombuffer(mm, np.uint8, n, off)
+            keep.append(k)
+        if bad:
+            images, labels, flips, angles = images[keep], labels[keep], flips[keep], angles[keep]
+        return {
+            "images": torch.from_numpy(images),
+            "labels": torch.from_numpy(labels),
+            "flip": torch.from_numpy(flips),
+            "angle": torch.from_numpy(angles),
+            "bad": bad,
+        }
+
+
+class _EpochSampler:
+    """Yields ``(epoch, b)`` for the loader's current epoch (read when iteration starts)."""
+
+    def __init__(self, owner: TorchLoader) -> None:
+        self.owner = owner
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def __iter__(self):
+        return ((self.owner.epoch, b) for b in range(len(self.owner)))
+
+
+class TorchLoader(BaseLoader):
+    """``Loader`` on PyTorch DataLoader workers; see the module docstring."""
+
+    backend = "torch"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.plan = EpochPlan(tuple(s.samples for s in self.shards), self.seed, self.rank, self.world,
+                              self.train, self.batch_size, self.num_batches)
+        self.dataset = ShardBatches(self.shards, self.plan, self.aug, self.on_bad)
+        workers = min(self.num_workers, self.num_batches)
+        # Workers start per epoch (a fork is cheap; persistent workers took 5 s each to shut
+        # down) and compute the epoch's plan themselves from (epoch, b). They are forked: the
+        # per-sample OpenCV calls on small images stay single-threaded, so they never touch an
+        # OpenCV thread pool the parent may have started (calling cv2.setNumThreads in a forked
+        # child whose parent used the pool deadlocks).
+        self._loader = DataLoader(
+            self.dataset, batch_size=None, sampler=_EpochSampler(self), num_workers=workers,
+            prefetch_factor=4 if workers else None,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        for item in self._loader:
+            if item["bad"]:
+                for problem in item["bad"]:
+                    log.warning("%s; skipped", problem)
+                self._count({"bad_sample": len(item["bad"])})
+            if not len(item["labels"]):
+                continue
+            images = item["images"].to(self.device, non_blocking=True)
+            self.last_augment = {"flip": item["flip"], "angle": item["angle"]}
+            yield self.finish(images, item["labels"].to(self.device, non_blocking=True))

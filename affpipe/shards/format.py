@@ -1,0 +1,261 @@
+"""The shard format, in one place: tar member layout, DALI ``.idx`` files, ``manifest.json``.
+
+The only module that reads or writes ``manifest.json`` and ``.idx`` files or knows the tar
+byte layout. A shard ``<split>/<split>-NNNNNN.tar`` holds, per sample, ``<key>.jpg`` (the
+source JPEG bytes) then ``<key>.lbl`` (a 32-byte record, :mod:`affpipe.labels`) as ustar
+members with fixed metadata; ``<split>-NNNNNN.idx`` beside it is DALI's ``wds2idx`` v1.2
+index (``ext offset size name`` per member, one line per sample); ``manifest.json`` lists
+every shard with its sample count, size and sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+from affpipe.io import atomic_write_text
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA_VERSION = 1
+IDX_VERSION = "v1.2"  # DALI's wds2idx index format
+BLOCK = tarfile.BLOCKSIZE
+RECORD = tarfile.RECORDSIZE
+
+# One sample's members in an index: {ext: (offset, size, member name)}.
+IdxEntry = dict[str, tuple[int, int, str]]
+
+
+# ---- tar ------------------------------------------------------------------------------------
+
+
+def _header_template() -> tuple[bytes, int]:
+    info = tarfile.TarInfo("x")
+    info.size, info.mtime, info.mode, info.uid, info.gid = 0, 0, 0o644, 0, 0
+    info.uname = info.gname = ""
+    buf = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+    buf[0:100] = bytes(100)
+    buf[124:136] = bytes(12)
+    buf[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
+    return bytes(buf), sum(buf)
+
+
+_TEMPLATE, _TEMPLATE_SUM = _header_template()
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The ustar header ``tarfile`` writes for a regular file with our fixed metadata.
+
+    Built from a template because ``TarInfo.tobuf`` per member costs more than the rest of
+    writing a small sample; the tests check both are byte-identical.
+    """
+    raw = name.encode()
+    if len(raw) > 100:
+        raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
+    h = bytearray(_TEMPLATE)
+    h[0:len(raw)] = raw
+    size_field = b"%011o\0" % size
+    h[124:136] = size_field
+    h[148:155] = b"%06o\0" % (_TEMPLATE_SUM + sum(raw) + sum(size_field))
+    return bytes(h)
+
+
+def tar_end_padding(offset: int) -> int:
+    """Bytes of the end-of-archive marker after ``offset`` bytes, as ``tarfile`` writes it:
+    two zero blocks, padded to a whole record."""
+    end = 2 * BLOCK
+    return end + (-(offset + end) % RECORD)
+
+
+def parse_tar(buf) -> tuple[list[tuple[str, int, int]], str | None]:
+    """Members ``(name, data_offset, size)`` of a ustar archive, and the first structural error."""
+    members: list[tuple[str, int, int]] = []
+    off, end = 0, len(buf)
+    while True:
+        if off + BLOCK > end:
+            return members, f"truncated: no end-of-archive marker (stops at byte {end})"
+        header = buf[off:off + BLOCK]
+        if header == bytes(BLOCK):
+            return members, None
+        stored = header[148:156].split(b"\0", 1)[0].strip()
+        actual = sum(header[:148]) + 8 * 32 + sum(header[156:])
+        try:
+            ok = int(stored, 8) == actual
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            ok = False
+        if not ok:
+            return members, f"bad tar header at byte {off} (checksum or size field)"
+        name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if header[156:157] not in (b"0", b"\0"):
+            return members, f"member {name!r} at byte {off} is not a regular file"
+        if off + BLOCK + size > end:
+            return members, f"truncated: member {name!r} at byte {off} needs {size} bytes, file ends at {end}"
+        members.append((name, off + BLOCK, size))
+        off += BLOCK + size + (-size % BLOCK)
+
+
+# ---- .idx -----------------------------------------------------------------------------------
+
+
+def idx_line(members: list[tuple[str, int, int]]) -> str:
+    """One sample's line of a DALI index: ``ext offset size name`` per member."""
+    parts = []
+    for name, offset, size in members:
+        ext = name[name.find(".") + 1:]
+        parts.append(f"{ext} {offset} {size} {name}")
+    return " ".join(parts) + "\n"
+
+
+def idx_header(samples: int) -> str:
+    """The first line of an index of ``samples`` samples."""
+    return f"{IDX_VERSION} {samples}\n"
+
+
+def read_idx_header(idx: Path) -> tuple[str, int]:
+    """``(version, samples)`` from an index's first line."""
+    with open(idx, "rb") as f:
+        head = f.readline(256).decode("ascii", "replace").split()
+    if len(head) != 2 or not head[0].startswith("v1.") or not head[1].isdigit():
+        raise ValueError(f"{idx}:1: not a DALI webdataset index (expected '{IDX_VERSION} <samples>')")
+    return head[0], int(head[1])
+
+
+def parse_idx(idx: Path) -> list[IdxEntry]:
+    """Every sample of an index: ``{ext: (offset, size, member name)}`` per sample (v1.0-v1.2)."""
+    version, n = read_idx_header(idx)
+    step = 4 if version >= "v1.2" else 3
+    samples: list[IdxEntry] = []
+    with open(idx, encoding="utf-8", errors="replace") as f:
+        next(f)
+        for lineno, line in enumerate(f, start=2):
+            tok = line.split()
+            if not tok:
+                continue
+            if len(tok) % step:
+                raise ValueError(f"{idx}:{lineno}: malformed index line ({len(tok)} fields)")
+            try:
+                comp = {
+                    tok[i]: (int(tok[i + 1]), int(tok[i + 2]), tok[i + 3] if step == 4 else f"#{len(samples)}.{tok[i]}")
+                    for i in range(0, len(tok), step)
+                }
+            except ValueError:
+                raise ValueError(f"{idx}:{lineno}: malformed index line (non-numeric offset/size)") from None
+            if any(off < 0 or size < 0 for off, size, _ in comp.values()):
+                raise ValueError(f"{idx}:{lineno}: malformed index line (negative offset/size)")
+            samples.append(comp)
+    if len(samples) != n:
+        raise ValueError(f"{idx}:1: header says {n} samples, the index lists {len(samples)}")
+    return samples
+
+
+def idx_last_end(idx: Path) -> int:
+    """The byte where the index's last member ends (read from the file's tail only)."""
+    _, n = read_idx_header(idx)
+    if not n:
+        return 0
+    with open(idx, "rb") as f:
+        f.seek(max(0, idx.stat().st_size - 65536))
+        tail = f.read().decode("utf-8", "replace").strip().splitlines()
+    tok = tail[-1].split() if tail else []
+    step = 4 if len(tok) % 4 == 0 else 3
+    try:
+        return max(int(tok[i + 1]) + int(tok[i + 2]) for i in range(0, len(tok), step))
+    except (ValueError, IndexError):
+        raise ValueError(f"{idx}: malformed last line {tail[-1][:200] if tail else ''!r}") from None
+
+
+def write_idx_lines(path: Path, lines: list[str]) -> None:
+    """An index with header + the given sample lines (each ending in a newline), atomically."""
+    atomic_write_text(path, idx_header(len(lines)) + "".join(lines))
+
+
+def sample_key(comp: IdxEntry) -> str:
+    """The sample's key (member name without extension)."""
+    name = next(iter(comp.values()))[2]
+    return name.split(".", 1)[0].rsplit("/", 1)[-1]
+
+
+# ---- manifest.json --------------------------------------------------------------------------
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """Write ``out/manifest.json`` atomically (written last: it means "every shard is whole")."""
+    atomic_write_text(Path(out) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def remove_manifest(out: Path) -> None:
+    """Drop ``out/manifest.json`` before any shard is touched."""
+    (Path(out) / MANIFEST).unlink(missing_ok=True)
+
+
+def read_manifest(out: Path) -> dict:
+    """``out/manifest.json``, checked for its schema version and its keys."""
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        what = "no such folder" if not Path(out).exists() else "no manifest"
+        raise FileNotFoundError(f"{path}: {what}; write shards with `affpipe shard` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}:1: expected a JSON object")
+    if manifest.get("schema_version") != MANIFEST_SCHEMA_VERSION:
+        raise ValueError(
+            f"{path}:1: manifest schema_version {manifest.get('schema_version')} != "
+            f"{MANIFEST_SCHEMA_VERSION}; reshard with this affpipe version"
+        )
+    if not isinstance(manifest.get("splits"), dict):
+        raise ValueError(f"{path}: key 'splits' missing or not an object")
+    for key, kind in (("index", str), ("table", str), ("options", dict)):
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise ValueError(f"{path}: key {key!r} is not a {kind.__name__}")
+    for split, info in manifest["splits"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+            raise ValueError(f"{path}: split {split!r} has no 'shards' list")
+        for i, entry in enumerate(info["shards"]):
+            if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("file", "index_file")):
+                raise ValueError(f"{path}: split {split!r} shard {i}: 'file' and 'index_file' must be strings")
+    return manifest
+
+
+def manifest_index(out: Path, manifest: dict | None = None) -> Path:
+    """The label index the shards were written from (a relative path is taken from ``out``)."""
+    manifest = read_manifest(out) if manifest is None else manifest
+    if "index" not in manifest:
+        raise ValueError(f"{Path(out) / MANIFEST}: no 'index' key (shards not written by `affpipe shard`)")
+    index = Path(manifest["index"])
+    return index if index.is_absolute() else Path(out) / index
+
+
+def shard_paths(out: Path, split: str, manifest: dict | None = None) -> list[tuple[Path, Path]]:
+    """``(tar, idx)`` path pairs of ``split``, in manifest order."""
+    manifest = read_manifest(out) if manifest is None else manifest
+    if split not in manifest["splits"]:
+        raise ValueError(f"{Path(out) / MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})")
+    return [(Path(out) / s["file"], Path(out) / s["index_file"]) for s in manifest["splits"][split]["shards"]]
+
+
+def index_tar(tar: Path, idx: Path) -> int:
+    """Write the DALI ``.idx`` of any WebDataset tar, as ``wds2idx`` does (ustar, GNU or PAX
+    members, read with ``tarfile``): regular members grouped into samples by key (the name up to
+    its first dot). Returns the sample count."""
+    lines: list[str] = []
+    group: list[tuple[str, int, int]] = []
+    try:
+        with tarfile.open(tar, "r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key = m.name.split(".", 1)[0]
+                if group and group[0][0].split(".", 1)[0] != key:
+                    lines.append(idx_line(group))
+                    group = []
+                group.append((m.name, m.offset_data, m.size))
+    except tarfile.TarError as exc:
+        raise ValueError(f"{tar}: not a readable tar ({exc})") from None
+    if group:
+        lines.append(idx_line(group))
+    write_idx_lines(Path(idx), lines)
+    return len(lines)

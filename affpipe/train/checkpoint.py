@@ -1,0 +1,140 @@
+"""Checkpoints and run-folder bookkeeping: atomic saves, RNG states, resume checks.
+
+A checkpoint is a plain dict that ``torch.load(..., weights_only=True)`` can read (tensors and
+Python primitives only): ``model``, ``optimizer``, ``scheduler``, ``loss`` (the loss module's
+learned weights), ``scaler``, ``epoch`` (the epoch in progress, 0-based), ``step`` (global
+optimizer steps), ``step_in_epoch`` (batches of ``epoch`` already trained), ``best_score``,
+``epoch_acc`` (the running sums of the epoch in progress), ``config`` and ``rng``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from affpipe.io import atomic_open, atomic_write_text
+from affpipe.train.config import RESUME_MUTABLE
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically: a kill leaves the old file or the new one, whole."""
+    path = Path(path)
+    with atomic_open(path, "wb") as fh:
+        torch.save({"checkpoint_version": CHECKPOINT_VERSION, **state}, fh)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint`` (tensors and primitives only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{path}: not an affpipe checkpoint (keys: {sorted(state)[:8]})")
+    return state
+
+
+def resolve_checkpoint(run_or_ckpt: Path) -> Path:
+    """A run folder → its ``best.pt`` (else ``last.pt``); a file → itself."""
+    run_or_ckpt = Path(run_or_ckpt)
+    if run_or_ckpt.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (run_or_ckpt / name).is_file():
+                return run_or_ckpt / name
+        raise FileNotFoundError(f"{run_or_ckpt} holds no best.pt or last.pt")
+    if not run_or_ckpt.is_file():
+        raise FileNotFoundError(f"no run folder or checkpoint at {run_or_ckpt}")
+    return run_or_ckpt
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) RNG states, as tensors and primitives."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured (the CUDA part only when CUDA is present)."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys whose values differ between two ``to_dict`` configs, ignoring ``RESUME_MUTABLE``."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        if not prefix and key in RESUME_MUTABLE:
+            continue
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if not prefix and key in ("shards", "out") and isinstance(a, str) and isinstance(b, str):
+            if Path(a).resolve() == Path(b).resolve():  # the same folder, spelled another way
+                continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} (checkpoint) != {b!r} (now)")
+    return diffs
+
+
+def truncate_metrics(path: Path, *, step: int, epoch: int) -> int:
+    """Drop ``metrics.jsonl`` lines written after a checkpoint; returns how many were dropped.
+
+    A run killed after its last checkpoint logged steps it will redo on resume: train lines
+    with ``step`` past the checkpoint and epoch lines of epochs it had not completed go, so
+    the resumed log has every step once.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            dropped += 1
+            continue
+        late = rec.get("step", 0) > step if rec.get("kind") == "train" else rec.get("epoch", 0) >= epoch
+        if late:
+            dropped += 1
+        else:
+            kept.append(line)
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
+    if dropped:
+        log.info("metrics.jsonl: dropped %d line(s) logged after the checkpoint", dropped)
+    return dropped
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl`` (an incomplete last line is skipped)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

@@ -1,0 +1,256 @@
+"""Training configuration: the frozen ``TrainConfig``, recipe TOML loading, JSON round trip.
+
+A run is described by a recipe (``pipelines/*.toml``; sections ``[model]``, ``[loss]``, ``[loader]``), command-line flags that override it,
+and the resolved result, which is saved as ``config.json`` in the run folder and inside every
+checkpoint. ``to_dict``/``from_dict`` round-trip it exactly; unknown keys are an error that
+names the key and the file (with the line when it can be found), never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from affpipe.loaders.base import LoaderConfig
+from affpipe.train.models import ModelConfig
+from affpipe.train.tasks import LossConfig
+
+# Heads each task trains, and the validation score that drives ReduceLROnPlateau and best.pt.
+TASK_HEADS: dict[str, tuple[str, ...]] = {
+    "va": ("va",), "expr": ("expr",), "au": ("au",), "mtl": ("va", "expr", "au"),
+}
+SCORE_KEY: dict[str, str] = {"va": "va_ccc", "expr": "expr_f1", "au": "au_f1", "mtl": "p_mtl"}
+OPTIMIZERS = ("adam", "adamw", "sgd")
+AMP_MODES = ("bf16", "fp16", "none")
+DEVICES = ("auto", "cpu", "cuda")
+# Keys that may differ between a killed run and its --resume (out: a run folder may be moved).
+RESUME_MUTABLE = ("resume", "epochs", "out")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run. ``batch_size`` is per process (per GPU)."""
+
+    task: str = "mtl"
+    shards: Path | None = None
+    out: Path | None = None
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    plateau_patience: int = 2  # ReduceLROnPlateau on the validation score
+    plateau_factor: float = 0.1
+    min_lr: float = 1e-6
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "bf16"  # GPU only; ignored (with a log line) on CPU
+    channels_last: bool = True  # GPU only
+    compile: bool = False
+    image_size: int = 112
+    ckpt_every: int = 0  # also write last.pt every N optimizer steps (0: once per epoch)
+    val_every: int = 1  # validate every N epochs (and always after the last)
+    max_steps_per_epoch: int | None = None
+    max_val_steps: int | None = None
+    log_every: int = 20
+    sync_timing: bool = False  # cuda.synchronize around timings: exact data-wait, a bit slower
+    seed: int = 0
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.task not in TASK_HEADS:
+            raise ValueError(f"task must be one of {sorted(TASK_HEADS)}, got {self.task!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be one of {DEVICES} (or cuda:N), got {self.device!r}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        for name in ("weight_decay", "momentum", "min_lr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.plateau_factor < 1.0:
+            raise ValueError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
+        if self.plateau_patience < 0:
+            raise ValueError(f"plateau_patience must be >= 0, got {self.plateau_patience}")
+        for name in ("epochs", "batch_size", "val_every", "log_every", "image_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps_per_epoch", "max_val_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 when given, got {value}")
+        if self.ckpt_every < 0:
+            raise ValueError(f"ckpt_every must be >= 0, got {self.ckpt_every}")
+        # The heads follow the task; a recipe never has to repeat them.
+        heads = TASK_HEADS[self.task]
+        if tuple(self.model.tasks) != heads:
+            object.__setattr__(self, "model", replace(self.model, tasks=heads))
+        for name in ("shards", "out"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        return TASK_HEADS[self.task]
+
+    @property
+    def score_key(self) -> str:
+        return SCORE_KEY[self.task]
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a (nested) config dataclass: Paths as str, tuples as lists."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(cfg)
+
+
+def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> TrainConfig:
+    """Rebuild a ``TrainConfig`` from ``to_dict`` output (or a parsed recipe)."""
+    return _build(TrainConfig, data, source, "", None)
+
+
+def config_json(cfg: TrainConfig) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n"
+
+
+def load_config(recipe: Path | str | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Recipe (TOML, or a run's ``config.json``) → flags override → frozen ``TrainConfig``.
+
+    ``overrides`` maps keys to values; nested fields use dotted keys (``"model.init"``,
+    ``"loss.va_loss"``); ``None`` values mean "flag not given" and are skipped.
+    """
+    data: dict[str, Any] = {}
+    text = ""
+    source = "<defaults>"
+    if recipe is not None:
+        path = Path(recipe)
+        source = str(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read recipe {path}: {exc}") from exc
+        try:
+            data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {key!r}: {part!r} is not a section")
+        node[leaf] = value
+    return _build(TrainConfig, data, source, "", text)
+
+
+# --- generic dataclass construction with key and type checks --------------------------------
+
+
+def _line_of(text: str | None, key: str) -> str:
+    if not text:
+        return ""
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if re.match(rf"\s*\"?{re.escape(key)}\"?\s*[=:]", line):
+            return f":{lineno}"
+    return ""
+
+
+def _build(cls: type, data: Mapping[str, Any], source: str, prefix: str, text: str | None) -> Any:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{source}: [{prefix.rstrip('.')}] must be a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        key = unknown[0]
+        raise ValueError(
+            f"{source}{_line_of(text, key)}: unknown key {prefix + key!r}; "
+            f"known keys{' in [' + prefix.rstrip('.') + ']' if prefix else ''}: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        where = f"{source}{_line_of(text, name)}: {prefix + name}"
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, source, f"{prefix}{name}.", text)
+        else:
+            kwargs[name] = _coerce(value, hint, where)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: {prefix.rstrip('.') or 'config'}: {exc}") from exc
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a simple type hint; widen int→float, str→Path, list→tuple."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        args = typing.get_args(hint)
+        item = args[0] if args else Any
+        return tuple(value if item is Any else (_coerce(v, item, where) for v in value))
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        return value
+    if hint is Path:
+        if not isinstance(value, str | Path):
+            raise ValueError(f"{where} must be a path string, got {value!r}")
+        return Path(value)
+    return value

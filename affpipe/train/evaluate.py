@@ -1,0 +1,197 @@
+"""Evaluation: run a model over a shard split, ABAW metrics, ``eval.json`` and ``eval.md``.
+
+Also home of the inference helpers the trainer and ``predict`` share (model restore from a
+checkpoint, autocast, the validation pass).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from affpipe.dist import autocast, pick_device
+from affpipe.io import atomic_write_text, jsonable
+from affpipe.labels import AU_NAMES, EXPR_CLASSES
+from affpipe.loaders.base import LoaderConfig
+from affpipe.train.checkpoint import load_checkpoint, resolve_checkpoint
+from affpipe.train.config import TrainConfig, from_dict
+
+log = logging.getLogger(__name__)
+
+THRESHOLDS_FILE = "au_thresholds.json"
+
+
+
+
+def load_model(ckpt: Path, device: torch.device) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+    """Rebuild the model a checkpoint holds; returns (model in eval mode, its config, state)."""
+    from affpipe.train.models import build_model
+
+    state = load_checkpoint(ckpt, map_location="cpu")
+    cfg = from_dict(state["config"], source=f"{ckpt} (config)")
+    # The weights come from the checkpoint: never fetch ImageNet or another init here.
+    model = build_model(replace(cfg.model, init="random"))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg, state
+
+
+def iterate_outputs(model: nn.Module, loader: Iterable, *, device: torch.device, amp: str = "none",
+                    channels_last: bool = False, max_steps: int | None = None) -> Iterator[tuple[dict, Any]]:
+    """Yield ``(float outputs, batch)`` for each batch of ``loader`` without gradients."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for i, batch in enumerate(loader):
+                if max_steps is not None and i >= max_steps:
+                    break
+                images = batch.images
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with autocast(device, amp):
+                    outputs = model(images)
+                yield {k: v.float() for k, v in outputs.items()}, batch
+    finally:
+        model.train(was_training)
+
+
+def evaluate_model(model: nn.Module, loader: Iterable, heads: tuple[str, ...], *, device: torch.device,
+                   amp: str = "none", channels_last: bool = False, max_steps: int | None = None,
+                   distributed: bool = False) -> tuple[Any, int]:
+    """A filled ``MetricAccumulator`` (reduced over ranks when ``distributed``) and the frame count."""
+    from affpipe.train.metrics import MetricAccumulator
+
+    acc = MetricAccumulator(heads)
+    frames = 0
+    for outputs, batch in iterate_outputs(model, loader, device=device, amp=amp,
+                                          channels_last=channels_last, max_steps=max_steps):
+        acc.update(outputs, batch)
+        frames += len(batch)
+    if distributed:
+        import torch.distributed as dist
+
+        acc.all_reduce()
+        count = torch.tensor([frames], dtype=torch.int64, device=device)
+        dist.all_reduce(count)
+        frames = int(count.item())
+    return acc, frames
+
+
+
+def eval_loader(shards: Path, split: str, cfg: TrainConfig, device: torch.device, *, batch_size: int | None = None,
+                loader: LoaderConfig | None = None):
+    """An unaugmented, unshuffled loader over every sample of ``split`` for a model trained with
+    ``cfg`` (its image size and seed); ``loader`` overrides the run's own loader settings."""
+    from affpipe.loaders import make_loader
+
+    settings = loader if loader is not None else cfg.loader
+    return make_loader(Path(shards), split, batch_size=batch_size or cfg.batch_size, train=False, device=device,
+                       image_size=cfg.image_size, seed=cfg.seed, rank=0, world_size=1, normalize=False,
+                       **settings.kwargs(train=False))
+
+
+def evaluate(run_or_ckpt: Path, shards: Path, *, split: str = "val", tune_au_thresholds: bool = False,
+             batch_size: int | None = None, device: str = "auto", loader: LoaderConfig | None = None,
+             max_steps: int | None = None, write: bool = True) -> dict[str, Any]:
+    """Evaluate a run's ``best.pt`` (or a given checkpoint) on ``split`` of ``shards``.
+
+    Writes ``eval.json``/``eval.md`` (``eval_<split>.*`` for another split) beside the
+    checkpoint. With ``tune_au_thresholds`` the per-AU thresholds that maximise F1 on this
+    split are stored in ``au_thresholds.json`` (``predict`` uses them) and both the 0.5 and
+    the tuned figures are reported; tuned figures on the tuning split are optimistic.
+    """
+    ckpt = resolve_checkpoint(Path(run_or_ckpt))
+    dev = pick_device(device)
+    model, cfg, state = load_model(ckpt, dev)
+    loader = eval_loader(shards, split, cfg, dev, batch_size=batch_size, loader=loader)
+    acc, frames = evaluate_model(model, loader, cfg.heads, device=dev, amp=cfg.amp, max_steps=max_steps)
+    result = _result(acc.compute(), cfg, ckpt, state, split, frames)
+    if tune_au_thresholds:
+        if "au" not in cfg.heads:
+            raise ValueError(f"--tune-au-thresholds: {ckpt} has no AU head (task {cfg.task})")
+        thresholds = [float(t) for t in acc.tune_au_thresholds()]
+        tuned = acc.compute(au_thresholds=thresholds)
+        result["au_thresholds"] = thresholds
+        result["tuned"] = jsonable({k: tuned[k] for k in ("au_f1", "au_f1_per_au", "p_mtl") if k in tuned})
+        if write:
+            atomic_write_text(ckpt.parent / THRESHOLDS_FILE, json.dumps(
+                {"au_thresholds": dict(zip(AU_NAMES, thresholds, strict=True)), "split": split,
+                 "checkpoint": ckpt.name}, indent=2) + "\n")
+    if write:
+        stem = "eval" if split == "val" else f"eval_{split}"
+        write_eval(ckpt.parent, result, stem=stem)
+    return result
+
+
+def _result(metrics: dict, cfg: TrainConfig, ckpt: Path, state: dict, split: str, frames: int) -> dict:
+    result = jsonable(metrics)
+    result.update({"task": cfg.task, "split": split, "frames": frames, "checkpoint": ckpt.name,
+                   "epoch": int(state.get("epoch", 0)), "step": int(state.get("step", 0))})
+    return result
+
+
+def write_eval(run_dir: Path, result: dict[str, Any], *, stem: str = "eval") -> tuple[Path, Path]:
+    """``<stem>.json`` (the metrics) and ``<stem>.md`` (tables) in ``run_dir``."""
+    run_dir = Path(run_dir)
+    js = run_dir / f"{stem}.json"
+    atomic_write_text(js, json.dumps(jsonable(result), indent=2, sort_keys=True) + "\n")
+    md = run_dir / f"{stem}.md"
+    atomic_write_text(md, eval_markdown(result))
+    return js, md
+
+
+def _f(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def eval_markdown(result: dict[str, Any]) -> str:
+    """Tables as in the research: CCC per dimension, F1 per emotion, F1 per AU."""
+    lines = [f"# Evaluation: task {result.get('task')}, split {result.get('split')}",
+             "",
+             f"Checkpoint `{result.get('checkpoint')}` (after {result.get('step')} steps), "
+             f"{result.get('frames')} frames with an image.",
+             "", "| Metric | Value |", "|---|---|"]
+    for key, label in (("va_ccc", "VA CCC (mean of valence, arousal)"), ("expr_f1", "EXPR macro F1"),
+                       ("au_f1", "AU macro F1 (threshold 0.5)"), ("p_mtl", "P_MTL = CCC + F1_EXPR + F1_AU")):
+        if key in result:
+            lines.append(f"| {label} | {_f(result[key])} |")
+    tuned = result.get("tuned", {})
+    if "au_f1" in tuned:
+        lines.append(f"| AU macro F1 (tuned thresholds) | {_f(tuned['au_f1'])} |")
+    if "p_mtl" in tuned:
+        lines.append(f"| P_MTL (tuned AU thresholds) | {_f(tuned['p_mtl'])} |")
+    if "va_ccc" in result:
+        lines += ["", "## CCC per dimension", "", "| Dimension | CCC |", "|---|---|",
+                  f"| Valence | {_f(result.get('valence_ccc'))} |", f"| Arousal | {_f(result.get('arousal_ccc'))} |",
+                  f"| **Mean** | **{_f(result['va_ccc'])}** |"]
+    if "expr_f1" in result:
+        per = result.get("expr_f1_per_class", {})
+        lines += ["", "## F1 per emotion", "", "| Emotion | F1 |", "|---|---|"]
+        lines += [f"| {name} | {_f(per.get(name))} |" for name in EXPR_CLASSES]
+        lines.append(f"| **Macro** | **{_f(result['expr_f1'])}** |")
+    if "au_f1" in result:
+        per = result.get("au_f1_per_au", {})
+        tuned_per = tuned.get("au_f1_per_au", {})
+        thr = dict(zip(AU_NAMES, result.get("au_thresholds", []), strict=False))
+        head = "| AU | F1 (0.5) |" + (" F1 (tuned) | threshold |" if tuned_per else "")
+        lines += ["", "## F1 per AU", "", head, "|---|---|" + ("---|---|" if tuned_per else "")]
+        for name in AU_NAMES:
+            row = f"| {name} | {_f(per.get(name))} |"
+            if tuned_per:
+                row += f" {_f(tuned_per.get(name))} | {thr.get(name, 0.5):.2f} |"
+            lines.append(row)
+        row = f"| **Macro** | **{_f(result['au_f1'])}** |"
+        if tuned_per:
+            row += f" **{_f(tuned.get('au_f1'))}** | |"
+        lines.append(row)
+        if tuned_per:
+            lines += ["", f"Thresholds tuned on split `{result.get('split')}`; tuned figures on the "
+                      "tuning split are optimistic."]
+    return "\n".join(lines) + "\n"

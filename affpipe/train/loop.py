@@ -1,0 +1,325 @@
+"""The training loop: uni-task and multi-task models on shards, single process or torchrun/DDP.
+
+``train(cfg)`` fills a run folder: ``config.json``, ``metrics.jsonl``, ``last.pt`` (every epoch
+and every ``ckpt_every`` steps), ``best.pt`` (best validation score), ``curves.png``,
+``eval.json`` and ``eval.md``. Only rank 0 writes. ``cfg.resume`` continues a killed run from
+``last.pt``, mid-epoch included, without repeating or losing a batch.
+
+Laid out as torchvision's reference scripts: ``train`` (set up, resume, then per epoch
+``train_one_epoch`` and ``validate``), with the model/optimizer state and the optimizer step
+in :mod:`affpipe.train.trainer`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from tqdm import tqdm
+
+from affpipe import dist
+from affpipe.io import atomic_write_text, jsonable
+from affpipe.train.checkpoint import (
+    config_differences,
+    load_checkpoint,
+    save_checkpoint,
+    truncate_metrics,
+)
+from affpipe.train.config import TrainConfig, config_json, to_dict
+from affpipe.train.evaluate import evaluate_model, write_eval
+from affpipe.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def label_statistics_for(shards: Path) -> dict[str, Any]:
+    """Class statistics of the train split of the label table the shard manifest names."""
+    from affpipe.index.build import load_index
+    from affpipe.shards.format import manifest_index, read_manifest
+    from affpipe.train.tasks import label_statistics
+
+    manifest = read_manifest(shards)
+    table, _ = load_index(manifest_index(shards, manifest), table=manifest.get("table", "frames"))
+    return label_statistics(table)
+
+
+def prepare_run_dir(cfg: TrainConfig, ctx: dist.DistContext) -> Path:
+    """The run folder: must hold no run unless resuming; created on rank 0."""
+    out = cfg.out
+    if out is None:
+        raise ValueError("train: no run folder given (-o/--out)")
+    if ctx.main:
+        if cfg.resume:
+            if not out.is_dir():
+                raise FileNotFoundError(f"--resume: no run folder at {out}")
+        elif (out / "last.pt").exists():
+            raise FileExistsError(f"{out} already holds a run (last.pt); pass --resume to continue it or choose another -o")
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def resume(trainer: Trainer, run: Path) -> bool:
+    """Load ``run/last.pt`` into ``trainer`` (its config must match); False when there is none."""
+    last = run / "last.pt"
+    if not last.exists():
+        if trainer.ctx.main:
+            log.warning("--resume: %s has no last.pt yet; starting from scratch", run)
+        return False
+    ckpt = load_checkpoint(last, map_location=trainer.ctx.device)
+    diffs = config_differences(ckpt["config"], to_dict(trainer.cfg))
+    if diffs:
+        raise ValueError(f"--resume: {last} was trained with another config; differences:\n  " + "\n  ".join(diffs))
+    trainer.load_state_dict(ckpt)
+    s = trainer.state
+    if trainer.ctx.main:
+        truncate_metrics(run / "metrics.jsonl", step=s.step, epoch=s.epoch)
+        log.info("resuming %s at epoch %d, step %d (%d batches into the epoch)", run, s.epoch + 1, s.step, s.step_in_epoch)
+    return True
+
+
+def make_loaders(cfg: TrainConfig, ctx: dist.DistContext):
+    """``(train_loader, val_loader)`` over ``cfg.shards`` for this rank (uint8 batches: the model
+    normalizes, ``models.normalize_input``)."""
+    from affpipe.loaders import make_loader
+
+    common = dict(device=ctx.device, image_size=cfg.image_size, seed=cfg.seed, rank=ctx.rank,
+                  world_size=ctx.world, normalize=False)
+    train_loader = make_loader(cfg.shards, "train", batch_size=cfg.batch_size, train=True,
+                               **cfg.loader.kwargs(train=True), **common)
+    val_loader = make_loader(cfg.shards, "val", batch_size=cfg.batch_size, train=False,
+                             **cfg.loader.kwargs(train=False), **common)
+    return train_loader, val_loader
+
+
+def steps_per_epoch(cfg: TrainConfig, ctx: dist.DistContext, loader) -> int:
+    """Optimizer steps per epoch: the same on every rank (DDP hangs otherwise)."""
+    steps = len(loader)
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    if ctx.distributed:
+        n = torch.tensor([steps], device=ctx.device)
+        tdist.all_reduce(n, op=tdist.ReduceOp.MIN)
+        steps = int(n.item())
+    if steps < 1:
+        raise ValueError(f"{cfg.shards}: the train split gives no full batch of {cfg.batch_size} on this rank")
+    return steps
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train ``cfg.task`` on ``cfg.shards`` into the run folder ``cfg.out``; returns the folder."""
+    if cfg.shards is None:
+        raise ValueError("train: no shards given (--shards)")
+    ctx = dist.setup(cfg.device)
+    try:
+        run = prepare_run_dir(cfg, ctx)
+        if cfg.amp != "none" and ctx.device.type != "cuda" and ctx.main:
+            log.info("amp=%s ignored: autocast is used on GPU only (device %s)", cfg.amp, ctx.device)
+        trainer = Trainer.build(cfg, ctx, label_statistics_for(cfg.shards))
+        if cfg.resume:
+            resume(trainer, run)
+        if ctx.main:
+            atomic_write_text(run / "config.json", config_json(cfg))
+        trainer.wrap()
+        train_loader, val_loader = make_loaders(cfg, ctx)
+        steps = steps_per_epoch(cfg, ctx, train_loader)
+        if ctx.main:
+            log.info("training %s on %s: %d steps/epoch x %d epochs, batch %d x %d process(es), loader %s, device %s",
+                     cfg.task, cfg.shards, steps, cfg.epochs, cfg.batch_size, ctx.world,
+                     getattr(train_loader, "backend", "?"), ctx.device)
+        fit(trainer, run, train_loader, val_loader, steps)
+    finally:
+        dist.teardown(ctx)
+    return run
+
+
+def fit(trainer: Trainer, run: Path, train_loader, val_loader, steps: int) -> None:
+    """Epochs from ``trainer.state.epoch`` to ``cfg.epochs``: train, validate, checkpoint, log."""
+    cfg, ctx, state = trainer.cfg, trainer.ctx, trainer.state
+    runlog = RunLog(run, ctx, sync=cfg.sync_timing)
+    clock = (time.perf_counter(), state.wall_time)
+
+    def checkpoint(name: str) -> None:
+        trainer.state.wall_time = clock[1] + time.perf_counter() - clock[0]
+        if ctx.main:
+            save_checkpoint(run / name, trainer.state_dict())
+
+    while trainer.state.epoch < cfg.epochs:
+        state = trainer.state
+        epoch = state.epoch
+        train_loader.set_epoch(epoch)
+        train_one_epoch(trainer, train_loader, steps, runlog, checkpoint)
+        summary = {"kind": "epoch", "epoch": epoch, "step": state.step, "lr": trainer.lr, **epoch_means(state.epoch_acc)}
+        improved = False
+        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+            improved = validate(trainer, val_loader, summary)
+        state.epoch, state.step_in_epoch, state.epoch_acc = epoch + 1, 0, {}
+        summary["wall_time"] = clock[1] + time.perf_counter() - clock[0]
+        if ctx.main:
+            runlog.write(summary)
+            checkpoint("last.pt")
+            if improved:
+                checkpoint("best.pt")
+            plot(run)
+    if ctx.main:
+        finish(run, cfg, trainer.state)
+
+
+def validate(trainer: Trainer, loader, summary: dict[str, Any]) -> bool:
+    """One validation pass: steps the plateau scheduler, updates the best score and fills
+    ``summary``; True when the score improved."""
+    cfg, ctx, state = trainer.cfg, trainer.ctx, trainer.state
+    t0 = time.perf_counter()
+    acc, frames = evaluate_model(trainer.model, loader, cfg.heads, device=ctx.device, amp=trainer.amp,
+                                 channels_last=trainer.channels_last, max_steps=cfg.max_val_steps,
+                                 distributed=ctx.distributed)
+    metrics = jsonable(acc.compute())
+    score = metrics.get(cfg.score_key)
+    score = -math.inf if score is None else float(score)
+    trainer.scheduler.step(score)
+    improved = score > state.best_score
+    if improved:
+        state.best_score = score
+        state.best_step = state.step
+        state.best_metrics = {**metrics, "frames": frames, "epoch": state.epoch, "step": state.step}
+    summary.update(val={k: v for k, v in metrics.items() if not isinstance(v, dict)}, score_key=cfg.score_key,
+                   score=score, best_score=state.best_score, val_frames=frames, val_time_s=time.perf_counter() - t0)
+    if ctx.main:
+        log.info("epoch %d/%d: val %s %.4f (best %.4f)", state.epoch + 1, cfg.epochs, cfg.score_key, score,
+                 state.best_score)
+    return improved
+
+
+def train_one_epoch(trainer: Trainer, loader, steps: int, runlog: RunLog, checkpoint) -> None:
+    """The rest of epoch ``trainer.state.epoch`` (from ``step_in_epoch``), logging every
+    ``log_every`` steps and writing ``last.pt`` every ``ckpt_every`` steps."""
+    cfg, ctx, state = trainer.cfg, trainer.ctx, trainer.state
+    it = iter(loader)
+    skip = state.step_in_epoch
+    if skip:
+        # Loaders are deterministic given seed and epoch: iterating past the batches the
+        # checkpoint already trained on lands exactly where the killed run stopped.
+        for _ in tqdm(range(skip), desc=f"skipping {skip} trained batches", disable=not ctx.main, leave=False):
+            next(it)
+    window = Window(runlog.now())
+    bar = tqdm(total=steps, initial=skip, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not ctx.main,
+               dynamic_ncols=True, mininterval=1.0)
+    for i in range(skip, steps):
+        t_wait = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            log.warning("loader ended after %d of %d batches in epoch %d", i, steps, state.epoch + 1)
+            break
+        wait = time.perf_counter() - t_wait
+        window.add(trainer.step(batch), len(batch) * ctx.world, wait)
+        state.step += 1
+        state.step_in_epoch = i + 1
+        bar.update(1)
+        if window.n >= cfg.log_every or i + 1 == steps:
+            runlog.flush(window, trainer, steps, bar)
+        if cfg.ckpt_every and state.step % cfg.ckpt_every == 0 and i + 1 < steps:
+            runlog.flush(window, trainer, steps, bar)  # logged steps never outrun the checkpoint
+            checkpoint("last.pt")
+    bar.close()
+
+
+class Window:
+    """Loss sums, frames and data wait of the steps since the last log line."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
+        self.reset(t0)
+
+    def reset(self, t0: float) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n, self.frames, self.wait, self.t0 = 0, 0, 0.0, t0
+
+    def add(self, parts: dict[str, torch.Tensor], frames: int, wait: float) -> None:
+        for k, v in parts.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n += 1
+        self.frames += frames
+        self.wait += wait
+
+
+class RunLog:
+    """``metrics.jsonl`` lines (rank 0) and the timing of training windows."""
+
+    def __init__(self, run: Path, ctx: dist.DistContext, *, sync: bool) -> None:
+        self.path = run / "metrics.jsonl"
+        self.ctx = ctx
+        self.sync = sync and ctx.device.type == "cuda"
+
+    def now(self) -> float:
+        if self.sync:  # only on request: a sync per step costs GPU overlap
+            torch.cuda.synchronize(self.ctx.device)
+        return time.perf_counter()
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(jsonable(record)) + "\n")
+
+    def flush(self, window: Window, trainer: Trainer, steps: int, bar) -> None:
+        """Log the window's means (one host sync) and add them to the epoch's running sums."""
+        if window.n == 0:
+            return
+        ctx, state = self.ctx, trainer.state
+        now = self.now()
+        elapsed = max(now - window.t0, 1e-9)
+        names = sorted(window.sums)
+        sums = torch.stack([window.sums[k].float() for k in names])
+        if ctx.distributed:
+            tdist.all_reduce(sums)
+            sums /= ctx.world
+        means = dict(zip(names, (sums / window.n).tolist(), strict=True))
+        acc = state.epoch_acc
+        for k, v in means.items():
+            acc[f"sum_{k}"] = acc.get(f"sum_{k}", 0.0) + v * window.n
+        for key, value in (("batches", window.n), ("frames", window.frames), ("wait", window.wait), ("time", elapsed)):
+            acc[key] = acc.get(key, 0) + value
+        fps = window.frames / elapsed
+        if ctx.main:
+            self.write({"kind": "train", "epoch": state.epoch, "step": state.step, "step_in_epoch": state.step_in_epoch,
+                        "steps_in_epoch": steps, "lr": trainer.lr, **means, "frames_per_s": fps,
+                        "data_wait_share": window.wait / elapsed})
+            bar.set_postfix(loss=f"{means['loss']:.4f}", fps=f"{fps:.0f}", wait=f"{window.wait / elapsed:.0%}")
+        window.reset(now)
+
+
+def epoch_means(acc: dict[str, float]) -> dict[str, float]:
+    """Per-epoch means of the running sums (loss parts, frames/s, data-wait share)."""
+    n = max(acc.get("batches", 0), 1)
+    out = {f"train_{k.removeprefix('sum_')}": v / n for k, v in acc.items() if k.startswith("sum_")}
+    if acc.get("time", 0) > 0:
+        out["frames_per_s"] = acc["frames"] / acc["time"]
+        out["data_wait_share"] = acc["wait"] / acc["time"]
+    return out
+
+
+def plot(run: Path) -> None:
+    """Redraw ``curves.png`` (a plot must never kill a long run)."""
+    from affpipe.train.plots import plot_curves
+
+    try:
+        plot_curves(run / "metrics.jsonl", run / "curves.png", title=run.name)
+    except Exception as exc:
+        log.warning("curves.png not drawn: %s", exc)
+
+
+def finish(run: Path, cfg: TrainConfig, state) -> None:
+    """``eval.json``/``eval.md`` from the validation pass that produced ``best.pt``."""
+    if state.best_metrics is None:
+        log.warning("no validation score was reached; eval.json not written")
+        return
+    result = dict(state.best_metrics)
+    result.update(task=cfg.task, split="val", checkpoint="best.pt")
+    if cfg.max_val_steps:
+        result["note"] = f"validation limited to {cfg.max_val_steps} batches per pass"
+    write_eval(run, result)
+    plot(run)

@@ -1,0 +1,208 @@
+"""affpipe.experiments.grid: the grid file, every recipe, and the orchestration with training mocked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from support import fake_run
+
+from affpipe.experiments import grid as ex
+from affpipe.train.config import load_config
+
+GRID = ex.DEFAULT_GRID
+
+
+def test_grid_parses_and_covers_the_questions():
+    grid = ex.load_grid(GRID)
+    runs = {r.name: r for r in grid.runs}
+    cfgs = {n: load_config(r.recipe, None) for n, r in runs.items()}
+    kinds = {(c.task, c.model.init, c.loss.va_loss, c.loss.expr_class_weights, c.loss.au_pos_weight,
+              c.loss.task_weighting) for c in cfgs.values()}
+    for task in ("va", "expr", "au"):
+        assert any(c.task == task for c in cfgs.values())
+    assert ("mtl", "random", "ccc", True, True, "fixed") in kinds
+    assert ("mtl", "imagenet", "ccc", True, True, "fixed") in kinds and runs["mtl_imagenet"].needs == ("imagenet",)
+    assert ("va", "random", "mse", True, True, "fixed") in kinds
+    assert any(c.task == "expr" and not c.loss.expr_class_weights for c in cfgs.values())
+    assert any(c.task == "au" and not c.loss.au_pos_weight for c in cfgs.values())
+    assert ("mtl", "random", "ccc", True, True, "uncertainty") in kinds
+    from_uni = [r for r in grid.runs if r.init_from]
+    assert {r.init_from for r in from_uni} == {"uni_va", "uni_expr", "uni_au"}
+    assert all(r.init_from in r.after for r in from_uni)
+    # Multi-task runs come after the uni-task runs.
+    order = [r.name for r in grid.runs]
+    assert max(order.index(n) for n in ("uni_va", "uni_expr", "uni_au")) < min(
+        order.index(n) for n in order if cfgs[n].task == "mtl")
+    # Only one thing changes between compared cells: optimizer, lr, batch, epochs are shared.
+    assert len({(c.optimizer, c.lr, c.batch_size, c.epochs, c.image_size) for c in cfgs.values()}) == 1
+
+
+def test_every_recipe_loads_with_the_run_overrides(tmp_path):
+    grid = ex.load_grid(GRID)
+    assert grid.synthetic["videos"] >= 1 and grid.synthetic_overrides["epochs"] >= 1
+    for run in grid.runs:
+        for scale in ("synthetic", "full"):
+            ov = ex.run_overrides(grid, run, scale=scale, shards=tmp_path / "s", runs_dir=tmp_path / "runs")
+            cfg = load_config(run.recipe, ov)
+            assert cfg.out == tmp_path / "runs" / run.name and cfg.shards == tmp_path / "s"
+            if scale == "synthetic":
+                assert all(getattr(cfg, k) == v for k, v in grid.synthetic_overrides.items())
+            else:  # full scale: the recipe as written (but for the backbone of init_from runs)
+                plain = {"shards": str(tmp_path / "s"), "out": str(cfg.out), "model.init": ov.get("model.init")}
+                assert cfg == load_config(run.recipe, plain)
+            if run.init_from:
+                assert cfg.model.init == str(tmp_path / "runs" / run.init_from / "best.pt")
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[[run]]\nname = "a"\nrecipe = "r.toml"\nfoo = 1\n', "grid.toml:2: run 'a': unknown key(s) ['foo']"),
+    ('[[run]]\nname = "a"\nrecipe = "r.toml"\nafter = ["b"]\n', "grid.toml:2: run 'a' depends on 'b'"),
+    ('[[run]]\nname = "a"\nrecipe = "missing.toml"\n', "recipe"),
+    ('[[run]]\nname = "a"\nrecipe = "r.toml"\n[[run]]\nname = "a"\nrecipe = "r.toml"\n', "appears twice"),
+    ('[[run]]\nname = "a"\nrecipe = "r.toml"\nneeds = ["gpu"]\n', "needs must be among"),
+    ('[other]\n', "unknown top-level key"),
+])
+def test_grid_errors_name_the_file_and_line(tmp_path, body, message):
+    (tmp_path / "r.toml").write_text('task = "va"\n')
+    (tmp_path / "grid.toml").write_text(body)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+        ex.load_grid(tmp_path / "grid.toml")
+
+
+class FakeTrainer:
+    """Stands in for train(): resolves the config for real, writes a contract-shaped run folder."""
+
+    def __init__(self, fail: tuple[str, ...] = ()):
+        self.calls: list[tuple[str, dict]] = []
+        self.fail = fail
+
+    def __call__(self, recipe: Path, overrides: dict) -> Path:
+        cfg = load_config(recipe, overrides)
+        self.calls.append((cfg.out.name, dict(overrides)))
+        if cfg.out.name in self.fail:
+            raise RuntimeError("boom")
+        fake_run(cfg.out.parent, cfg.out.name, cfg.task, init=cfg.model.init, va_loss=cfg.loss.va_loss,
+                 weighting=cfg.loss.task_weighting, epochs=cfg.epochs, seed=len(self.calls), exist_ok=True)
+        (cfg.out / "best.pt").write_bytes(b"fake")
+        return cfg.out
+
+
+@pytest.fixture()
+def offline(monkeypatch):
+    monkeypatch.setattr(ex, "imagenet_available", lambda: (False, "resnet18-f37072fd.pth is not cached"))
+
+
+def test_experiments_orchestration(tmp_path, monkeypatch, offline):
+    trainer = FakeTrainer()
+    monkeypatch.setattr(ex, "train_run", trainer)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text('{"schema_version": 1, "splits": {}}')  # training is mocked
+    cfg = ex.ExperimentsConfig(out=tmp_path / "exp", shards=shards, scale="synthetic",
+                               overrides=(("device", "cpu"),))
+    result = ex.run_experiments(cfg)
+    grid = ex.load_grid(GRID)
+    expected = [r.name for r in grid.runs if r.name != "mtl_imagenet"]
+    assert [name for name, _ in trainer.calls] == expected
+    assert result["runs"]["mtl_imagenet"] == "skipped"
+    assert all(result["runs"][n] == "trained" for n in expected)
+    calls = dict(trainer.calls)
+    assert calls["mtl_from_uni_au"]["model.init"] == str(tmp_path / "exp" / "runs" / "uni_au" / "best.pt")
+    assert calls["uni_va"]["epochs"] == grid.synthetic_overrides["epochs"] and calls["uni_va"]["device"] == "cpu"
+    assert calls["uni_va"]["shards"] == str(shards)
+    md = (tmp_path / "exp" / "report.md").read_text()
+    assert md.split("## ")[1].startswith("Multi-task vs uni-task")
+    assert "`mtl_imagenet` skipped: ImageNet weights unavailable" in md and "resnet18-f37072fd.pth" in md
+    # Every trained run's eval.json value appears in the report.
+    for name in expected:
+        run = tmp_path / "exp" / "runs" / name
+        task = json.loads((run / "config.json").read_text())["task"]
+        key = {"va": "va_ccc", "expr": "expr_f1", "au": "au_f1", "mtl": "p_mtl"}[task]
+        assert f"{json.loads((run / 'eval.json').read_text())[key]:.4f}" in md
+    status = json.loads((tmp_path / "exp" / "experiments.json").read_text())
+    assert status["runs"]["uni_va"]["status"] == "trained"
+    # Resumable: a second call trains nothing.
+    trainer.calls.clear()
+    again = ex.run_experiments(cfg)
+    assert trainer.calls == [] and again["runs"]["uni_va"] == "done"
+
+
+def test_failed_run_skips_only_its_dependents(tmp_path, monkeypatch, offline):
+    trainer = FakeTrainer(fail=("uni_expr",))
+    monkeypatch.setattr(ex, "train_run", trainer)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "manifest.json").write_text('{"schema_version": 1, "splits": {}}')
+    killed = tmp_path / "exp" / "runs" / "uni_au"
+    killed.mkdir(parents=True)
+    (killed / "last.pt").write_bytes(b"half")  # a killed run resumes
+    result = ex.run_experiments(ex.ExperimentsConfig(out=tmp_path / "exp", shards=tmp_path / "s"))
+    assert result["runs"]["uni_expr"] == "failed"
+    assert result["runs"]["mtl_from_uni_expr"] == "skipped" and result["runs"]["mtl_from_uni_va"] == "trained"
+    calls = dict(trainer.calls)
+    assert calls["uni_au"]["resume"] is True and "resume" not in calls["uni_va"]
+    assert "epochs" not in calls["uni_va"]  # --shards without --scale: full scale, recipes unchanged
+    md = (tmp_path / "exp" / "report.md").read_text()
+    assert "`uni_expr` failed: RuntimeError: boom" in md
+
+
+def test_cli_experiments_only(tmp_path, monkeypatch, offline):
+    from affpipe.cli import main
+
+    monkeypatch.setattr(ex, "train_run", FakeTrainer())
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "manifest.json").write_text('{"schema_version": 1, "splits": {}}')
+    args = ["experiments", "--shards", str(tmp_path / "s"), "-o", str(tmp_path / "e"), "--only", "uni_va",
+            "--only", "mtl_random", "--set", "batch_size=16", "--set", "device=cpu"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "uni_va" in res.output and "report:" in res.output
+    assert sorted(p.name for p in (tmp_path / "e" / "runs").iterdir()) == ["mtl_random", "uni_va"]
+    assert json.loads((tmp_path / "e" / "runs" / "uni_va" / "config.json").read_text())["task"] == "va"
+    res = CliRunner().invoke(main, ["experiments", "--shards", str(tmp_path / "s"), "-o", str(tmp_path / "e"),
+                                    "--only", "nope"])
+    assert res.exit_code != 0 and "no run(s) ['nope']" in res.output
+
+
+@pytest.mark.slow
+def test_one_real_tiny_run(tmp_path):
+    """No mocks: a tiny twin → index → shards → one real uni-task run → the report."""
+    recipe = (GRID.parent / "exp_uni_va.toml").as_posix()
+    grid = tmp_path / "grid.toml"
+    grid.write_text(f"""[synthetic]\nvideos = 4\nframes = 24\nseed = 1\n
+[synthetic.overrides]\nepochs = 2\nbatch_size = 8\nimage_size = 32\nmax_steps_per_epoch = 2
+max_val_steps = 2\ndevice = "cpu"\n"loader.backend" = "torch"\nlog_every = 1\n
+[[run]]\nname = "uni_va"\nrecipe = "{recipe}"\n""")
+    result = ex.run_experiments(ex.ExperimentsConfig(out=tmp_path / "e", grid=grid, workers=1))
+    assert result["runs"] == {"uni_va": "trained"}
+    assert (tmp_path / "e" / "data" / "shards" / "manifest.json").exists()
+    run = tmp_path / "e" / "runs" / "uni_va"
+    ev = json.loads((run / "eval.json").read_text())
+    md = (tmp_path / "e" / "report.md").read_text()
+    assert f"{ev['va_ccc']:.4f}" in md and "synthetic twin" in md
+    from affpipe.experiments.report import load_run
+
+    assert [p["epoch"] for p in load_run(run).curve] == [0, 1]
+
+
+def test_wheel_ships_the_grid_and_its_recipes(tmp_path):
+    """`pip wheel .` packs the default grid and every recipe it names (package data), so
+    `affpipe experiments` without --grid works from a normal install."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(root)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    wheel = next(tmp_path.glob("affpipe-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "affpipe/experiments/recipes/grid.toml" in names
+    grid = ex.load_grid(GRID)
+    for run in grid.runs:
+        rel = Path(run.recipe).resolve().relative_to(GRID.parent.resolve())
+        assert f"affpipe/experiments/recipes/{rel.as_posix()}" in names, rel
+    assert GRID.is_relative_to(Path(ex.__file__).resolve().parent)

@@ -1,0 +1,96 @@
+"""Builders shared by several test modules (``tests/`` is on ``sys.path``: see pyproject.toml)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from affpipe.labels import AU_NAMES, EXPR_CLASSES, FRAMES_SCHEMA
+
+TASK_KEYS = {"va": ("va_ccc", "valence_ccc", "arousal_ccc"), "expr": ("expr_f1",), "au": ("au_f1",)}
+
+
+def fake_run(root: Path, name: str, task: str, *, init: str = "random", va_loss: str = "ccc",
+             weighted: bool = True, weighting: str = "fixed", epochs: int = 4, seed: int = 0,
+             exist_ok: bool = False) -> Path:
+    """A run folder as train() writes it: config.json, metrics.jsonl (step + epoch lines), eval.json."""
+    rng = np.random.default_rng(seed)
+    tasks = ("va", "expr", "au") if task == "mtl" else (task,)
+    run = root / name
+    run.mkdir(parents=True, exist_ok=exist_ok)
+    config = {"task": task, "epochs": epochs, "shards": "shards/x", "out": str(run),
+              "model": {"arch": "resnet18", "tasks": list(tasks), "init": init, "dropout": 0.0},
+              "loss": {"va_loss": va_loss, "expr_class_weights": weighted, "au_pos_weight": weighted,
+                       "task_weighting": weighting, "task_weights": [1, 1, 1]}}
+    (run / "config.json").write_text(json.dumps(config))
+    ev: dict = {}
+    if "va" in tasks:
+        v, a = rng.uniform(0.1, 0.5, 2)
+        ev.update(valence_ccc=float(v), arousal_ccc=float(a), va_ccc=float((v + a) / 2))
+    if "expr" in tasks:
+        per = rng.uniform(0, 0.6, len(EXPR_CLASSES))
+        ev.update(expr_f1=float(per.mean()), expr_f1_per_class=dict(zip(EXPR_CLASSES, per.tolist(), strict=True)))
+    if "au" in tasks:
+        per = rng.uniform(0, 0.7, len(AU_NAMES))
+        ev.update(au_f1=float(per.mean()), au_f1_per_au=dict(zip(AU_NAMES, per.tolist(), strict=True)))
+    if task == "mtl":
+        ev["p_mtl"] = ev["va_ccc"] + ev["expr_f1"] + ev["au_f1"]
+    (run / "eval.json").write_text(json.dumps(ev))
+    lines = []
+    for e in range(epochs):
+        lines.append({"kind": "train", "step": e * 10 + 5, "epoch": e, "loss": 1.0 / (e + 1)})  # no val
+        frac = (e + 1) / epochs  # rises to the final value
+        vals = {k: ev[k] * frac for t in tasks for k in TASK_KEYS[t]}
+        if task == "mtl":
+            vals["p_mtl"] = ev["p_mtl"] * frac
+        line = {"kind": "epoch", "epoch": e, "step": (e + 1) * 10, "wall_time": 12.5 * (e + 1), "train_loss": 0.5,
+                "val": vals, "val_frames": 100, "val_time_s": 1.5}
+        lines.append(line)
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return run
+
+
+def make_index(root: Path, videos: int = 6, frames: int = 30, seed: int = 0) -> Path:
+    """A hand-made index (FRAMES_SCHEMA + index.json) over two image roots of tiny JPEGs.
+
+    Videos 0..videos-3 are train, the last two val. Every 11th frame has no image, every 7th
+    has no valid label in any task; the other labels are random with random invalid parts.
+    """
+    rng = np.random.default_rng(seed)
+    roots = [root / "cropped_aligned", root / "cropped_aligned_new_50_vids"]
+    rows = []
+    for v in range(videos):
+        video = f"{v + 1:03d}-{v * 7 % 13}" + ("_left" if v == 1 else "")
+        r = v % 2
+        for f in range(1, frames + 1):
+            image = f"{video}/{f:05d}.jpg" if f % 11 else None
+            if image:
+                (roots[r] / video).mkdir(parents=True, exist_ok=True)
+                pixels = rng.integers(0, 256, (24, 24, 3), np.uint8)
+                cv2.imwrite(str(roots[r] / image), pixels)
+            none = f % 7 == 0
+            va_valid = not none and rng.random() < 0.7
+            expr_valid = not none and rng.random() < 0.5
+            au_valid = not none and rng.random() < 0.6
+            aus = rng.integers(0, 2, len(AU_NAMES)) if au_valid else np.full(len(AU_NAMES), -1)
+            rows.append({
+                "row_id": len(rows), "video": video, "frame": f,
+                "split": "train" if v < videos - 2 else "val",
+                "image": image, "image_root": r if image else -1, "has_image": image is not None,
+                "valence": float(rng.uniform(-1, 1)) if va_valid else float("nan"),
+                "arousal": float(rng.uniform(-1, 1)) if va_valid else float("nan"),
+                "va_valid": va_valid,
+                "expr": int(rng.integers(0, 8)) if expr_valid else -1, "expr_valid": expr_valid,
+                **{a: int(x) for a, x in zip(AU_NAMES, aus, strict=True)}, "au_valid": au_valid,
+            })
+    index = root / "index"
+    index.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=FRAMES_SCHEMA), index / "frames.parquet")
+    meta = {"schema_version": 1, "image_roots": [str(p.resolve()) for p in roots], "layouts": {}, "counts": {}}
+    (index / "index.json").write_text(json.dumps(meta))
+    return index
