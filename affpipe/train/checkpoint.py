@@ -33,14 +33,28 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         torch.save({"checkpoint_version": CHECKPOINT_VERSION, **state}, fh)
 
 
+def safe_torch_load(path: Path, map_location: str | torch.device = "cpu") -> object:
+    """``torch.load(weights_only=True)``, never anything else: a file that needs more than tensors
+    and primitives is refused with the reason (loading a checkpoint never runs code from it)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # UnpicklingError, KeyError (not a pickle), RuntimeError (not a zip)...
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{path}: refused: not a checkpoint that torch.load(weights_only=True) can read "
+            f"({type(exc).__name__}: {first}); affpipe never unpickles arbitrary objects, which could run code"
+        ) from exc
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint`` (tensors and primitives only)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    state = safe_torch_load(path, map_location=map_location)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{path}: not an affpipe checkpoint (keys: {sorted(state)[:8]})")
+        keys = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: not an affpipe checkpoint (holds {keys})")
     return state
 
 

@@ -10,7 +10,6 @@ backbone to start a multi-task one) without touching its heads.
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,13 +140,9 @@ def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _read_checkpoint(path: Path) -> Mapping[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # A trainer checkpoint may pickle more than tensors (e.g. numpy scalars in its config);
-        # it is the user's own file, so fall back to a full load.
-        log.warning("%s: not loadable with weights_only=True, loading it fully", path)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+    from affpipe.train.checkpoint import safe_torch_load  # lazy: checkpoint -> config -> models
+
+    obj = safe_torch_load(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
     elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):

@@ -1,0 +1,52 @@
+"""Item 1 of issue 12: loading a checkpoint never runs code from it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+
+class _Payload:
+    """Unpickling this object would create ``marker`` (what a hostile checkpoint could do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _hostile(tmp_path: Path) -> tuple[Path, Path]:
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "hostile.pt"
+    torch.save({"model": {"backbone.conv1.weight": torch.zeros(1)}, "config": {}, "x": _Payload(marker)}, path)
+    return path, marker
+
+
+def test_init_from_hostile_checkpoint_is_refused(tmp_path):
+    from affpipe.train.models import ModelConfig, build_model
+
+    path, marker = _hostile(tmp_path)
+    with pytest.raises(ValueError, match=r"refused: .*weights_only=True"):
+        build_model(ModelConfig(tasks=("va",), init=str(path)))
+    assert not marker.exists()
+
+
+def test_load_checkpoint_refuses_hostile_and_non_checkpoint_files(tmp_path):
+    from affpipe.train.checkpoint import load_checkpoint
+
+    path, marker = _hostile(tmp_path)
+    with pytest.raises(ValueError, match="refused"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    text = tmp_path / "notes.pt"
+    text.write_text("epoch 3: 0.41\n")  # torch.load's legacy path raised a bare KeyError: 101
+    with pytest.raises(ValueError, match=r"notes\.pt: refused"):
+        load_checkpoint(text)
+    plain = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(2), plain)
+    with pytest.raises(ValueError, match="not an affpipe checkpoint"):
+        load_checkpoint(plain)
