@@ -104,3 +104,75 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, float | int):
         return None if isinstance(value, float) and not math.isfinite(value) else value
     return value
+
+
+# ---- names and paths from data: nothing from data is trusted as a path ----------------------
+
+_MAX_NAME_BYTES = 255  # one path component on every common filesystem
+
+
+def clip(text: object, limit: int = 80) -> str:
+    """``repr`` of ``text`` cut to ``limit`` characters, so a 20 MB line never lands in a message."""
+    text = str(text)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def safe_name(name: str, where: str) -> str:
+    """``name`` when it is a plain file name (a video name of the release), else ``ValueError``.
+
+    Plain: not empty, not ``.``/``..``, no ``/``, ``\\`` or NUL, valid UTF-8, at most 255
+    bytes. ``where`` (``file:line`` or a folder) names the source in the error.
+    """
+    why = None
+    if not name or name in (".", ".."):
+        why = "is empty or a relative folder name"
+    elif "/" in name or "\\" in name or "\0" in name:
+        why = "contains a path separator"
+    else:
+        try:
+            raw = name.encode("utf-8")
+        except UnicodeEncodeError:
+            why = "is not valid UTF-8"
+            name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        else:
+            if len(raw) > _MAX_NAME_BYTES:
+                why = f"is longer than {_MAX_NAME_BYTES} bytes"
+    if why is not None:
+        raise ValueError(f"{where}: name {clip(name)} {why}; names must be plain video names "
+                         "(no folders, no '..')")
+    return name
+
+
+def is_safe_name(name: str) -> bool:
+    """Whether :func:`safe_name` accepts ``name``."""
+    try:
+        safe_name(name, "")
+    except ValueError:
+        return False
+    return True
+
+
+def confined_path(root: Path | str, rel: str | Path, where: str) -> Path:
+    """``root / rel`` when ``rel`` is relative, has no ``..`` and resolves inside ``root``
+    (symlinks included); else ``ValueError`` naming ``where``. Every path built from data goes
+    through here before it is opened or written."""
+    rel_s = str(rel)
+    parts = Path(rel_s).parts
+    if not rel_s or Path(rel_s).is_absolute() or rel_s.startswith(("/", "\\")) or ".." in parts or "\0" in rel_s:
+        raise ValueError(f"{where}: path {clip(rel_s)} is not a relative path inside {root}")
+    path = Path(root) / rel_s
+    base = Path(root).resolve()
+    resolved = path.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise ValueError(f"{where}: path {clip(rel_s)} leads outside {root} (to {resolved})")
+    return path
+
+
+def atomic_copy(src: Path | str, dst: Path | str) -> None:
+    """Copy ``src`` to ``dst`` through a temporary name (see :func:`atomic_open`)."""
+    import shutil
+
+    with open(src, "rb") as fin, atomic_open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout, _CHUNK)

@@ -122,3 +122,44 @@ def records_from_table(table: pa.Table) -> np.ndarray:
         col("row_id"), col("valence"), col("arousal"), col("expr"), au,
         col("va_valid"), col("expr_valid"), col("au_valid"),
     )
+
+
+# Frame numbers beyond this are not frames of a video (Aff-Wild2's longest has ~47k): a stray
+# file name must not make the index allocate billions of rows.
+MAX_FRAME = 10_000_000
+
+
+def record_problems(raw: np.ndarray) -> list[tuple[int, str]]:
+    """``(position, why)`` of every ``.lbl`` record in ``raw`` (``[N, 32]`` uint8) whose values
+    are out of range: an unmasked expression must be 0..7, unmasked AUs 0, 1 or -1, unmasked VA
+    finite in [-1, 1]; no unknown flag bit; this ``RECORD_VERSION``. Vectorized: the loaders
+    call it on every batch."""
+    rec = np.ascontiguousarray(raw, np.uint8).reshape(-1).view(RECORD_DTYPE)
+    flags = rec["flags"]
+    va = np.stack([rec["valence"], rec["arousal"]], axis=1)
+    # A masked value is never read, so only the values a mask lets through are checked.
+    va_flag, expr_flag, au_flag = (flags & FLAG_VA) > 0, (flags & FLAG_EXPR) > 0, (flags & FLAG_AU) > 0
+    with np.errstate(invalid="ignore"):
+        va_ok = ~va_flag | (np.abs(va) <= 1.0).all(axis=1)  # NaN fails the comparison
+    expr = rec["expr"].astype(np.int16)
+    expr_ok = ~expr_flag | ((expr >= 0) & (expr < NUM_EXPR))
+    au = rec["au"]
+    au_ok = ~au_flag | ((au >= -1) & (au <= 1)).all(axis=1)
+    checks = (
+        (rec["version"] == RECORD_VERSION, "record version"),
+        ((flags & ~np.uint8(FLAG_VA | FLAG_EXPR | FLAG_AU)) == 0, "flags"),
+        (va_ok, "valence/arousal"),
+        (expr_ok, "expression"),
+        (au_ok, "AU"),
+    )
+    bad = np.zeros(len(rec), bool)
+    for ok, _ in checks:
+        bad |= ~ok
+    out = []
+    for i in np.flatnonzero(bad).tolist():
+        r = rec[i]
+        whys = [name for ok, name in checks if not ok[i]]
+        out.append((i, f"label record out of range ({', '.join(whys)}: row_id {int(r['row_id'])}, "
+                       f"valence {float(r['valence']):.3g}, arousal {float(r['arousal']):.3g}, "
+                       f"expr {int(r['expr'])}, AU {r['au'].tolist()}, flags {int(r['flags'])})"))
+    return out

@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from affpipe.labels import AU_NAMES, EXPR_CLASSES, NUM_AU, TASKS, VA_INVALID, VA_NAMES
+from affpipe.io import clip, safe_name
+from affpipe.labels import AU_NAMES, EXPR_CLASSES, MAX_FRAME, NUM_AU, TASKS, VA_INVALID, VA_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,10 @@ MTL_FILES = {
 MTL_CHALLENGE_FILES = {"train_set.txt": "train", "validation_set.txt": "val"}
 ON_BAD_LINE = ("error", "skip")
 
-_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+# No nested quantifiers over the same digits: "\d+\.?\d*" backtracks quadratically on a long
+# run of digits that does not match (a 20 MB line took hours).
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+_MAX_NUMBER_CHARS = 64
 _NEWLINE = re.compile(rb"\r\n|\r|\n")  # the line terminators pyarrow.csv accepts
 _FRAME_JPG = re.compile(r"\d+\.jpg", re.IGNORECASE)
 _MAX_DEPTH = 8
@@ -93,8 +97,18 @@ def _subdirs(path: Path) -> list[os.DirEntry]:
     try:
         with os.scandir(path) as it:
             return [e for e in it if not e.name.startswith(".") and e.is_dir()]
-    except OSError:
+    except PermissionError as exc:  # a folder we cannot list hides annotations: say so
+        raise PermissionError(exc.errno, "cannot list this folder (permission denied)", str(path)) from None
+    except FileNotFoundError:  # removed while we walk
         return []
+
+
+def _dir_key(path: str | Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)  # follows symlinks: the folder a link leads to
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _looks_like_image_root(subdirs: list[os.DirEntry]) -> bool:
@@ -126,9 +140,13 @@ def find_layout(root: Path, images: tuple[Path, ...] = ()) -> Layout:
     found: dict[str, list[Path]] = {t: [] for t in TASKS}
     mtl: dict[str, list[Path]] = {"train": [], "val": []}
     image_roots: list[Path] = []
-    stack = [(root, 0)]
+    # Each folder is entered once: a symlink back to an ancestor is a loop (an error), another
+    # path to a folder already seen is skipped (it would count its challenge folders twice).
+    seen: dict[tuple[int, int] | None, str] = {_dir_key(root): str(root)}
+    stack: list[tuple[Path, int, tuple]] = [(root, 0, (_dir_key(root),))]
     while stack:
-        d, depth = stack.pop()
+        d, depth, chain = stack.pop()
+        subdirs = _subdirs(d)
         for name, split in MTL_FILES.items():
             if (d / name).is_file():
                 mtl[split].append(d / name)
@@ -136,7 +154,6 @@ def find_layout(root: Path, images: tuple[Path, ...] = ()) -> Layout:
             for name, split in MTL_CHALLENGE_FILES.items():
                 if (d / name).is_file():
                     mtl[split].append(d / name)
-        subdirs = _subdirs(d)
         if d.name in CHALLENGE_DIRS:
             found[CHALLENGE_DIRS[d.name][0]].append(d)
             continue
@@ -144,7 +161,19 @@ def find_layout(root: Path, images: tuple[Path, ...] = ()) -> Layout:
             image_roots.append(d)
             continue
         if depth < _MAX_DEPTH:
-            stack.extend((Path(e.path), depth + 1) for e in subdirs)
+            for e in subdirs:
+                key = _dir_key(e.path)
+                if key is None:  # cannot stat it: nothing to compare, and scandir will say why
+                    stack.append((Path(e.path), depth + 1, chain))
+                    continue
+                if key in chain:
+                    raise ValueError(f"{e.path}: symlink loop: it leads back to {seen.get(key, '?')}; "
+                                     "affpipe follows no symlink twice")
+                if key in seen:
+                    log.warning("skipping %s: the same folder as %s (reached through a symlink)", e.path, seen[key])
+                    continue
+                seen[key] = e.path
+                stack.append((Path(e.path), depth + 1, (*chain, key)))
 
     challenges: dict[str, Path] = {}
     ignored: list[Path] = []
@@ -172,7 +201,8 @@ def find_layout(root: Path, images: tuple[Path, ...] = ()) -> Layout:
             with os.scandir(sub.path) as it:
                 for e in it:
                     if e.name.lower().endswith(".txt") and e.is_file():
-                        files.append(AnnotationFile(task, split, e.name[:-4], Path(e.path)))
+                        video = safe_name(e.name[:-4], f"{sub.path}: annotation file {clip(e.name)}")
+                        files.append(AnnotationFile(task, split, video, Path(e.path)))
     files.sort(key=lambda f: (f.task, f.split, f.video))
 
     mtl_files = {}
@@ -222,8 +252,8 @@ def parse_header(line: str, task: str, where: str) -> Header:
     elif task == "expr":
         ok = ok and len(cols) in (7, 8)
     if not ok:
-        why = f"unknown column(s) {unknown}" if unknown else "wrong or duplicate columns"
-        raise ValueError(f"{where}: unknown {task.upper()} header {line.strip()!r} ({why}); expected "
+        why = f"unknown column(s) {clip(str(unknown))}" if unknown else "wrong or duplicate columns"
+        raise ValueError(f"{where}: unknown {task.upper()} header {clip(line.strip())} ({why}); expected "
                          f"{','.join(vocab)}")
     return Header(task, tuple(names), tuple(cols))
 
@@ -278,14 +308,14 @@ def _reason(task: str, header: Header, tokens: list[str]) -> str | None:
     vals = []
     for t in tokens:
         t = t.strip()
-        if not _NUMBER.fullmatch(t):
-            return f"non-numeric value {t!r}"
+        if len(t) > _MAX_NUMBER_CHARS or not _NUMBER.fullmatch(t):
+            return f"non-numeric value {clip(t)}"
         vals.append(float(t))
     arr = np.array([vals], np.float64)
     if not _check_values(task, header, arr)[0]:
         rng = {"va": "[-1, 1] or -5", "expr": f"a class 0..{len(header.columns) - 1} or -1",
                "au": "0, 1 or -1"}[task]
-        return f"value out of range {tokens!r} (expected {rng})"
+        return f"value out of range {clip(','.join(tokens))} (expected {rng})"
     return None
 
 
@@ -412,7 +442,7 @@ def _mtl_order(first: str, where: str) -> tuple[list[int] | None, bool]:
     known = {c.lower(): i for i, c in enumerate(MTL_COLUMNS)}
     order = [0] + [known.get(_MTL_ALIASES.get(t.lower(), t.lower()), -1) for t in tokens[1:]]
     if len(tokens) != len(MTL_COLUMNS) or -1 in order[1:] or len(set(order)) != len(order):
-        raise ValueError(f"{where}: unknown MTL header {first.strip()!r}; expected "
+        raise ValueError(f"{where}: unknown MTL header {clip(first.strip())}; expected "
                          f"{','.join(MTL_COLUMNS)}")
     return order, True
 
@@ -428,7 +458,13 @@ def _mtl_row(tokens: list[str], order: list[int] | None) -> tuple[str, int, list
         tokens = canon
     m = _MTL_PATH.fullmatch(tokens[0].strip())
     if not m:
-        return f"bad image path {tokens[0]!r} (expected <video>/<frame>.jpg)"
+        return f"bad image path {clip(tokens[0])} (expected <video>/<frame>.jpg)"
+    try:
+        safe_name(m.group(1), "")
+    except ValueError:
+        return f"bad image path {clip(tokens[0])}: the video part must be a plain name (no folders, no '..')"
+    if int(m.group(2)) > MAX_FRAME:
+        return f"frame number {clip(m.group(2), 30)} is beyond {MAX_FRAME:,}"
     for h, part in ((_VA_H, tokens[1:3]), (_EXPR_H, tokens[3:4]), (_AU_H, tokens[4:])):
         why = _reason(h.task, h, part)
         if why is not None:
@@ -460,8 +496,22 @@ def _mtl_fast(body: bytes, order: list[int] | None) -> tuple[list[str], np.ndarr
     if not ok.all():
         return None
     parts = parts.combine_chunks()
-    frame = parts.field("frame").to_numpy(zero_copy_only=False).astype(np.int64)
-    return parts.field("video").to_pylist(), frame, vals
+    videos = parts.field("video")
+    if not all(_plain(v) for v in pc.unique(videos).to_pylist()):
+        return None  # the scanner names the file:line of the first hostile name
+    digits = parts.field("frame")
+    if len(digits) and pc.max(pc.utf8_length(digits)).as_py() >= len(str(MAX_FRAME)):
+        return None  # a frame number past MAX_FRAME (or past int64): the scanner names the line
+    frame = digits.to_numpy(zero_copy_only=False).astype(np.int64)
+    return videos.to_pylist(), frame, vals
+
+
+def _plain(name: str) -> bool:
+    try:
+        safe_name(name, "")
+    except ValueError:
+        return False
+    return True
 
 
 def parse_mtl(files: dict[str, Path], on_bad_line: str = "error") -> MTLParsed:

@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from affpipe.index.annotations import Layout, MTLParsed, find_layout, parse_annotation, parse_mtl
-from affpipe.io import atomic_write_text, write_parquet
-from affpipe.labels import AU_NAMES, FRAMES_SCHEMA, NUM_AU, TABLE_SCHEMA_VERSION, TASKS
+from affpipe.io import atomic_write_text, safe_name, write_parquet
+from affpipe.labels import AU_NAMES, FRAMES_SCHEMA, MAX_FRAME, NUM_AU, TABLE_SCHEMA_VERSION, TASKS
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,17 @@ _ODD_RES = (re.compile(r"^((\d{1,4}|0\d{5,})\.jpg)$", re.M | re.I | re.A),
             re.compile(r"^((\d+)\.(?!jpg$)[jJ][pP][gG])$", re.M | re.A))
 
 
+def _check_frame_numbers(stems: list[str], folder: str) -> None:
+    """A frame number past ``MAX_FRAME`` (a stray ``3000000000.jpg``) would size arrays by it."""
+    digits = len(str(MAX_FRAME))
+    if stems and max(map(len, stems)) >= digits:  # only long names are converted one by one
+        for s in stems:
+            if len(s) >= digits and int(s) > MAX_FRAME:
+                name = s if len(s) <= 30 else s[:30] + "..."
+                raise ValueError(f"{Path(folder) / name}.jpg: frame number {name} is beyond {MAX_FRAME:,}; "
+                                 "not a frame of a video: remove or rename the file")
+
+
 def _scan_images(dirs: tuple[tuple[int, str], ...]) -> tuple[np.ndarray, np.ndarray, dict[int, str], int]:
     """Frame numbers, root index and odd file names of one video's images; first root wins.
 
@@ -92,6 +103,7 @@ def _scan_images(dirs: tuple[tuple[int, str], ...]) -> tuple[np.ndarray, np.ndar
         except FileNotFoundError:
             continue
         stems = _FRAME_RE.findall(joined)
+        _check_frame_numbers(stems, d)
         frames.append(np.array(stems).astype(np.int64) if stems else np.zeros(0, np.int64))
         roots.append(np.full(len(stems), r, np.int16))
         for rx in _ODD_RES:
@@ -108,6 +120,9 @@ def _scan_images(dirs: tuple[tuple[int, str], ...]) -> tuple[np.ndarray, np.ndar
 def _build_video(job: _Job) -> _Video:
     """Parse one video's files and images into frame rows (runs in a worker)."""
     parsed = {t: parse_annotation(Path(p), t, job.on_bad_line) for t, p in job.files}
+    for t, p in job.files:
+        if parsed[t].n_lines > MAX_FRAME:
+            raise ValueError(f"{p}: {parsed[t].n_lines:,} data lines, more than the {MAX_FRAME:,} frames a video may have")
     img_frames, img_roots, odd, dup = _scan_images(job.image_dirs)
     top = max([p.n_lines for p in parsed.values()] + [int(img_frames.max()) if len(img_frames) else 0])
     present = np.zeros(top + 1, bool)
@@ -172,7 +187,8 @@ def _jobs(layout: Layout, on_bad_line: str, extra_val: set[str] = frozenset()) -
         with os.scandir(root) as it:
             for e in it:
                 if e.is_dir() and not e.name.startswith("."):
-                    images.setdefault(e.name, []).append((r, e.path))
+                    name = safe_name(e.name, f"{root}: image folder")
+                    images.setdefault(name, []).append((r, e.path))
     val_videos = {v for v, t in by_video.items() if any(s == "val" for s, _ in t.values())} | set(extra_val)
     conflicts = sorted(v for v in val_videos if any(s == "train" for s, _ in by_video.get(v, {}).values()))
     jobs = [
@@ -324,6 +340,7 @@ def build_index(cfg: IndexConfig) -> dict:
     mtl_val = {v for v, sp in zip(mtl.video, mtl.split, strict=False) if sp == "val"} if mtl else set()
     jobs, split_info = _jobs(layout, cfg.on_bad_line, mtl_val)
     results = _run_jobs(jobs, cfg.workers)
+    _check_some_images(layout, results)
     frames = _frames_table(results)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -377,6 +394,17 @@ VIDEOS_SCHEMA = pa.schema(
                                  "lines_with_image", "lines_without_image", "images_without_line",
                                  "mismatch")]]
 )
+
+
+def _check_some_images(layout: Layout, results: list[_Video]) -> None:
+    """Annotations with not a single image is a wrong image folder, never a dataset: stop."""
+    annotated = [r.video for r in results if r.annot and any(a.any() for a in r.annot.values())]
+    if annotated and not any((r.image_root >= 0).any() for r in results):
+        roots = ", ".join(map(str, layout.image_roots)) or "none found"
+        raise ValueError(
+            f"{layout.root}: no frame image found for any of the {len(annotated)} annotated videos "
+            f"(image roots: {roots}); point --images at the folder holding <video>/<frame>.jpg"
+        )
 
 
 def _challenge_names() -> list[str]:
