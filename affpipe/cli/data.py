@@ -86,17 +86,21 @@ def stats_cmd(index: Path, out: Path) -> None:
 @click.option("--split", type=click.Choice(["train", "val", "all"]), default="all")
 @click.option("--table", type=click.Choice(["frames", "mtl"]), default="frames", help="frames.parquet or mtl_frames.parquet.")
 @click.option("--tasks", default="va,expr,au", help="Keep frames with a valid label in at least one of these.")
-@click.option("--samples-per-shard", type=int, default=None, help="Default 50000 (~340 MB shards).")
-@click.option("--workers", type=int, default=2)
-@click.option("--seed", type=int, default=0, help="Seed of the global train shuffle.")
+@click.option("--samples-per-shard", type=click.IntRange(min=1), default=None, help="Default 50000 (~340 MB shards).")
+@click.option("--workers", type=click.IntRange(min=1), default=2)
+@click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the global train shuffle.")
+@click.option("--frame-size", type=click.IntRange(min=1), default=None,
+              help="Side of the square frames; frames of another size are refused. [default: the size most frames have]")
+@click.option("--resize-off-size", is_flag=True, help="Resize (re-encode) frames of another size instead of refusing them.")
 def shard(index: Path, out: Path, split: str, table: str, tasks: str, samples_per_shard: int | None,
-          workers: int, seed: int) -> None:
+          workers: int, seed: int, frame_size: int | None, resize_off_size: bool) -> None:
     """Pack INDEX's frames into WebDataset shards (+ DALI .idx); resumes a killed run."""
     from affpipe.shards.write import ShardConfig, write_shards
 
     cfg = ShardConfig(index=index, out=out, split=split, table=table,
                       tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
-                      samples_per_shard=samples_per_shard, workers=workers, seed=seed)
+                      samples_per_shard=samples_per_shard, workers=workers, seed=seed,
+                      frame_size=frame_size, resize_off_size=resize_off_size)
     manifest = write_shards(cfg)
     for name, info in manifest["splits"].items():
         skipped = ", ".join(f"{k} {v}" for k, v in info["skipped"].items())
@@ -126,8 +130,8 @@ def verify(out: Path, decode: bool, index: Path | None) -> None:
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--png", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output PNG.")
 @click.option("--split", type=click.Choice(["train", "val"]), default=None, help="Default: all splits.")
-@click.option("--n", type=int, default=36, help="Number of samples.")
-@click.option("--seed", type=int, default=0)
+@click.option("--n", type=click.IntRange(min=1), default=36, help="Number of samples.")
+@click.option("--seed", type=click.IntRange(min=0), default=0)
 def show(out: Path, png: Path, split: str | None, n: int, seed: int) -> None:
     """A grid of random samples from OUT's shards with their labels written on them."""
     from affpipe.shards import write_grid

@@ -11,10 +11,13 @@ every shard with its sample count, size and sha256.
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from pathlib import Path
+from typing import Any
 
-from affpipe.io import atomic_write_text
+from affpipe.io import atomic_write_text, clip, confined_path
+from affpipe.labels import SPLITS
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -81,11 +84,14 @@ def parse_tar(buf) -> tuple[list[tuple[str, int, int]], str | None]:
         actual = sum(header[:148]) + 8 * 32 + sum(header[156:])
         try:
             ok = int(stored, 8) == actual
-            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
         except ValueError:
             ok = False
         if not ok:
-            return members, f"bad tar header at byte {off} (checksum or size field)"
+            return members, f"bad tar header checksum at byte {off}"
+        try:
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            return members, f"non-numeric size field {bytes(header[124:136])!r} in the tar header at byte {off}"
         name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
         if header[156:157] not in (b"0", b"\0"):
             return members, f"member {name!r} at byte {off} is not a regular file"
@@ -189,52 +195,127 @@ def remove_manifest(out: Path) -> None:
     (Path(out) / MANIFEST).unlink(missing_ok=True)
 
 
-def read_manifest(out: Path) -> dict:
-    """``out/manifest.json``, checked for its schema version and its keys."""
+def read_manifest(out: Path, *, full: bool = True) -> dict:
+    """``out/manifest.json``, checked: valid JSON, schema version, the keys and types readers use
+    (``full``: every key ``verify`` uses; else the shard list only) and shard paths that are
+    relative and stay inside ``out`` (a crafted manifest opens nothing else)."""
     path = Path(out) / MANIFEST
     if not path.is_file():
         what = "no such folder" if not Path(out).exists() else "no manifest"
         raise FileNotFoundError(f"{path}: {what}; write shards with `affpipe shard` first")
     try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a manifest (not UTF-8 text at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(manifest, dict):
         raise ValueError(f"{path}:1: expected a JSON object")
     if manifest.get("schema_version") != MANIFEST_SCHEMA_VERSION:
         raise ValueError(
-            f"{path}:1: manifest schema_version {manifest.get('schema_version')} != "
+            f"{path}:1: manifest schema_version {clip(manifest.get('schema_version'))} != "
             f"{MANIFEST_SCHEMA_VERSION}; reshard with this affpipe version"
         )
-    if not isinstance(manifest.get("splits"), dict):
-        raise ValueError(f"{path}: key 'splits' missing or not an object")
-    for key, kind in (("index", str), ("table", str), ("options", dict)):
-        if key in manifest and not isinstance(manifest[key], kind):
-            raise ValueError(f"{path}: key {key!r} is not a {kind.__name__}")
-    for split, info in manifest["splits"].items():
-        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
-            raise ValueError(f"{path}: split {split!r} has no 'shards' list")
-        for i, entry in enumerate(info["shards"]):
-            if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("file", "index_file")):
-                raise ValueError(f"{path}: split {split!r} shard {i}: 'file' and 'index_file' must be strings")
+    check_manifest(manifest, path, full=full)
     return manifest
 
 
-def manifest_index(out: Path, manifest: dict | None = None) -> Path:
-    """The label index the shards were written from (a relative path is taken from ``out``)."""
-    manifest = read_manifest(out) if manifest is None else manifest
-    if "index" not in manifest:
-        raise ValueError(f"{Path(out) / MANIFEST}: no 'index' key (shards not written by `affpipe shard`)")
-    index = Path(manifest["index"])
-    return index if index.is_absolute() else Path(out) / index
+def _field(obj: Any, key: str, kind: type, path: Path, where: str) -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise ValueError(f"{path}: missing key {where}{key}")
+    value = obj[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise ValueError(f"{path}: {where}{key} must be {kind.__name__}, got {clip(json.dumps(value))}")
+    if kind is int and value < 0:
+        raise ValueError(f"{path}: {where}{key} must be >= 0, got {value}")
+    return value
+
+
+def check_manifest(manifest: dict, path: Path, *, full: bool = True) -> None:
+    """The keys readers use, with their types; shard paths confined to the manifest's folder."""
+    out = Path(path).parent
+    splits = _field(manifest, "splits", dict, path, "")
+    for split, info in splits.items():
+        where = f"splits.{split}."
+        if split not in SPLITS:
+            raise ValueError(f"{path}: unknown split {clip(split)} (expected one of {SPLITS})")
+        for i, entry in enumerate(_field(info, "shards", list, path, where)):
+            at = f"{where}shards[{i}]."
+            for key, kind in (("file", str), ("index_file", str), ("samples", int)):
+                _field(entry, key, kind, path, at)
+            for key in ("file", "index_file"):
+                confined_path(out, entry[key], f"{path}: {at}{key}")
+    if full:
+        _check_full(manifest, path)
+
+
+def _check_full(manifest: dict, path: Path) -> None:
+    _field(manifest, "index", str, path, "")
+    table = _field(manifest, "table", str, path, "")
+    if table not in ("frames", "mtl"):
+        raise ValueError(f"{path}: table must be 'frames' or 'mtl', got {clip(table)}")
+    opts = _field(manifest, "options", dict, path, "")
+    for key, kind in (("split", str), ("tasks", list), ("samples_per_shard", int), ("seed", int)):
+        _field(opts, key, kind, path, "options.")
+    if opts["samples_per_shard"] < 1:
+        raise ValueError(f"{path}: options.samples_per_shard must be >= 1")
+    for split, info in manifest["splits"].items():
+        where = f"splits.{split}."
+        for key in ("samples", "bytes"):
+            _field(info, key, int, path, where)
+        _field(info, "skipped", dict, path, where)
+        for i, entry in enumerate(info["shards"]):
+            for key, kind in (("bytes", int), ("sha256", str)):
+                _field(entry, key, kind, path, f"{where}shards[{i}].")
+
+
+def index_reference(index: Path, out: Path) -> str:
+    """How a manifest names its label index: relative to the shard folder when the index sits
+    inside it or beside it (at most two ``..``), so the pair can be moved together; else absolute."""
+    index, out = Path(index).resolve(), Path(out).resolve()
+    rel = os.path.relpath(index, out)
+    return rel if Path(rel).parts.count("..") <= 2 else str(index)
+
+
+def manifest_index(out: Path, manifest: dict | None = None, override: Path | None = None) -> Path:
+    """The label index of the shards in ``out``: ``override`` (``--index``), else the manifest's
+    ``index`` (relative to ``out`` unless absolute), else where it was when the shards were
+    written (``index_absolute``: a shard folder copied alone). ``FileNotFoundError`` suggests
+    ``--index``."""
+    if override is not None:
+        candidates = [Path(override)]
+    else:
+        manifest = read_manifest(out, full=False) if manifest is None else manifest
+        if not isinstance(manifest.get("index"), str):
+            raise ValueError(f"{Path(out) / MANIFEST}: no 'index' key (shards not written by `affpipe shard`)")
+        candidates = [Path(out) / manifest["index"]]  # an absolute "index" replaces out
+        if isinstance(manifest.get("index_absolute"), str):
+            candidates.append(Path(manifest["index_absolute"]))
+    for index in candidates:
+        if (index / "index.json").is_file() or (index.is_file() and index.name == "index.json"):
+            return index
+    raise FileNotFoundError(
+        f"{Path(out) / MANIFEST}: its label index is not at {' or '.join(map(str, candidates))} "
+        "(moved?); pass --index DIR to point at it"
+    )
 
 
 def shard_paths(out: Path, split: str, manifest: dict | None = None) -> list[tuple[Path, Path]]:
-    """``(tar, idx)`` path pairs of ``split``, in manifest order."""
-    manifest = read_manifest(out) if manifest is None else manifest
+    """``(tar, idx)`` path pairs of ``split``, in manifest order (confined to ``out``)."""
+    manifest = read_manifest(out, full=False) if manifest is None else manifest
     if split not in manifest["splits"]:
         raise ValueError(f"{Path(out) / MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})")
     return [(Path(out) / s["file"], Path(out) / s["index_file"]) for s in manifest["splits"][split]["shards"]]
+
+
+def split_frame_size(out: Path, split: str) -> tuple[int, int] | None:
+    """``(height, width)`` of the split's frames as ``affpipe shard`` recorded them, or None
+    (no manifest, or one from before frame sizes were recorded)."""
+    if not (Path(out) / MANIFEST).is_file():
+        return None
+    size = read_manifest(out, full=False)["splits"].get(split, {}).get("frame_size")
+    ok = isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)
+    return (size[0], size[1]) if ok else None
 
 
 def index_tar(tar: Path, idx: Path) -> int:

@@ -36,7 +36,7 @@ def label_text(rec: np.void) -> str:
 
 def _frame_names(out: Path) -> dict[int, str]:
     """``row_id → "video/frame"`` from the manifest's index, or {} when it is not reachable."""
-    manifest = read_manifest(out)
+    manifest = read_manifest(out, full=False)
     try:
         tbl, _ = load_table(manifest_index(out, manifest), manifest.get("table", "frames"))
     except (FileNotFoundError, ValueError):
@@ -45,7 +45,7 @@ def _frame_names(out: Path) -> dict[int, str]:
 
 
 def _sample_locations(out: Path, split: str | None) -> list[tuple[Path, dict]]:
-    manifest = read_manifest(out)
+    manifest = read_manifest(out, full=False)
     splits = [split] if split else list(manifest["splits"])
     locs = []
     for sp in splits:
@@ -59,6 +59,10 @@ def write_grid(out: Path, png: Path, *, n: int = 36, seed: int = 0, split: str |
     import cv2
     from matplotlib.figure import Figure
 
+    if n < 1:
+        raise ValueError(f"show: the number of samples must be >= 1, got {n}")
+    if seed < 0:
+        raise ValueError(f"show: seed must be >= 0, got {seed}")
     locs = _sample_locations(Path(out), split)
     if not locs:
         raise ValueError(f"{Path(out) / 'manifest.json'}: no samples in split {split or 'any'}")
@@ -78,9 +82,15 @@ def write_grid(out: Path, png: Path, *, n: int = 36, seed: int = 0, split: str |
             jpg = f.read(entry["jpg"][1])
             f.seek(entry["lbl"][0])
             rec = decode_records(f.read(entry["lbl"][1]))[0]
-        img = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR)
-        if img is None:
-            raise ValueError(f"{tar}: {entry['jpg'][2]} does not decode")
+        try:  # OpenCV raises on an empty buffer rather than returning None
+            img = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR) if jpg else None
+        except cv2.error:
+            img = None
+        if img is None:  # drawn as a gap with its key: the grid is for looking, verify lists them all
+            log.warning("%s: %s does not decode (%d bytes); `affpipe verify --decode` lists every such sample",
+                        tar, entry["jpg"][2], len(jpg))
+            ax.set_title(f"{entry['jpg'][2]}\nbad JPEG ({len(jpg)} bytes)", fontsize=7, loc="left")
+            continue
         ax.imshow(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
         title = label_text(rec)
         if (name := names.get(int(rec["row_id"]))) is not None:

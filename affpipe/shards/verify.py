@@ -78,6 +78,7 @@ class _Checker:
             if err:
                 self.add(err)
             samples = self._pair(members)
+            self._check_sizes(samples)
             self._check_idx(samples)
             self._check_labels(buf, samples)
             if self.decode:
@@ -111,7 +112,7 @@ class _Checker:
         if not idx.is_file():
             self.add(f"index {self.entry['index_file']} missing")
             return
-        lines = idx.read_text().splitlines(keepends=True)
+        lines = idx.read_bytes().decode("utf-8", "replace").splitlines(keepends=True)
         head = idx_header(self.entry["samples"])
         if not lines or lines[0] != head:
             self.add(f"{idx.name}: first line {lines[0] if lines else ''!r} != {head!r}")
@@ -164,10 +165,32 @@ class _Checker:
 
         bad = 0
         for key, (_, off, size), _ in samples:
-            img = cv2.imdecode(np.frombuffer(buf, np.uint8, size, off), cv2.IMREAD_COLOR)
-            if img is None and bad < MAX_PROBLEMS_PER_SHARD:
+            try:  # OpenCV raises on an empty buffer rather than returning None
+                img = cv2.imdecode(np.frombuffer(buf, np.uint8, size, off), cv2.IMREAD_COLOR) if size else None
+            except cv2.error:
+                img = None
+            if img is None and size and bad < MAX_PROBLEMS_PER_SHARD:
                 bad += 1
                 self.add(f"key {key}: the JPEG does not decode")
+
+    def _check_sizes(self, samples: list) -> None:
+        empty = [key for key, (_, _, size), _ in samples if size == 0]
+        for key in empty[:MAX_PROBLEMS_PER_SHARD]:
+            self.add(f"key {key}: empty .jpg (0 bytes)")
+
+
+def _split_counts(split: str, info: dict, skipped: dict[str, int], planned: int, bad: set) -> list[str]:
+    """The manifest's counts of ``split`` against the plan recomputed from the index."""
+    problems = []
+    recorded = {k: info["skipped"].get(k) for k in skipped}  # bad_image is found while writing
+    if skipped != recorded:
+        problems.append(f"{split}: skip counts {recorded} != recomputed from the index {skipped}")
+    if len(bad) != info["skipped"].get("bad_image", 0):
+        problems.append(f"{split}: {info['skipped'].get('bad_image', 0)} bad images counted, {len(bad)} listed")
+    if planned - len(bad) != info["samples"]:
+        problems.append(f"{split}: manifest has {info['samples']} samples, the index gives {planned}"
+                        + (f" of which {len(bad)} were bad images" if bad else ""))
+    return problems
 
 
 def verify_shards(out: Path, *, decode: bool = False, index: Path | None = None) -> list[str]:
@@ -179,10 +202,10 @@ def verify_shards(out: Path, *, decode: bool = False, index: Path | None = None)
     out = Path(out)
     manifest = read_manifest(out)
     problems: list[str] = []
-    index = Path(index) if index is not None else manifest_index(out, manifest)
     opts = manifest["options"]
     tbl = None
     try:
+        index = manifest_index(out, manifest, index)
         tbl, _ = load_table(index, manifest["table"])
     except (FileNotFoundError, ValueError) as exc:
         problems.append(f"labels and shard plan not checked: {exc} (pass --index)")
@@ -194,24 +217,29 @@ def verify_shards(out: Path, *, decode: bool = False, index: Path | None = None)
         row_pos = (ids[order], order)
         cfg = ShardConfig(index=index, out=out, split=opts["split"], table=manifest["table"],
                           tasks=tuple(opts["tasks"]), samples_per_shard=opts["samples_per_shard"],
-                          seed=opts["seed"])
+                          seed=opts["seed"], frame_size=opts.get("frame_size"),
+                          resize_off_size=bool(opts.get("resize_off_size", False)))
+    if not manifest["splits"]:
+        problems.append("the manifest lists no split")
     total = sum(s["samples"] for sp in manifest["splits"].values() for s in sp["shards"])
     with tqdm(total=total, unit="frame", desc="verify", unit_scale=True, disable=None) as bar:
         for split, info in manifest["splits"].items():
-            expected = None
+            expected, bad = None, {b.get("key") for b in info.get("bad_images", []) if isinstance(b, dict)}
             if tbl is not None:
                 kept, skipped = ordered_rows(cfg, tbl, split)
                 expected = [f"{int(r):010d}" for r in kept["row_id"].to_numpy()]
-                if skipped != info["skipped"]:
-                    problems.append(f"{split}: skip counts {info['skipped']} != recomputed from the index {skipped}")
-                if len(expected) != info["samples"]:
-                    problems.append(f"{split}: manifest has {info['samples']} samples, the index gives {len(expected)}")
+                problems += _split_counts(split, info, skipped, len(expected), bad)
+            if info["samples"] == 0 and sum(v for v in info["skipped"].values() if isinstance(v, int)):
+                problems.append(f"{split}: 0 samples, all {sum(info['skipped'].values())} rows skipped "
+                                f"({info['skipped']}); was the index built with the right --images?")
             if sum(s["samples"] for s in info["shards"]) != info["samples"]:
                 problems.append(f"{split}: shard sample counts do not add up to {info['samples']}")
             per = opts["samples_per_shard"]
             seen: dict[str, str] = {}
             for number, entry in enumerate(info["shards"]):
                 want = expected[number * per:(number + 1) * per] if expected is not None else None
+                if want is not None and bad:  # frames skipped while writing (zero-byte, not a JPEG)
+                    want = [k for k in want if k not in bad]
                 checker = _Checker(out, entry, table_records, row_pos, want, decode)
                 problems += checker.run()
                 for key in checker.keys:

@@ -22,11 +22,18 @@ the state record are renamed into place and the tar last, so "the tar exists" me
 A rerun removes temporary files and keeps every finished shard whose state record matches its
 plan and whose bytes still hash to the recorded sha256; the rest is rewritten. The manifest is
 removed when a run starts and written when every shard is complete, so "manifest.json exists"
-means "every shard it lists is whole". Concurrent runs into one folder are not supported.
+means "every shard it lists is whole". A second run into a folder being written is refused
+(``.lock``), and files affpipe did not write are never deleted (:mod:`affpipe.shards.folder`).
+
+Bad frames (:mod:`affpipe.shards.checks`): zero-byte or non-JPEG files are skipped and counted
+(``bad_image``, listed in the manifest); a frame of another size than the shards' one
+``frame_size`` is refused, or re-encoded with ``resize_off_size``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -48,10 +55,19 @@ from affpipe.shards.format import (
     BLOCK,
     MANIFEST_SCHEMA_VERSION,
     idx_header,
+    index_reference,
     remove_manifest,
     tar_end_padding,
     tar_header,
     write_manifest,
+)
+from affpipe.shards.folder import check_output_folder, remove_stale, writer_lock
+from affpipe.shards.checks import (
+    DEFAULT_FRAME_SIZE,
+    check_frame,
+    check_image_paths,
+    check_not_empty,
+    common_frame_size,
 )
 
 log = logging.getLogger(__name__)
@@ -74,6 +90,8 @@ class ShardConfig:
     samples_per_shard: int | None = None
     workers: int = 2
     seed: int = 0
+    frame_size: int | None = None  # frames must be frame_size² (None: the size most sampled frames have)
+    resize_off_size: bool = False  # re-encode frames of another size to frame_size, on purpose
 
     def __post_init__(self) -> None:
         if self.split not in (*SPLITS, "all"):
@@ -86,6 +104,10 @@ class ShardConfig:
             raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.frame_size is not None and not 1 <= self.frame_size <= 65535:
+            raise ValueError(f"frame_size must be in [1, 65535], got {self.frame_size}")
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -99,6 +121,8 @@ class ShardConfig:
             "tasks": sorted(self.tasks),
             "samples_per_shard": self.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD,
             "seed": self.seed,
+            "frame_size": self.frame_size,
+            "resize_off_size": self.resize_off_size,
         }
 
 
@@ -116,6 +140,8 @@ class ShardSpec:
     paths: list[str]
     records: bytes  # RECORD_SIZE bytes per sample, in order
     plan_digest: str
+    frame_size: int = 112
+    resize_off_size: bool = False
 
     @property
     def name(self) -> str:
@@ -169,6 +195,7 @@ def plan_split(cfg: ShardConfig, tbl: pa.Table, meta: dict, split: str) -> tuple
     records = records_from_table(kept).tobytes()
     row_ids = kept["row_id"].to_numpy()
     roots = [str(Path(r)) for r in meta["image_roots"]]
+    check_image_paths(kept, len(roots), Path(cfg.index))
     paths = [f"{roots[r]}/{img}" for r, img in zip(kept["image_root"].to_pylist(), kept["image"].to_pylist(), strict=True)]
     per = cfg.options()["samples_per_shard"]
     opts = json.dumps(cfg.options(), sort_keys=True).encode()
@@ -179,7 +206,8 @@ def plan_split(cfg: ShardConfig, tbl: pa.Table, meta: dict, split: str) -> tuple
         rec = records[lo * RECORD_SIZE:hi * RECORD_SIZE]
         h = hashlib.sha256(opts + split.encode() + b"%d" % number + rec)
         h.update("\n".join(paths[lo:hi]).encode())
-        specs.append(ShardSpec(split, number, str(cfg.out), keys, paths[lo:hi], rec, h.hexdigest()))
+        specs.append(ShardSpec(split, number, str(cfg.out), keys, paths[lo:hi], rec, h.hexdigest(),
+                               cfg.frame_size or DEFAULT_FRAME_SIZE, cfg.resize_off_size))
     return specs, skipped
 
 
@@ -187,6 +215,8 @@ def plan_split(cfg: ShardConfig, tbl: pa.Table, meta: dict, split: str) -> tuple
 
 
 def _read_file(path: str) -> bytes:
+    if not os.path.isfile(path) and os.path.exists(path):  # a folder named 00010.jpg, a fifo...
+        raise IsADirectoryError(errno.EISDIR, "not a regular file, cannot be a frame image", path)
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
@@ -228,7 +258,9 @@ def write_shard(spec: ShardSpec) -> dict:
     spec.state.unlink(missing_ok=True)
     tmp_tar = spec.tar.with_name(spec.tar.name + ".tmp")
     tmp_idx = spec.idx.with_name(spec.idx.name + ".tmp")
-    sha, buf, offset, lines = hashlib.sha256(), bytearray(), 0, [idx_header(len(spec.keys))]
+    sha, buf, offset, lines = hashlib.sha256(), bytearray(), 0, []
+    bad: list[dict[str, str]] = []
+    resized = 0
     header = tar_header  # a local name: this loop runs ~50k times per shard
     try:
         with open(tmp_tar, "wb") as f:
@@ -240,6 +272,13 @@ def write_shard(spec: ShardSpec) -> dict:
                         f"{path}: image of row_id {int(key)} is listed in the index but missing on "
                         "disk; restore it or rebuild the index (`affpipe index`)"
                     ) from None
+                data, why = check_frame(data, path, spec.frame_size, spec.resize_off_size)
+                if why is not None:
+                    if why != "resized":
+                        log.warning("%s: %s; skipped (counted in the manifest as bad_image)", path, why)
+                        bad.append({"key": key, "image": path, "why": why})
+                        continue
+                    resized += 1
                 jpg, lbl = key + ".jpg", key + ".lbl"
                 size = len(data)
                 buf += header(jpg, size)
@@ -266,14 +305,16 @@ def write_shard(spec: ShardSpec) -> dict:
             f.flush()
             os.fsync(f.fileno())
         with open(tmp_idx, "w") as f:
-            f.write("".join(lines))
+            f.write(idx_header(len(lines)) + "".join(lines))
             f.flush()
             os.fsync(f.fileno())
         state = {
             "file": f"{spec.split}/{spec.tar.name}",
             "index_file": f"{spec.split}/{spec.idx.name}",
-            "samples": len(spec.keys),
+            "samples": len(lines),
             "bytes": offset,
+            "bad_images": bad,
+            "resized": resized,
             "sha256": sha.hexdigest(),
             "plan": spec.plan_digest,
         }
@@ -281,36 +322,41 @@ def write_shard(spec: ShardSpec) -> dict:
         atomic_write_text(spec.state, json.dumps(state, indent=1))
         os.replace(tmp_tar, spec.tar)  # last: from here on the shard counts as complete
         fsync_dir(spec.tar.parent)
-    except BaseException:
+    except BaseException as exc:
         for p in (tmp_tar, tmp_idx):
             p.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:  # ENOSPC names no file
+            raise OSError(exc.errno, f"{exc.strerror or exc} while writing shard {spec.name}", str(tmp_tar)) from exc
         raise
     return {**state, "reused": False}
 
 
 def _prepare_dirs(out: Path, split: str, specs: list[ShardSpec]) -> None:
-    """Create folders; remove leftovers of killed runs and shards no longer in the plan."""
+    """Create folders; remove our leftovers of killed runs and shards no longer in the plan."""
     (out / split).mkdir(parents=True, exist_ok=True)
     (out / ".state").mkdir(parents=True, exist_ok=True)
-    planned = {s.name for s in specs}
-    for p in sorted((out / split).glob(f"{split}-*")):
-        stem = p.name.split(".", 1)[0]
-        if p.name.endswith(".tmp") or stem not in planned:
-            log.info("removing %s (unfinished or not in the plan)", p)
-            p.unlink()
-    for p in sorted((out / ".state").glob(f"{split}-*")):
-        if p.name.endswith(".tmp") or p.name.split(".", 1)[0] not in planned:
-            p.unlink()
+    remove_stale(out, split, {s.name for s in specs})
 
 
 def write_shards(cfg: ShardConfig) -> dict:
     """Write the shards of ``cfg.splits``, resuming a killed run; returns the manifest."""
     out = Path(cfg.out)
     tbl, meta = load_table(cfg.index, cfg.table)
+    check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / ".state").mkdir(exist_ok=True)  # marks the folder as ours before anything else is written
+    with writer_lock(out):
+        check_output_folder(out)  # again under the lock: another run may have finished meanwhile
+        return _write_locked(cfg, out, tbl, meta)
+
+
+def _write_locked(cfg: ShardConfig, out: Path, tbl: pa.Table, meta: dict) -> dict:
     # "manifest.json exists" means "every shard it lists is complete": drop it before touching any.
     remove_manifest(out)
     plans = {split: plan_split(cfg, tbl, meta, split) for split in cfg.splits}
+    check_not_empty(cfg.index, cfg.tasks, {k: v[1] for k, v in plans.items() if not v[0]})
+    size = cfg.frame_size or common_frame_size([p for sp in plans.values() for s in sp[0] for p in s.paths])
+    plans = {k: ([dataclasses.replace(s, frame_size=size) for s in v[0]], v[1]) for k, v in plans.items()}
     specs = [s for split in cfg.splits for s in plans[split][0]]
     for split in cfg.splits:
         _prepare_dirs(out, split, plans[split][0])
@@ -338,7 +384,8 @@ def write_shards(cfg: ShardConfig) -> dict:
         log.info("kept %d finished shards from an earlier run", reused)
     manifest = {
         "schema_version": MANIFEST_SCHEMA_VERSION,
-        "index": str(Path(cfg.index).resolve()),
+        "index": index_reference(cfg.index, out),
+        "index_absolute": str(Path(cfg.index).resolve()),
         "table": cfg.table,
         "options": cfg.options(),
         "record_version": RECORD_VERSION,
@@ -349,11 +396,16 @@ def write_shards(cfg: ShardConfig) -> dict:
             {k: results[(split, s.number)][k] for k in ("file", "index_file", "samples", "bytes", "sha256")}
             for s in plans[split][0]
         ]
+        states = [results[(split, s.number)] for s in plans[split][0]]
+        bad = [b for st in states for b in st.get("bad_images", [])]
         manifest["splits"][split] = {
             "shards": shards,
             "samples": sum(s["samples"] for s in shards),
             "bytes": sum(s["bytes"] for s in shards),
-            "skipped": plans[split][1],
+            "skipped": {**plans[split][1], "bad_image": len(bad)},
+            "bad_images": bad,
+            "resized": sum(st.get("resized", 0) for st in states),
+            "frame_size": [size, size],
         }
     write_manifest(out, manifest)
     return manifest

@@ -116,7 +116,7 @@ def test_changed_label_table_and_missing_index(shards, pristine, tmp_path):
     assert any(f"key {target:010d}: label record differs from the table: valence" in p for p in problems), problems
     # Without a reachable index the label checks cannot run: that is reported, not passed.
     manifest = json.loads((shards / "manifest.json").read_text())
-    manifest["index"] = str(tmp_path / "gone")
+    manifest["index"] = manifest["index_absolute"] = str(tmp_path / "gone")
     (shards / "manifest.json").write_text(json.dumps(manifest))
     problems = verify_shards(shards)
     assert len(problems) == 1 and "not checked" in problems[0]

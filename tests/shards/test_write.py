@@ -69,7 +69,8 @@ def test_round_trip_and_skip_counts(index, shards):
     table_rec = records_from_table(tbl)
     manifest = read_manifest(shards)
     assert manifest["options"] == {"split": "all", "table": "frames", "tasks": ["au", "expr", "va"],
-                                   "samples_per_shard": 17, "seed": 3}
+                                   "samples_per_shard": 17, "seed": 3, "frame_size": None,
+                                   "resize_off_size": False}
     for split in ("train", "val"):
         rows_s = [r for r in rows if r["split"] == split]
         kept = {r["row_id"] for r in rows_s if r["has_image"] and (r["va_valid"] or r["expr_valid"] or r["au_valid"])}
@@ -77,6 +78,7 @@ def test_round_trip_and_skip_counts(index, shards):
         assert info["skipped"] == {
             "no_image": sum(not r["has_image"] for r in rows_s),
             "no_label": sum(r["has_image"] and not (r["va_valid"] or r["expr_valid"] or r["au_valid"]) for r in rows_s),
+            "bad_image": 0,
         }
         assert info["skipped"]["no_image"] > 0 and info["skipped"]["no_label"] > 0
         seen = []
