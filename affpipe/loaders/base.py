@@ -51,8 +51,10 @@ from affpipe.shards.format import (
     read_idx_header,
     sample_key,
     shard_paths,
+    split_frame_size,
     write_idx_lines,
 )
+from affpipe.loaders.checks import empty_jpegs
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +135,18 @@ def check_shard(tar: Path, idx: Path, on_bad: str, tmp: Path | None) -> tuple[Sh
             log.warning("%s: index %s missing; shard skipped", tar, idx.name)
             return None, {"missing_idx_shards": 1}
         raise ValueError(f"{tar}: its DALI index {idx} is missing (run `wds2idx {tar} {idx}` or reshard)")
-    _, n = read_idx_header(idx)
+    try:
+        _, n = read_idx_header(idx)
+        last_end = idx_last_end(idx)
+    except ValueError as exc:
+        if on_bad == "skip":
+            log.warning("%s: %s; shard skipped", tar, exc)
+            return None, {"bad_idx_shards": 1}
+        raise ValueError(f"{tar}: {exc} (reshard, or pass on_bad='skip')") from None
     size = tar.stat().st_size
-    last_end = idx_last_end(idx)
     if last_end <= size:
+        if on_bad == "skip" and (empty := empty_jpegs(idx)):  # shards from before they were caught at shard time
+            return _without(tar, idx, tmp, empty)
         return Shard(tar, idx, n), {}
     samples = parse_idx(idx)
     good = [s for s in samples if all(off + sz <= size for off, sz, _ in s.values())]
@@ -150,10 +160,26 @@ def check_shard(tar: Path, idx: Path, on_bad: str, tmp: Path | None) -> tuple[Sh
         return None, {"truncated": len(samples)}
     assert tmp is not None
     trimmed = tmp / f"{len(list(tmp.iterdir()))}-{idx.name}"
-    with open(idx, encoding="utf-8") as f:
+    with open(idx, encoding="utf-8", errors="replace") as f:
         lines = f.read().splitlines()[1:]
     write_idx_lines(trimmed, [line + "\n" for line in lines[: len(good)]])
     return Shard(tar, trimmed, len(good)), {"truncated": len(samples) - len(good)}
+
+
+def _without(tar: Path, idx: Path, tmp: Path | None, drop: set[int]) -> tuple[Shard | None, dict[str, int]]:
+    """A copy of ``idx`` without the samples in ``drop`` (zero-byte JPEGs, ``on_bad="skip"``)."""
+    samples = parse_idx(idx)
+    for i in sorted(drop)[:5]:
+        log.warning("%s: sample %s: empty JPEG (0 bytes); skipped", tar, sample_key(samples[i]))
+    with open(idx, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()[1:]
+    keep = [line + "\n" for i, line in enumerate(lines[: len(samples)]) if i not in drop]
+    if not keep:
+        return None, {"empty_jpeg": len(drop)}
+    assert tmp is not None
+    trimmed = tmp / f"{len(list(tmp.iterdir()))}-{idx.name}"
+    write_idx_lines(trimmed, keep)
+    return Shard(tar, trimmed, len(keep)), {"empty_jpeg": len(drop)}
 
 
 def find_shards(shards: Path, split: str) -> list[tuple[Path, Path]]:
@@ -257,6 +283,9 @@ class BaseLoader:
             if shard is not None and shard.samples:
                 self.shards.append(shard)
         self.total = sum(s.samples for s in self.shards)
+        # The size every frame of the split has (None: shards from before it was recorded); a
+        # frame of another size is a bad sample, never silently squashed.
+        self.frame_size = split_frame_size(shards, split)
         start, stop = rank_range(self.total, rank, world)
         self.rank_samples = stop - start
         if self.train:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 from collections.abc import Iterator
 
 import numpy as np
@@ -30,7 +31,9 @@ import torch
 
 from affpipe.batch import Batch
 from affpipe.loaders.augment import NATIVE_SIZE, sample_params, warp_batch
+from affpipe.labels import record_problems
 from affpipe.loaders.base import BaseLoader
+from affpipe.loaders.checks import decode_jpeg
 from affpipe.loaders.plan import epoch_samples
 from affpipe.shards.format import parse_idx, sample_key
 
@@ -50,11 +53,12 @@ def _graph(paths, index_paths, *, aug, gpu: bool, rank: int, world: int, reader_
         pad_last_batch=not aug.train, prefetch_queue_depth=2, name="reader",
     )
     img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    shape = fn.peek_image_shape(jpg)  # the stored frame's size, before any resize: checked per batch
     size = aug.image_size
     if size != NATIVE_SIZE:
         img = fn.resize(img, size=(size, size), interp_type=types.INTERP_LINEAR, antialias=True)
     if not (aug.augments and gpu):
-        return img, lbl
+        return img, lbl, shape
     flip = fn.random.coin_flip(probability=aug.flip_p)
     angle = fn.random.uniform(range=(-aug.max_rotation, aug.max_rotation))
     # affpipe.augment.affine_matrix(angle, flip, size, corner=True), per sample in the graph
@@ -65,7 +69,7 @@ def _graph(paths, index_paths, *, aug, gpu: bool, rank: int, world: int, reader_
     mtx = fn.reshape(fn.stack(a * s, b, c - a * s * c - b * c, -b * s, a, c + b * s * c - a * c), shape=(2, 3))
     img = fn.warp_affine(img, matrix=mtx, size=(size, size), interp_type=types.INTERP_NN,
                          fill_value=0, inverse_map=False)
-    return img, lbl, flip, angle
+    return img, lbl, shape, flip, angle
 
 
 class DaliLoader(BaseLoader):
@@ -99,57 +103,125 @@ class DaliLoader(BaseLoader):
                 try:
                     outs = pipe.run()
                 except RuntimeError as exc:
-                    raise self._diagnose(order, exc) from exc
+                    raise self._diagnose(order, exc, b) from exc
                 n = min(self.batch_size, left)  # val: cut off pad_last_batch's repeats
                 left -= n
-                yield self._batch(outs, n, b)
+                batch = self._batch(outs, n, b)
+                if batch is not None:
+                    yield batch
         finally:
             del pipe
 
-    def _batch(self, outs, n: int, b: int) -> Batch:
+    def _batch(self, outs, n: int, b: int) -> Batch | None:
         images, labels = outs[0], outs[1]
-        raw = torch.from_numpy(np.array(labels.as_tensor(), copy=True)[:n]).to(self.device, non_blocking=True)
+        raw_np = np.array(labels.as_tensor(), copy=True)[:n]
+        keep = self._good(raw_np, np.array(outs[2].as_tensor())[:n, :2], images, n)
+        if not len(keep):
+            return None
+        raw = torch.from_numpy(raw_np[keep]).to(self.device, non_blocking=True)
+        whole = len(keep) == n
         if self.device.type == "cuda":
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
-            t = images.as_tensor()
-            out = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)
-            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
-            img = out[:n]
-            if len(outs) > 2:
+            if whole:
+                t = images.as_tensor()
+                out = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)
+                feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
+                img = out[:n]
+            else:  # rare: a bad sample dropped; gather the rest through the host
+                cpu = images.as_cpu()
+                img = torch.from_numpy(np.stack([np.asarray(cpu.at(int(i))) for i in keep])).to(self.device)
+            if len(outs) > 3:
                 self.last_augment = {
-                    "flip": torch.from_numpy(np.array(outs[2].as_tensor()).reshape(-1)[:n] != 0),
-                    "angle": torch.from_numpy(np.array(outs[3].as_tensor(), np.float32).reshape(-1)[:n]),
+                    "flip": torch.from_numpy(np.array(outs[3].as_tensor()).reshape(-1)[:n][keep] != 0),
+                    "angle": torch.from_numpy(np.array(outs[4].as_tensor(), np.float32).reshape(-1)[:n][keep]),
                 }
             else:
-                self.last_augment = {"flip": torch.zeros(n, dtype=torch.bool), "angle": torch.zeros(n)}
+                self.last_augment = {"flip": torch.zeros(len(keep), dtype=torch.bool), "angle": torch.zeros(len(keep))}
             return self.finish(img, raw)
-        try:
+        if whole:
             img = np.asarray(images.as_tensor())[:n]  # a view of DALI's buffer
-        except RuntimeError as exc:
-            raise ValueError(f"{self.split}: images of different sizes in one batch; every source "
-                             f"must be {NATIVE_SIZE}x{NATIVE_SIZE} or pass image_size") from exc
+        else:
+            img = np.stack([np.asarray(images.at(int(i))) for i in keep])  # new memory
         flips, angles = sample_params(np.random.default_rng([self._aug_seed, b]), n, self.aug)
+        flips, angles = flips[keep], angles[keep]
         if self.aug.augments:
             img = warp_batch(img, flips, angles)  # new memory, no longer DALI's buffer
         self.last_augment = {"flip": torch.from_numpy(flips), "angle": torch.from_numpy(angles)}
-        return self.finish(torch.from_numpy(img), raw, reused=not self.aug.augments)
+        return self.finish(torch.from_numpy(img), raw, reused=whole and not self.aug.augments)
 
-    def _diagnose(self, order: list[int], exc: Exception) -> Exception:
-        """DALI reports a failed batch, not the sample: find the bad one(s) of this rank's shards."""
+    def _good(self, raw: np.ndarray, shapes: np.ndarray, images, n: int) -> np.ndarray:
+        """Positions of the batch's samples that may enter it: stored frame of the split's size,
+        decoded to ``image_size``, label record in range. A bad one raises naming shard and key,
+        or is dropped and counted (``on_bad="skip"``)."""
+        want = self.frame_size or (NATIVE_SIZE, NATIVE_SIZE)
+        size = self.aug.image_size
+        out_shapes = [tuple(sh[:2]) for sh in images.shape()[:n]]
+        problems = {i: why for i, why in record_problems(raw)}
+        for i in range(n):
+            if tuple(shapes[i]) != tuple(want):
+                problems.setdefault(i, f"frame is {shapes[i][1]}x{shapes[i][0]}, the split's frames are {want[1]}x{want[0]}")
+            elif out_shapes[i] != (size, size):
+                problems.setdefault(i, f"decoded to {out_shapes[i][1]}x{out_shapes[i][0]}, not {size}x{size}")
+        if not problems:
+            return np.arange(n)
+        for i, why in sorted(problems.items()):
+            key = f"{int(raw[i].view(np.int64)[0]):010d}"
+            msg = f"{self._locate(key)}: sample {key}: {why}"
+            if self.on_bad != "skip":
+                raise ValueError(msg + " (pass on_bad='skip' to skip bad samples)")
+            log.warning("%s; skipped", msg)
+        self._count({"bad_sample": len(problems)})
+        return np.array([i for i in range(n) if i not in problems], np.int64)
+
+    def _locate(self, key: str) -> str:
+        """The shard holding ``key`` (a scan of this loader's indexes, only on an error)."""
+        needle = f" {key}.jpg".encode()
+        for shard in self.shards:
+            if needle in shard.idx.read_bytes():
+                return str(shard.tar)
+        return f"split {self.split!r}"
+
+    def _diagnose(self, order: list[int], exc: Exception, b: int) -> Exception:
+        """DALI reports a failed batch, not the sample: find the bad one. Val reads in order, so
+        the failing batch's samples (and the few DALI prefetches after it) are searched first;
+        train shuffles in a buffer, so every sample of this rank's shards may be the one."""
         import cv2
 
         rows = epoch_samples([s.samples for s in self.shards], order, self.rank, self.world)
-        for shard_i in dict.fromkeys(rows[:, 0].tolist()):
-            shard = self.shards[shard_i]
-            data = shard.tar.read_bytes()
-            for j, comp in enumerate(parse_idx(shard.idx)):
-                if j not in set(rows[rows[:, 0] == shard_i, 1].tolist()) or "jpg" not in comp:
-                    continue
-                off, size, _ = comp["jpg"]
-                if cv2.imdecode(np.frombuffer(data, np.uint8, size, off), cv2.IMREAD_COLOR) is None:
-                    return ValueError(
-                        f"{shard.tar}: sample {sample_key(comp)}: undecodable JPEG ({size} bytes); the DALI "
-                        f"backend cannot skip it — use backend='torch', on_bad='skip', or reshard"
-                    )
+        tries = [suspect_rows(rows, b, self.batch_size), rows] if not self.train else [rows]
+        for cand in tries:
+            for shard_i, wanted in group_rows(cand).items():
+                shard = self.shards[shard_i]
+                index = parse_idx(shard.idx)
+                with open(shard.tar, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                    for j in wanted.tolist():
+                        comp = index[j]
+                        if "jpg" not in comp:
+                            continue
+                        off, size, _ = comp["jpg"]
+                        if decode_jpeg(data, size, off, cv2.IMREAD_COLOR) is None:
+                            return ValueError(
+                                f"{shard.tar}: sample {sample_key(comp)}: undecodable JPEG ({size} bytes); the DALI "
+                                f"backend cannot skip it — use backend='torch', on_bad='skip', or reshard"
+                            )
         return RuntimeError(f"DALI pipeline failed on split {self.split!r} (epoch {self.epoch}): {exc}")
+
+
+PREFETCH_BATCHES = 3  # pipeline and reader queues: DALI may fail on a batch this far ahead
+
+
+def suspect_rows(rows: np.ndarray, b: int, batch_size: int) -> np.ndarray:
+    """The ``[n, 2]`` (shard, sample) rows an in-order (val) pipeline read for batch ``b`` and the
+    batches it may have prefetched: the only candidates for the failure it reported at ``b``."""
+    return rows[b * batch_size:(b + 1 + PREFETCH_BATCHES) * batch_size]
+
+
+def group_rows(rows: np.ndarray) -> dict[int, np.ndarray]:
+    """``{shard: sorted sample positions}`` of ``rows`` in one pass (sorted by shard first)."""
+    if not len(rows):
+        return {}
+    order = np.lexsort((rows[:, 1], rows[:, 0]))
+    rows = rows[order]
+    cuts = np.flatnonzero(np.diff(rows[:, 0])) + 1
+    return {int(part[0, 0]): part[:, 1] for part in np.split(rows, cuts)}

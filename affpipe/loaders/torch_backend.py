@@ -22,9 +22,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from affpipe.batch import Batch
-from affpipe.labels import RECORD_SIZE
+from affpipe.labels import RECORD_SIZE, record_problems
 from affpipe.loaders.augment import AugmentConfig, resize_linear, sample_params, warp_nearest
 from affpipe.loaders.base import BaseLoader, Shard
+from affpipe.loaders.checks import bad_sample, decode_jpeg
 from affpipe.loaders.plan import EpochPlan
 from affpipe.shards.format import parse_idx, sample_key
 
@@ -37,8 +38,10 @@ class ShardBatches(Dataset):
     but the ``(epoch, b)`` pair crosses the pipe to a worker.
     """
 
-    def __init__(self, shards: list[Shard], plan: EpochPlan, aug: AugmentConfig, on_bad: str) -> None:
+    def __init__(self, shards: list[Shard], plan: EpochPlan, aug: AugmentConfig, on_bad: str,
+                 frame_size: tuple[int, int] | None = None) -> None:
         self.shards, self.plan, self.aug, self.on_bad = shards, plan, aug, on_bad
+        self.frame_size = frame_size
         self.batch_size = plan.batch_size
         self._maps: dict[int, mmap.mmap] = {}
         self._index: dict[int, list] = {}
@@ -69,7 +72,7 @@ class ShardBatches(Dataset):
         flips, angles = sample_params(np.random.default_rng([seed, b]), len(sel), self.aug)
         images = np.empty((len(sel), size, size, 3), np.uint8)
         labels = np.empty((len(sel), RECORD_SIZE), np.uint8)
-        keep, bad = [], []
+        keep, bad, wheres = [], [], {}
         for k, (shard, j) in enumerate(sel):
             mm, index = self._open(int(shard))
             comp = index[int(j)]
@@ -80,8 +83,8 @@ class ShardBatches(Dataset):
                 problem = f"{where}: .lbl has {comp['lbl'][1]} bytes, expected {RECORD_SIZE}"
             else:
                 off, n, _ = comp["jpg"]
-                img = cv2.imdecode(np.frombuffer(mm, np.uint8, n, off), cv2.IMREAD_COLOR_RGB)
-                problem = None if img is not None else f"{where}: undecodable JPEG ({n} bytes)"
+                img = decode_jpeg(mm, n, off, cv2.IMREAD_COLOR_RGB)
+                problem = bad_sample(where, img, n, self.frame_size)
             if problem is not None:
                 if self.on_bad != "skip":
                     raise ValueError(problem + " (pass on_bad='skip' to skip bad samples)")
@@ -95,6 +98,15 @@ class ShardBatches(Dataset):
             off, n, _ = comp["lbl"]
             labels[k] = np.frombuffer(mm, np.uint8, n, off)
             keep.append(k)
+            wheres[k] = where
+        dropped = set()
+        for i, why in record_problems(labels[keep]):  # one vectorized range check per batch
+            problem = f"{wheres[keep[i]]}: {why}"
+            if self.on_bad != "skip":
+                raise ValueError(problem + " (pass on_bad='skip' to skip bad samples)")
+            bad.append(problem)
+            dropped.add(keep[i])
+        keep = [k for k in keep if k not in dropped]
         if bad:
             images, labels, flips, angles = images[keep], labels[keep], flips[keep], angles[keep]
         return {
@@ -128,7 +140,7 @@ class TorchLoader(BaseLoader):
         super().__init__(**kwargs)
         self.plan = EpochPlan(tuple(s.samples for s in self.shards), self.seed, self.rank, self.world,
                               self.train, self.batch_size, self.num_batches)
-        self.dataset = ShardBatches(self.shards, self.plan, self.aug, self.on_bad)
+        self.dataset = ShardBatches(self.shards, self.plan, self.aug, self.on_bad, self.frame_size)
         workers = min(self.num_workers, self.num_batches)
         # Workers start per epoch (a fork is cheap; persistent workers took 5 s each to shut
         # down) and compute the epoch's plan themselves from (epoch, b). They are forked: the
