@@ -113,7 +113,7 @@ def test_zero_byte_jpeg_follows_on_bad(copy, backend):
 def test_garbage_idx_is_a_named_error(copy, backend):
     tar, idx = _val_shard(copy)
     idx.write_bytes(b"v1.2 7\n" + bytes(range(256)) * 4)
-    with pytest.raises(ValueError, match=rf"{tar.name}: .*{idx.name}:\d+: malformed index line"):
+    with pytest.raises(ValueError, match=rf"{tar.name}: .*{idx.name}.*malformed (last|index) line"):
         _all(copy, backend)
     loader, _ = _all(copy, backend, on_bad="skip")
     assert loader.skipped == {"bad_idx_shards": 1}
