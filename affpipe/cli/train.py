@@ -62,7 +62,9 @@ def _csv_floats(value: str | None) -> tuple[float, ...] | None:
 @click.option("--max-val-steps", type=int, default=None)
 @click.option("--log-every", type=int, default=None, help="Log to metrics.jsonl every N steps.")
 @click.option("--sync-timing/--no-sync-timing", default=None, help="Exact data-wait on GPU (syncs).")
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=click.IntRange(min=0), default=None)
+@click.option("--index", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Label index, when it is not where the shard manifest says (moved shards).")
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last.pt.")
 def train(recipe: Path | None, task: str | None, shards: Path | None, out: Path | None, resume: bool,
           compile_: bool | None, task_weights: str | None, **flags) -> None:
@@ -120,13 +122,15 @@ def evaluate(run_or_ckpt: Path, shards: Path, split: str, tune_au_thresholds: bo
 @click.option("--split", type=click.Choice(["train", "val"]), default="val")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @_loader_options
+@click.option("--index", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Label index, when it is not where the shard manifest says (moved shards).")
 def predict(ckpt: Path, shards: Path, out: Path, fmt: str, split: str, batch_size: int | None, backend: str,
-            device: str, num_workers: int | None, on_bad: str) -> None:
+            device: str, num_workers: int | None, on_bad: str, index: Path | None) -> None:
     """Write CKPT's predictions on SHARDS in an ABAW submission format under OUT."""
     from affpipe.loaders import LoaderConfig
     from affpipe.train.predict import predict as run_predict
 
     summary = run_predict(ckpt, shards, out, fmt, split=split, batch_size=batch_size, device=device,
-                          loader=LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad))
+                          loader=LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad), index=index)
     click.echo(f"{len(summary['files'])} file(s), {summary['videos']} videos, "
                f"{summary['filled_from_neighbour']} frame(s) filled from a neighbour → {out}")

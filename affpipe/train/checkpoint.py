@@ -100,10 +100,10 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: s
     """Keys whose values differ between two ``to_dict`` configs, ignoring ``RESUME_MUTABLE``."""
     diffs = []
     for key in sorted(set(saved) | set(current)):
-        if not prefix and key in RESUME_MUTABLE:
+        if f"{prefix}{key}" in RESUME_MUTABLE:
             continue
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
-        if not prefix and key in ("shards", "out") and isinstance(a, str) and isinstance(b, str):
+        if not prefix and key in ("shards", "out", "index") and isinstance(a, str) and isinstance(b, str):
             if Path(a).resolve() == Path(b).resolve():  # the same folder, spelled another way
                 continue
         if isinstance(a, dict) and isinstance(b, dict):

@@ -32,8 +32,10 @@ SCORE_KEY: dict[str, str] = {"va": "va_ccc", "expr": "expr_f1", "au": "au_f1", "
 OPTIMIZERS = ("adam", "adamw", "sgd")
 AMP_MODES = ("bf16", "fp16", "none")
 DEVICES = ("auto", "cpu", "cuda")
-# Keys that may differ between a killed run and its --resume (out: a run folder may be moved).
-RESUME_MUTABLE = ("resume", "epochs", "out")
+# Keys that may differ between a killed run and its --resume (out, index: folders may be moved;
+# the loader's backend, workers and on_bad: what a loader error tells the user to change, and
+# both backends read the same epoch plan).
+RESUME_MUTABLE = ("resume", "epochs", "out", "index", "loader.backend", "loader.num_workers", "loader.on_bad")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class TrainConfig:
     task: str = "mtl"
     shards: Path | None = None
     out: Path | None = None
+    index: Path | None = None  # the label index, when it is not where the shard manifest says
     epochs: int = 10
     batch_size: int = 256
     lr: float = 1e-3
@@ -96,11 +99,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1 when given, got {value}")
         if self.ckpt_every < 0:
             raise ValueError(f"ckpt_every must be >= 0, got {self.ckpt_every}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         # The heads follow the task; a recipe never has to repeat them.
         heads = TASK_HEADS[self.task]
         if tuple(self.model.tasks) != heads:
             object.__setattr__(self, "model", replace(self.model, tasks=heads))
-        for name in ("shards", "out"):
+        for name in ("shards", "out", "index"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))

@@ -92,7 +92,8 @@ def eval_loader(shards: Path, split: str, cfg: TrainConfig, device: torch.device
     from affpipe.loaders import make_loader
 
     settings = loader if loader is not None else cfg.loader
-    return make_loader(Path(shards), split, batch_size=batch_size or cfg.batch_size, train=False, device=device,
+    return make_loader(Path(shards), split, batch_size=cfg.batch_size if batch_size is None else batch_size,
+                       train=False, device=device,
                        image_size=cfg.image_size, seed=cfg.seed, rank=0, world_size=1, normalize=False,
                        **settings.kwargs(train=False))
 
@@ -113,6 +114,7 @@ def evaluate(run_or_ckpt: Path, shards: Path, *, split: str = "val", tune_au_thr
     loader = eval_loader(shards, split, cfg, dev, batch_size=batch_size, loader=loader)
     acc, frames = evaluate_model(model, loader, cfg.heads, device=dev, amp=cfg.amp, max_steps=max_steps)
     result = _result(acc.compute(), cfg, ckpt, state, split, frames)
+    result["skipped"] = dict(getattr(loader, "skipped", {}))  # bad samples skipped (on_bad="skip"), by reason
     if tune_au_thresholds:
         if "au" not in cfg.heads:
             raise ValueError(f"--tune-au-thresholds: {ckpt} has no AU head (task {cfg.task})")

@@ -24,7 +24,7 @@ import torch.distributed as tdist
 from tqdm import tqdm
 
 from affpipe import dist
-from affpipe.io import atomic_write_text, jsonable
+from affpipe.io import atomic_copy, atomic_write_text, jsonable
 from affpipe.train.checkpoint import (
     config_differences,
     load_checkpoint,
@@ -38,14 +38,15 @@ from affpipe.train.trainer import Trainer
 log = logging.getLogger(__name__)
 
 
-def label_statistics_for(shards: Path) -> dict[str, Any]:
-    """Class statistics of the train split of the label table the shard manifest names."""
+def label_statistics_for(shards: Path, index: Path | None = None) -> dict[str, Any]:
+    """Class statistics of the train split of the label table the shard manifest names
+    (``index`` overrides where that table is)."""
     from affpipe.index.build import load_index
     from affpipe.shards.format import manifest_index, read_manifest
     from affpipe.train.tasks import label_statistics
 
-    manifest = read_manifest(shards)
-    table, _ = load_index(manifest_index(shards, manifest), table=manifest.get("table", "frames"))
+    manifest = read_manifest(shards, full=False)
+    table, _ = load_index(manifest_index(shards, manifest, index), table=manifest.get("table", "frames"))
     return label_statistics(table)
 
 
@@ -78,9 +79,34 @@ def resume(trainer: Trainer, run: Path) -> bool:
     trainer.load_state_dict(ckpt)
     s = trainer.state
     if trainer.ctx.main:
+        repair_best(run, ckpt)
         truncate_metrics(run / "metrics.jsonl", step=s.step, epoch=s.epoch)
         log.info("resuming %s at epoch %d, step %d (%d batches into the epoch)", run, s.epoch + 1, s.step, s.step_in_epoch)
     return True
+
+
+def repair_best(run: Path, last: dict[str, Any]) -> None:
+    """Make ``best.pt`` hold the step ``last.pt`` records as the best (``best_step``; its
+    ``best_metrics`` become ``eval.json``). Both are written at the end of an improving epoch,
+    ``last.pt`` first; a kill between the two leaves an older (or no) ``best.pt`` beside a
+    ``last.pt`` that is the best state itself, so the repair is a copy of ``last.pt``."""
+    want = int(last.get("best_step", (last.get("best_metrics") or {}).get("step", -1)))
+    if want < 0:
+        return
+    best = run / "best.pt"
+    try:
+        have = int(load_checkpoint(best)["step"]) if best.is_file() else None
+    except (ValueError, KeyError):  # a foreign or unreadable file: replaced below when we can
+        have = None
+    if have == want:
+        return
+    if int(last["step"]) == want and int(last["step_in_epoch"]) == 0:
+        log.warning("%s holds step %s, but the best validation score was reached at step %d (killed between "
+                    "the two checkpoint writes); restoring it from last.pt", best, have, want)
+        atomic_copy(run / "last.pt", best)
+        return
+    raise ValueError(f"{best} holds step {have}, but {run / 'last.pt'} (step {last['step']}) records step {want} "
+                     "as the best; the pair cannot be repaired: evaluate last.pt or start a new run")
 
 
 def make_loaders(cfg: TrainConfig, ctx: dist.DistContext):
@@ -120,7 +146,7 @@ def train(cfg: TrainConfig) -> Path:
         run = prepare_run_dir(cfg, ctx)
         if cfg.amp != "none" and ctx.device.type != "cuda" and ctx.main:
             log.info("amp=%s ignored: autocast is used on GPU only (device %s)", cfg.amp, ctx.device)
-        trainer = Trainer.build(cfg, ctx, label_statistics_for(cfg.shards))
+        trainer = Trainer.build(cfg, ctx, label_statistics_for(cfg.shards, cfg.index))
         if cfg.resume:
             resume(trainer, run)
         if ctx.main:
@@ -226,6 +252,7 @@ def train_one_epoch(trainer: Trainer, loader, steps: int, runlog: RunLog, checkp
         if cfg.ckpt_every and state.step % cfg.ckpt_every == 0 and i + 1 < steps:
             runlog.flush(window, trainer, steps, bar)  # logged steps never outrun the checkpoint
             checkpoint("last.pt")
+    runlog.flush(window, trainer, steps, bar)  # a loader that ended early: no step goes unchecked
     bar.close()
 
 
@@ -238,9 +265,11 @@ class Window:
 
     def reset(self, t0: float) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.finite: list[torch.Tensor] = []  # per step: the loss was finite (checked at the flush)
         self.n, self.frames, self.wait, self.t0 = 0, 0, 0.0, t0
 
     def add(self, parts: dict[str, torch.Tensor], frames: int, wait: float) -> None:
+        self.finite.append(torch.isfinite(parts["loss"]))  # stays on the device: no sync per step
         for k, v in parts.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.n += 1
@@ -273,11 +302,14 @@ class RunLog:
         now = self.now()
         elapsed = max(now - window.t0, 1e-9)
         names = sorted(window.sums)
-        sums = torch.stack([window.sums[k].float() for k in names])
+        # Per-step finite flags travel with the sums: one all_reduce and one sync per window, and
+        # every rank reaches the same verdict (a rank that stopped alone would hang the others).
+        vec = torch.cat([torch.stack([window.sums[k].float() for k in names]), torch.stack(window.finite).float()])
         if ctx.distributed:
-            tdist.all_reduce(sums)
-            sums /= ctx.world
-        means = dict(zip(names, (sums / window.n).tolist(), strict=True))
+            tdist.all_reduce(vec)
+        host = vec.tolist()
+        check_finite(host[len(names):], ctx.world, state, host[names.index("loss")], trainer.cfg.lr, self.path.parent)
+        means = {k: v / ctx.world / window.n for k, v in zip(names, host, strict=False)}
         acc = state.epoch_acc
         for k, v in means.items():
             acc[f"sum_{k}"] = acc.get(f"sum_{k}", 0.0) + v * window.n
@@ -290,6 +322,22 @@ class RunLog:
                         "data_wait_share": window.wait / elapsed})
             bar.set_postfix(loss=f"{means['loss']:.4f}", fps=f"{fps:.0f}", wait=f"{window.wait / elapsed:.0%}")
         window.reset(now)
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite; the run stops before the broken state is checkpointed."""
+
+
+def check_finite(finite: list[float], world: int, state, loss: float, lr: float, run: Path) -> None:
+    """Stop at the first step of the window whose loss was not finite on some rank, naming it."""
+    bad = [i for i, f in enumerate(finite) if f < world]
+    if bad:
+        step = state.step - len(finite) + bad[0] + 1
+        raise TrainingDiverged(
+            f"{run}: the loss is not finite ({loss}) at step {step} (epoch {state.epoch + 1}); training "
+            f"stopped and {run / 'last.pt'} keeps the last checkpoint before it. Lower the learning rate "
+            f"(lr {lr}) or check the data"
+        )
 
 
 def epoch_means(acc: dict[str, float]) -> dict[str, float]:

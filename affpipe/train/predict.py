@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from affpipe.dist import pick_device
+from affpipe.io import confined_path, safe_name
 from affpipe.labels import AU_NAMES, EXPR_CLASSES
 from affpipe.loaders.base import LoaderConfig
 from affpipe.train.checkpoint import resolve_checkpoint
@@ -35,15 +36,16 @@ _DIRS = {"va": "VA", "expr": "EXPR", "au": "AU"}
 _HEADERS = {"va": "valence,arousal", "expr": ",".join(EXPR_CLASSES), "au": ",".join(AU_NAMES)}
 
 
-def _frame_table(shards: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(row_id, video, frame, has_image) of ``split`` from the label table the manifest names."""
+def _frame_table(shards: Path, split: str, index: Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(row_id, video, frame, has_image) of ``split`` from the label table the manifest names
+    (``index`` overrides where that table is)."""
     import pyarrow.compute as pc
 
     from affpipe.index.build import load_index
     from affpipe.shards.format import manifest_index, read_manifest
 
-    manifest = read_manifest(shards)
-    table, _ = load_index(manifest_index(shards, manifest), table=manifest.get("table", "frames"))
+    manifest = read_manifest(shards, full=False)
+    table, _ = load_index(manifest_index(shards, manifest, index), table=manifest.get("table", "frames"))
     table = table.filter(pc.equal(table.column("split"), split))
     table = table.sort_by([("video", "ascending"), ("frame", "ascending")])
     col = lambda name: table.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
@@ -68,12 +70,13 @@ def _task_lines(task: str, pred: dict[str, np.ndarray], idx: np.ndarray) -> list
 
 def predict(ckpt: Path, shards: Path, out: Path, fmt: str = "abaw-per-video", *, split: str = "val",
             batch_size: int | None = None, device: str = "auto", loader: LoaderConfig | None = None,
-            au_thresholds: list[float] | None = None) -> dict[str, Any]:
+            au_thresholds: list[float] | None = None, index: Path | None = None) -> dict[str, Any]:
     """Run a checkpoint over ``split`` of ``shards`` and write submission files under ``out``.
 
     AU thresholds: ``au_thresholds`` if given, else ``au_thresholds.json`` beside the
     checkpoint (from ``affpipe evaluate --tune-au-thresholds``), else 0.5. Returns a summary
-    (files written, videos, lines, lines filled from a neighbouring frame).
+    (files written, videos, lines, lines filled from a neighbouring frame, samples skipped).
+    ``index``: the label index when it is not where the shard manifest says.
     """
     from affpipe.train.metrics import MetricAccumulator
 
@@ -89,13 +92,15 @@ def predict(ckpt: Path, shards: Path, out: Path, fmt: str = "abaw-per-video", *,
         au_thresholds = [float(saved[name]) for name in AU_NAMES]
         log.info("using the tuned AU thresholds of %s", ckpt.parent / THRESHOLDS_FILE)
 
+    row_id, video, frame, has_image = _frame_table(Path(shards), split, index)
+    for name in np.unique(video).tolist():  # names from data: all checked before any work or write
+        safe_name(str(name), f"the label table of {Path(shards) / 'manifest.json'}: video")
     loader = eval_loader(shards, split, cfg, dev, batch_size=batch_size, loader=loader)
     acc = MetricAccumulator(cfg.heads)
     for outputs, batch in iterate_outputs(model, loader, device=dev, amp=cfg.amp):
         acc.update(outputs, batch)
     pred = acc.predictions(au_thresholds=au_thresholds)
 
-    row_id, video, frame, has_image = _frame_table(Path(shards), split)
     n_rows = int(max(row_id.max(initial=-1), pred["row_id"].max(initial=-1))) + 1
     where = np.full(n_rows, -1, np.int64)  # row_id → position in pred
     where[pred["row_id"]] = np.arange(len(pred["row_id"]))
@@ -131,9 +136,9 @@ def predict(ckpt: Path, shards: Path, out: Path, fmt: str = "abaw-per-video", *,
         names = [f"{name}/{f:05d}.jpg" for f in targets]
         if fmt == "abaw-per-video":
             for task in cfg.heads:
-                folder = out / _DIRS[task]
-                folder.mkdir(exist_ok=True)
-                path = folder / f"{name}.txt"
+                # The name comes from data: it becomes a path only if it stays under OUT.
+                path = confined_path(out, f"{_DIRS[task]}/{name}.txt", f"predict -o {out}")
+                path.parent.mkdir(exist_ok=True)
                 path.write_text(_HEADERS[task] + "\n" + "\n".join(_task_lines(task, pred, idx)) + "\n")
                 files.append(path)
         else:
@@ -155,7 +160,8 @@ def predict(ckpt: Path, shards: Path, out: Path, fmt: str = "abaw-per-video", *,
     lines = len(images) if fmt != "abaw-per-video" else None
     summary = {"format": fmt, "split": split, "checkpoint": str(ckpt), "videos": n_videos,
                "predicted_frames": int(len(pred["row_id"])), "filled_from_neighbour": filled,
-               "files": [str(f) for f in files], "lines": lines, "au_thresholds": au_thresholds}
+               "files": [str(f) for f in files], "lines": lines, "au_thresholds": au_thresholds,
+               "skipped": dict(getattr(loader, "skipped", {}))}
     log.info("wrote %d file(s) for %d videos under %s (%d lines filled from a neighbouring frame)",
              len(files), n_videos, out, filled)
     return summary
