@@ -31,9 +31,10 @@ def _val_frames(shard_dir: Path) -> dict[str, tuple[int, int]]:
     import pyarrow.compute as pc
 
     from affpipe.index.build import load_index
+    from affpipe.shards.format import manifest_index
 
     manifest = json.loads((shard_dir / "manifest.json").read_text())
-    table, _ = load_index(Path(manifest["index"]), table=manifest.get("table", "frames"))
+    table, _ = load_index(manifest_index(shard_dir, manifest), table=manifest.get("table", "frames"))
     table = table.filter(pc.equal(table["split"], "val"))
     out = {}
     for video in set(table["video"].to_pylist()):

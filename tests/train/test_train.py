@@ -189,10 +189,11 @@ def _baselines(shards: Path) -> tuple[float, float]:
     import pyarrow.compute as pc
 
     from affpipe.index.build import load_index
+    from affpipe.shards.format import manifest_index
     from affpipe.labels import AU_NAMES
 
     manifest = json.loads((shards / "manifest.json").read_text())
-    table, _ = load_index(Path(manifest["index"]), table=manifest.get("table", "frames"))
+    table, _ = load_index(manifest_index(shards, manifest), table=manifest.get("table", "frames"))
     table = table.filter(pc.and_(pc.equal(table["split"], "val"), table["has_image"]))
     expr = table["expr"].to_numpy(zero_copy_only=False)
     prior = np.bincount(expr[expr >= 0], minlength=8) / max((expr >= 0).sum(), 1)
