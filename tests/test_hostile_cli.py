@@ -131,7 +131,7 @@ CASES = {
     "manifest missing key": (lambda b, t, m: _manifest(_copy(b, t, "shards"), lambda x: x.pop("options")), "missing key options"),
     "manifest wrong type": (lambda b, t, m: _manifest(_copy(b, t, "shards"), lambda x: x["splits"]["train"].update(samples=[1])), "must be int"),
     "manifest invalid JSON": (lambda b, t, m: [(lambda s: ((s / "manifest.json").write_text("{"), "verify")[1])(_copy(b, t, "shards")), str(t / "shards")], "not valid JSON"),
-    "loader on a garbage .idx": (_garbage_idx_loader, "malformed index line"),
+    "loader on a garbage .idx": (_garbage_idx_loader, "malformed last line"),
     "shard --samples-per-shard 0": (lambda b, t, m: ["shard", str(b / "index"), "-o", str(t / "s"), "--samples-per-shard", "0"], "--samples-per-shard"),
     "shard --workers 0": (lambda b, t, m: ["shard", str(b / "index"), "-o", str(t / "s"), "--workers", "0"], "--workers"),
     "shard --tasks foo": (lambda b, t, m: ["shard", str(b / "index"), "-o", str(t / "s"), "--tasks", "foo"], "tasks must be"),
