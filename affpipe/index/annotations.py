@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from affpipe.io import clip, safe_name
+from affpipe.io import clip, is_safe_name, safe_name
 from affpipe.labels import AU_NAMES, EXPR_CLASSES, MAX_FRAME, NUM_AU, TASKS, VA_INVALID, VA_NAMES
 
 log = logging.getLogger(__name__)
@@ -497,7 +497,7 @@ def _mtl_fast(body: bytes, order: list[int] | None) -> tuple[list[str], np.ndarr
         return None
     parts = parts.combine_chunks()
     videos = parts.field("video")
-    if not all(_plain(v) for v in pc.unique(videos).to_pylist()):
+    if not all(is_safe_name(v) for v in pc.unique(videos).to_pylist()):
         return None  # the scanner names the file:line of the first hostile name
     digits = parts.field("frame")
     if len(digits) and pc.max(pc.utf8_length(digits)).as_py() >= len(str(MAX_FRAME)):
@@ -505,13 +505,6 @@ def _mtl_fast(body: bytes, order: list[int] | None) -> tuple[list[str], np.ndarr
     frame = digits.to_numpy(zero_copy_only=False).astype(np.int64)
     return videos.to_pylist(), frame, vals
 
-
-def _plain(name: str) -> bool:
-    try:
-        safe_name(name, "")
-    except ValueError:
-        return False
-    return True
 
 
 def parse_mtl(files: dict[str, Path], on_bad_line: str = "error") -> MTLParsed:
