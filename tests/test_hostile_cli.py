@@ -102,7 +102,7 @@ def _bad_recipe(key: str, value: str):
     def case(base, tmp, mp):
         recipe = tmp / "r.toml"
         section, _, name = key.rpartition(".")
-        recipe.write_text(f'task = "va"\n' + (f"[{section}]\n" if section else "") + f"{name} = {value}\n")
+        recipe.write_text('task = "va"\n' + (f"[{section}]\n" if section else "") + f"{name} = {value}\n")
         return ["train", "--config", str(recipe), "--shards", str(base / "shards"), "-o", str(tmp / "run")]
     return case
 

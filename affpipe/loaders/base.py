@@ -43,6 +43,7 @@ import torch
 
 from affpipe.batch import Batch
 from affpipe.dist import default_workers, dist_env
+from affpipe.loaders.checks import empty_jpegs
 from affpipe.loaders.plan import epoch_seed, rank_range, shard_order
 from affpipe.shards.format import (
     MANIFEST,
@@ -54,7 +55,6 @@ from affpipe.shards.format import (
     split_frame_size,
     write_idx_lines,
 )
-from affpipe.loaders.checks import empty_jpegs
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from affpipe.batch import Batch
-from affpipe.loaders.augment import NATIVE_SIZE, sample_params, warp_batch
 from affpipe.labels import record_problems
+from affpipe.loaders.augment import NATIVE_SIZE, sample_params, warp_batch
 from affpipe.loaders.base import BaseLoader
 from affpipe.loaders.checks import decode_jpeg
 from affpipe.loaders.plan import epoch_samples

@@ -51,6 +51,14 @@ from tqdm import tqdm
 from affpipe.index.build import TABLE_FILES, load_index
 from affpipe.io import atomic_write_text, fsync_dir, sha256_file
 from affpipe.labels import RECORD_SIZE, RECORD_VERSION, SPLITS, TASKS, records_from_table
+from affpipe.shards.checks import (
+    DEFAULT_FRAME_SIZE,
+    check_frame,
+    check_image_paths,
+    check_not_empty,
+    common_frame_size,
+)
+from affpipe.shards.folder import check_output_folder, remove_stale, writer_lock
 from affpipe.shards.format import (
     BLOCK,
     MANIFEST_SCHEMA_VERSION,
@@ -60,14 +68,6 @@ from affpipe.shards.format import (
     tar_end_padding,
     tar_header,
     write_manifest,
-)
-from affpipe.shards.folder import check_output_folder, remove_stale, writer_lock
-from affpipe.shards.checks import (
-    DEFAULT_FRAME_SIZE,
-    check_frame,
-    check_image_paths,
-    check_not_empty,
-    common_frame_size,
 )
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,7 @@ def test_mtl_row_with_a_path_as_video_is_refused_with_file_line(tree, tmp_path, 
     lines.insert(3, row + ",0.1,0.2,3,0,0,0,0,0,0,0,0,0,0,0,0")
     mtl.write_text("\n".join(lines) + "\n")
     out = tmp_path / "index"
-    with pytest.raises(ValueError, match=rf"train_set\.txt:4: bad image path .*plain name"):
+    with pytest.raises(ValueError, match=r"train_set\.txt:4: bad image path .*plain name"):
         _index(tree, out)
     assert not out.exists()  # refused before anything was written
 

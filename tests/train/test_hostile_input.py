@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from affpipe.train.checkpoint import load_checkpoint
 from affpipe.loaders import LoaderConfig
+from affpipe.train.checkpoint import load_checkpoint
 from affpipe.train.config import load_config
 
 TORCH = LoaderConfig(backend="torch", num_workers=0)
@@ -70,8 +70,8 @@ def mtl_run(shard_dir, tmp_path_factory) -> Path:
 
 
 def test_predict_refuses_a_video_name_that_leaves_out(mtl_run, shard_dir, tmp_path):
-    from affpipe.train.predict import predict
     from affpipe.shards import manifest_index
+    from affpipe.train.predict import predict
 
     index = tmp_path / "crafted"
     shutil.copytree(manifest_index(shard_dir), index)
@@ -88,9 +88,9 @@ def test_predict_refuses_a_video_name_that_leaves_out(mtl_run, shard_dir, tmp_pa
 
 
 def test_train_and_predict_after_moving_shards_and_index(mtl_run, shard_dir, tmp_path):
-    from affpipe.train.predict import predict
     from affpipe.shards import ShardConfig, manifest_index, write_shards
     from affpipe.train.loop import train
+    from affpipe.train.predict import predict
 
     data = tmp_path / "data"
     shutil.copytree(manifest_index(shard_dir), data / "index")

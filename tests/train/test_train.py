@@ -189,8 +189,8 @@ def _baselines(shards: Path) -> tuple[float, float]:
     import pyarrow.compute as pc
 
     from affpipe.index.build import load_index
-    from affpipe.shards.format import manifest_index
     from affpipe.labels import AU_NAMES
+    from affpipe.shards.format import manifest_index
 
     manifest = json.loads((shards / "manifest.json").read_text())
     table, _ = load_index(manifest_index(shards, manifest), table=manifest.get("table", "frames"))
