@@ -215,7 +215,7 @@ def prepare_data(cfg: ExperimentsConfig, grid: Grid) -> tuple[Path, str]:
     from affpipe.twin import prepare_data as prepare
 
     if cfg.shards is not None:
-        read_manifest(cfg.shards)  # fail before any run starts
+        read_manifest(cfg.shards, full=False)  # fail before any run starts
         return Path(cfg.shards), f"shards `{cfg.shards}`"
     if cfg.root is not None:
         data = prepare(Path(cfg.out) / "data", root=cfg.root, split="all", workers=cfg.workers)

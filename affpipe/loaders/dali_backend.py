@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 SHUFFLE_FILL = 8192  # samples in DALI's shuffle buffer (encoded: ~5 kB each)
 
 
-def _graph(paths, index_paths, *, aug, gpu: bool, rank: int, world: int, reader_seed: int, fill: int):
+def _graph(paths, index_paths, *, aug, gpu: bool, rank: int, world: int, reader_seed: int, fill: int,
+           native: int = NATIVE_SIZE):
     """Reader → decoder (→ resize) (→ flip+rotation warp: on the GPU only, see the module doc)."""
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
@@ -55,7 +56,7 @@ def _graph(paths, index_paths, *, aug, gpu: bool, rank: int, world: int, reader_
     img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
     shape = fn.peek_image_shape(jpg)  # the stored frame's size, before any resize: checked per batch
     size = aug.image_size
-    if size != NATIVE_SIZE:
+    if size != native:  # the split's stored frame size (as the torch backend, which resizes the same)
         img = fn.resize(img, size=(size, size), interp_type=types.INTERP_LINEAR, antialias=True)
     if not (aug.augments and gpu):
         return img, lbl, shape
@@ -87,6 +88,7 @@ class DaliLoader(BaseLoader):
         pipe = pipeline_def(_graph, batch_size=self.batch_size, num_threads=max(1, self.num_workers),
                             device_id=device_id, seed=seed, prefetch_queue_depth=2)(
             [str(s.tar) for s in shards], [str(s.idx) for s in shards], aug=self.aug, gpu=gpu,
+            native=(self.frame_size or (NATIVE_SIZE, NATIVE_SIZE))[0],
             rank=self.rank, world=self.world, reader_seed=seed, fill=fill,
         )
         pipe.build()
@@ -154,12 +156,12 @@ class DaliLoader(BaseLoader):
         """Positions of the batch's samples that may enter it: stored frame of the split's size,
         decoded to ``image_size``, label record in range. A bad one raises naming shard and key,
         or is dropped and counted (``on_bad="skip"``)."""
-        want = self.frame_size or (NATIVE_SIZE, NATIVE_SIZE)
+        want = self.frame_size  # None: shards from before sizes were recorded; the decoded size still counts
         size = self.aug.image_size
         out_shapes = [tuple(sh[:2]) for sh in images.shape()[:n]]
         problems = {i: why for i, why in record_problems(raw)}
         for i in range(n):
-            if tuple(shapes[i]) != tuple(want):
+            if want is not None and tuple(shapes[i]) != tuple(want):
                 problems.setdefault(i, f"frame is {shapes[i][1]}x{shapes[i][0]}, the split's frames are {want[1]}x{want[0]}")
             elif out_shapes[i] != (size, size):
                 problems.setdefault(i, f"decoded to {out_shapes[i][1]}x{out_shapes[i][0]}, not {size}x{size}")
