@@ -23,11 +23,13 @@ Epoch plan (identical in both backends, so they yield the same samples):
   batch; evaluation gathers metrics at the end, it has no per-batch collective.
 
 Bad shards: a missing ``.idx``, a truncated tar (the index points past its end) or a malformed
-index raise ``ValueError`` naming the shard (and the first key lost) when the loader is made;
-an undecodable JPEG raises naming the shard and key while iterating. With ``on_bad="skip"``
-missing/truncated shards lose only the unreadable samples and an undecodable image is dropped
-from its batch (torch backend); ``loader.skipped`` counts what was skipped. The DALI backend
-cannot drop a sample inside its decoder: an undecodable JPEG is always an error there (the
+index raise ``ValueError`` naming the shard (and the first key lost) when the loader is made.
+Bad samples (:mod:`affpipe.loaders.checks`: an empty or undecodable JPEG, a frame of another
+size than the split's recorded ``frame_size`` — never squashed —, a label record out of range)
+raise naming the shard and key while iterating. With ``on_bad="skip"`` missing/truncated shards
+lose only the unreadable samples, zero-byte JPEGs are left out of the index, and a bad sample is
+dropped from its batch; ``loader.skipped`` counts what was skipped. The DALI backend cannot drop
+a sample inside its decoder: an undecodable (non-empty) JPEG is always an error there (the
 message names shard and key and suggests ``backend="torch", on_bad="skip"``).
 """
 

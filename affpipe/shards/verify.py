@@ -4,7 +4,9 @@ Per shard: size and sha256 against the manifest; the tar structure (header check
 paired as ``<key>.jpg`` + ``<key>.lbl``, nothing truncated); the ``.idx`` against the offsets
 and sizes of the members as found in the tar; the keys against the shard plan recomputed from
 the index (so every kept frame appears exactly once, in the planned order); every ``.lbl``
-record byte for byte against its row of the label table; with ``decode`` every JPEG decodes.
+record byte for byte against its row of the label table; no zero-byte JPEG; with ``decode``
+every JPEG decodes. Frames skipped while writing (``bad_images`` in the manifest) are left out of
+the recomputed plan; a split that lost all its rows is a problem (a wrong ``--images``).
 """
 
 from __future__ import annotations
