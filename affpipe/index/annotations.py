@@ -208,7 +208,7 @@ def _ignored_folder(path: Path, used: dict[str, Path]) -> Unused:
     task = CHALLENGE_DIRS[path.name][0]
     _, n = search_txt(path)
     return Unused(path, f"older-edition {task.upper()} folder ({n} .txt file(s) not read); "
-                        f"{used[task].name} is used")
+                        f"{used[task].name} is used", n)
 
 
 # --- headers --------------------------------------------------------------------------------

@@ -31,10 +31,11 @@ class Unused:
 
     path: Path
     reason: str
+    txt_files: int = 0  # .txt files not read because of it (the file itself, or those in the folder)
 
     def describe(self) -> dict:
         """JSON-able form for ``index.json``."""
-        return {"path": str(self.path), "reason": self.reason}
+        return {"path": str(self.path), "reason": self.reason, "txt_files": self.txt_files}
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def _split_folder(folder: Path, split: str) -> tuple[list[tuple[str, str, Path]]
         elif e.is_dir():
             _, n = search_txt(Path(e.path))
             unused.append(Unused(Path(e.path), f"folder inside a split folder ({n} .txt file(s) not read); "
-                                               "only <video>.txt files directly in it are read"))
+                                               "only <video>.txt files directly in it are read", n))
     return files, unused
 
 
@@ -109,13 +110,14 @@ def scan_challenge(folder: Path) -> ChallengeContents:
             lists += sub_lists
             stray += others
             if others or not sub_lists:
-                unused.append(Unused(path, f"not a split folder ({SPLIT_SPELLINGS}); {others} .txt file(s) not read"))
+                unused.append(Unused(path, f"not a split folder ({SPLIT_SPELLINGS}); {others} .txt file(s) not read",
+                                     others))
         elif _is_txt(e):
             if is_test_list_name(e.name):
                 lists.append(path)
             else:
                 stray += 1
-                unused.append(Unused(path, "annotation file outside a split folder"))
+                unused.append(Unused(path, "annotation file outside a split folder", 1))
     if stray and not files:
         where = ", ".join(str(u.path.name) for u in unused[:5])
         raise ValueError(f"{folder}: {stray} .txt file(s) but none in a split folder ({SPLIT_SPELLINGS}); "
