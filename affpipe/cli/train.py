@@ -123,18 +123,21 @@ def evaluate(run_or_ckpt: Path, shards: Path, split: str, tune_au_thresholds: bo
                    "the output keeps its header, rows and row order; repeatable (one per task).")
 @click.option("--fill-missing", is_flag=True,
               help="Template rows of videos not in the split get a default prediction instead of an error.")
+@click.option("--edition", type=click.Choice(["abaw1", "abaw2", "abaw3"]), default="abaw3",
+              help="abaw-per-video headers: abaw1 (7 classes; AU1,AU2,AU4,AU6,AU12,AU15,AU20,AU25), "
+                   "abaw2 (7 classes, 12 AUs), abaw3 (ABAW3-4: 8 classes, 12 AUs).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @_loader_options
 def predict(ckpt: Path, shards: Path, out: Path, fmt: str, split: str, templates: tuple[Path, ...],
-            fill_missing: bool, batch_size: int | None, backend: str, device: str, num_workers: int | None,
-            on_bad: str) -> None:
+            fill_missing: bool, edition: str, batch_size: int | None, backend: str, device: str,
+            num_workers: int | None, on_bad: str) -> None:
     """Write CKPT's predictions on SHARDS in an ABAW submission format under OUT."""
     from affpipe.loaders import LoaderConfig
     from affpipe.train.predict import predict as run_predict
 
     summary = run_predict(ckpt, shards, out, fmt, split=split, batch_size=batch_size, device=device,
                           loader=LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad),
-                          templates=tuple(templates), fill_missing=fill_missing)
+                          templates=tuple(templates), fill_missing=fill_missing, edition=edition)
     click.echo(f"{len(summary['files'])} file(s), {summary['videos']} videos, "
                f"{summary['filled_from_neighbour']} frame(s) filled from a neighbour → {out}")
     if templates:

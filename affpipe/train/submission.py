@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 
 DIRS = {"va": "VA", "expr": "EXPR", "au": "AU"}
 HEADERS = {"va": "valence,arousal", "expr": ",".join(EXPR_CLASSES), "au": ",".join(AU_NAMES)}
+# per-video headers of each edition's submission (ABAW1: 7 classes, 8 AUs; ABAW2: 7 classes)
+EDITION_HEADERS = {
+    "abaw1": {**HEADERS, "expr": ",".join(EXPR_CLASSES[:7]), "au": "AU1,AU2,AU4,AU6,AU12,AU15,AU20,AU25"},
+    "abaw2": {**HEADERS, "expr": ",".join(EXPR_CLASSES[:7])},
+    "abaw3": HEADERS,
+}
 MTL_HEADER = "image,valence,arousal,expression,aus"
 
 
@@ -179,7 +185,8 @@ def _write_rows(path: Path, header: str, images: tuple[str, ...], values: list[s
     atomic_write_text(path, header + nl + body)
 
 
-def _per_video(p: Predictions, tl: TestList, task_list: list[str], out: Path, tally: _Tally) -> list[Path]:
+def _per_video(p: Predictions, tl: TestList, task_list: list[str], out: Path, tally: _Tally,
+               headers: dict[str, str] = HEADERS) -> list[Path]:
     files = []
     videos = np.array(tl.row_video, dtype=object)
     for name in tl.videos:
@@ -190,25 +197,33 @@ def _per_video(p: Predictions, tl: TestList, task_list: list[str], out: Path, ta
         for task in task_list:
             path = out / DIRS[task] / f"{name}.txt"
             path.parent.mkdir(parents=True, exist_ok=True)
-            values = _values(task, p, idx, HEADERS[task].split(","), tally)
-            atomic_write_text(path, HEADERS[task] + tl.newline + "".join(v + tl.newline for v in values))
+            values = _values(task, p, idx, headers[task].split(","), tally)
+            atomic_write_text(path, headers[task] + tl.newline + "".join(v + tl.newline for v in values))
             files.append(path)
     return files
 
 
 def write_from_templates(templates: tuple[Path, ...], fmt: str, p: Predictions, out: Path, *,
-                         fill_missing: bool = False) -> dict:
-    """Write one output per template under ``out``; returns what was written and filled."""
+                         fill_missing: bool = False, edition: str = "abaw3") -> dict:
+    """Write one output per template under ``out``; returns what was written and filled.
+
+    No template with ``abaw-per-video``: every video of the split, with ``edition``'s headers.
+    """
+    if edition not in EDITION_HEADERS:
+        raise ValueError(f"edition must be one of {tuple(EDITION_HEADERS)}, got {edition!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tally, files, targets = _Tally(), [], {}
-    for path in templates:
-        tl = read_test_list(Path(path))
+    lists = [read_test_list(Path(t)) for t in templates]
+    if not lists and fmt == "abaw-per-video":
+        lists = [TestList(out, "videos", None, None, tuple(sorted(p.known)), (), (), np.zeros(0, np.int64),
+                          np.zeros(0, np.int64), "\n")]
+    for path, tl in zip(templates or [out], lists, strict=True):
         if tl.kind == "videos":
             tl = _frames_of_videos(p, tl, fmt, fill_missing, tally)
         if fmt == "abaw-per-video":
             tasks = [tl.task] if tl.task in p.heads else list(p.heads)
-            files += _per_video(p, tl, tasks, out, tally)
+            files += _per_video(p, tl, tasks, out, tally, EDITION_HEADERS[edition])
             continue
         task = _task(tl, fmt, p.heads)
         if fmt == "mtl" and set(p.heads) != {"va", "expr", "au"}:

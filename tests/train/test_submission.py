@@ -82,7 +82,35 @@ def _test_videos(release) -> dict[str, list[int]]:
     return out
 
 
-def test_hand_made_sample_crlf_7_classes_gaps_and_past_the_end(release, tmp_path):
+@pytest.fixture(scope="module")
+def fake(release):
+    """Predictions for every test crop without running a model (the writers are pure functions)."""
+    import pyarrow.compute as pc
+
+    from affpipe.index.build import load_index
+    from affpipe.train.submission import index_predictions
+
+    table, _ = load_index(release["base"] / "index")
+    table = table.filter(pc.equal(table["split"], "test")).sort_by([("video", "ascending"), ("frame", "ascending")])
+    video = np.array(table["video"].to_pylist(), dtype=object)
+    frame = table["frame"].to_numpy().astype(np.int64)
+    has = table["has_image"].to_numpy(zero_copy_only=False)
+    pos = np.where(has, np.cumsum(has) - 1, -1)
+    n = int(has.sum())
+    rng = np.random.default_rng(0)
+    prob = rng.dirichlet(np.ones(8), n).astype(np.float32)
+    pred = {"row_id": np.arange(n), "va": rng.uniform(-1, 1, (n, 2)).astype(np.float32), "expr": prob.argmax(1),
+            "expr_prob": prob, "au": (rng.random((n, 12)) < 0.3).astype(np.int8)}
+    return index_predictions(pred, ("va", "expr", "au"), video, frame, pos, has)
+
+
+def _write(fake, templates, out, fmt="abaw-single", **kw):
+    from affpipe.train.submission import write_from_templates
+
+    return write_from_templates(tuple(templates), fmt, fake, out, **kw)
+
+
+def test_hand_made_sample_crlf_7_classes_gaps_and_past_the_end(release, fake, tmp_path):
     """An ABAW5-style file: CRLF, trailing comma, frames without a crop and past the last crop,
     a 7-class EXPR header: the output keeps all of it and fills from the nearest frame."""
     videos = _test_videos(release)
@@ -93,7 +121,7 @@ def test_hand_made_sample_crlf_7_classes_gaps_and_past_the_end(release, tmp_path
     text = header + "\r\n" + "".join(f"{v}/{f:05d}.jpg,\r\n" for f in frames)
     template = tmp_path / "CVPR_5th_ABAW_Expr_test_set_sample.txt"
     template.write_bytes(text.encode())
-    summary = _predict(release, tmp_path / "o", "abaw-single", [template])
+    summary = _write(fake, [template], tmp_path / "o")
     raw = (tmp_path / "o" / "EXPR.txt").read_bytes().decode()
     assert raw.count("\r\n") == len(frames) + 1 and raw.startswith(header + "\r\n")
     rows = raw.split("\r\n")[1:-1]
@@ -102,25 +130,25 @@ def test_hand_made_sample_crlf_7_classes_gaps_and_past_the_end(release, tmp_path
     assert summary["past_last_frame"] == 2 and summary["filled_from_neighbour"] >= 2
 
 
-def test_abaw1_au_header_and_unknown_video(release, tmp_path):
+def test_abaw1_au_header_and_unknown_video(release, fake, tmp_path):
     videos = _test_videos(release)
     v = sorted(videos)[0]
     header = "image_location,AU1,AU2,AU4,AU6,AU12,AU15,AU20,AU25"
     template = tmp_path / "au_sample.txt"
     template.write_text(header + "\n" + f"{v}/00001.jpg,\nnot_a_test_video/00001.jpg,\n")
     with pytest.raises(ValueError, match=r"au_sample\.txt:3: video 'not_a_test_video' is not in the predicted split"):
-        _predict(release, tmp_path / "o", "abaw-single", [template])
-    summary = _predict(release, tmp_path / "o", "abaw-single", [template], fill_missing=True)
+        _write(fake, [template], tmp_path / "o")
+    summary = _write(fake, [template], tmp_path / "o", fill_missing=True)
     rows = _lines(tmp_path / "o" / "AU.txt")
     assert rows[0] == header and rows[2] == "not_a_test_video/00001.jpg,0,0,0,0,0,0,0,0"
     assert rows[1].split(",")[7] == "0"  # AU20: no model output
     assert summary["filled_missing"] == 1 and summary["unpredicted_columns"] == ["AU20"]
 
 
-def test_per_video_from_names_list(release, tmp_path):
+def test_per_video_from_names_list(release, fake, tmp_path):
     names = release["tree"] / TESTSET / "names_of_videos_in_each_test_set" / "Valence_Arousal_Estimation_Challenge_test_set_release.txt"
     listed = names.read_text().split()
-    _predict(release, tmp_path, "abaw-per-video", [names])
+    _write(fake, [names], tmp_path, "abaw-per-video")
     written = sorted(p.stem for p in (tmp_path / "VA").glob("*.txt"))
     assert written == sorted(listed) and not (tmp_path / "EXPR").exists()
     videos = _test_videos(release)
@@ -130,7 +158,22 @@ def test_per_video_from_names_list(release, tmp_path):
         assert np.abs(np.array([[float(x) for x in ln.split(",")] for ln in lines[1:]])).max() <= 1.0
 
 
+def test_per_video_abaw1_headers(release, fake, tmp_path):
+    """ABAW1's per-video submission: 7 classes (the best of those 7) and the 8-AU header."""
+    summary = _write(fake, [], tmp_path, "abaw-per-video", edition="abaw1")
+    videos = _test_videos(release)
+    assert sorted(p.stem for p in (tmp_path / "AU").glob("*.txt")) == sorted(videos)
+    for v in videos:
+        au = _lines(tmp_path / "AU" / f"{v}.txt")
+        ex = _lines(tmp_path / "EXPR" / f"{v}.txt")
+        assert au[0] == "AU1,AU2,AU4,AU6,AU12,AU15,AU20,AU25" and all(len(r.split(",")) == 8 for r in au[1:])
+        assert ex[0] == "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise"
+        assert all(0 <= int(r) <= 6 for r in ex[1:]) and len(ex) == 1 + max(videos[v])
+    assert summary["unpredicted_columns"] == ["AU20"]
+
+
 def test_test_predictions_without_template(release, tmp_path):
+    """The old path (no template) on the test split: every frame 1..last of every test video."""
     summary = _predict(release, tmp_path, "abaw-single", [])
     videos = _test_videos(release)
     au = _lines(tmp_path / "AU.txt")
