@@ -195,3 +195,33 @@ def test_list_shapes(tmp_path):
     assert old.task == "au" and old.videos == ("video9",)
     with pytest.raises(ValueError, match=r"CVPR_6th_ABAW_VA_test_set_example\.txt:3: expected <video>/<frame>\.jpg"):
         read_test_list(put(tmp_path, "CVPR_6th_ABAW_VA_test_set_example.txt", "image_location,valence,arousal\nv/00001.jpg,\nv/1.png,\n"))
+
+
+def test_cli_index_test_list_stats_and_show(tmp_path):
+    """``affpipe index --test-list`` / ``stats`` / ``shard --split test`` / ``show --split test``."""
+    from click.testing import CliRunner
+
+    from affpipe.cli import main
+
+    abaw1_tree(tmp_path / "t")
+    for v in ("video9",):  # real JPEGs for show
+        import cv2
+
+        for f in (1, 2, 4):
+            cv2.imwrite(str(tmp_path / "t/cropped_aligned/cropped_aligned" / v / f"{f:05d}.jpg"),
+                        np.full((16, 16, 3), 128, np.uint8))
+    lst = put(tmp_path, "expression_test_set.txt", "video9\r\n")
+    run = CliRunner().invoke
+    res = run(main, ["index", str(tmp_path / "t"), "-o", str(tmp_path / "i"), "--test-list", str(lst), "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert "test: 1 videos, 3 frames; rule: test lists" in res.output and "unused AU column AU20" in res.output
+    res = run(main, ["stats", str(tmp_path / "i"), "-o", str(tmp_path / "st")])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "st" / "stats.md").read_text()
+    assert "## Test split" in md and "1 videos, 3 frames, 3 with an image" in md and "column AU20" in md
+    assert "| | train | val | test |" in md
+    res = run(main, ["shard", str(tmp_path / "i"), "-o", str(tmp_path / "s"), "--split", "test", "--workers", "1"])
+    assert res.exit_code == 0 and "test: 3 samples" in res.output, res.output
+    res = run(main, ["show", str(tmp_path / "s"), "-o", str(tmp_path / "g.png"), "--split", "test", "--n", "3"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "g.png").stat().st_size > 0
