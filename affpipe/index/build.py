@@ -334,7 +334,8 @@ def build_index(cfg: IndexConfig) -> dict:
     mtl = parse_mtl(layout.mtl_files, cfg.on_bad_line) if layout.mtl_files else None
     # the MTL validation videos take part in the split rule too
     mtl_val = {v for v, sp in zip(mtl.video, mtl.split, strict=False) if sp == "val"} if mtl else set()
-    rule = TestRule(load_test_lists([*layout.test_lists, *cfg.test_lists]), frozenset(mtl.video) if mtl else frozenset())
+    found, not_lists = load_test_lists(layout.test_lists, strict=False)
+    rule = TestRule(found + load_test_lists(cfg.test_lists)[0], frozenset(mtl.video) if mtl else frozenset())
     jobs, split_info = _jobs(layout, cfg.on_bad_line, mtl_val, rule)
     results = _run_jobs(jobs, cfg.workers)
     frames = _frames_table(results)
@@ -365,7 +366,7 @@ def build_index(cfg: IndexConfig) -> dict:
         "bad_line_locations": bad[:100],
         "expr_headers": _header_kinds(results, "expr"),
         "au_headers": _header_kinds(results, "au"),
-        **_release_report(layout, results, split_info),
+        **_release_report(layout, results, split_info, not_lists),
     }
     if mtl is not None:
         mtl_table, counts["mtl"] = _mtl_table(mtl, results, split_info["val_videos"], split_info["test_videos"])
@@ -385,7 +386,7 @@ def build_index(cfg: IndexConfig) -> dict:
     return counts
 
 
-def _release_report(layout: Layout, results: list[_Video], split_info: dict) -> dict:
+def _release_report(layout: Layout, results: list[_Video], split_info: dict, not_lists: list[dict]) -> dict:
     """What of the release was not used (folders, files, columns) and how the test split was made."""
     columns: dict[str, dict[str, int]] = {}
     for r in results:
@@ -393,7 +394,8 @@ def _release_report(layout: Layout, results: list[_Video], split_info: dict) -> 
             c = columns.setdefault(key, {"files": 0, "rows": 0})
             c["files"] += 1
             c["rows"] += rows
-    return {"test": split_info["test"], "unused": [u.describe() for u in layout.unused], "unused_columns": columns}
+    unused = [u.describe() for u in layout.unused] + not_lists
+    return {"test": split_info["test"], "unused": unused, "unused_columns": columns}
 
 
 VIDEOS_SCHEMA = pa.schema(

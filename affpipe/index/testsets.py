@@ -172,11 +172,24 @@ class TestRule:
         return test, report
 
 
-def load_test_lists(paths: list[Path] | tuple[Path, ...]) -> tuple[TestList, ...]:
-    """Parse every list once (the same file found twice counts once)."""
+def load_test_lists(paths: list[Path] | tuple[Path, ...], *, strict: bool = True) -> tuple[tuple[TestList, ...], list[dict]]:
+    """Parse every list once (the same file found twice counts once).
+
+    ``strict=False`` (files found by their name in the tree): a file that does not read as a list
+    is returned as an unused entry with the reason, not an error; a list given by the user
+    (``--test-list``) must read.
+    """
     seen: dict[Path, TestList] = {}
+    bad: list[dict] = []
     for p in paths:
         key = Path(p).resolve()
-        if key not in seen:
+        if key in seen:
+            continue
+        try:
             seen[key] = read_test_list(key)
-    return tuple(seen.values())
+        except ValueError as exc:
+            if strict:
+                raise
+            log.warning("not a test-set list: %s", exc)
+            bad.append({"path": str(key), "reason": f"named like a test-set list but not one: {exc}", "txt_files": 1})
+    return tuple(seen.values()), bad

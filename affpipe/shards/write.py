@@ -9,9 +9,9 @@ record of :mod:`affpipe.labels`), key = ``f"{row_id:010d}"``. Output::
 
 Rows are kept when they have an image and at least one valid label of the chosen tasks; the
 others are counted per reason (``no_image``, ``no_label``). The ``test`` split keeps every frame
-with an image, and its records carry no label (every mask false; see ``labels.records_from_table``). An image the index lists but the
-disk lacks is an error naming the file (the index is stale; a silently smaller dataset would
-be worse), not a skip.
+with an image, and its records carry no label (every mask false; ``labels.records_from_table``).
+An image the index lists but the disk lacks is an error naming the file (the index is stale; a
+silently smaller dataset would be worse), not a skip.
 
 Deterministic: the shard plan (which rows go in which shard, in which order) depends only on
 the index, the options and the seed; tar headers carry fixed metadata (mtime 0, uid/gid 0,

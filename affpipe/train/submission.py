@@ -27,6 +27,7 @@ import numpy as np
 from affpipe.index.testsets import TestList, read_test_list
 from affpipe.io import atomic_write_text
 from affpipe.labels import AU_NAMES, EXPR_CLASSES, VA_NAMES
+from affpipe.train.predict import _fill_nearest  # one owner of the nearest-frame rule
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +75,6 @@ def index_predictions(pred: dict[str, np.ndarray], heads: tuple[str, ...], video
     return Predictions(pred, tuple(heads), known, last, crops)
 
 
-def _nearest(frames: np.ndarray, known_frames: np.ndarray) -> np.ndarray:
-    right = np.clip(np.searchsorted(known_frames, frames), 0, len(known_frames) - 1)
-    left = np.clip(right - 1, 0, len(known_frames) - 1)
-    use_left = np.abs(frames - known_frames[left]) <= np.abs(known_frames[right] - frames)
-    return np.where(use_left, left, right)
-
-
 def _lookup(p: Predictions, tl: TestList, fill_missing: bool, tally: _Tally) -> np.ndarray:
     """Position in ``p.pred`` for every template row (-1: default prediction)."""
     videos = np.array(tl.row_video, dtype=object)
@@ -97,7 +91,7 @@ def _lookup(p: Predictions, tl: TestList, fill_missing: bool, tally: _Tally) -> 
             tally.missing += [f"{where} {name}"] * len(rows)
             continue
         frames = tl.frames[rows]
-        near = _nearest(frames, kf)
+        near = _fill_nearest(frames, kf)
         idx[rows] = kp[near]
         tally.filled_from_neighbour += int((kf[near] != frames).sum())
         tally.past_last_frame += int((frames > p.last.get(name, 0)).sum())
