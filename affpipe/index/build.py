@@ -484,7 +484,7 @@ def _release_lines(counts: dict) -> list[str]:
         rows += [f"  list {x['path']} ({x['kind']}, {x['videos']} videos)" for x in t["lists"]]
         for key, what in (("annotated_videos_made_test", "annotated but named by a test list (labels not used)"),
                           ("listed_videos_not_found", "named by a test list, no crops or annotations here"),
-                          ("unlisted_videos_without_annotation", "with crops, no annotation, in no test list")):
+                          ("unlisted_videos_without_annotation", "with crops and no annotation, in no test list (test)")):
             if t[key]:
                 rows.append(f"  {len(t[key])} video(s) {what}: {', '.join(t[key][:8])}"
                             + (" ..." if len(t[key]) > 8 else ""))

@@ -105,6 +105,7 @@ def scan_challenge(folder: Path) -> ChallengeContents:
                 got, skipped = _split_folder(path, split)
                 files += got
                 unused += skipped
+                stray += sum(u.txt_files for u in skipped)
                 continue
             sub_lists, others = search_txt(path)
             lists += sub_lists

@@ -140,8 +140,8 @@ def read_test_list(path: Path) -> TestList:
 
 @dataclass(frozen=True)
 class TestRule:
-    """Which videos are ``test``: those the lists name; with no list, those with crops and no
-    annotation in any task (per-video files or MTL files)."""
+    """Which videos are ``test``: those the lists name, and those with crops and no annotation in
+    any task (per-video files or MTL files), listed or not — an unlabelled video is never train."""
 
     lists: tuple[TestList, ...] = ()
     mtl_videos: frozenset[str] = frozenset()  # videos the MTL annotation files label
@@ -150,19 +150,20 @@ class TestRule:
         """The test videos among ``annotated`` | ``with_images``, and a report for ``index.json``."""
         annotated = set(annotated) | set(self.mtl_videos)
         known = annotated | set(with_images)
+        unlabelled = set(with_images) - annotated
         if self.lists:
             named = set().union(*(t.videos for t in self.lists))
-            test = named & known
+            test = (named & known) | unlabelled
             missing = sorted(named - known)  # named, but neither crops nor annotations here
-            unlisted = sorted(set(with_images) - annotated - named)
+            unlisted = sorted(unlabelled - named)  # test too, but no list asks for them
         else:
-            test, missing, unlisted = set(with_images) - annotated, [], []
+            test, missing, unlisted = unlabelled, [], []
         moved = sorted(test & annotated)
         if moved:
             log.warning("%d annotated video(s) are test because a test list names them (their labels are "
                         "kept in the table but never reach a shard): %s", len(moved), ", ".join(moved[:10]))
         report = {
-            "rule": "test lists" if self.lists else "crops and no annotation (no test list found)",
+            "rule": "test lists + crops without annotation" if self.lists else "crops and no annotation (no test list found)",
             "lists": [t.describe() for t in self.lists],
             "videos": len(test),
             "annotated_videos_made_test": moved,

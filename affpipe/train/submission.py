@@ -75,27 +75,33 @@ def index_predictions(pred: dict[str, np.ndarray], heads: tuple[str, ...], video
     return Predictions(pred, tuple(heads), known, last, crops)
 
 
+def _runs(videos: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """(video, start, stop) of each run of equal consecutive videos (a template lists a video's
+    rows together; a video split over several runs just gives several runs)."""
+    v = np.array(videos, dtype=object)
+    bounds = np.flatnonzero(np.r_[True, v[1:] != v[:-1], True]) if len(v) else np.zeros(1, np.int64)
+    return [(str(v[a]), int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def _lookup(p: Predictions, tl: TestList, fill_missing: bool, tally: _Tally) -> np.ndarray:
     """Position in ``p.pred`` for every template row (-1: default prediction)."""
-    videos = np.array(tl.row_video, dtype=object)
-    idx = np.full(len(videos), -1, np.int64)
-    for name in tl.videos:
-        rows = np.flatnonzero(videos == name)
+    idx = np.full(len(tl.row_video), -1, np.int64)
+    for name, a, b in _runs(tl.row_video):
         kf, kp = p.known.get(name, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
         if not len(kf):
-            where = f"{tl.path}:{int(tl.lines[rows[0]])}" if len(tl.lines) else str(tl.path)
+            where = f"{tl.path}:{int(tl.lines[a])}" if len(tl.lines) else str(tl.path)
             if not fill_missing:
                 why = "has no frame with a prediction" if name in p.known else "is not in the predicted split"
                 raise ValueError(f"{where}: video {name!r} {why}; pass --fill-missing to write the default "
                                  "prediction for its rows")
-            tally.missing += [f"{where} {name}"] * len(rows)
+            tally.missing += [f"{where} {name}"] * (b - a)
             continue
-        frames = tl.frames[rows]
+        frames = tl.frames[a:b]
         near = _fill_nearest(frames, kf)
-        idx[rows] = kp[near]
+        idx[a:b] = kp[near]
         tally.filled_from_neighbour += int((kf[near] != frames).sum())
         tally.past_last_frame += int((frames > p.last.get(name, 0)).sum())
-    tally.rows += len(videos)
+    tally.rows += len(idx)
     return idx
 
 
@@ -182,11 +188,9 @@ def _write_rows(path: Path, header: str, images: tuple[str, ...], values: list[s
 def _per_video(p: Predictions, tl: TestList, task_list: list[str], out: Path, tally: _Tally,
                headers: dict[str, str] = HEADERS) -> list[Path]:
     files = []
-    videos = np.array(tl.row_video, dtype=object)
-    for name in tl.videos:
-        rows = np.flatnonzero(videos == name)
-        sub = TestList(tl.path, "frames", None, None, (name,), (), (name,) * len(rows), tl.frames[rows],
-                       tl.lines[rows], tl.newline)
+    for name, a, b in _runs(tl.row_video):
+        sub = TestList(tl.path, "frames", None, None, (name,), (), (name,) * (b - a), tl.frames[a:b],
+                       tl.lines[a:b], tl.newline)
         idx = _lookup(p, sub, True, tally)
         for task in task_list:
             path = out / DIRS[task] / f"{name}.txt"

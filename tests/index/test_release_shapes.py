@@ -147,9 +147,9 @@ def test_third_abaw_root_with_spaces_and_test_lists(tmp_path):
     counts, ix = index(tmp_path / "t", tmp_path / "i")
     assert counts["tasks"]["va"]["train"]["files"] == 1 and counts["tasks"]["va"]["val"]["files"] == 1
     assert col(ix, "split", "video9", 3) == "test" and col(ix, "split", "video10_left", 2) == "test"
-    assert col(ix, "split", "video11", 1) == "train"  # the lists decide; reported, never labelled
+    assert col(ix, "split", "video11", 1) == "test"  # no annotation: never train, and reported
     t = counts["test"]
-    assert t["rule"] == "test lists" and t["videos"] == 2
+    assert t["rule"].startswith("test lists") and t["videos"] == 3
     assert t["unlisted_videos_without_annotation"] == ["video11"]
     reasons = {Path(u["path"]).name: u["reason"] for u in counts["unused"]}
     assert reasons["Train_Set_refinement"].startswith("not a split folder") and "1 .txt" in reasons["Train_Set_refinement"]
@@ -182,6 +182,9 @@ def test_challenge_folder_with_no_split_folder_is_an_error(tmp_path):
     assert counts["tasks"]["va"]["train"]["files"] == 1
     with pytest.raises(ValueError, match=r"VA_Set: 1 \.txt file\(s\) but none in a split folder .*Trainset2020"):
         index(tmp_path / "u", tmp_path / "j")
+    put(tmp_path, "w/annotations/VA_Set/Training_Set/Training_Set/x.txt", "valence,arousal\n0,0\n")  # unzipped twice
+    with pytest.raises(ValueError, match=r"VA_Set: 1 \.txt file\(s\) but none in a split folder"):
+        index(tmp_path / "w", tmp_path / "k")
 
 
 def test_list_shapes(tmp_path):
