@@ -479,7 +479,7 @@ def _release_lines(counts: dict) -> list[str]:
     """Summary lines for the test split and for everything of the tree that was not used."""
     rows = []
     t = counts.get("test")
-    if t:
+    if t and (t["videos"] or t["lists"]):
         rows.append(f"test: {t['videos']} videos, {counts['splits'].get('test', 0)} frames; rule: {t['rule']}")
         rows += [f"  list {x['path']} ({x['kind']}, {x['videos']} videos)" for x in t["lists"]]
         for key, what in (("annotated_videos_made_test", "annotated but named by a test list (labels not used)"),
