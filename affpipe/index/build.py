@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from affpipe.index.annotations import Layout, MTLParsed, find_layout, parse_annotation, parse_mtl
+from affpipe.index.release import release_lines, release_report
 from affpipe.index.testsets import TestRule, load_test_lists
 from affpipe.io import atomic_write_text, write_parquet
 from affpipe.labels import AU_NAMES, FRAMES_SCHEMA, NUM_AU, SPLITS, TABLE_SCHEMA_VERSION, TASKS
@@ -366,7 +367,7 @@ def build_index(cfg: IndexConfig) -> dict:
         "bad_line_locations": bad[:100],
         "expr_headers": _header_kinds(results, "expr"),
         "au_headers": _header_kinds(results, "au"),
-        **_release_report(layout, results, split_info, not_lists),
+        **release_report(layout, [r.unused_columns for r in results], split_info["test"], not_lists),
     }
     if mtl is not None:
         mtl_table, counts["mtl"] = _mtl_table(mtl, results, split_info["val_videos"], split_info["test_videos"])
@@ -384,18 +385,6 @@ def build_index(cfg: IndexConfig) -> dict:
     atomic_write_text(out / "index.json", json.dumps(meta, indent=2) + "\n")
     log.info("indexed %d frames of %d videos in %.1f s", counts["frames"], counts["videos"], counts["seconds"])
     return counts
-
-
-def _release_report(layout: Layout, results: list[_Video], split_info: dict, not_lists: list[dict]) -> dict:
-    """What of the release was not used (folders, files, columns) and how the test split was made."""
-    columns: dict[str, dict[str, int]] = {}
-    for r in results:
-        for key, rows in r.unused_columns.items():
-            c = columns.setdefault(key, {"files": 0, "rows": 0})
-            c["files"] += 1
-            c["rows"] += rows
-    unused = [u.describe() for u in layout.unused] + not_lists
-    return {"test": split_info["test"], "unused": unused, "unused_columns": columns}
 
 
 VIDEOS_SCHEMA = pa.schema(
@@ -472,28 +461,4 @@ def format_summary(counts: dict) -> str:
         rows.append(f"MTL: {m['rows']} rows (train {m['train_rows']}, val {m['val_rows']}), "
                     f"{m['with_image']} with image, {m['duplicates_collapsed']} duplicates collapsed, "
                     f"{m['bad_lines']} bad lines skipped")
-    return "\n".join(rows + _release_lines(counts))
-
-
-def _release_lines(counts: dict) -> list[str]:
-    """Summary lines for the test split and for everything of the tree that was not used."""
-    rows = []
-    t = counts.get("test")
-    if t and (t["videos"] or t["lists"]):
-        rows.append(f"test: {t['videos']} videos, {counts['splits'].get('test', 0)} frames; rule: {t['rule']}")
-        rows += [f"  list {x['path']} ({x['kind']}, {x['videos']} videos)" for x in t["lists"]]
-        for key, what in (("annotated_videos_made_test", "annotated but named by a test list (labels not used)"),
-                          ("listed_videos_not_found", "named by a test list, no crops or annotations here"),
-                          ("unlisted_videos_without_annotation", "with crops and no annotation, in no test list (test)")):
-            if t[key]:
-                rows.append(f"  {len(t[key])} video(s) {what}: {', '.join(t[key][:8])}"
-                            + (" ..." if len(t[key]) > 8 else ""))
-    for key, c in counts.get("unused_columns", {}).items():
-        task, name = key.split(":", 1)
-        rows.append(f"unused {task.upper()} column {name}: {c['rows']} rows in {c['files']} file(s) "
-                    "(not one of the 12 AUs)")
-    unused = counts.get("unused", [])
-    if unused:
-        rows.append(f"not used ({len(unused)}):")
-        rows += [f"  {u['path']}: {u['reason']}" for u in unused]
-    return rows
+    return "\n".join(rows + release_lines(counts))
