@@ -105,20 +105,26 @@ def _lookup(p: Predictions, tl: TestList, fill_missing: bool, tally: _Tally) -> 
     return idx
 
 
+def _take(arr: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``arr[idx]`` with -1 (no prediction) read as row 0, also when ``arr`` is empty."""
+    if not len(arr):
+        return np.zeros((len(idx), *arr.shape[1:]), arr.dtype)
+    return arr[np.maximum(idx, 0)]
+
+
 def _va(p: Predictions, idx: np.ndarray, names: list[str]) -> list[str]:
     order = [VA_NAMES.index(n) for n in names] if sorted(names) == sorted(VA_NAMES) else [0, 1]
-    va = np.where(idx[:, None] >= 0, p.pred["va"][np.maximum(idx, 0)], 0.0)[:, order]
+    va = np.where(idx[:, None] >= 0, _take(p.pred["va"], idx), 0.0)[:, order]
     return [f"{a:.6f},{b:.6f}" for a, b in va]
 
 
 def _expr(p: Predictions, idx: np.ndarray, names: list[str]) -> list[str]:
     lower = [c.lower() for c in EXPR_CLASSES]
     classes = [lower.index(n.lower()) for n in names if n.lower() in lower]
-    safe = np.maximum(idx, 0)
     if classes and len(classes) == len(names):  # the header lists the classes: the most likely of those
-        e = np.argmax(p.pred["expr_prob"][safe][:, classes], axis=1)
+        e = np.argmax(_take(p.pred["expr_prob"], idx)[:, classes], axis=1)
     else:
-        e = p.pred["expr"][safe]
+        e = _take(p.pred["expr"], idx)
     return [str(int(x)) for x in np.where(idx >= 0, e, 0)]
 
 
@@ -128,7 +134,7 @@ def _au(p: Predictions, idx: np.ndarray, names: list[str], tally: _Tally) -> lis
     if not any(c >= 0 for c in cols):  # no AU names in the header (MTL "aus"): the 12 in order
         cols = list(range(len(AU_NAMES)))
     tally.unpredicted_columns |= {n for n, c in zip(names, cols, strict=False) if c < 0}
-    au = np.where(idx[:, None] >= 0, p.pred["au"][np.maximum(idx, 0)], 0).astype(np.int64)
+    au = np.where(idx[:, None] >= 0, _take(p.pred["au"], idx), 0).astype(np.int64)
     out = np.zeros((len(idx), len(cols)), np.int64)
     for j, c in enumerate(cols):
         if c >= 0:
@@ -233,7 +239,8 @@ def write_from_templates(templates: tuple[Path, ...], fmt: str, p: Predictions, 
         header = tl.header if tl.header is not None else (
             MTL_HEADER if task == "mtl" else f"image_location,{HEADERS[task]}")
         idx = _lookup(p, tl, fill_missing, tally)
-        values = _values(task, p, idx, [h.strip() for h in header.split(",")[1:]], tally)
+        names = [h.strip() for h in header.split(",")[1:] if h.strip()]  # a trailing comma names nothing
+        values = _values(task, p, idx, names, tally)
         _write_rows(out / name, header, tl.images, values, tl.newline)
         files.append(out / name)
     if tally.unpredicted_columns:

@@ -117,7 +117,7 @@ def test_hand_made_sample_crlf_7_classes_gaps_and_past_the_end(release, fake, tm
     v = sorted(videos)[0]
     last = max(videos[v])
     frames = [f for f in range(1, last + 3) if f not in videos[v][1:2]]  # drop one crop's row
-    header = "image_location,Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise"
+    header = "image_location,Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,"  # a trailing comma too
     text = header + "\r\n" + "".join(f"{v}/{f:05d}.jpg,\r\n" for f in frames)
     template = tmp_path / "CVPR_5th_ABAW_Expr_test_set_sample.txt"
     template.write_bytes(text.encode())
