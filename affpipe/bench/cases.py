@@ -214,7 +214,7 @@ def build_loader(name: str, *, index: Path, shards: Path, batch_size: int, devic
 
     if name in peers.PEERS:
         data = peers.PeerData(shards=shards, index=index, work=work or shards.parent / "peers")
-        return peers.PEERS[name][1](data, batch_size=batch_size, workers=cores, seed=seed)
+        return peers.PEERS[name][0](data, batch_size=batch_size, workers=cores, seed=seed)
     if name == "research":
         from affpipe.bench.research_loader import make_research_loader
 

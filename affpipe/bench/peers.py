@@ -1,9 +1,10 @@
 """The loaders a user would pick instead of affpipe, each in its idiomatic form, for ``affpipe bench``.
 
 Every peer is fed the same train frames, applies the same augmentation (horizontal flip p=0.5 and
-a uniform ±10° nearest-neighbour rotation, black fill), uses the same batch size and the same
-number of worker processes (the usable cores), and yields uint8 ``[N,3,H,W]`` images with the
-32-byte label records turned into a ``Batch`` — the form of affpipe's uint8 loaders:
+a uniform ±10° nearest-neighbour rotation, black fill), uses the same batch size and one worker
+per usable core (processes or threads, as the library runs them), and yields uint8 ``[N,3,H,W]``
+images with the 32-byte label records turned into a ``Batch`` — the form of affpipe's uint8
+loaders:
 
 - ``wds``: plain WebDataset over affpipe's own shards, as its README writes it:
   ``wds.WebDataset(urls).shuffle(n).decode("pil").to_tuple(...).map_tuple(transform, ...)`` with
@@ -292,7 +293,7 @@ def prepare_isolated(name: str, data: PeerData, *, workers: int) -> dict:
 
     code = ("import json, sys; from pathlib import Path; from affpipe.bench import peers; "
             "d = peers.PeerData(*map(Path, sys.argv[2:5])); "
-            "print(json.dumps(peers.PEERS[sys.argv[1]][2](d, workers=int(sys.argv[5]))))")
+            "print(json.dumps(peers.PEERS[sys.argv[1]][1](d, workers=int(sys.argv[5]))))")
     proc = subprocess.run([sys.executable, "-c", code, name, str(data.shards), str(data.index), str(data.work), str(workers)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -301,8 +302,10 @@ def prepare_isolated(name: str, data: PeerData, *, workers: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# name -> (build the loader, convert the frames to its own format or None); the benchmark's
+# row labels live with its other cases (affpipe.bench.cases.LOADER_CASES)
 PEERS = {
-    "wds": ("WebDataset + DataLoader (PIL, torchvision v2), uint8", build_wds, None),
-    "litdata": ("LitData StreamingDataset/StreamingDataLoader, uint8", build_litdata, prepare_litdata),
-    "ffcv": ("FFCV Loader (numba, re-encoded JPEG), uint8", build_ffcv, prepare_ffcv),
+    "wds": (build_wds, None),
+    "litdata": (build_litdata, prepare_litdata),
+    "ffcv": (build_ffcv, prepare_ffcv),
 }

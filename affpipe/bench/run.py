@@ -163,7 +163,7 @@ def prepare_peers(cfg: BenchConfig, data: dict) -> dict[str, dict]:
     work.mkdir(parents=True, exist_ok=True)
     pdata = PeerData(shards=Path(data["shards"]), index=Path(data["index"]), work=work)
     out: dict[str, dict] = {}
-    for name, (label, _, prepare) in PEERS.items():
+    for name, (_, prepare) in PEERS.items():
         if prepare is None:
             continue
         log.info("converting the frames for %s", name)
