@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 PARALLEL = ("threads", "processes")  # how num_workers > 0 decode: a thread pool or DataLoader workers
 
+
 class ShardBatches(Dataset):
     """Item ``(epoch, b)``: batch ``b`` of ``epoch`` on this rank, decoded and augmented.
 
@@ -142,7 +143,7 @@ class TorchLoader(BaseLoader):
         self.dataset = ShardBatches(self.shards, self.plan, self.aug, self.on_bad)
         workers = min(self.num_workers, self.num_batches)
         # Threads (the default) decode in this process: cv2 releases the GIL (affpipe.loaders.threads)
-        self.parallel = parallel if workers else "processes"
+        self.parallel = parallel if workers else "none"  # num_workers=0: decoded on the calling thread
         self.iter_start = 0
         self._threads = ThreadedBatches(self.dataset, workers) if self.parallel == "threads" else None
         # Workers start per epoch (a fork is cheap; persistent workers took 5 s each to shut
