@@ -111,7 +111,8 @@ def loaders_chart(results: dict, png: Path) -> Path:
     rows = [*results["loaders"], results["decode_ceiling"]]
     labels = [r["label"] for r in rows]
     values = [r["fps"] if r.get("status") == "ok" and r.get("fps") else 0.0 for r in rows]
-    fig = Figure(figsize=(10, 0.6 * len(rows) + 1.8), dpi=120)
+    # wide enough for the longest row label beside a readable bar area
+    fig = Figure(figsize=(max(10.0, 6.0 + 0.075 * max(map(len, labels))), 0.6 * len(rows) + 1.8), dpi=120)
     ax = fig.subplots()
     colors = ["#888888" if r["name"] == "research" else "#bbbbbb" if r["name"] == "decode-ceiling" else "#2b7bba" for r in rows]
     y = list(range(len(rows)))[::-1]
