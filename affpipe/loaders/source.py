@@ -15,9 +15,9 @@ import numpy as np
 
 from affpipe.labels import RECORD_SIZE
 from affpipe.loaders.base import Shard
-from affpipe.shards.format import parse_idx
+from affpipe.shards.format import idx_member_arrays
 
-MISSING = -1  # offset of a member a sample lacks; the careful per-sample path names it
+MISSING = -1  # offset of a member a sample lacks (idx_member_arrays); the careful path names it
 
 
 class ShardTable:
@@ -34,9 +34,9 @@ class ShardTable:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self._maps.append(mm)
             self.views.append(np.frombuffer(mm, np.uint8))
-            comps = parse_idx(Path(s.idx))[: s.samples]
-            self.jpg.append(_members(comps, "jpg"))
-            self.lbl.append(_members(comps, "lbl"))
+            members = idx_member_arrays(Path(s.idx), ("jpg", "lbl"))
+            self.jpg.append(members["jpg"][: s.samples])
+            self.lbl.append(members["lbl"][: s.samples])
 
     def _gather(self, arrays: list[np.ndarray], sel: np.ndarray) -> np.ndarray:
         out = np.empty((len(sel), 2), np.int64)
@@ -69,7 +69,3 @@ class ShardTable:
             out[rows] = self.views[int(shard)][lbl[rows, :1] + np.arange(RECORD_SIZE)]
         return out
 
-
-def _members(comps: list[dict], ext: str) -> np.ndarray:
-    missing = (MISSING, 0, "")
-    return np.array([comp.get(ext, missing)[:2] for comp in comps], np.int64).reshape(-1, 2)
