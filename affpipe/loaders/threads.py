@@ -55,8 +55,9 @@ class ThreadedBatches:
     """Batches of the epoch plan of ``dataset`` (a ``ShardBatches``), decoded on ``threads``
     threads; yields the same dicts as ``dataset[(epoch, b)]``."""
 
-    def __init__(self, dataset, threads: int) -> None:
+    def __init__(self, dataset, threads: int, *, pin_memory: bool = False) -> None:
         self.ds = dataset
+        self.pin_memory = pin_memory  # decode straight into page-locked memory: async copies to the GPU
         self.table = ShardTable(dataset.shards)
         self.threads = max(1, int(threads))
         self.depth = self.threads + 1  # batches in flight
@@ -68,22 +69,24 @@ class ThreadedBatches:
         sel = samples[b * ds.batch_size:(b + 1) * ds.batch_size]
         flips, angles = sample_params(np.random.default_rng([seed, b]), len(sel), ds.aug)
         size = ds.aug.image_size
-        images = np.empty((len(sel), size, size, 3), np.uint8)
+        shape = (len(sel), size, size, 3)
+        batch = torch.empty(shape, dtype=torch.uint8, pin_memory=self.pin_memory)
+        images = batch.numpy()  # the threads write through this view
         mats = affine_matrices(angles, flips, size) if ds.aug.augments else None
         where = self.table.jpeg_where(sel)
         chunks = max(1, min(len(sel), CHUNKS_PER_THREAD * self.threads))
         bounds = [len(sel) * i // chunks for i in range(chunks + 1)]
         futs: list[Future] = [self._pool.submit(decode_into, self.table.views, where, mats, images, bounds[i], bounds[i + 1])
                               for i in range(chunks)]
-        return epoch, b, sel, flips, angles, images, futs
+        return epoch, b, sel, flips, angles, batch, futs
 
     def _result(self, pending: tuple) -> dict:
-        epoch, b, sel, flips, angles, images, futs = pending
+        epoch, b, sel, flips, angles, batch, futs = pending
         ok = all([f.result() for f in futs])  # wait for every chunk before reusing
         records = self.table.records(sel) if ok else None
         if records is None:
             return self.ds[(epoch, b)]
-        return {"images": torch.from_numpy(images), "labels": torch.from_numpy(records),
+        return {"images": batch, "labels": torch.from_numpy(records),
                 "flip": torch.from_numpy(flips), "angle": torch.from_numpy(angles), "bad": []}
 
     def iterate(self, epoch: int, start: int, stop: int) -> Iterator[dict]:

@@ -145,7 +145,8 @@ class TorchLoader(BaseLoader):
         # Threads (the default) decode in this process: cv2 releases the GIL (affpipe.loaders.threads)
         self.parallel = parallel if workers else "none"  # num_workers=0: decoded on the calling thread
         self.iter_start = 0
-        self._threads = ThreadedBatches(self.dataset, workers) if self.parallel == "threads" else None
+        self._threads = (ThreadedBatches(self.dataset, workers, pin_memory=self.device.type == "cuda")
+                         if self.parallel == "threads" else None)
         # Workers start per epoch (a fork is cheap; persistent workers took 5 s each to shut
         # down) and compute the epoch's plan themselves from (epoch, b). They are forked: the
         # per-sample OpenCV calls on small images stay single-threaded, so they never touch an

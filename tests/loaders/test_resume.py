@@ -62,3 +62,13 @@ def test_start_batch_out_of_range(shard_dir):
     loader = make_loader(shard_dir, "train", batch_size=8, train=True, backend="torch", num_workers=0)
     with pytest.raises(ValueError, match="start_batch"):
         loader.set_epoch(0, start_batch=len(loader) + 1)
+
+
+@pytest.mark.gpu
+def test_torch_threads_on_cuda_match_cpu(shard_dir):
+    """The decode threads write into page-locked memory on a CUDA device; same batches as on the CPU."""
+    kw = dict(batch_size=8, train=True, backend="torch", num_workers=2, seed=3, normalize=False)
+    gpu = _epoch(make_loader(shard_dir, "train", device="cuda", **kw), 1)
+    cpu = _epoch(make_loader(shard_dir, "train", device="cpu", **kw), 1)
+    assert gpu[0][1].is_cuda
+    _same([tuple(t.cpu() for t in g) for g in gpu], cpu)
