@@ -47,6 +47,7 @@ class PeerMissing(RuntimeError):
 
 
 def require(module: str, pip_name: str) -> None:
+    """Raise ``PeerMissing`` (with the install command) when ``module`` cannot be imported."""
     if importlib.util.find_spec(module) is None:
         raise PeerMissing(f"not installed (pip install {pip_name}, or pip install -e '.[bench]')")
 
@@ -98,9 +99,6 @@ class _Batches:
     def __iter__(self):
         for images, records in self.loader:
             yield _to_batch(images, records)
-
-    def __len__(self) -> int:
-        return len(self.loader)
 
 
 def _record(raw: bytes) -> torch.Tensor:
@@ -209,6 +207,8 @@ def prepare_ffcv(data: PeerData, *, workers: int) -> dict:
     from ffcv.fields import NDArrayField, RGBImageField
     from ffcv.writer import DatasetWriter
 
+    from affpipe.labels import RECORD_SIZE
+
     out = data.work / "ffcv"
     stamp = out / "affpipe-done.json"
     if stamp.is_file():
@@ -219,7 +219,7 @@ def prepare_ffcv(data: PeerData, *, workers: int) -> dict:
     t0 = time.perf_counter()
     writer = DatasetWriter(str(out / "train.beton"), {
         "image": RGBImageField(write_mode="jpg"),
-        "lbl": NDArrayField(np.dtype("uint8"), (frames.samples[0][1].__len__(),)),
+        "lbl": NDArrayField(np.dtype("uint8"), (RECORD_SIZE,)),
     }, num_workers=workers)
     writer.from_indexed_dataset(frames)
     info = {"samples": len(frames), "convert_s": round(time.perf_counter() - t0, 2),
@@ -291,6 +291,7 @@ def prepare_isolated(name: str, data: PeerData, *, workers: int) -> dict:
     import subprocess
     import sys
 
+    require(name, name)  # the module names are the peers' names
     code = ("import json, sys; from pathlib import Path; from affpipe.bench import peers; "
             "d = peers.PeerData(*map(Path, sys.argv[2:5])); "
             "print(json.dumps(peers.PEERS[sys.argv[1]][1](d, workers=int(sys.argv[5]))))")
