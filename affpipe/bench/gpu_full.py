@@ -3,8 +3,7 @@
 ``make benchmark-gpu-full``. On one GPU host with ~16 cores it
 
 1. makes the full-scale synthetic Aff-Wild2 twin (560 videos, ~2.9M frames, a rendered face pool
-   hard-linked into place; ``--videos N`` takes the first N videos' worth instead, a subset the
-   output names);
+   hard-linked into place; ``--videos N`` makes N such videos instead, a subset the output names);
 2. indexes it and writes the train shards (every core);
 3. trains the trainer's step (multi-task ResNet-18, AdamW, bf16 autocast, channels_last) for one whole
    epoch over every train frame, fed by the DALI loader with ``mixed`` (nvJPEG) decoding and
@@ -14,8 +13,8 @@
    includes DALI's buffers); writes ``results.json``/``results.md`` and prints the markdown.
 
 Targets it reports against: data wait < 5% of the epoch; one epoch over ~2.7M frames ≤ 3 min.
-It needs numpy, torch, torchvision, pyarrow, OpenCV and tqdm, plus DALI and webdataset (wheels on
-``PYTHONPATH`` will do); no click, no matplotlib, no network. ``--cpu-smoke`` runs the same
+It needs numpy, torch, torchvision, pyarrow, OpenCV and tqdm, plus NVIDIA DALI (installed, or its
+wheel unpacked onto ``PYTHONPATH``); no click, no matplotlib, no network. ``--cpu-smoke`` runs the same
 stages on a tiny tree on the CPU (any loader backend), which the test suite does.
 """
 
@@ -61,14 +60,9 @@ class GpuFullConfig:
     markdown: Path | None = None
 
     def smoke(self) -> GpuFullConfig:
+        """Tiny tree, small images, the CPU, whichever loader backend is there."""
         return replace(self, videos=3, full_scale=False, frames=16, batch_size=8, image_size=32, device="cpu",
                        backend="auto", amp=False)
-
-
-def _timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, round(time.perf_counter() - t0, 2)
 
 
 def stage_data(cfg: GpuFullConfig, cache: Path, workers: int) -> dict:
