@@ -236,7 +236,10 @@ def test_bench_gpu_cpu_smoke(tmp_path, data):
         assert size[part]["status"] == "ok", size[part]
         assert size[part]["fps"] > 0
     assert 0 <= size["fed"]["data_wait_share"] <= 1
-    assert size["fed"]["epoch_s"] == pytest.approx(2_700_000 / size["fed"]["fps"], rel=0.01)
+    fed = size["fed"]
+    # fps is rounded to 0.1 (a large relative error when a loaded CPU manages a few frames/s)
+    tol = 0.01 + 0.05 / fed["fps"]
+    assert fed["epoch_s"] == pytest.approx(2_700_000 / fed["fps"] + (fed["epoch_start_s"] or 0.0), rel=tol, abs=0.1)
     text = (tmp_path / "g" / "results.md").read_text()
     assert "decoders.image" in text and "| 64 |" in text
     assert "<!-- bench-gpu:start -->" in md.read_text() and "old figures" in md.read_text()
