@@ -12,7 +12,7 @@ DEMO_VIDEOS ?= 24
 DEMO_FRAMES ?= 300
 DEMO_EPOCHS ?= 4
 
-.PHONY: install demo test test-fast test-nodali lint benchmark benchmark-full benchmark-gpu experiments clean
+.PHONY: install install-bench demo test test-fast test-nodali lint benchmark benchmark-full benchmark-gpu benchmark-gpu-full experiments clean
 
 install: $(STAMP)
 
@@ -61,6 +61,16 @@ benchmark-full: install
 # BENCHMARKS.md); runs from this checkout without installing it.
 benchmark-gpu:
 	PYTHONPATH=$$PWD:$$PYTHONPATH $(PYTHON) -m affpipe.bench.gpu --out bench/gpu --markdown BENCHMARKS.md
+
+# On a GPU host, as benchmark-gpu (plus OpenCV and tqdm, and ~20 GB of disk): one whole epoch
+# over the full-scale synthetic twin, from nothing, in ~8 minutes.
+benchmark-gpu-full:
+	PYTHONPATH=$$PWD:$$PYTHONPATH $(PYTHON) -m affpipe.bench.gpu_full --out bench/gpu-full --markdown BENCHMARKS.md
+
+# The loaders make benchmark compares affpipe with (optional; FFCV builds against Debian's
+# libturbojpeg0-dev, libopencv-dev and pkg-config). Rows say which are missing.
+install-bench: install
+	$(PY) -m pip install -q -e '.[bench]'
 
 experiments: install
 	$(AFFPIPE) experiments --out experiments

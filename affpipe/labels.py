@@ -27,8 +27,10 @@ TASKS: tuple[str, ...] = ("va", "expr", "au")
 # Invalid markers as written in the annotation files.
 VA_INVALID = -5.0
 EXPR_INVALID = -1  # (and AU: -1 in every column of a row)
+AU_INVALID = -1
 
-SPLITS: tuple[str, ...] = ("train", "val")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+LABELLED_SPLITS: tuple[str, ...] = ("train", "val")  # test labels are never shown to a model
 
 FRAMES_SCHEMA = pa.schema(
     [
@@ -115,12 +117,19 @@ def decode_records(raw: np.ndarray | bytes) -> np.ndarray:
 
 
 def records_from_table(table: pa.Table) -> np.ndarray:
-    """Records for every row of a label table (``FRAMES_SCHEMA`` columns)."""
+    """Records for every row of a label table (``FRAMES_SCHEMA`` columns).
+
+    A ``test`` row's record carries no label (every mask false), whatever the table holds:
+    a video a test list names may be annotated for another task, and a test frame must never
+    train or score a model.
+    """
     col = lambda name: table.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
     au = np.stack([col(a) for a in AU_NAMES], axis=1).astype(np.int8) if len(table) else np.zeros((0, NUM_AU), np.int8)
+    keep = col("split") != "test" if len(table) else np.zeros(0, bool)
+    au = np.where(keep[:, None], au, AU_INVALID).astype(np.int8)
     return encode_records(
         col("row_id"), col("valence"), col("arousal"), col("expr"), au,
-        col("va_valid"), col("expr_valid"), col("au_valid"),
+        col("va_valid") & keep, col("expr_valid") & keep, col("au_valid") & keep,
     )
 
 

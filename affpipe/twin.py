@@ -29,7 +29,7 @@ STAMP = "cache.json"
 def prepare_data(cache: Path, *, videos: int = 24, frames: int = 300, seed: int = 0, workers: int = 1,
                  layout: str = "abaw6", split: str = "train", mtl: bool = False, full_scale: bool = False,
                  root: Path | None = None, make_tree: Callable[[Path], Any] | None = None,
-                 source: str = "affpipe.synth") -> dict[str, Any]:
+                 source: str = "affpipe.synth", samples_per_shard: int | None = None) -> dict[str, Any]:
     """Index and shards under ``cache`` (see the module docstring); returns the stamp's dict
     (``tree``, ``index``, ``shards``, ``train_samples``, ``setup_s``, ``reused``...)."""
     from affpipe.index.build import IndexConfig, build_index
@@ -39,6 +39,8 @@ def prepare_data(cache: Path, *, videos: int = 24, frames: int = 300, seed: int 
     params = {"cache_version": CACHE_VERSION, "videos": videos, "frames": frames, "seed": seed, "layout": layout,
               "split": split, "mtl": mtl, "full_scale": full_scale, "source": source,
               "root": str(Path(root).resolve()) if root is not None else None}
+    if samples_per_shard is not None:  # only when asked: other callers' caches stay valid
+        params["samples_per_shard"] = samples_per_shard
     stamp = cache / STAMP
     if stamp.is_file():
         done = json.loads(stamp.read_text())
@@ -67,7 +69,7 @@ def prepare_data(cache: Path, *, videos: int = 24, frames: int = 300, seed: int 
     timings["index_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     manifest = write_shards(ShardConfig(index=cache / "index", out=cache / "shards", split=split, workers=workers,
-                                        seed=seed))
+                                        seed=seed, samples_per_shard=samples_per_shard))
     timings["shard_s"] = time.perf_counter() - t0
     train = manifest["splits"].get("train", {})
     done = {

@@ -36,6 +36,7 @@ class LoaderCase:
     label: str
     needs_cuda: bool = False
     needs_dali: bool = False
+    peer: bool = False  # another library's loader (affpipe.bench.peers), an optional extra
     train_step: bool = True  # also time a training step fed by it (the loaders trainers use)
 
 
@@ -44,11 +45,18 @@ class LoaderCase:
 # training device, without a 4x larger float copy in the loader.
 LOADER_CASES: tuple[LoaderCase, ...] = (
     LoaderCase("research", "research: per-frame JPEG, PIL, torchvision, DataLoader"),
-    LoaderCase("torch", "affpipe torch fallback (shards, DataLoader), float", train_step=False),
-    LoaderCase("torch-u8", "affpipe torch fallback, uint8 (model normalizes)"),
+    LoaderCase("wds", "WebDataset: WebDataset(urls).shuffle().decode('pil') + torchvision v2, DataLoader, uint8",
+               train_step=False, peer=True),
+    LoaderCase("litdata", "LitData: optimize + StreamingDataset/StreamingDataLoader + torchvision v2, uint8",
+               train_step=False, peer=True),
+    LoaderCase("ffcv", "FFCV: DatasetWriter + Loader (numba JPEG decode, flip, NN rotation op), uint8",
+               train_step=False, peer=True),
+    LoaderCase("torch", "affpipe torch backend (decode threads), float", train_step=False),
+    LoaderCase("torch-u8", "affpipe torch backend (decode threads), uint8 (model normalizes) — the CPU trainers' loader"),
+    LoaderCase("torch-proc-u8", "affpipe torch backend, DataLoader worker processes, uint8", train_step=False),
     LoaderCase("dali-cpu", "affpipe DALI, CPU mode, float", needs_dali=True, train_step=False),
-    LoaderCase("dali-cpu-u8", "affpipe DALI, CPU mode, uint8 (model normalizes)", needs_dali=True),
-    LoaderCase("dali-gpu", "affpipe DALI, GPU decoding (mixed)", needs_cuda=True, needs_dali=True),
+    LoaderCase("dali-cpu-u8", "affpipe DALI, CPU mode, uint8 (model normalizes)", needs_dali=True, train_step=False),
+    LoaderCase("dali-gpu", "affpipe DALI, GPU decoding (mixed) — the GPU trainers' loader", needs_cuda=True, needs_dali=True),
     LoaderCase("tv-gpu-decode", "torchvision decode_jpeg on the GPU", needs_cuda=True),
 )
 
@@ -196,10 +204,17 @@ def fork_safe_cv2() -> None:
     cv2.setNumThreads(1)
 
 
-def build_loader(name: str, *, index: Path, shards: Path, batch_size: int, device: str | torch.device, image_size: int = 112, seed: int = 0) -> Iterable[Batch]:
-    """The loader of case ``name`` over the train split, yielding augmented training batches."""
+def build_loader(name: str, *, index: Path, shards: Path, batch_size: int, device: str | torch.device, image_size: int = 112,
+                 seed: int = 0, work: Path | None = None) -> Iterable[Batch]:
+    """The loader of case ``name`` over the train split, yielding augmented training batches.
+    Peers keep their converted copies of the frames under ``work``."""
     cores = usable_cores()
     fork_safe_cv2()
+    from affpipe.bench import peers
+
+    if name in peers.PEERS:
+        data = peers.PeerData(shards=shards, index=index, work=work or shards.parent / "peers")
+        return peers.PEERS[name][0](data, batch_size=batch_size, workers=cores, seed=seed)
     if name == "research":
         from affpipe.bench.research_loader import make_research_loader
 
@@ -211,6 +226,7 @@ def build_loader(name: str, *, index: Path, shards: Path, batch_size: int, devic
     backend, loader_device = {
         "torch": ("torch", device),
         "torch-u8": ("torch", device),
+        "torch-proc-u8": ("torch", device),
         "dali-cpu": ("dali", "cpu"),
         "dali-cpu-u8": ("dali", "cpu"),
         "dali-gpu": ("dali", device),
@@ -218,6 +234,7 @@ def build_loader(name: str, *, index: Path, shards: Path, batch_size: int, devic
     return make_loader(
         shards, "train", batch_size=batch_size, train=True, backend=backend, device=loader_device,
         image_size=image_size, seed=seed, num_workers=cores, normalize=not name.endswith("-u8"),
+        parallel="processes" if "-proc" in name else "threads",
     )
 
 

@@ -31,6 +31,7 @@ def bench_markdown(results: dict, out: Path, md_dir: Path | None = None, chart: 
     """The ``bench`` section: machine, data, one table of loaders and training-step figures."""
     cfg, data, m = results["config"], results["data"], results["machine"]
     train = {r["name"]: r for r in results["train"]}
+    cores = results.get("decode_limit", {}).get("cores") or m.get("cores")
     lines = [
         f"Measured {m['date']} on {machine_line(m)}. Training device: **{results['device']}**.",
         "",
@@ -45,8 +46,11 @@ def bench_markdown(results: dict, out: Path, md_dir: Path | None = None, chart: 
         "epoch (new workers or pipeline, first batch) is taken out and shown on its own; the rates that "
         "include it are in results.json (`fps_with_epoch_starts`).",
         "",
-        "| loader (augmented batches on the training device) | frames/s | × research | epoch start | train step frames/s | waiting for data |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"\"× of the limit\": frames/s over the decode limit, the one-thread decode ceiling × the {cores} usable "
+        "cores — the most a CPU loader that decodes every frame can deliver here.",
+        "",
+        "| loader (augmented batches on the training device) | frames/s | × research | × of the limit | epoch start | train step frames/s | waiting for data |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["loaders"]:
         t = train.get(r["name"], {})
@@ -55,11 +59,16 @@ def bench_markdown(results: dict, out: Path, md_dir: Path | None = None, chart: 
         tfps = _status_or(t, fmt_rate(t.get("fps"))) if t and r.get("status") == "ok" else "—"
         wait = _pct(t.get("data_wait_share")) if t.get("status") == "ok" else "—"
         start = "—" if r.get("epoch_start_s") is None else f"{r['epoch_start_s']:.2f} s"
-        lines.append(f"| {r['label']} | {fps} | {_ratio(r.get('ratio_vs_research'))} | {start} | {tfps} | {wait} |")
+        lines.append(f"| {r['label']} | {fps} | {_ratio(r.get('ratio_vs_research'))} | {_ratio(r.get('ratio_vs_limit'), 2)} "
+                     f"| {start} | {tfps} | {wait} |")
     d = results["decode_ceiling"]
-    lines.append(f"| {d['label']} | {_status_or(d, fmt_rate(d['fps']))} | {_ratio(d.get('ratio_vs_research'))} | — | — | — |")
+    lines.append(f"| {d['label']} | {_status_or(d, fmt_rate(d['fps']))} | {_ratio(d.get('ratio_vs_research'))} "
+                 f"| {_ratio(d.get('ratio_vs_limit'), 2)} | — | — | — |")
+    lim = results.get("decode_limit", {})
+    lines.append(f"| {lim.get('label', 'decode limit')} | {_status_or(lim, fmt_rate(lim.get('fps')))} | — | 1.00× | — | — | — |")
     s = train.get("synthetic", {})
-    lines.append(f"| compute ceiling: training step on synthetic tensors | — | — | — | {_status_or(s, fmt_rate(s.get('fps')))} | 0% |")
+    lines.append(f"| compute ceiling: training step on synthetic tensors | — | — | — | — | {_status_or(s, fmt_rate(s.get('fps')))} | 0% |")
+    lines += conversion_lines(results.get("peer_conversions", {}))
     tgt = results["target"]
     met = ", ".join(tgt["met_by"]) if tgt["met_by"] else "no loader"
     lines.append("")
@@ -78,6 +87,21 @@ def bench_markdown(results: dict, out: Path, md_dir: Path | None = None, chart: 
     return "\n".join(lines)
 
 
+def conversion_lines(conv: dict[str, dict]) -> list[str]:
+    """One line on the peers' own formats: their conversion times, not in the frames/s above."""
+    parts = []
+    names = {"litdata": "LitData `optimize`", "ffcv": "FFCV `DatasetWriter`"}
+    for name, c in conv.items():
+        if c.get("status") != "ok":
+            parts.append(f"{names.get(name, name)}: {c.get('status')}")
+            continue
+        note = " (re-encodes every frame as JPEG, quality 90)" if name == "ffcv" else " (keeps the JPEG bytes)"
+        reused = ", converted by an earlier run" if c.get("reused") else ""
+        parts.append(f"{names.get(name, name)} {c['convert_s']:.1f} s for {c['samples']:,} frames, "
+                     f"{c['bytes'] / 1e6:.0f} MB{note}{reused}")
+    return ["", "Conversions to the peers' own formats, timed apart (not in the figures above): " + "; ".join(parts) + "."] if parts else []
+
+
 def loaders_chart(results: dict, png: Path) -> Path:
     """Horizontal bars of frames/s per loader, the decode ceiling, and the 8× target line."""
     import matplotlib
@@ -87,7 +111,8 @@ def loaders_chart(results: dict, png: Path) -> Path:
     rows = [*results["loaders"], results["decode_ceiling"]]
     labels = [r["label"] for r in rows]
     values = [r["fps"] if r.get("status") == "ok" and r.get("fps") else 0.0 for r in rows]
-    fig = Figure(figsize=(10, 0.6 * len(rows) + 1.8), dpi=120)
+    # wide enough for the longest row label beside a readable bar area
+    fig = Figure(figsize=(max(10.0, 6.0 + 0.075 * max(map(len, labels))), 0.6 * len(rows) + 1.8), dpi=120)
     ax = fig.subplots()
     colors = ["#888888" if r["name"] == "research" else "#bbbbbb" if r["name"] == "decode-ceiling" else "#2b7bba" for r in rows]
     y = list(range(len(rows)))[::-1]
@@ -101,6 +126,11 @@ def loaders_chart(results: dict, png: Path) -> Path:
         ax.axvline(results["target"]["min_fps"], color="#ff7f0e", linestyle=":", linewidth=1.5)
         ax.text(results["target"]["min_fps"], len(rows) - 0.45, f" floor {results['target']['min_ratio']:.0f}×",
                 color="#ff7f0e", fontsize=8, va="bottom")
+    limit = results.get("decode_limit", {}).get("fps")
+    if limit:
+        ax.axvline(limit, color="#555555", linestyle="-.", linewidth=1.2)
+        ax.text(limit, len(rows) - 0.45, " decode limit", color="#555555", fontsize=8, va="bottom")
+        top = max(top, limit)
     if results["target"]["fps"]:
         ax.axvline(results["target"]["fps"], color="#d62728", linestyle="--", linewidth=1.5)
         ax.text(results["target"]["fps"], len(rows) - 0.45, f" aim {results['target']['ratio']:.0f}× research", color="#d62728", fontsize=8, va="bottom")

@@ -4,10 +4,14 @@ A seeded synthetic Aff-Wild2 twin is generated, indexed and sharded once into ``
 (reused while its parameters match), then every case is timed after a warm-up as the median
 of ``repeats`` windows, each bounded by ``max_batches`` batches or ``seconds`` seconds:
 
-- loaders: augmented (flip + ±10° rotation), normalized batches ready on the training device —
-  the research's loader, the torch fallback over shards, DALI on the CPU, and with CUDA DALI
-  GPU decoding and torchvision's ``decode_jpeg`` (rows say "needs a GPU" otherwise);
-- the raw decode ceiling (cv2/libjpeg-turbo, one thread, the same JPEG bytes);
+- loaders: augmented (flip + ±10° rotation) batches ready on the training device — the
+  research's loader; the loaders a user would pick instead (plain WebDataset, LitData, FFCV:
+  ``affpipe.bench.peers``, optional extras, rows saying so when missing; LitData's and FFCV's
+  conversions are timed apart); affpipe's torch backend (decode threads, worker processes), DALI
+  on the CPU, and with CUDA DALI GPU decoding and torchvision's ``decode_jpeg`` (rows say "needs
+  a GPU" otherwise);
+- the raw decode ceiling (cv2/libjpeg-turbo, one thread, the same JPEG bytes) and the decode
+  limit (that × the usable cores), with every loader's share of the limit;
 - the training step (ResNet-18 + MultiTaskLoss, Adam) on synthetic tensors already on the
   device (the compute ceiling) and fed by each loader, with the share of time spent waiting.
 
@@ -44,10 +48,16 @@ from affpipe.bench.common import (
     measure,
     update_marked,
 )
+from affpipe.bench.peers import PEERS, PeerData, PeerMissing, prepare_isolated
 from affpipe.dist import usable_cores
 from affpipe.twin import prepare_data
 
 log = logging.getLogger(__name__)
+
+# Small shards for the benchmark's ~33k frames, so WebDataset's DataLoader workers (one shard
+# each at a time) all get some on a machine with up to ~16 cores; affpipe's loaders do not care.
+SAMPLES_PER_SHARD = 2048
+NOT_RUN = "not run (--no-peers)"
 
 RESULTS_SCHEMA_VERSION = 1
 TARGET_RATIO = 8.0  # the design's aim; the issue's floor is MIN_RATIO
@@ -74,6 +84,7 @@ class BenchConfig:
     decode_images: int = 2000
     device: str = "auto"
     markdown: Path | None = Path("BENCHMARKS.md")
+    peers: bool = True  # time WebDataset, LitData and FFCV too (affpipe.bench.peers)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -111,15 +122,20 @@ def bench_loaders(cfg: BenchConfig, data: dict, device: str) -> list[dict]:
             row["status"] = NEEDS_GPU
         elif case.needs_dali and not dali_available():
             row["status"] = NEEDS_DALI
+        elif case.peer and not cfg.peers:
+            row["status"] = NOT_RUN
         if row["status"] != "ok":
             rows.append(row)
             continue
         log.info("loader %s", case.name)
         loader = None
         try:
-            loader = build_loader(case.name, index=Path(data["index"]), shards=Path(data["shards"]), batch_size=cfg.batch_size, device=device, image_size=cfg.image_size, seed=cfg.seed)
+            loader = build_loader(case.name, index=Path(data["index"]), shards=Path(data["shards"]), batch_size=cfg.batch_size,
+                                  device=device, image_size=cfg.image_size, seed=cfg.seed, work=_peer_work(cfg))
             m = measure(loader_step(loader, device), warmup=cfg.warmup, max_steps=cfg.max_batches, seconds=cfg.seconds, repeats=cfg.repeats, device=device)
             row.update(m.to_dict())
+        except PeerMissing as exc:  # an optional extra: the row says so
+            row["status"] = str(exc)
         except Exception as exc:  # one broken backend must not hide the others' figures
             row["status"] = _error(exc)
         finally:
@@ -130,6 +146,34 @@ def bench_loaders(cfg: BenchConfig, data: dict, device: str) -> list[dict]:
     for r in rows:
         r["ratio_vs_research"] = round(r["fps"] / ref, 2) if r["fps"] and ref else None
     return rows
+
+
+def _peer_work(cfg: BenchConfig) -> Path:
+    return Path(cfg.out) / "cache" / "peers"
+
+
+def prepare_peers(cfg: BenchConfig, data: dict) -> dict[str, dict]:
+    """The peers' own formats (LitData chunks, an FFCV .beton), converted once per benchmark
+    data, each in a child process and timed there; a peer that is not installed says so."""
+    if not cfg.peers:
+        return {}
+    work = _peer_work(cfg)
+    if not data.get("reused"):
+        shutil.rmtree(work, ignore_errors=True)  # new frames: convert again
+    work.mkdir(parents=True, exist_ok=True)
+    pdata = PeerData(shards=Path(data["shards"]), index=Path(data["index"]), work=work)
+    out: dict[str, dict] = {}
+    for name, (_, prepare) in PEERS.items():
+        if prepare is None:
+            continue
+        log.info("converting the frames for %s", name)
+        try:
+            out[name] = {"status": "ok", **prepare_isolated(name, pdata, workers=usable_cores())}
+        except PeerMissing as exc:
+            out[name] = {"status": str(exc)}
+        except Exception as exc:
+            out[name] = {"status": _error(exc)}
+    return out
 
 
 def bench_decode(cfg: BenchConfig, data: dict) -> dict:
@@ -143,6 +187,14 @@ def bench_decode(cfg: BenchConfig, data: dict) -> dict:
     except Exception as exc:
         row["status"] = _error(exc)
     return row
+
+
+def decode_limit(decode: dict, cores: int) -> dict:
+    """The most a CPU loader that decodes every frame can deliver here: the one-thread decode
+    ceiling times the usable cores (decoding scales linearly; nothing else is free)."""
+    fps = decode["fps"] * cores if decode.get("status") == "ok" and decode.get("fps") else None
+    return {"name": "decode-limit", "label": f"decode limit: the 1-thread ceiling × {cores} usable cores",
+            "status": "ok" if fps else decode.get("status", "—"), "fps": fps, "cores": cores}
 
 
 def bench_train(cfg: BenchConfig, data: dict, device: str, loader_rows: list[dict]) -> list[dict]:
@@ -204,12 +256,17 @@ def run_bench(cfg: BenchConfig) -> dict:
         raise ValueError("--device cuda asked for, but torch sees no CUDA device")
     t_start = time.perf_counter()
     machine = machine_info()
-    data = prepare_data(out / "cache", videos=cfg.videos, frames=cfg.frames, seed=cfg.seed, workers=usable_cores())
+    data = prepare_data(out / "cache", videos=cfg.videos, frames=cfg.frames, seed=cfg.seed, workers=usable_cores(),
+                        samples_per_shard=SAMPLES_PER_SHARD)
+    conversions = prepare_peers(cfg, data)
     loaders = bench_loaders(cfg, data, device)
     decode = bench_decode(cfg, data)
     train = bench_train(cfg, data, device, loaders)
     ref = next((r["fps"] for r in loaders if r["name"] == "research"), None)
     decode["ratio_vs_research"] = round(decode["fps"] / ref, 2) if decode["fps"] and ref else None
+    limit = decode_limit(decode, usable_cores())
+    for r in [*loaders, decode]:
+        r["ratio_vs_limit"] = round(r["fps"] / limit["fps"], 3) if r.get("fps") and limit.get("fps") else None
     results = {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "kind": "bench",
@@ -219,6 +276,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         "data": {k: v for k, v in data.items() if k != "params"} | {"params": data["params"]},
         "loaders": loaders,
         "decode_ceiling": decode,
+        "decode_limit": limit,
+        "peer_conversions": conversions,
         "train": train,
         "target": {
             "ratio": TARGET_RATIO,

@@ -30,9 +30,11 @@ from affpipe.cli.main import main
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), default=Path("BENCHMARKS.md"),
               help="Markdown file whose bench:start/bench:end section is replaced.")
 @click.option("--no-markdown", is_flag=True, help="Do not touch any markdown file.")
+@click.option("--peers/--no-peers", default=True,
+              help="Also time WebDataset, LitData and FFCV (pip install -e '.[bench]'); rows say when one is missing.")
 @click.option("--seed", type=int, default=0)
 def bench(out: Path, markdown: Path, no_markdown: bool, **kw) -> None:
-    """Loaders (research's vs affpipe's) and the training step, frames/s side by side."""
+    """Loaders (the research's, the peers', affpipe's) and the training step, frames/s side by side."""
     from affpipe.bench.report import bench_markdown
     from affpipe.bench.run import BenchConfig, run_bench
 

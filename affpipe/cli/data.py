@@ -13,18 +13,21 @@ from affpipe.cli.main import main
 
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--layout", type=click.Choice(["abaw2", "abaw3", "abaw5", "abaw6"]), default="abaw6",
-              help="ABAW edition whose folder and header conventions to follow.")
+@click.option("--layout", type=click.Choice(["abaw1", "abaw2", "abaw3", "abaw5", "abaw6"]), default="abaw6",
+              help="ABAW edition whose folder and header conventions to follow (abaw1: the 2020 "
+                   "Training_Set naming and 8-AU header).")
 @click.option("--videos", type=click.IntRange(min=1), default=None,
               help="Number of videos [default: 24; 560 with --full-scale].")
 @click.option("--frames", type=click.IntRange(min=10), default=None,
               help="Mean frames per video [default: 300; 5200 with --full-scale].")
 @click.option("--seed", type=int, default=0, help="Same seed, same bytes.")
 @click.option("--mtl", is_flag=True, help="Also write the s-Aff-Wild2 MTL files.")
+@click.option("--test-videos", type=click.IntRange(min=0), default=0,
+              help="Test-set videos: crops, no annotation, named in the edition's test lists.")
 @click.option("--full-scale", is_flag=True,
               help="Aff-Wild2's size (~2.9M frames): a rendered face pool hard-linked into place; resumable.")
 def synth(out: Path, layout: str, videos: int | None, frames: int | None, seed: int, mtl: bool,
-          full_scale: bool) -> None:
+          test_videos: int, full_scale: bool) -> None:
     """Write a synthetic Aff-Wild2 twin (annotations, face JPEGs, ground truth) under OUT."""
     from affpipe.synth.generate import (
         FULL_SCALE_FRAMES,
@@ -35,7 +38,7 @@ def synth(out: Path, layout: str, videos: int | None, frames: int | None, seed: 
     )
 
     cfg = SynthConfig(
-        out=out, layout=layout, seed=seed, mtl=mtl, full_scale=full_scale,
+        out=out, layout=layout, seed=seed, mtl=mtl, full_scale=full_scale, test_videos=test_videos,
         videos=videos if videos is not None else (FULL_SCALE_VIDEOS if full_scale else 24),
         frames=frames if frames is not None else (FULL_SCALE_FRAMES if full_scale else 300),
     )
@@ -55,12 +58,16 @@ def synth(out: Path, layout: str, videos: int | None, frames: int | None, seed: 
 @click.option("--on-bad-line", type=click.Choice(["error", "skip"]), default="error",
               help="Stop at a malformed annotation line, or skip it and count it.")
 @click.option("--workers", type=int, default=2, help="Processes for the per-video work.")
-def index_cmd(root: Path, out: Path, images: tuple[Path, ...], on_bad_line: str, workers: int) -> None:
+@click.option("--test-list", "test_lists", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A test-set list (video names, or a sample/release file of image paths); repeatable; "
+                   "added to those found under ROOT.")
+def index_cmd(root: Path, out: Path, images: tuple[Path, ...], on_bad_line: str, workers: int,
+              test_lists: tuple[Path, ...]) -> None:
     """Find every edition's layout under ROOT and write the label tables to OUT."""
     from affpipe.index.build import IndexConfig, build_index, format_summary
 
     counts = build_index(IndexConfig(root=root, out=out, images=tuple(images),
-                                     on_bad_line=on_bad_line, workers=workers))
+                                     on_bad_line=on_bad_line, workers=workers, test_lists=tuple(test_lists)))
     click.echo(format_summary(counts))
     click.echo(f"wrote {out}/frames.parquet, videos.parquet, index.json"
                + (", mtl_frames.parquet" if "mtl" in counts else ""))
@@ -83,7 +90,8 @@ def stats_cmd(index: Path, out: Path) -> None:
 @main.command()
 @click.argument("index", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Shard folder.")
-@click.option("--split", type=click.Choice(["train", "val", "all"]), default="all")
+@click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="all",
+              help="test: every frame with a crop, no labels (for predict).")
 @click.option("--table", type=click.Choice(["frames", "mtl"]), default="frames", help="frames.parquet or mtl_frames.parquet.")
 @click.option("--tasks", default="va,expr,au", help="Keep frames with a valid label in at least one of these.")
 @click.option("--samples-per-shard", type=click.IntRange(min=1), default=None, help="Default 50000 (~340 MB shards).")
@@ -129,7 +137,7 @@ def verify(out: Path, decode: bool, index: Path | None) -> None:
 @main.command()
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--png", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output PNG.")
-@click.option("--split", type=click.Choice(["train", "val"]), default=None, help="Default: all splits.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None, help="Default: all splits.")
 @click.option("--n", type=click.IntRange(min=1), default=36, help="Number of samples.")
 @click.option("--seed", type=click.IntRange(min=0), default=0)
 def show(out: Path, png: Path, split: str | None, n: int, seed: int) -> None:

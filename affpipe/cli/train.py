@@ -119,18 +119,32 @@ def evaluate(run_or_ckpt: Path, shards: Path, split: str, tune_au_thresholds: bo
 @click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["abaw-per-video", "abaw-single", "mtl"]), default="abaw-per-video")
-@click.option("--split", type=click.Choice(["train", "val"]), default="val")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="val")
+@click.option("--template", "templates", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="An official test-set file (ABAW5+ sample/example, MTL release, list of video names): "
+                   "the output keeps its header, rows and row order; repeatable (one per task).")
+@click.option("--fill-missing", is_flag=True,
+              help="Template rows of videos not in the split get a default prediction instead of an error.")
+@click.option("--edition", type=click.Choice(["abaw1", "abaw2", "abaw3"]), default="abaw3",
+              help="abaw-per-video headers: abaw1 (7 classes; AU1,AU2,AU4,AU6,AU12,AU15,AU20,AU25), "
+                   "abaw2 (7 classes, 12 AUs), abaw3 (ABAW3-4: 8 classes, 12 AUs).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @_loader_options
 @click.option("--index", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Label index, when it is not where the shard manifest says (moved shards).")
-def predict(ckpt: Path, shards: Path, out: Path, fmt: str, split: str, batch_size: int | None, backend: str,
-            device: str, num_workers: int | None, on_bad: str, index: Path | None) -> None:
+def predict(ckpt: Path, shards: Path, out: Path, fmt: str, split: str, templates: tuple[Path, ...],
+            fill_missing: bool, edition: str, batch_size: int | None, backend: str, device: str,
+            num_workers: int | None, on_bad: str, index: Path | None) -> None:
     """Write CKPT's predictions on SHARDS in an ABAW submission format under OUT."""
     from affpipe.loaders import LoaderConfig
     from affpipe.train.predict import predict as run_predict
 
     summary = run_predict(ckpt, shards, out, fmt, split=split, batch_size=batch_size, device=device,
-                          loader=LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad), index=index)
+                          loader=LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad),
+                          templates=tuple(templates), fill_missing=fill_missing, edition=edition, index=index)
     click.echo(f"{len(summary['files'])} file(s), {summary['videos']} videos, "
                f"{summary['filled_from_neighbour']} frame(s) filled from a neighbour → {out}")
+    if templates:
+        click.echo(f"{summary['lines']} template rows; {summary['past_last_frame']} past a video's last indexed "
+                   f"frame; {summary['filled_missing']} given the default (--fill-missing); columns without "
+                   f"a model output (written 0): {summary['unpredicted_columns'] or 'none'}")

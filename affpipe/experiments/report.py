@@ -17,11 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from affpipe.labels import AU_NAMES, EXPR_CLASSES
+from affpipe.train.config import SCORE_KEY
 
 log = logging.getLogger(__name__)
 
 # The score each kind of run is selected and judged by.
-TASK_METRIC = {"va": "va_ccc", "expr": "expr_f1", "au": "au_f1", "mtl": "p_mtl"}
+TASK_METRIC = SCORE_KEY  # the validation score of each task (train.config owns it)
 METRIC_LABEL = {
     "va_ccc": "VA CCC", "valence_ccc": "Valence CCC", "arousal_ccc": "Arousal CCC",
     "expr_f1": "EXPR F1", "au_f1": "AU F1", "p_mtl": "P_MTL",

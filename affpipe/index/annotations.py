@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from affpipe.index.folders import SPLIT_FOLDERS, Unused, scan_challenge, search_txt
+from affpipe.index.testsets import is_test_list_name
 from affpipe.io import clip, is_safe_name, safe_name
 from affpipe.labels import AU_NAMES, EXPR_CLASSES, MAX_FRAME, NUM_AU, TASKS, VA_INVALID, VA_NAMES
 
@@ -31,12 +33,13 @@ CHALLENGE_DIRS: dict[str, tuple[str, int, str]] = {
     "VA_Set": ("va", 1, "abaw1-2"),
     "VA_Estimation_Challenge": ("va", 3, "abaw3+"),
     "EXPR_Set": ("expr", 1, "abaw1-2"),
+    "Expression_Set": ("expr", 1, "abaw1 (some copies)"),
     "EXPR_Classification_Challenge": ("expr", 3, "abaw3-5"),
     "EXPR_Recognition_Challenge": ("expr", 6, "abaw6+"),
     "AU_Set": ("au", 1, "abaw1-2"),
     "AU_Detection_Challenge": ("au", 3, "abaw3+"),
 }
-SPLIT_DIRS = {"train_set": "train", "validation_set": "val"}
+SPLIT_DIRS = SPLIT_FOLDERS  # every spelling the releases used (affpipe.index.folders)
 MTL_FILES = {
     "training_set_annotations.txt": "train",
     "validation_set_annotations.txt": "val",
@@ -51,6 +54,7 @@ _MAX_NUMBER_CHARS = 64
 _NEWLINE = re.compile(rb"\r\n|\r|\n")  # the line terminators pyarrow.csv accepts
 _FRAME_JPG = re.compile(r"\d+\.jpg", re.IGNORECASE)
 _MAX_DEPTH = 8
+_OTHER_AU = re.compile(r"AU\d+", re.IGNORECASE | re.ASCII)  # e.g. ABAW1's AU20
 
 
 # --- layout ---------------------------------------------------------------------------------
@@ -61,7 +65,7 @@ class AnnotationFile:
     """One ``<video>.txt`` of a challenge folder."""
 
     task: str
-    split: str  # the folder it sits in: "train" | "val"
+    split: str  # the folder it sits in: "train" | "val" (any spelling, see folders.SPLIT_FOLDERS)
     video: str
     path: Path
 
@@ -76,6 +80,8 @@ class Layout:
     image_roots: tuple[Path, ...]
     mtl_files: dict[str, Path] = field(default_factory=dict)  # split -> MTL file
     ignored: tuple[Path, ...] = ()  # older-edition challenge folders not used
+    unused: tuple[Unused, ...] = ()  # every folder / .txt not read, with the reason
+    test_lists: tuple[Path, ...] = ()  # test-set lists found in the tree (affpipe.index.testsets)
 
     def describe(self) -> dict:
         """JSON-able description for ``index.json``."""
@@ -90,6 +96,8 @@ class Layout:
             "image_roots": [str(p) for p in self.image_roots],
             "mtl_files": {s: str(p) for s, p in self.mtl_files.items()},
             "ignored": [str(p) for p in self.ignored],
+            "unused": [u.describe() for u in self.unused],
+            "test_lists": [str(p) for p in self.test_lists],
         }
 
 
@@ -140,6 +148,7 @@ def find_layout(root: Path, images: tuple[Path, ...] = ()) -> Layout:
     found: dict[str, list[Path]] = {t: [] for t in TASKS}
     mtl: dict[str, list[Path]] = {"train": [], "val": []}
     image_roots: list[Path] = []
+    test_lists: list[Path] = []
     # Each folder is entered once: a symlink back to an ancestor is a loop (an error), another
     # path to a folder already seen is skipped (it would count its challenge folders twice).
     seen: dict[tuple[int, int] | None, str] = {_dir_key(root): str(root)}
@@ -147,6 +156,7 @@ def find_layout(root: Path, images: tuple[Path, ...] = ()) -> Layout:
     while stack:
         d, depth, chain = stack.pop()
         subdirs = _subdirs(d)
+        test_lists += _test_lists_in(d)
         for name, split in MTL_FILES.items():
             if (d / name).is_file():
                 mtl[split].append(d / name)
@@ -192,17 +202,13 @@ def find_layout(root: Path, images: tuple[Path, ...] = ()) -> Layout:
     for p in ignored:
         log.warning("ignoring older-edition challenge folder %s", p)
 
-    files = []
+    files, unused = [], [_ignored_folder(p, challenges) for p in ignored]
     for task, cdir in sorted(challenges.items()):
-        for sub in _subdirs(cdir):
-            split = SPLIT_DIRS.get(sub.name.lower())
-            if split is None:
-                continue
-            with os.scandir(sub.path) as it:
-                for e in it:
-                    if e.name.lower().endswith(".txt") and e.is_file():
-                        video = safe_name(e.name[:-4], f"{sub.path}: annotation file {clip(e.name)}")
-                        files.append(AnnotationFile(task, split, video, Path(e.path)))
+        contents = scan_challenge(cdir)
+        files += [AnnotationFile(task, split, safe_name(video, f"{path.parent}: annotation file {clip(path.name)}"), path)
+                  for split, video, path in contents.files]
+        test_lists += contents.test_lists
+        unused += contents.unused
     files.sort(key=lambda f: (f.task, f.split, f.video))
 
     mtl_files = {}
@@ -215,7 +221,24 @@ def find_layout(root: Path, images: tuple[Path, ...] = ()) -> Layout:
     for p in roots:
         if not p.is_dir():
             raise ValueError(f"{p}: image root is not a directory")
-    return Layout(root, challenges, tuple(files), roots, mtl_files, tuple(ignored))
+    return Layout(root, challenges, tuple(files), roots, mtl_files, tuple(ignored), tuple(unused),
+                  tuple(sorted(set(test_lists))))
+
+
+def _test_lists_in(folder: Path) -> list[Path]:
+    """Test-set lists directly in ``folder`` (recognised by name; see affpipe.index.testsets)."""
+    try:
+        with os.scandir(folder) as it:
+            return [Path(e.path) for e in it if is_test_list_name(e.name) and e.is_file()]
+    except OSError:
+        return []
+
+
+def _ignored_folder(path: Path, used: dict[str, Path]) -> Unused:
+    task = CHALLENGE_DIRS[path.name][0]
+    _, n = search_txt(path)
+    return Unused(path, f"older-edition {task.upper()} folder ({n} .txt file(s) not read); "
+                        f"{used[task].name} is used", n)
 
 
 # --- headers --------------------------------------------------------------------------------
@@ -227,12 +250,18 @@ class Header:
 
     task: str
     names: tuple[str, ...]  # as written, normalized (stripped)
-    columns: tuple[int, ...]  # va: index into VA_NAMES; expr: class index per header class; au: AU index
+    columns: tuple[int, ...]  # va: index into VA_NAMES; expr: class index per header class;
+    #                           au: AU index, -1 for an AU outside the 12 (ABAW1's AU20: read, not used)
 
     @property
     def ncols(self) -> int:
         """Value columns per data line (EXPR's header lists classes; its lines hold one index)."""
         return 1 if self.task == "expr" else len(self.columns)
+
+    @property
+    def unused(self) -> tuple[str, ...]:
+        """Columns of the file that map to no label (their values are checked, then dropped)."""
+        return tuple(n for n, c in zip(self.names, self.columns, strict=True) if c < 0)
 
 
 def _split_header(line: str) -> list[str]:
@@ -245,8 +274,13 @@ def parse_header(line: str, task: str, where: str) -> Header:
     vocab = {"va": VA_NAMES, "expr": EXPR_CLASSES, "au": AU_NAMES}[task]
     lower = {n.lower(): i for i, n in enumerate(vocab)}
     cols = [lower.get(n.lower()) for n in names]
+    if task == "au":  # columns are mapped by name; an AU outside the 12 is read and reported, not used
+        cols = [-1 if c is None and _OTHER_AU.fullmatch(n) else c for n, c in zip(names, cols, strict=True)]
     unknown = [n for n, c in zip(names, cols, strict=False) if c is None]
-    ok = not unknown and len(set(cols)) == len(cols)
+    mapped = [c for c in cols if c is not None and c >= 0]
+    ok = not unknown and len(set(mapped)) == len(mapped) and len({n.lower() for n in names}) == len(names)
+    if task == "au":
+        ok = ok and bool(mapped)
     if task == "va":
         ok = ok and len(cols) == 2
     elif task == "expr":
@@ -296,8 +330,9 @@ def _canonical(task: str, header: Header, vals: np.ndarray) -> dict[str, np.ndar
     if task == "expr":
         lut = np.array((*header.columns, -1), np.int8)  # file class k -> canonical; -1 -> -1
         return {"expr": lut[vals[:, 0].astype(np.int64)]}
-    out = np.full((n, NUM_AU), -1, np.int8)
-    out[:, list(header.columns)] = vals.astype(np.int8)
+    out = np.full((n, NUM_AU), -1, np.int8)  # an AU the file does not annotate stays -1 (masked)
+    used = [i for i, c in enumerate(header.columns) if c >= 0]
+    out[:, [header.columns[i] for i in used]] = vals[:, used].astype(np.int8)
     return {"au": out}
 
 

@@ -24,8 +24,18 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from affpipe.index.annotations import Layout, MTLParsed, find_layout, parse_annotation, parse_mtl
+from affpipe.index.release import release_lines, release_report
+from affpipe.index.testsets import TestRule, load_test_lists
 from affpipe.io import atomic_write_text, safe_name, write_parquet
-from affpipe.labels import AU_NAMES, FRAMES_SCHEMA, MAX_FRAME, NUM_AU, TABLE_SCHEMA_VERSION, TASKS
+from affpipe.labels import (
+    AU_NAMES,
+    FRAMES_SCHEMA,
+    MAX_FRAME,
+    NUM_AU,
+    SPLITS,
+    TABLE_SCHEMA_VERSION,
+    TASKS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +53,7 @@ class IndexConfig:
     images: tuple[Path, ...] = ()  # image roots; empty = find them under root
     on_bad_line: str = "error"  # "error" | "skip"
     workers: int = 2  # processes for the per-video work (1 = in this process)
+    test_lists: tuple[Path, ...] = ()  # extra test-set lists (--test-list), besides those in the tree
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,7 @@ class _Video:
     headers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     bad_lines: list[str] = field(default_factory=list)
     duplicate_images: int = 0
+    unused_columns: dict[str, int] = field(default_factory=dict)  # column outside the 12 AUs -> data lines
 
 
 _FRAME_RE = re.compile(r"^(\d+)\.jpg$", re.M | re.I | re.A)
@@ -162,19 +174,24 @@ def _build_video(job: _Job) -> _Video:
             "images_without_line": n_img - with_image, "mismatch": p.n_lines - n_img,
         })
     pos = {f: i for i, f in enumerate(frames.tolist())} if odd else {}
-    return _Video(
+    video = _Video(
         job.video, job.split, frames.astype(np.int32), root[frames],
         {pos[f]: n for f, n in odd.items()}, va[frames], expr[frames], au[frames],
         {t: a[frames] for t, a in annot.items()}, stats,
         {t: p.header.names for t, p in parsed.items()},
         [f"{dict(job.files)[t]}:{ln}" for t, p in parsed.items() for ln in p.bad_lines], dup,
     )
+    video.unused_columns = {f"{t}:{name}": int(p.present.sum()) for t, p in parsed.items() for name in p.header.unused}
+    return video
 
 
-def _jobs(layout: Layout, on_bad_line: str, extra_val: set[str] = frozenset()) -> tuple[list[_Job], dict]:
+def _jobs(layout: Layout, on_bad_line: str, extra_val: set[str] = frozenset(),
+          test: TestRule | None = None) -> tuple[list[_Job], dict]:
     """One job per video; applies the split rule. Returns the jobs and split-rule counts.
 
     ``extra_val``: videos that are val for another reason (the MTL validation file).
+    ``test``: the test-set rule (:class:`affpipe.index.testsets.TestRule`); a test video is
+    never train or val.
     """
     by_video: dict[str, dict[str, tuple[str, Path]]] = {}
     for f in layout.files:
@@ -191,14 +208,16 @@ def _jobs(layout: Layout, on_bad_line: str, extra_val: set[str] = frozenset()) -
                     images.setdefault(name, []).append((r, e.path))
     val_videos = {v for v, t in by_video.items() if any(s == "val" for s, _ in t.values())} | set(extra_val)
     conflicts = sorted(v for v in val_videos if any(s == "train" for s, _ in by_video.get(v, {}).values()))
+    test_videos, test_report = (test or TestRule()).resolve(set(by_video), set(images))
     jobs = [
-        _Job(v, "val" if v in val_videos else "train",
+        _Job(v, "test" if v in test_videos else "val" if v in val_videos else "train",
              tuple((t, str(p)) for t, (_, p) in sorted(by_video.get(v, {}).items())),
              tuple(images.get(v, ())), on_bad_line)
         for v in sorted(set(by_video) | set(images))
     ]
     return jobs, {"split_conflicts": len(conflicts), "split_conflict_videos": conflicts,
-                  "val_videos": val_videos}
+                  "val_videos": val_videos, "test_videos": test_videos,
+                  "test": test_report}
 
 
 def _run_jobs(jobs: list[_Job], workers: int) -> list[_Video]:
@@ -233,7 +252,7 @@ def _table(videos: list[str], vid: np.ndarray, frame: np.ndarray, split: np.ndar
         "row_id": pa.array(np.arange(n, dtype=np.int64)),
         "video": video_col,
         "frame": pa.array(frame, pa.int32()),
-        "split": pa.DictionaryArray.from_arrays(pa.array(split.astype(np.int8)), pa.array(["train", "val"])).cast(pa.string()),
+        "split": pa.DictionaryArray.from_arrays(pa.array(split.astype(np.int8)), pa.array(list(SPLITS))).cast(pa.string()),
         "image": image,
         "image_root": pa.array(root.astype(np.int16)),
         "has_image": pa.array(has),
@@ -260,7 +279,7 @@ def _frames_table(results: list[_Video]) -> pa.Table:
         [r.video for r in results],
         np.repeat(np.arange(len(results)), lens),
         cat([r.frames for r in results], 0).astype(np.int32),
-        np.repeat(np.array([r.split == "val" for r in results], bool), lens),
+        np.repeat(np.array([SPLITS.index(r.split) for r in results], np.int8), lens),
         cat([r.image_root for r in results], 0).astype(np.int16),
         odd,
         cat([r.va for r in results], (0, 2)),
@@ -270,7 +289,7 @@ def _frames_table(results: list[_Video]) -> pa.Table:
 
 
 def _task_counts(results: list[_Video]) -> dict:
-    counts: dict = {t: {s: {"files": 0, "lines": 0, "valid": 0, "valid_with_image": 0} for s in ("train", "val")} for t in TASKS}
+    counts: dict = {t: {s: {"files": 0, "lines": 0, "valid": 0, "valid_with_image": 0} for s in SPLITS} for t in TASKS}
     for r in results:
         for st in r.stats:
             c = counts[st["task"]][st["split"]]
@@ -280,7 +299,8 @@ def _task_counts(results: list[_Video]) -> dict:
     return counts
 
 
-def _mtl_table(m: MTLParsed, results: list[_Video], val_videos: set[str]) -> tuple[pa.Table, dict]:
+def _mtl_table(m: MTLParsed, results: list[_Video], val_videos: set[str],
+               test_videos: set[str] = frozenset()) -> tuple[pa.Table, dict]:
     """The MTL rows (duplicates collapsed), with image lookups from the per-video results."""
     videos = sorted(set(m.video))
     code = {v: i for i, v in enumerate(videos)}
@@ -299,7 +319,8 @@ def _mtl_table(m: MTLParsed, results: list[_Video], val_videos: set[str]) -> tup
     keep = np.concatenate([[True], ~same]) if len(vid) else np.zeros(0, bool)
     vid, frame, va, expr, au = vid[keep], frame[keep], va[keep], expr[keep], au[keep]
     file_val = {m.video[i] for i in range(len(m.video)) if m.split[i] == "val"}
-    split = np.array([videos[v] in val_videos or videos[v] in file_val for v in vid], bool)
+    is_val = np.array([videos[v] in val_videos or videos[v] in file_val for v in vid], bool)
+    split = np.where(np.array([videos[v] in test_videos for v in vid], bool), 2, is_val).astype(np.int8)
     root = np.full(len(vid), -1, np.int16)
     odd: dict[int, str] = {}
     by_name = {r.video: r for r in results}
@@ -320,7 +341,7 @@ def _mtl_table(m: MTLParsed, results: list[_Video], val_videos: set[str]) -> tup
     counts = {"rows": table.num_rows, "lines": len(m.video) + len(m.bad_lines),
               "duplicates_collapsed": int(same.sum()), "bad_lines": len(m.bad_lines),
               "with_image": int((root >= 0).sum()),
-              "val_rows": int(split.sum()), "train_rows": int((~split).sum())}
+              **{f"{s}_rows": int((split == k).sum()) for k, s in enumerate(SPLITS)}}
     return table, counts
 
 
@@ -338,7 +359,9 @@ def build_index(cfg: IndexConfig) -> dict:
     mtl = parse_mtl(layout.mtl_files, cfg.on_bad_line) if layout.mtl_files else None
     # the MTL validation videos take part in the split rule too
     mtl_val = {v for v, sp in zip(mtl.video, mtl.split, strict=False) if sp == "val"} if mtl else set()
-    jobs, split_info = _jobs(layout, cfg.on_bad_line, mtl_val)
+    found, not_lists = load_test_lists(layout.test_lists, strict=False)
+    rule = TestRule(found + load_test_lists(cfg.test_lists)[0], frozenset(mtl.video) if mtl else frozenset())
+    jobs, split_info = _jobs(layout, cfg.on_bad_line, mtl_val, rule)
     results = _run_jobs(jobs, cfg.workers)
     _check_some_images(layout, results)
     frames = _frames_table(results)
@@ -358,7 +381,7 @@ def build_index(cfg: IndexConfig) -> dict:
         "frames": frames.num_rows,
         "videos": len(results),
         "with_image": int(has.sum()),
-        "splits": {s: int(pc.sum(pc.equal(frames.column("split"), s)).as_py() or 0) for s in ("train", "val")},
+        "splits": {s: int(pc.sum(pc.equal(frames.column("split"), s)).as_py() or 0) for s in SPLITS},
         "tasks": _task_counts(results),
         "missing_images": int((annotated & ~has).sum()),
         "images_without_line": int((~annotated & has).sum()),
@@ -369,9 +392,10 @@ def build_index(cfg: IndexConfig) -> dict:
         "bad_line_locations": bad[:100],
         "expr_headers": _header_kinds(results, "expr"),
         "au_headers": _header_kinds(results, "au"),
+        **release_report(layout, [r.unused_columns for r in results], split_info["test"], not_lists),
     }
     if mtl is not None:
-        mtl_table, counts["mtl"] = _mtl_table(mtl, results, split_info["val_videos"])
+        mtl_table, counts["mtl"] = _mtl_table(mtl, results, split_info["val_videos"], split_info["test_videos"])
         write_parquet(mtl_table, out / TABLE_FILES["mtl"], compression="zstd")
     counts["seconds"] = round(time.perf_counter() - t0, 3)
     meta = {
@@ -397,9 +421,11 @@ VIDEOS_SCHEMA = pa.schema(
 
 
 def _check_some_images(layout: Layout, results: list[_Video]) -> None:
-    """Annotations with not a single image is a wrong image folder, never a dataset: stop."""
+    """Image folders given or found that hold not one frame of the annotated videos are a wrong
+    image folder, never a dataset: stop. (With no image folder at all, an annotation-only index,
+    the warning above stands and ``shard`` refuses the empty splits.)"""
     annotated = [r.video for r in results if r.annot and any(a.any() for a in r.annot.values())]
-    if annotated and not any((r.image_root >= 0).any() for r in results):
+    if layout.image_roots and annotated and not any((r.image_root >= 0).any() for r in results):
         roots = ", ".join(map(str, layout.image_roots)) or "none found"
         raise ValueError(
             f"{layout.root}: no frame image found for any of the {len(annotated)} annotated videos "
@@ -453,11 +479,13 @@ def image_path(index_meta: dict, image_root: int, image: str) -> Path:
 def format_summary(counts: dict) -> str:
     """Human-readable summary of :func:`build_index`'s counts (printed by the CLI)."""
     rows = [f"{counts['frames']} frames of {counts['videos']} videos "
-            f"(train {counts['splits']['train']}, val {counts['splits']['val']}), "
+            f"(train {counts['splits']['train']}, val {counts['splits']['val']}, test {counts['splits'].get('test', 0)}), "
             f"{counts['with_image']} with an image, in {counts.get('seconds', 0):.1f} s",
             f"{'task':<5} {'split':<5} {'files':>6} {'lines':>10} {'valid':>10} {'valid+image':>12}"]
     for t, by_split in counts["tasks"].items():
         for s, c in by_split.items():
+            if s == "test" and not c["files"]:
+                continue
             rows.append(f"{t:<5} {s:<5} {c['files']:>6} {c['lines']:>10} {c['valid']:>10} {c['valid_with_image']:>12}")
     rows += [
         f"missing images (line, no image): {counts['missing_images']}; images without a line: "
@@ -471,4 +499,4 @@ def format_summary(counts: dict) -> str:
         rows.append(f"MTL: {m['rows']} rows (train {m['train_rows']}, val {m['val_rows']}), "
                     f"{m['with_image']} with image, {m['duplicates_collapsed']} duplicates collapsed, "
                     f"{m['bad_lines']} bad lines skipped")
-    return "\n".join(rows)
+    return "\n".join(rows + release_lines(counts))

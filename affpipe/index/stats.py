@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from affpipe.index.build import load_index
-from affpipe.labels import AU_NAMES, EXPR_CLASSES, NUM_EXPR, SPLITS
+from affpipe.labels import AU_NAMES, EXPR_CLASSES, LABELLED_SPLITS, NUM_EXPR, SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _plot_expr(s: dict, path: Path) -> None:
 
     fig = Figure(figsize=(13, 4.5))
     axes = fig.subplots(1, 2, sharey=False)
-    for ax, sp in zip(axes, SPLITS, strict=False):
+    for ax, sp in zip(axes, LABELLED_SPLITS, strict=True):
         counts = s[sp]["expr_counts"]
         bars = ax.bar(range(NUM_EXPR), counts, color="tab:blue")
         ax.bar_label(bars, labels=[str(c) for c in counts], fontsize=8)
@@ -78,7 +78,7 @@ def _plot_au(s: dict, path: Path) -> None:
 
     fig = Figure(figsize=(13, 4.5))
     axes = fig.subplots(1, 2, sharey=True)
-    for ax, sp in zip(axes, SPLITS, strict=False):
+    for ax, sp in zip(axes, LABELLED_SPLITS, strict=True):
         pos, val = np.array(s[sp]["au_pos"]), np.array(s[sp]["au_valid_per_au"])
         prev = np.divide(pos, val, out=np.zeros(len(pos)), where=val > 0)
         bars = ax.bar(range(len(AU_NAMES)), prev, color="tab:orange")
@@ -100,7 +100,7 @@ def _plot_va(s: dict, path: Path) -> None:
     fig = Figure(figsize=(11, 4.8))
     axes = fig.subplots(1, 2)
     bins = np.linspace(-1, 1, 41)
-    for ax, sp in zip(axes, SPLITS, strict=False):
+    for ax, sp in zip(axes, LABELLED_SPLITS, strict=True):
         v, a = s[sp]["valence"], s[sp]["arousal"]
         h, _, _ = np.histogram2d(v, a, bins=[bins, bins])
         im = ax.pcolormesh(bins, bins, h.T, norm=LogNorm(vmin=1, vmax=max(h.max(), 1)), cmap="viridis")
@@ -131,31 +131,53 @@ def _markdown(index: Path, meta: dict, s: dict, mtl: dict | None) -> str:
         lines += ["Annotation files per task (from `index.json`):", "",
                   "| task | split | files | lines | valid | valid, with image |", "|---|---|---:|---:|---:|---:|"]
         lines += [f"| {t.upper()} | {sp} | {d['files']} | {d['lines']} | {d['valid']} | {d['valid_with_image']} |"
-                  for t, by in c["tasks"].items() for sp, d in by.items()]
+                  for t, by in c["tasks"].items() for sp, d in by.items() if sp != "test" or d["files"]]
         lines.append("")
     lines += ["## Expression classes", "", "![expression classes](expr_distribution.png)", "",
-              "| class | " + " | ".join(SPLITS) + " |", "|---|" + "---:|" * len(SPLITS)]
+              "| class | " + " | ".join(LABELLED_SPLITS) + " |", "|---|" + "---:|" * len(LABELLED_SPLITS)]
     for k, name in enumerate(EXPR_CLASSES):
         lines.append(f"| {name} | " + " | ".join(
-            f"{s[sp]['expr_counts'][k]} ({_pct(s[sp]['expr_counts'][k], s[sp]['expr_valid'])})" for sp in SPLITS) + " |")
+            f"{s[sp]['expr_counts'][k]} ({_pct(s[sp]['expr_counts'][k], s[sp]['expr_valid'])})" for sp in LABELLED_SPLITS) + " |")
     lines += ["", "## Action units (positives / valid)", "", "![AU prevalence](au_prevalence.png)", "",
-              "| AU | " + " | ".join(SPLITS) + " |", "|---|" + "---:|" * len(SPLITS)]
+              "| AU | " + " | ".join(LABELLED_SPLITS) + " |", "|---|" + "---:|" * len(LABELLED_SPLITS)]
     for k, name in enumerate(AU_NAMES):
         lines.append(f"| {name} | " + " | ".join(
             f"{s[sp]['au_pos'][k]} / {s[sp]['au_valid_per_au'][k]} ({_pct(s[sp]['au_pos'][k], s[sp]['au_valid_per_au'][k])})"
-            for sp in SPLITS) + " |")
+            for sp in LABELLED_SPLITS) + " |")
     lines += ["", "## Valence and arousal", "", "![valence-arousal](va_hist2d.png)", "",
-              "| | " + " | ".join(SPLITS) + " |", "|---|" + "---:|" * len(SPLITS)]
+              "| | " + " | ".join(LABELLED_SPLITS) + " |", "|---|" + "---:|" * len(LABELLED_SPLITS)]
     for dim in ("valence", "arousal"):
         for stat, fn in (("mean", np.mean), ("std", np.std)):
             lines.append(f"| {dim} {stat} | " + " | ".join(
-                f"{fn(s[sp][dim]):.3f}" if len(s[sp][dim]) else "-" for sp in SPLITS) + " |")
+                f"{fn(s[sp][dim]):.3f}" if len(s[sp][dim]) else "-" for sp in LABELLED_SPLITS) + " |")
     if mtl is not None:
         lines += ["", "## MTL subset (`mtl_frames.parquet`)", "",
                   "| | " + " | ".join(SPLITS) + " |", "|---|" + "---:|" * len(SPLITS)]
         for key in ("frames", "with_image", "va_valid", "expr_valid", "au_valid"):
             lines.append(f"| {key} | " + " | ".join(str(mtl[sp][key]) for sp in SPLITS) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _test_section(c, s)) + "\n"
+
+
+def _test_section(c: dict, s: dict) -> list[str]:
+    """The test split: how it was made, its size, and what of the tree was not used."""
+    t = c.get("test")
+    lines = ["", "## Test split", "",
+             f"{s['test']['videos']} videos, {s['test']['frames']} frames, {s['test']['with_image']} with an image "
+             "(labels of test frames never reach a shard)."]
+    if t:
+        lines.append(f"Rule: {t['rule']}.")
+        lines += [f"- list `{x['path']}`: {x['kind']}, {x['videos']} videos" for x in t["lists"]]
+        for key in ("annotated_videos_made_test", "listed_videos_not_found", "unlisted_videos_without_annotation"):
+            if t.get(key):
+                lines.append(f"- {key.replace('_', ' ')}: {len(t[key])} ({', '.join(t[key][:8])})")
+    unused = c.get("unused", [])
+    cols = c.get("unused_columns", {})
+    if unused or cols:
+        lines += ["", "Not used from the tree:", ""]
+        lines += [f"- column {k.split(':', 1)[1]} ({k.split(':', 1)[0].upper()}): {v['rows']} rows in {v['files']} files"
+                  for k, v in cols.items()]
+        lines += [f"- `{u['path']}`: {u['reason']}" for u in unused]
+    return lines
 
 
 def write_stats(index: Path, out: Path) -> Path:

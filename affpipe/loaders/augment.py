@@ -79,6 +79,17 @@ def affine_matrix(angle: float, flip: bool, size: int, *, corner: bool = False) 
     )
 
 
+def affine_matrices(angles: np.ndarray, flips: np.ndarray, size: int, *, corner: bool = False) -> np.ndarray:
+    """``affine_matrix`` of a whole batch at once: ``[n, 2, 3]`` float64 (numpy instead of a
+    Python call per sample)."""
+    c = size / 2.0 if corner else (size - 1) / 2.0
+    rad = np.radians(np.asarray(angles, np.float64))
+    a, b = np.cos(rad), np.sin(rad)
+    s = np.where(np.asarray(flips, bool), -1.0, 1.0)
+    return np.stack([np.stack([a * s, b, c - a * s * c - b * c], 1),
+                     np.stack([-b * s, a, c + b * s * c - a * c], 1)], 1)
+
+
 def warp_nearest(image: np.ndarray, angle: float, flip: bool, out: np.ndarray | None = None) -> np.ndarray:
     """Flip + rotate one ``HxWxC`` uint8 square image, nearest-neighbour, black fill (OpenCV)."""
     import cv2

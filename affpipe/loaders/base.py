@@ -1,20 +1,24 @@
 """Loaders: WebDataset shards → ``Batch``, through DALI or a PyTorch fallback.
 
-``make_loader`` picks the backend (``auto``: DALI when importable, else torch), validates the
-shards and returns a ``Loader``: iterable of ``Batch`` (float normalized images on ``device``),
-``len()`` = batches per epoch on this rank, ``set_epoch(e)`` to reshuffle, ``samples_per_epoch``
+``make_loader`` picks the backend (``auto``: DALI on a CUDA device when importable, else torch),
+validates the shards and returns a ``Loader``: iterable of ``Batch`` (float normalized images on
+``device``), ``len()`` = batches per epoch on this rank, ``set_epoch(e, start_batch=0)`` to
+reshuffle (and start mid-epoch without decoding the batches before), ``samples_per_epoch``
 (samples this rank yields per epoch), ``backend``, ``skipped`` (bad samples skipped, by reason)
 and ``last_augment`` (the previous batch's per-sample ``flip``/``angle``, for debugging/tests).
 
-Epoch plan (identical in both backends, so they yield the same samples):
+Epoch plan (``affpipe.loaders.plan``; both backends follow it, so they yield the same samples in
+the same order with the same augmentation draws, and batch ``k`` can be made without the ones
+before it):
 
 * The split's shards are concatenated in manifest order (val) or in a seeded per-epoch
   permutation of whole shards (train). The concatenation is cut into ``world_size`` contiguous
   ranges, rank ``r`` reading ``[r*N//W, (r+1)*N//W)`` — DALI's own ``shard_id``/``num_shards``
   rule. With many shards that is a shard-level split (each rank streams whole tars, cut at most
   at its two ends); with few shards it degrades gracefully to a sample-level split.
-* Train: samples are shuffled within the rank's range every epoch (DALI: its shuffle buffer;
-  torch: seeded block shuffle); the train split was also shuffled globally when it was written.
+* Train: samples are shuffled within the rank's range every epoch (a seeded block shuffle);
+  the train split was also shuffled globally when it was written. Batch ``b``'s flips and angles
+  are drawn from a generator seeded by ``(epoch seed, b)``.
   Each rank yields exactly ``(N // W) // batch_size`` full batches — the same count on every
   rank, so DDP never waits on a rank that ran out — and the remaining few samples of the epoch
   are dropped (different ones each epoch). Too few samples for one batch is an error.
@@ -218,6 +222,7 @@ def make_loader(
     max_rotation: float = 10.0,
     on_bad: str = "error",
     normalize: bool = True,
+    parallel: str = "threads",
 ) -> Loader:
     """A loader over ``shards/<split>`` (see the module docstring for the epoch plan).
 
@@ -226,7 +231,10 @@ def make_loader(
     worker processes (default: this rank's share of the cores; ``0`` decodes in this process).
     ``normalize=False`` yields ``Batch.images`` as uint8 ``[N,3,H,W]`` (a channels_last view):
     the models normalize uint8 input themselves (``affpipe.train.models``), which keeps a 4x larger
-    float copy out of the loader — the trainers use it.
+    float copy out of the loader — the trainers use it. ``backend="auto"``: DALI on a CUDA
+    device when it is importable (nvJPEG), else the torch backend, whose thread pool needs less
+    CPU per frame than DALI's CPU decoder (``affpipe.loaders.threads``). ``parallel``: how the
+    torch backend decodes with ``num_workers > 0``: ``"threads"`` or ``"processes"``.
     """
     from affpipe._optional import dali_available
     from affpipe.loaders.augment import AugmentConfig
@@ -238,8 +246,10 @@ def make_loader(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if backend == "auto":
-        backend = "dali" if dali_available() else "torch"
-        log.info("loader backend: %s (%s)", backend, "DALI importable" if backend == "dali" else "DALI not importable")
+        gpu = torch.device(device).type == "cuda"
+        backend = "dali" if gpu and dali_available() else "torch"
+        log.info("loader backend: %s (%s)", backend, "CUDA device, DALI importable" if backend == "dali"
+                 else "DALI not importable" if gpu else "CPU device: the torch backend's decode threads")
     aug = AugmentConfig(image_size=image_size, train=train, flip_p=flip_p, max_rotation=max_rotation)
     rank, world = dist_env(rank, world_size)
     if num_workers is not None and num_workers < 0:
@@ -258,7 +268,7 @@ def make_loader(
         return DaliLoader(**kwargs)
     from affpipe.loaders.torch_backend import TorchLoader
 
-    return TorchLoader(**kwargs)
+    return TorchLoader(parallel=parallel, **kwargs)
 
 
 class BaseLoader:
@@ -319,9 +329,23 @@ class BaseLoader:
     def __len__(self) -> int:
         return self.num_batches
 
-    def set_epoch(self, epoch: int) -> None:
-        """Use epoch ``epoch``'s shuffle (shard order, sample order, augmentation draws)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Use epoch ``epoch``'s shuffle (shard order, sample order, augmentation draws).
+
+        ``start_batch=k``: the next iteration starts at batch ``k`` of the epoch and yields the
+        same samples with the same augmentation draws as batches ``k, k+1, …`` of an uninterrupted
+        pass, without reading or decoding batches ``0..k-1`` (a resumed run's rest of an epoch).
+        Later iterations start at batch 0 again.
+        """
+        if not 0 <= int(start_batch) <= self.num_batches:
+            raise ValueError(f"start_batch must be in [0, {self.num_batches}], got {start_batch}")
         self.epoch = int(epoch)
+        self._start_batch = int(start_batch)
+
+    def take_start_batch(self) -> int:
+        """The batch the iteration beginning now starts at (consumed: the next one starts at 0)."""
+        start, self._start_batch = getattr(self, "_start_batch", 0), 0
+        return start
 
     def shard_order(self, epoch: int) -> list[int]:
         """Shard order of an epoch: seeded permutation (train) or manifest order (val)."""

@@ -1,8 +1,9 @@
 """The epoch plan both loader backends follow (see ``affpipe.loaders`` for the rules).
 
 Pure functions of (shard sample counts, seed, epoch, rank, world): which samples a rank yields
-in an epoch, in which order, and the seed of its augmentation draws. The DALI backend gets
-the same cut from its reader's ``shard_id``/``num_shards``; the torch backend computes it here.
+in an epoch, in which order, and the seed of its augmentation draws. Both backends read the
+plan's samples themselves (``affpipe.loaders.source``), so batch ``k`` of an epoch needs none of
+the batches before it (mid-epoch resume). The rank cut is DALI's ``shard_id``/``num_shards`` rule.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 SHUFFLE_BLOCK = 256  # contiguous samples kept together so reads stay mostly sequential
-SHUFFLE_WINDOW = 64  # blocks shuffled together (~16k samples, like DALI's shuffle buffer)
+SHUFFLE_WINDOW = 64  # blocks shuffled together (~16k samples, a shuffle buffer's reach)
 
 
 def epoch_samples(counts: list[int], order: list[int], rank: int, world: int) -> np.ndarray:

@@ -1,14 +1,18 @@
-"""The PyTorch fallback loader: shards read through their ``.idx`` + DataLoader workers.
+"""The PyTorch fallback loader: shards read through their ``.idx``, decoded by OpenCV.
 
-Used where DALI is missing (macOS, ARM, Windows) or on request. Each worker produces whole
-batches: it reads the samples of its batch straight from the memory-mapped tars at the
-offsets the DALI index lists (no tar parsing, exact per-sample splits and shuffles), decodes
-with OpenCV (libjpeg-turbo), warps flip + rotation in one nearest-neighbour ``warpAffine``
-and returns a uint8 NHWC batch (4x fewer bytes through the worker pipe than float). The
-main process moves it to the device and normalizes it there.
+Used where DALI is missing (macOS, ARM, Windows), on request, and on CPU-only training. Samples
+are read straight from the memory-mapped tars at the offsets the DALI index lists (no tar
+parsing, exact per-sample splits and shuffles), decoded with OpenCV (libjpeg-turbo), flip +
+rotation warped in one nearest-neighbour ``warpAffine``, and batched as uint8 NHWC; the
+training device gets the batch and normalizes it there.
+
+``parallel="threads"`` (default): a thread pool in this process decodes and warps
+(``affpipe.loaders.threads``; OpenCV releases the GIL) — the least CPU per frame of the CPU
+paths measured. ``parallel="processes"``: DataLoader worker processes, each producing whole
+batches (``ShardBatches``, also the careful path that reports or skips bad samples).
 
 Same epoch plan, augmentation semantics and ``Batch`` as the DALI backend (see
-``affpipe.loaders.base``).
+``affpipe.loaders.base``); ``set_epoch(e, start_batch=k)`` starts at batch ``k``.
 """
 
 from __future__ import annotations
@@ -27,9 +31,13 @@ from affpipe.loaders.augment import AugmentConfig, resize_linear, sample_params,
 from affpipe.loaders.base import BaseLoader, Shard
 from affpipe.loaders.checks import bad_sample, decode_jpeg
 from affpipe.loaders.plan import EpochPlan
+from affpipe.loaders.threads import ThreadedBatches
 from affpipe.shards.format import parse_idx, sample_key
 
 log = logging.getLogger(__name__)
+
+PARALLEL = ("threads", "processes")  # how num_workers > 0 decode: a thread pool or DataLoader workers
+
 
 class ShardBatches(Dataset):
     """Item ``(epoch, b)``: batch ``b`` of ``epoch`` on this rank, decoded and augmented.
@@ -128,7 +136,9 @@ class _EpochSampler:
         return len(self.owner)
 
     def __iter__(self):
-        return ((self.owner.epoch, b) for b in range(len(self.owner)))
+        # DataLoader calls this twice per iteration: read the start the loader took, not take it
+        epoch, start = self.owner.epoch, self.owner.iter_start
+        return ((epoch, b) for b in range(start, len(self.owner)))
 
 
 class TorchLoader(BaseLoader):
@@ -136,12 +146,19 @@ class TorchLoader(BaseLoader):
 
     backend = "torch"
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, *, parallel: str = "threads", **kwargs) -> None:
         super().__init__(**kwargs)
+        if parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
         self.plan = EpochPlan(tuple(s.samples for s in self.shards), self.seed, self.rank, self.world,
                               self.train, self.batch_size, self.num_batches)
         self.dataset = ShardBatches(self.shards, self.plan, self.aug, self.on_bad, self.frame_size)
         workers = min(self.num_workers, self.num_batches)
+        # Threads (the default) decode in this process: cv2 releases the GIL (affpipe.loaders.threads)
+        self.parallel = parallel if workers else "none"  # num_workers=0: decoded on the calling thread
+        self.iter_start = 0
+        self._threads = (ThreadedBatches(self.dataset, workers, pin_memory=self.device.type == "cuda")
+                         if self.parallel == "threads" else None)
         # Workers start per epoch (a fork is cheap; persistent workers took 5 s each to shut
         # down) and compute the epoch's plan themselves from (epoch, b). They are forked: the
         # per-sample OpenCV calls on small images stay single-threaded, so they never touch an
@@ -153,8 +170,19 @@ class TorchLoader(BaseLoader):
             pin_memory=self.device.type == "cuda",
         )
 
+    def _items(self) -> Iterator[dict]:
+        self.iter_start = self.take_start_batch()
+        if self._threads is None:
+            return iter(self._loader)  # its sampler starts at iter_start
+        return self._threads.iterate(self.epoch, self.iter_start, len(self))
+
+    def close(self) -> None:
+        """Stop the decode threads now (they also stop when the loader is garbage-collected)."""
+        if self._threads is not None:
+            self._threads.close()
+
     def __iter__(self) -> Iterator[Batch]:
-        for item in self._loader:
+        for item in self._items():
             if item["bad"]:
                 for problem in item["bad"]:
                     log.warning("%s; skipped", problem)

@@ -16,6 +16,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from affpipe.io import atomic_write_text, clip, confined_path
 from affpipe.labels import SPLITS
 
@@ -153,6 +155,30 @@ def parse_idx(idx: Path) -> list[IdxEntry]:
     if len(samples) != n:
         raise ValueError(f"{idx}:1: header says {n} samples, the index lists {len(samples)}")
     return samples
+
+
+def idx_member_arrays(idx: Path, exts: tuple[str, ...] = ("jpg", "lbl")) -> dict[str, np.ndarray]:
+    """``{ext: int64 [n, 2] (offset, size)}`` of every sample's members, ``(-1, 0)`` where a
+    sample lacks one: ``parse_idx`` as arrays, for readers of millions of samples. The lines
+    affpipe writes (each sample's ``exts`` in that order) are read as one token array (~10x
+    faster than per-line dicts); any other index goes through ``parse_idx`` and its errors."""
+    version, n = read_idx_header(idx)
+    with open(idx, encoding="utf-8", errors="replace") as f:
+        next(f)
+        tok = np.array(f.read().split())
+    width = 4 * len(exts)
+    if version >= "v1.2" and len(tok) == n * width:
+        tok = tok.reshape(n, width)
+        if all((tok[:, 4 * i] == ext).all() for i, ext in enumerate(exts)):
+            try:
+                out = {ext: tok[:, 4 * i + 1:4 * i + 3].astype(np.int64) for i, ext in enumerate(exts)}
+            except ValueError:
+                out = None  # non-numeric: parse_idx names the line
+            if out is not None and all((a >= 0).all() for a in out.values()):
+                return out
+    comps = parse_idx(idx)
+    missing = (-1, 0, "")
+    return {ext: np.array([c.get(ext, missing)[:2] for c in comps], np.int64).reshape(-1, 2) for ext in exts}
 
 
 def idx_last_end(idx: Path) -> int:

@@ -8,9 +8,10 @@ record of :mod:`affpipe.labels`), key = ``f"{row_id:010d}"``. Output::
     out/manifest.json                written last, atomically
 
 Rows are kept when they have an image and at least one valid label of the chosen tasks; the
-others are counted per reason (``no_image``, ``no_label``). An image the index lists but the
-disk lacks is an error naming the file (the index is stale; a silently smaller dataset would
-be worse), not a skip.
+others are counted per reason (``no_image``, ``no_label``). The ``test`` split keeps every frame
+with an image, and its records carry no label (every mask false; ``labels.records_from_table``).
+An image the index lists but the disk lacks is an error naming the file (the index is stale; a
+silently smaller dataset would be worse), not a skip.
 
 Deterministic: the shard plan (which rows go in which shard, in which order) depends only on
 the index, the options and the seed; tar headers carry fixed metadata (mtime 0, uid/gid 0,
@@ -176,6 +177,8 @@ def select_rows(tbl: pa.Table, split: str, tasks: tuple[str, ...]) -> tuple[pa.T
     labelled = np.zeros(len(tbl), bool)
     for t in tasks:
         labelled |= tbl[f"{t}_valid"].to_numpy(zero_copy_only=False)
+    if split == "test":  # every frame with a crop gets a prediction; its record carries no label
+        labelled[:] = True
     skipped = {"no_image": int((~has_image).sum()), "no_label": int((has_image & ~labelled).sum())}
     kept = tbl.filter(pa.array(has_image & labelled))
     return kept.sort_by([("video", "ascending"), ("frame", "ascending")]), skipped

@@ -12,6 +12,9 @@ per frame so that no single pixel gives a label away.
 Drawing uses cv2 primitives with sub-pixel coordinates (``shift=4``) on the final 112x112
 canvas, so sub-pixel feature motion becomes anti-aliased intensity changes; the static
 layers (background, hair, ears, shoulders, noise tiles) are drawn once per video.
+
+(Slightly over 400 lines on purpose: the simulation and the renderer share the latent AU
+layout and are only understood together.)
 """
 
 from __future__ import annotations
@@ -273,6 +276,15 @@ class FaceRenderer:
          au5, au9, au20) = au.tolist()
         val, aro = va.tolist()
         img = self.base.copy()
+        self._head(img, au6, au12, au26)
+        self._brows(img, au1, au2, au4, au5, aro)
+        self._eyes(img, au5, au6, au7, aro)
+        ny = self._nose(img, au9, au10)
+        self._mouth(img, au10, au12, au15, au23, au24, au25, au26, au20, au9, val, ny)
+        return img
+
+    def _head(self, img, au6, au12, au26) -> None:
+        """Hair, ears, face (the jaw drops with AU26), fringe, cheeks (AU6 raises and flushes)."""
         cx, cy, fw, fh = self.cx, self.cy, self.fw, self.fh
         ey, es = self.eye_y, self.eye_sep
         skin = _c(self.skin)
@@ -288,7 +300,11 @@ class FaceRenderer:
         cheek = _mix(self.skin, self.rosy, 0.15 + 0.6 * au6)
         for s in (-1, 1):
             self._ell(img, cx + s * (es + 2), ey + 10 - 4.5 * au6 - 1.0 * au12, 6, 4, 0, 360, cheek)
-        # forehead wrinkles: AU1 in the middle, AU2 at the sides
+
+    def _brows(self, img, au1, au2, au4, au5, aro) -> None:
+        """Forehead wrinkles (AU1 middle, AU2 sides), brows (AU1 inner, AU2 outer, AU4 down and
+        together), glabella furrows (AU4)."""
+        cx, ey, es = self.cx, self.eye_y, self.eye_sep
         brow_y = ey - self.brow_gap - 1.5 * max(aro, 0.0) - 1.0 * au5
         if au1 > 0.2:
             col = _mix(self.skin, self.shadow, 0.9 * au1)
@@ -298,8 +314,6 @@ class FaceRenderer:
             col = _mix(self.skin, self.shadow, 0.9 * au2)
             for s in (-1, 1):
                 self._line(img, cx + s * 9, brow_y - 5, cx + s * 17, brow_y - 3, col)
-        # brows: AU1 raises the inner end, AU2 the outer, AU4 lowers and draws them together
-        brow_col = _c(self.hair, 0.8)
         brows = []
         for s in (-1, 1):
             ix = cx + s * (es - self.brow_len * 0.55 - 1.8 * au4)
@@ -308,12 +322,15 @@ class FaceRenderer:
             oy = brow_y - 4.0 * au2 + 0.8 * au4
             my = 0.5 * (iy + oy) - 1.3 - 0.8 * (au1 + au2)
             brows.append(self._pts(np.array([[ix, iy], [0.5 * (ix + ox), my], [ox, oy]])))
-        cv2.polylines(img, brows, False, brow_col, self.brow_th, _AA, 4)
+        cv2.polylines(img, brows, False, _c(self.hair, 0.8), self.brow_th, _AA, 4)
         if au4 > 0.2:  # glabella furrows
             col = _mix(self.skin, self.shadow, 1.2 * au4)
             for s in (-1, 1):
                 self._line(img, cx + s * 1.8, brow_y + 1, cx + s * 1.4, brow_y + 5, col)
-        # eyes: AU5/arousal open them, AU7 (lower lid) and AU6 (cheek) narrow them
+
+    def _eyes(self, img, au5, au6, au7, aro) -> None:
+        """Eyes: AU5/arousal open them, AU7 (lower lid) and AU6 (cheek) narrow them; crow's feet."""
+        cx, ey, es = self.cx, self.eye_y, self.eye_sep
         open_h = self.eye_h * (1 + 0.6 * au5 + 0.25 * max(aro, 0.0) - 0.55 * au7 - 0.35 * au6)
         open_h = min(max(open_h, 0.5), 6.0)
         ecy = ey - 0.8 * au7 - 0.6 * au6
@@ -333,7 +350,11 @@ class FaceRenderer:
             if self.glasses:
                 cv2.polylines(img, [self._pts(np.array([[ex - 8, ey - 5], [ex + 8, ey - 5], [ex + 8, ey + 5],
                                                         [ex - 8, ey + 5]]))], True, (30, 30, 30), 1, _AA, 4)
-        # nose; AU9 wrinkles its bridge and lifts the nostrils, AU10 too a little
+
+    def _nose(self, img, au9, au10) -> float:
+        """The nose; AU9 wrinkles its bridge and lifts the nostrils, AU10 a little. Returns the
+        nostrils' height (the mouth hangs below it)."""
+        cx, ey = self.cx, self.eye_y
         ny = ey + self.nose_len - 1.2 * au9 - 0.8 * au10
         self._line(img, cx - 1.5, ey + 2, cx - 2.2, ny - 2, _c(self.shadow))
         for s in (-1, 1):
@@ -342,8 +363,7 @@ class FaceRenderer:
             col = _mix(self.skin, self.shadow, 1.2 * au9)
             for k in range(2):
                 self._line(img, cx - 3, ey + 2 + 2.2 * k, cx + 3, ey + 2 + 2.2 * k, col)
-        self._mouth(img, au10, au12, au15, au23, au24, au25, au26, au20, au9, val, ny)
-        return img
+        return ny
 
     def _mouth(self, img, au10, au12, au15, au23, au24, au25, au26, au20, au9, val, ny) -> None:
         cx, my = self.cx, self.mouth_y

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from affpipe.io import atomic_write_bytes, write_parquet
 from affpipe.labels import AU_NAMES, EXPR_INVALID, NUM_AU, TASKS
 from affpipe.synth.faces import FaceRenderer, Latent, encode_jpeg, run_mask, simulate
+from affpipe.synth.testset import test_membership, test_video_names, write_test_sets
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,16 @@ class Edition:
     expr_classes: int
     mtl_files: tuple[str, str]  # (train, val), relative to the annotation root
     image_roots: int
+    split_dirs: tuple[str, str] = ("Train_Set", "Validation_Set")  # ABAW1 (2020): Training_Set
+    au_names: tuple[str, ...] = AU_NAMES  # the AU header; ABAW1 has 8 columns, AU20 among them
 
 
 _MTL_OLD = ("training_set_annotations.txt", "validation_set_annotations.txt")
 _MTL_NEW = ("MTL_Challenge/train_set.txt", "MTL_Challenge/validation_set.txt")
+ABAW1_AUS = ("AU1", "AU2", "AU4", "AU6", "AU12", "AU15", "AU20", "AU25")
 LAYOUTS: dict[str, Edition] = {
+    "abaw1": Edition("annotations", {"va": "VA_Set", "expr": "EXPR_Set", "au": "AU_Set"}, 7, _MTL_OLD, 1,
+                     ("Training_Set", "Validation_Set"), ABAW1_AUS),
     "abaw2": Edition("annotations", {"va": "VA_Set", "expr": "EXPR_Set", "au": "AU_Set"}, 7, _MTL_OLD, 1),
     "abaw3": Edition("3rd ABAW Annotations", {"va": "VA_Estimation_Challenge", "expr": "EXPR_Classification_Challenge",
                                              "au": "AU_Detection_Challenge"}, 8, _MTL_OLD, 1),
@@ -89,6 +95,7 @@ class SynthConfig:
     seed: int = 0
     mtl: bool = False
     full_scale: bool = False
+    test_videos: int = 0  # extra videos with crops and no annotation, named by the test lists
 
 
 @dataclass
@@ -103,9 +110,12 @@ class VideoPlan:
     lines: int = 0  # annotation lines per task file
     images_upto: int = 0  # frames after this have no image
     role: str = ""
+    test_tasks: tuple[str, ...] = ()  # role "test": the challenges whose test lists name it
 
     @property
     def split(self) -> str:
+        if self.role == "test":
+            return "test"
         return "val" if "val" in self.tasks.values() else "train"
 
 
@@ -188,18 +198,36 @@ def plan_videos(cfg: SynthConfig) -> list[VideoPlan]:
             p.images_upto = p.length - cut
         elif p.role == "fewer_lines":
             p.lines = p.length - cut
+    plans += _test_plans(cfg, plans)
     if LAYOUTS[cfg.layout].image_roots > 1 and n >= 2:
         for i in rng.choice(n, size=max(1, round(0.09 * n)), replace=False):
             plans[i].root = 1
         if n >= 4:
             plans[1].root = plans[0].root
+    for i, p in enumerate(plans[n:]):  # test videos: in every image root (ABAW5+: new_50_vids too)
+        p.root = i % LAYOUTS[cfg.layout].image_roots
     return plans
+
+
+def _test_plans(cfg: SynthConfig, plans: list[VideoPlan]) -> list[VideoPlan]:
+    """The test videos: crops, no annotation file; their own random streams (see synth.testset)."""
+    k = cfg.test_videos
+    names = test_video_names(cfg.seed, k, {p.name for p in plans})
+    member = test_membership(cfg.seed, k)
+    lens = np.random.default_rng([cfg.seed, 2**31 + 2, 3]).uniform(0.7, 1.3, k) * cfg.frames
+    out = []
+    for i in range(k):
+        n = max(10, int(lens[i]))
+        tasks = tuple(t for j, t in enumerate(TASKS) if member[i, j])
+        out.append(VideoPlan(len(plans) + i, names[i], n, {}, 0, 0, n, "test", tasks))
+    return out
 
 
 # --- per-video labels -----------------------------------------------------------------------
 
 
-def _frames(plan: VideoPlan, lat: Latent, rng: np.random.Generator, expr_classes: int) -> dict[str, np.ndarray]:
+def _frames(plan: VideoPlan, lat: Latent, rng: np.random.Generator, expr_classes: int,
+            au_names: tuple[str, ...] = AU_NAMES) -> dict[str, np.ndarray]:
     """Truth columns of one video's frames 1..length (image presence, annotations, labels)."""
     n = plan.length
     run = float(np.clip(n / 15, 2, 150))
@@ -227,8 +255,8 @@ def _frames(plan: VideoPlan, lat: Latent, rng: np.random.Generator, expr_classes
         "expr": np.where(annot["expr"] & ~inv["expr"], expr, EXPR_INVALID).astype(np.int8),
     }
     au = np.where(au_ok[:, None], lat.au_labels, -1).astype(np.int8)
-    for k, name in enumerate(AU_NAMES):
-        out[name] = au[:, k]
+    for k, name in enumerate(AU_NAMES):  # an AU the edition's header lacks is not annotated: -1
+        out[name] = au[:, k] if name in au_names else np.full(n, -1, np.int8)
     return out
 
 
@@ -265,7 +293,8 @@ def _write_file(path: Path, data: bytes | str) -> None:
 
 
 def _task_files(ann: Path, layout: Edition, plan: VideoPlan) -> dict[str, Path]:
-    return {t: ann / layout.folders[t] / SET_DIRS[s] / f"{plan.name}.txt" for t, s in plan.tasks.items()}
+    dirs = dict(zip(("train", "val"), layout.split_dirs, strict=True))
+    return {t: ann / layout.folders[t] / dirs[s] / f"{plan.name}.txt" for t, s in plan.tasks.items()}
 
 
 def _write_annotations(files: dict[str, Path], fr: dict[str, np.ndarray], lines: int, layout: Edition) -> None:
@@ -275,9 +304,19 @@ def _write_annotations(files: dict[str, Path], fr: dict[str, np.ndarray], lines:
             head, body = HEADERS["va"], _va_text(fr["valence"][sl], fr["arousal"][sl])
         elif task == "expr":
             head, body = HEADERS[f"expr{layout.expr_classes}"], _expr_text(fr["expr"][sl])
-        else:
+        elif layout.au_names == AU_NAMES:
             head, body = HEADERS["au"], _au_text(np.stack([fr[a][sl] for a in AU_NAMES], 1))
+        else:
+            head, body = ",".join(layout.au_names), _au_text_by_name(fr, sl, layout.au_names)
         _write_file(path, head + "\n" + "\n".join(body) + "\n")
+
+
+def _au_text_by_name(fr: dict[str, np.ndarray], sl: slice, names: tuple[str, ...]) -> list[str]:
+    """AU lines for a header other than the 12 (ABAW1): an AU outside the 12 (AU20) is 0 on a
+    valid row, -1 on an invalid one (its value is not part of the truth)."""
+    valid = fr["AU1"][sl] >= 0
+    cols = [fr[a][sl] if a in AU_NAMES else np.where(valid, 0, -1) for a in names]
+    return [",".join(map(str, row)) for row in np.stack(cols, 1).tolist()]
 
 
 # --- images ---------------------------------------------------------------------------------
@@ -400,7 +439,7 @@ def _write_mtl(cfg: SynthConfig, layout: Edition, ann: Path, truth: pa.Table) ->
     s = lambda k: sub.column(k).to_numpy(zero_copy_only=False)  # noqa: E731
     sau = np.stack([s(a) for a in AU_NAMES], 1)
     rows = [f"{i},{v},{e},{a}" for i, v, e, a in zip(
-        s("image").tolist(), _va_text(s("valence"), s("arousal")), _expr_text(s("expr")), _au_text(sau), strict=True)]
+        s("image").tolist(), _va_text(s("valence"), s("arousal")), _expr_text(s("expr")), (_au_text(sau) if layout.au_names == AU_NAMES else [','.join(map(str, r)) for r in sau.tolist()]), strict=True)]
     rows_arr = np.array(rows, dtype=object)
     split = s("split")
     counts = {}
@@ -449,7 +488,7 @@ def generate(cfg: SynthConfig) -> dict:
     _check_out(cfg)
     ann = out / layout.annotation_root
     for folder in layout.folders.values():
-        for sd in SET_DIRS.values():
+        for sd in layout.split_dirs:
             (ann / folder / sd).mkdir(parents=True, exist_ok=True)
     roots = [out / IMAGE_ROOTS[k] for k in range(layout.image_roots)]
     for r in roots:
@@ -465,7 +504,7 @@ def generate(cfg: SynthConfig) -> dict:
             lat = pool[plan.idx % len(pool)].take(pos)
         else:
             lat = simulate(rng(1), plan.length, float(np.clip(plan.length / 5, 6, 90)))
-        fr = _frames(plan, lat, rng(2), layout.expr_classes)
+        fr = _frames(plan, lat, rng(2), layout.expr_classes, layout.au_names)
         parts.append(fr)
         files = _task_files(ann, layout, plan)
         final = roots[plan.root] / plan.name
@@ -486,9 +525,13 @@ def generate(cfg: SynthConfig) -> dict:
     truth = _truth_table(plans, parts, images.names)
     write_parquet(truth, out / TRUTH_FILE)
     mtl = _write_mtl(cfg, layout, ann, truth) if cfg.mtl else None
+    tests = [(p.name, p.length, p.test_tasks, f["has_image"]) for p, f in zip(plans, parts, strict=True) if p.role == "test"]
+    test_set = write_test_sets(cfg.layout, ann, tests, layout.folders["expr"], cfg.seed, cfg.mtl)
     if cfg.full_scale:
         shutil.rmtree(out / _POOL_DIR, ignore_errors=True)  # the hard links keep the bytes
-    return _summary(cfg, layout, plans, parts, images, skipped, mtl, time.perf_counter() - t_start)
+    summary = _summary(cfg, layout, plans, parts, images, skipped, mtl, time.perf_counter() - t_start)
+    summary["test_set"] = test_set
+    return summary
 
 
 def _summary(cfg, layout, plans, parts, images, skipped, mtl, seconds) -> dict:
@@ -508,7 +551,7 @@ def _summary(cfg, layout, plans, parts, images, skipped, mtl, seconds) -> dict:
         "annotation_root": layout.annotation_root,
         "image_roots": [IMAGE_ROOTS[k] for k in range(layout.image_roots)],
         "videos": len(plans),
-        "split_videos": {s: sum(p.split == s for p in plans) for s in ("train", "val")},
+        "split_videos": {s: sum(p.split == s for p in plans) for s in ("train", "val", "test")},
         "frames": int(sum((f["has_image"] | f["va_annot"] | f["expr_annot"] | f["au_annot"]).sum() for f in parts)),
         "images": int(sum(f["has_image"].sum() for f in parts)),
         "rendered": images.rendered, "linked": images.linked, "skipped_videos": skipped,
@@ -525,11 +568,14 @@ def format_summary(s: dict) -> str:
     lines = [f"synthetic Aff-Wild2 ({s['layout']}, seed {s['seed']}{', full scale' if s['full_scale'] else ''})"
              f" → {s['out']}",
              f"  videos {s['videos']} (train {s['split_videos']['train']}, val {s['split_videos']['val']}), "
-             f"frames {s['frames']:,}, images {s['images']:,}",
+             f"frames {s['frames']:,}, images {s['images']:,}"
+             + (f"; test {s['split_videos']['test']} (crops, no annotation)" if s["split_videos"].get("test") else ""),
              f"  annotations: {s['annotation_root']}/   images: {', '.join(r + '/' for r in s['image_roots'])}"]
     for t, d in s["tasks"].items():
         lines.append(f"  {t:4s} videos train {d['train_videos']:3d} / val {d['val_videos']:3d}, "
                      f"lines {d['lines']:,}, valid {d['valid']:,}")
+    for path in (s.get("test_set") or {}).get("lists", []):
+        lines.append(f"  test list: {path}")
     if s["mtl"]:
         m = s["mtl"]
         lines.append(f"  mtl  rows train {m['train_rows']:,} / val {m['val_rows']:,} "

@@ -134,8 +134,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
+# Keys that lived at the top level before the [loader] section (affpipe 0.1 run folders).
+_MOVED_TO_LOADER = ("backend", "num_workers", "flip_p", "max_rotation")
+
+
 def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> TrainConfig:
-    """Rebuild a ``TrainConfig`` from ``to_dict`` output (or a parsed recipe)."""
+    """Rebuild a ``TrainConfig`` from ``to_dict`` output (or a parsed recipe); a 0.1 config's
+    top-level loader keys are read into ``loader``."""
+    data = dict(data)
+    moved = {k: data.pop(k) for k in _MOVED_TO_LOADER if k in data}
+    if moved:
+        data["loader"] = {**moved, **dict(data.get("loader", {}))}
     return _build(TrainConfig, data, source, "", None)
 
 

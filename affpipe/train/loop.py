@@ -225,13 +225,12 @@ def train_one_epoch(trainer: Trainer, loader, steps: int, runlog: RunLog, checkp
     """The rest of epoch ``trainer.state.epoch`` (from ``step_in_epoch``), logging every
     ``log_every`` steps and writing ``last.pt`` every ``ckpt_every`` steps."""
     cfg, ctx, state = trainer.cfg, trainer.ctx, trainer.state
-    it = iter(loader)
     skip = state.step_in_epoch
     if skip:
-        # Loaders are deterministic given seed and epoch: iterating past the batches the
-        # checkpoint already trained on lands exactly where the killed run stopped.
-        for _ in tqdm(range(skip), desc=f"skipping {skip} trained batches", disable=not ctx.main, leave=False):
-            next(it)
+        # The epoch plan gives batch k without the ones before it: a resumed run starts where
+        # the killed one stopped, with the same samples and draws, and decodes nothing twice.
+        loader.set_epoch(state.epoch, start_batch=skip)
+    it = iter(loader)
     window = Window(runlog.now())
     bar = tqdm(total=steps, initial=skip, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not ctx.main,
                dynamic_ncols=True, mininterval=1.0)

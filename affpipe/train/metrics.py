@@ -94,7 +94,11 @@ def expr_f1(pred_labels: ArrayLike, target: ArrayLike) -> tuple[float, list[floa
 def au_f1(
     pred_binary: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None
 ) -> tuple[float, list[float]]:
-    """Macro F1 over the 12 AUs (binary F1 per AU over entries where ``mask`` is true) and per AU."""
+    """Macro F1 over the AUs and the F1 per AU (binary, over the entries where ``mask`` is true).
+
+    An AU is scored only on frames where it is annotated: an AU no stored frame annotates (ABAW1
+    files have 7 of the 12) has F1 NaN and stays out of the macro mean (0.0 when none is annotated).
+    """
     p = _np(pred_binary).astype(bool)
     t = _np(target)
     if p.ndim != 2 or p.shape[1] != NUM_AU or p.shape != t.shape:
@@ -107,8 +111,9 @@ def au_f1(
     tp = (p & t).sum(0).astype(np.float64)
     fp = (p & ~t).sum(0).astype(np.float64)
     fn = (~p & t).sum(0).astype(np.float64)
-    per = _f1(tp, fp, fn)
-    return float(per.mean()), per.tolist()
+    per = np.where(m.any(axis=0), _f1(tp, fp, fn), np.nan)
+    scored = per[~np.isnan(per)]
+    return (float(scored.mean()) if len(scored) else 0.0), per.tolist()
 
 
 def p_mtl(va_ccc: float, expr_f1: float, au_f1: float) -> float:

@@ -70,13 +70,18 @@ def _task_lines(task: str, pred: dict[str, np.ndarray], idx: np.ndarray) -> list
 
 def predict(ckpt: Path, shards: Path, out: Path, fmt: str = "abaw-per-video", *, split: str = "val",
             batch_size: int | None = None, device: str = "auto", loader: LoaderConfig | None = None,
-            au_thresholds: list[float] | None = None, index: Path | None = None) -> dict[str, Any]:
+            au_thresholds: list[float] | None = None, templates: tuple[Path, ...] = (),
+            fill_missing: bool = False, edition: str = "abaw3", index: Path | None = None) -> dict[str, Any]:
     """Run a checkpoint over ``split`` of ``shards`` and write submission files under ``out``.
 
     AU thresholds: ``au_thresholds`` if given, else ``au_thresholds.json`` beside the
     checkpoint (from ``affpipe evaluate --tune-au-thresholds``), else 0.5. Returns a summary
     (files written, videos, lines, lines filled from a neighbouring frame, samples skipped).
-    ``index``: the label index when it is not where the shard manifest says.
+    ``templates``: official test-set files whose header, rows and order the output follows
+    (:mod:`affpipe.train.submission`); ``fill_missing`` gives their rows of unknown videos a
+    default prediction instead of an error. ``edition`` (``abaw-per-video``): the headers of ABAW1
+    (7 classes, 8 AUs), ABAW2 (7 classes) or ABAW3-4 (the default). ``index``: the label index
+    when it is not where the shard manifest says.
     """
     from affpipe.train.metrics import MetricAccumulator
 
@@ -104,6 +109,10 @@ def predict(ckpt: Path, shards: Path, out: Path, fmt: str = "abaw-per-video", *,
     n_rows = int(max(row_id.max(initial=-1), pred["row_id"].max(initial=-1))) + 1
     where = np.full(n_rows, -1, np.int64)  # row_id → position in pred
     where[pred["row_id"]] = np.arange(len(pred["row_id"]))
+    if templates or edition != "abaw3":
+        return _predict_templates(templates, fmt, pred, cfg.heads, (video, frame, where[row_id], has_image), out,
+                                  fill_missing, {"split": split, "checkpoint": str(ckpt), "au_thresholds": au_thresholds},
+                                  edition)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,4 +173,19 @@ def predict(ckpt: Path, shards: Path, out: Path, fmt: str = "abaw-per-video", *,
                "skipped": dict(getattr(loader, "skipped", {}))}
     log.info("wrote %d file(s) for %d videos under %s (%d lines filled from a neighbouring frame)",
              len(files), n_videos, out, filled)
+    return summary
+
+
+def _predict_templates(templates: tuple[Path, ...], fmt: str, pred: dict[str, np.ndarray], heads: tuple[str, ...],
+                       rows: tuple[np.ndarray, ...], out: Path, fill_missing: bool, extra: dict,
+                       edition: str = "abaw3") -> dict[str, Any]:
+    """``predict`` with ``--template``: the output follows each template row for row."""
+    from affpipe.train.submission import index_predictions, write_from_templates
+
+    video, frame, pos, has_image = rows
+    p = index_predictions(pred, tuple(heads), video, frame, pos, has_image)
+    summary = write_from_templates(tuple(templates), fmt, p, Path(out), fill_missing=fill_missing, edition=edition)
+    summary.update(extra, predicted_frames=int(len(pred["row_id"])), videos=len(p.known))
+    log.info("wrote %d file(s) from %d template(s) under %s (%d rows, %d filled from a neighbouring frame)",
+             len(summary["files"]), len(templates), out, summary["lines"], summary["filled_from_neighbour"])
     return summary

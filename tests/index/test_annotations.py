@@ -66,15 +66,24 @@ def test_expr_header_order_maps_by_name():
 
 
 def test_au_8_columns_abaw1_mapped_by_name():
+    """Issue 11, failure 2: the real ABAW1 header (with AU20) was refused; now every AU of the 12
+    lands in its column, the others are -1 (masked), and AU20 is read, checked and reported."""
     names = ["AU1", "AU2", "AU4", "AU6", "AU12", "AU15", "AU20", "AU25"]
-    with pytest.raises(ValueError, match=r"f\.txt:1: unknown AU header"):
-        parse((",".join(names) + "\n").encode(), "au")  # AU20 is not one of the 12
-    names[6] = "AU26"
-    p = parse((",".join(names) + "\n1,0,1,0,1,0,1,0\n-1,-1,-1,-1,-1,-1,-1,-1\n").encode(), "au")
+    p = parse((",".join(names) + "\r\n1,0,1,0,1,0,1,0\r\n-1,-1,-1,-1,-1,-1,-1,-1\r\n\r\n").encode(), "au")
+    assert p.header.unused == ("AU20",)
     row = dict(zip(AU_NAMES, p.au[0].tolist(), strict=False))
     assert row == {"AU1": 1, "AU2": 0, "AU4": 1, "AU6": 0, "AU7": -1, "AU10": -1, "AU12": 1,
-                   "AU15": 0, "AU23": -1, "AU24": -1, "AU25": 0, "AU26": 1}
+                   "AU15": 0, "AU23": -1, "AU24": -1, "AU25": 0, "AU26": -1}
     assert (p.au[1] == -1).all()
+    names[6] = "AU26"
+    p = parse((",".join(names) + "\n1,0,1,0,1,0,1,0\n").encode(), "au")
+    assert p.header.unused == () and p.au[0][AU_NAMES.index("AU26")] == 1
+    with pytest.raises(ValueError, match=r"f\.txt:2: value out of range"):
+        parse(b"AU1,AU20\n1,7\n", "au")  # an unused column is still checked
+    with pytest.raises(ValueError, match=r"f\.txt:1: unknown AU header"):
+        parse(b"AU20,AU99\n1,0\n", "au")  # no column of the 12: not an AU file
+    with pytest.raises(ValueError, match=r"f\.txt:1: unknown AU header"):
+        parse(b"AU1,smile\n1,0\n", "au")
 
 
 def test_au_invalid_row():

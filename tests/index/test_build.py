@@ -130,15 +130,15 @@ def test_split_rule_and_two_subject_videos(tmp_path):
     write_task(root, "abaw6", "va", "val", "y_right", [[0.2, 0.2]])
     write_images(root, "y_left", [1])
     write_images(root, "y_right", [1])
-    write_images(root, "z", [1])  # images only: train
+    write_images(root, "z", [1])  # crops, no annotation, no test list: test (issue 11)
     counts, table, _ = index(root, tmp_path / "i")
     r = rows(table)
     assert r[("x", 1)]["split"] == "val" and r[("x", 1)]["va_valid"] and r[("x", 1)]["au_valid"]
     assert r[("y_left", 1)]["split"] == "train" and r[("y_right", 1)]["split"] == "val"
     assert r[("y_right", 1)]["image"] == "y_right/00001.jpg"
-    assert r[("z", 1)]["split"] == "train" and not r[("z", 1)]["va_valid"]
+    assert r[("z", 1)]["split"] == "test" and not r[("z", 1)]["va_valid"]
     assert counts["split_conflicts"] == 1
-    assert counts["splits"] == {"train": 2, "val": 2}
+    assert counts["splits"] == {"train": 1, "val": 2, "test": 1}
 
 
 def test_images_option_overrides_search(tmp_path):
@@ -308,11 +308,13 @@ def test_index_equals_synth_truth(index_dir, synth_tree):
     assert _image_dirs(table, meta) == truth.column("image_dir").to_pylist()
 
 
-@pytest.mark.parametrize("layout", ["abaw2", "abaw3", "abaw5"])
+@pytest.mark.parametrize("layout", ["abaw1", "abaw2", "abaw3", "abaw5"])
 def test_index_equals_synth_truth_other_editions(tmp_path, layout):
+    """Every edition's twin, with test videos (ABAW1-2: no list, the crops-only rule; ABAW3+: the
+    TestSet/ lists), indexes to its truth, the split column ("test" included) too."""
     from affpipe.synth.generate import SynthConfig, generate
 
-    generate(SynthConfig(out=tmp_path / "s", layout=layout, videos=8, frames=40, seed=1, mtl=True))
+    generate(SynthConfig(out=tmp_path / "s", layout=layout, videos=8, frames=40, seed=1, mtl=True, test_videos=2))
     counts = build_index(IndexConfig(root=tmp_path / "s", out=tmp_path / "i"))
     table, meta = load_index(tmp_path / "i")
     truth = pq.read_table(tmp_path / "s" / "synth_truth.parquet")
@@ -321,6 +323,12 @@ def test_index_equals_synth_truth_other_editions(tmp_path, layout):
     _compare_truth(load_index(tmp_path / "i", table="mtl")[0], pq.read_table(tmp_path / "s" / "synth_truth_mtl.parquet"))
     assert counts["split_conflicts"] == 1  # synth's cross-split video
     assert counts["mtl"]["duplicates_collapsed"] >= 1
+    assert counts["test"]["videos"] == 2 and counts["splits"]["test"] > 0
+    assert counts["test"]["rule"].startswith("test lists" if layout in ("abaw3", "abaw5") else "crops")
+    if layout == "abaw1":  # the 2020 naming and 8-AU header: nothing lost, AU20 reported
+        assert counts["tasks"]["va"]["train"]["files"] > 0
+        assert counts["unused_columns"]["au:AU20"]["rows"] == counts["tasks"]["au"]["train"]["lines"] + \
+            counts["tasks"]["au"]["val"]["lines"]
 
 
 def test_mtl_index_equals_synth_truth(index_dir, synth_tree):

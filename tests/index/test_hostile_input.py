@@ -51,10 +51,10 @@ def test_mtl_row_with_a_path_as_video_is_refused_with_file_line(tree, tmp_path, 
 def test_hostile_annotation_and_image_folder_names_are_refused(tree, tmp_path):
     va = next(tree.rglob("VA_Estimation_Challenge")) / "Train_Set"
     victim = next(va.glob("*.txt"))
-    shutil.copy(victim, va / "..txt")  # video name ".."
-    with pytest.raises(ValueError, match=r"name '\.' is empty or a relative folder name"):
+    shutil.copy(victim, va / "a\\..\\b.txt")  # a Windows-style path as a video name
+    with pytest.raises(ValueError, match=r"name 'a\\\\\.\.\\\\b' contains a path separator"):
         _index(tree, tmp_path / "i1")
-    (va / "..txt").unlink()
+    (va / "a\\..\\b.txt").unlink()
     bad = os.fsencode(tree / "cropped_aligned") + b"/vid\xff\xfe"
     os.mkdir(bad)
     for f in (tree / "cropped_aligned").iterdir():

@@ -1,5 +1,6 @@
 """Issue 12, loaders: label records range-checked (6), off-size frames (7), zero-byte JPEGs (10),
-DALI's bad-JPEG diagnosis (11), garbage indexes (15) — in both backends."""
+DALI's bad-JPEG diagnosis (11: the batch's own samples, linear), garbage indexes (15) — in both
+backends (and the torch backend's thread pool, its default)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import pytest
 from affpipe.loaders import make_loader
 from affpipe.shards.format import parse_idx
 
-BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.dali)]
+# "threads": the torch backend's default thread pool (its fast path hands bad batches to the
+# careful per-sample path); "torch" with num_workers=0 runs that careful path directly.
+BACKENDS = ["torch", "threads", pytest.param("dali", marks=pytest.mark.dali)]
 
 
 @pytest.fixture
@@ -35,8 +38,9 @@ def _patch(tar: Path, offset: int, data: bytes) -> None:
 
 
 def _all(out: Path, backend: str, on_bad: str = "error", **kw):
-    loader = make_loader(out, "val", batch_size=16, train=False, backend=backend, num_workers=0,
-                         on_bad=on_bad, **kw)
+    workers = 2 if backend == "threads" else 0
+    loader = make_loader(out, "val", batch_size=16, train=False, backend="torch" if backend == "threads" else backend,
+                         num_workers=workers, on_bad=on_bad, **kw)
     rows = [int(r) for b in loader for r in b.row_id]
     return loader, rows
 
@@ -129,12 +133,3 @@ def test_dali_names_the_undecodable_sample(copy, train):
         for _ in loader:
             pass
 
-
-def test_diagnosis_candidates_are_the_failing_batch_grouped_once():
-    from affpipe.loaders.dali_backend import PREFETCH_BATCHES, group_rows, suspect_rows
-
-    rows = np.stack([np.repeat([2, 0, 1], 100), np.tile(np.arange(100), 3)], 1)
-    cand = suspect_rows(rows, 1, 10)
-    assert cand.tolist() == rows[10:10 * (2 + PREFETCH_BATCHES)].tolist()
-    groups = group_rows(np.concatenate([rows[250:260], rows[:5], rows[205:207]]))
-    assert {k: v.tolist() for k, v in groups.items()} == {2: [0, 1, 2, 3, 4], 1: [5, 6] + list(range(50, 60))}

@@ -19,7 +19,6 @@ from affpipe.synth.generate import (
     HEADERS,
     IMAGE_ROOTS,
     LAYOUTS,
-    SET_DIRS,
     TRUTH_FILE,
     TRUTH_MTL_FILE,
     SynthConfig,
@@ -53,11 +52,11 @@ def test_layout_folders_and_headers(tmp_path, layout):
     assert ann.is_dir()
     expr_head = HEADERS["expr7"] if spec.expr_classes == 7 else HEADERS["expr8"]
     for task, folder in spec.folders.items():
-        for sd in SET_DIRS.values():
+        for sd in spec.split_dirs:  # ABAW1 (2020): Training_Set
             assert (ann / folder / sd).is_dir()
         files = list((ann / folder).glob("*/*.txt"))
         assert files, f"no {task} files"
-        head = {"va": HEADERS["va"], "expr": expr_head, "au": HEADERS["au"]}[task]
+        head = {"va": HEADERS["va"], "expr": expr_head, "au": ",".join(spec.au_names)}[task]
         assert all(f.read_text().split("\n", 1)[0] == head for f in files)
     roots = [d.name for d in tmp_path.iterdir() if d.name.startswith("cropped_aligned")]
     assert sorted(roots) == sorted(IMAGE_ROOTS[: spec.image_roots])

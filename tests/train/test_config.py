@@ -80,3 +80,23 @@ def test_config_differences_ignores_resume_and_epochs(tmp_path):
     c = load_config(None, {"task": "va", "out": "runs/a", "shards": "s", "lr": 0.5, "loss.va_loss": "mse"})
     diffs = config_differences(to_dict(a), to_dict(c))
     assert len(diffs) == 2 and diffs[0].startswith("loss.va_loss") and diffs[1].startswith("lr")
+
+
+def test_an_old_config_with_top_level_loader_keys_still_loads():
+    """Checkpoints of affpipe 0.1 kept backend/num_workers/flip_p/max_rotation at the top level."""
+    old = to_dict(TrainConfig(task="va"))
+    loader = old.pop("loader")
+    loader.pop("on_bad")  # 0.1 had no on_bad
+    old.update(loader)
+    cfg = from_dict(old)
+    assert cfg.loader == TrainConfig(task="va").loader and cfg.task == "va"
+
+
+def test_loader_section_and_bad_values():
+    cfg = load_config(None, {"task": "au", "loader.backend": "torch", "loader.on_bad": "skip"})
+    assert cfg.loader.backend == "torch" and cfg.loader.on_bad == "skip"
+    for key, value in (("loader.backend", "cuda"), ("loader.num_workers", -1), ("loader.flip_p", 2.0),
+                       ("lr", 0.0), ("lr", -1e-3), ("plateau_factor", 1.0), ("weight_decay", -1.0),
+                       ("device", "tpu")):
+        with pytest.raises(ValueError, match=key.split(".")[-1]):
+            load_config(None, {"task": "au", key: value})
