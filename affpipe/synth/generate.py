@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,61 +26,29 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from affpipe.io import atomic_write_bytes, write_parquet
-from affpipe.labels import AU_NAMES, EXPR_INVALID, NUM_AU, TASKS
-from affpipe.synth.faces import FaceRenderer, Latent, encode_jpeg, run_mask, simulate
+from affpipe.io import write_parquet
+from affpipe.labels import AU_NAMES, EXPR_INVALID, TASKS
+from affpipe.synth.editions import HEADERS, IMAGE_ROOTS, LAYOUTS, SET_DIRS, Edition  # noqa: F401  (re-exported)
+from affpipe.synth.faces import FaceRenderer, Latent, run_mask, simulate
+from affpipe.synth.images import _POOL_DIR, _Images, _pool_latents, _pool_walk
 from affpipe.synth.testset import test_membership, test_video_names, write_test_sets
+from affpipe.synth.text import (
+    _au_text,
+    _expr_text,
+    _task_files,
+    _va_text,
+    _write_annotations,
+    _write_file,
+)
 
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
 FULL_SCALE_VIDEOS = 560  # Aff-Wild2's size: ~560 videos, ~2.9M frames
 FULL_SCALE_FRAMES = 5200
-IMAGE_ROOTS = ("cropped_aligned", "cropped_aligned_new_50_vids")
 TRUTH_FILE = "synth_truth.parquet"
 TRUTH_MTL_FILE = "synth_truth_mtl.parquet"
 CONFIG_FILE = "synth_config.json"
-_POOL_DIR = ".synth_pool"
-_POOL_IDS, _POOL_FRAMES = 64, 128  # full scale: 64 identities x 128 rendered frames, hard-linked
-SET_DIRS = {"train": "Train_Set", "val": "Validation_Set"}
-HEADERS = {
-    "va": "valence,arousal",
-    "expr8": "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other",
-    "expr7": "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise",
-    "au": ",".join(AU_NAMES),
-    "mtl": "image,valence,arousal,expression,aus",
-}
-
-
-@dataclass(frozen=True)
-class Edition:
-    """One ABAW edition's folder and header conventions."""
-
-    annotation_root: str
-    folders: dict[str, str]  # task -> challenge folder
-    expr_classes: int
-    mtl_files: tuple[str, str]  # (train, val), relative to the annotation root
-    image_roots: int
-    split_dirs: tuple[str, str] = ("Train_Set", "Validation_Set")  # ABAW1 (2020): Training_Set
-    au_names: tuple[str, ...] = AU_NAMES  # the AU header; ABAW1 has 8 columns, AU20 among them
-
-
-_MTL_OLD = ("training_set_annotations.txt", "validation_set_annotations.txt")
-_MTL_NEW = ("MTL_Challenge/train_set.txt", "MTL_Challenge/validation_set.txt")
-ABAW1_AUS = ("AU1", "AU2", "AU4", "AU6", "AU12", "AU15", "AU20", "AU25")
-LAYOUTS: dict[str, Edition] = {
-    "abaw1": Edition("annotations", {"va": "VA_Set", "expr": "EXPR_Set", "au": "AU_Set"}, 7, _MTL_OLD, 1,
-                     ("Training_Set", "Validation_Set"), ABAW1_AUS),
-    "abaw2": Edition("annotations", {"va": "VA_Set", "expr": "EXPR_Set", "au": "AU_Set"}, 7, _MTL_OLD, 1),
-    "abaw3": Edition("3rd ABAW Annotations", {"va": "VA_Estimation_Challenge", "expr": "EXPR_Classification_Challenge",
-                                             "au": "AU_Detection_Challenge"}, 8, _MTL_OLD, 1),
-    "abaw5": Edition("5th ABAW Annotations", {"va": "VA_Estimation_Challenge", "expr": "EXPR_Classification_Challenge",
-                                             "au": "AU_Detection_Challenge"}, 8, _MTL_NEW, 2),
-    "abaw6": Edition("6th ABAW Annotations", {"va": "VA_Estimation_Challenge", "expr": "EXPR_Recognition_Challenge",
-                                             "au": "AU_Detection_Challenge"}, 8, _MTL_NEW, 2),
-}
-
-
 @dataclass(frozen=True)
 class SynthConfig:
     """What to generate. ``frames`` is the mean number of frames per video; with
@@ -264,139 +231,8 @@ def _frames(plan: VideoPlan, lat: Latent, rng: np.random.Generator, expr_classes
 
 # Values are on the 1/1000 grid and written the way the real files are (``0.254,-0.11``):
 # one lookup per value instead of formatting 2.9M floats.
-_VA_TAB = np.array([str(k / 1000) for k in range(-1000, 1001)] + ["-5"], dtype=object)
-_AU_TAB = np.array([",".join(str((c >> (NUM_AU - 1 - b)) & 1) for b in range(NUM_AU)) for c in range(2**NUM_AU)]
-                   + [",".join(["-1"] * NUM_AU)], dtype=object)
-_AU_BITS = (1 << np.arange(NUM_AU - 1, -1, -1)).astype(np.int64)
-_EXPR_TAB = np.array([str(k) for k in range(8)] + ["-1"], dtype=object)
-
-
-def _va_text(v: np.ndarray, a: np.ndarray) -> list[str]:
-    iv = np.where(np.isnan(v), 2001, np.rint(np.nan_to_num(v) * 1000) + 1000).astype(np.int64)
-    ia = np.where(np.isnan(a), 2001, np.rint(np.nan_to_num(a) * 1000) + 1000).astype(np.int64)
-    return [x + "," + y for x, y in zip(_VA_TAB[iv].tolist(), _VA_TAB[ia].tolist(), strict=True)]
-
-
-def _expr_text(e: np.ndarray) -> list[str]:
-    return _EXPR_TAB[np.where(e < 0, 8, e)].tolist()
-
-
-def _au_text(au: np.ndarray) -> list[str]:
-    code = np.where((au < 0).any(1), 2**NUM_AU, au.astype(np.int64).clip(0) @ _AU_BITS)
-    return _AU_TAB[code].tolist()
-
-
-
-def _write_file(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)
-
-
-def _task_files(ann: Path, layout: Edition, plan: VideoPlan) -> dict[str, Path]:
-    dirs = dict(zip(("train", "val"), layout.split_dirs, strict=True))
-    return {t: ann / layout.folders[t] / dirs[s] / f"{plan.name}.txt" for t, s in plan.tasks.items()}
-
-
-def _write_annotations(files: dict[str, Path], fr: dict[str, np.ndarray], lines: int, layout: Edition) -> None:
-    sl = slice(0, lines)
-    for task, path in files.items():
-        if task == "va":
-            head, body = HEADERS["va"], _va_text(fr["valence"][sl], fr["arousal"][sl])
-        elif task == "expr":
-            head, body = HEADERS[f"expr{layout.expr_classes}"], _expr_text(fr["expr"][sl])
-        elif layout.au_names == AU_NAMES:
-            head, body = HEADERS["au"], _au_text(np.stack([fr[a][sl] for a in AU_NAMES], 1))
-        else:
-            head, body = ",".join(layout.au_names), _au_text_by_name(fr, sl, layout.au_names)
-        _write_file(path, head + "\n" + "\n".join(body) + "\n")
-
-
-def _au_text_by_name(fr: dict[str, np.ndarray], sl: slice, names: tuple[str, ...]) -> list[str]:
-    """AU lines for a header other than the 12 (ABAW1): an AU outside the 12 (AU20) is 0 on a
-    valid row, -1 on an invalid one (its value is not part of the truth)."""
-    valid = fr["AU1"][sl] >= 0
-    cols = [fr[a][sl] if a in AU_NAMES else np.where(valid, 0, -1) for a in names]
-    return [",".join(map(str, row)) for row in np.stack(cols, 1).tolist()]
-
-
 # --- images ---------------------------------------------------------------------------------
 
-
-class _Images:
-    """Writes a video's frames into ``<root>/<video>.partial/`` and renames it when complete."""
-
-    def __init__(self, out: Path, pool: Path | None):
-        self.out, self.pool = out, pool
-        self.names = [f"{i:05d}.jpg" for i in range(1, 100_000)]
-        self.rendered = self.linked = 0
-        self.render_s = self.images_s = 0.0  # CPU s drawing + encoding; wall s writing images
-
-    def _start(self, final: Path) -> Path:
-        part = final.with_name(final.name + ".partial")
-        shutil.rmtree(part, ignore_errors=True)
-        part.mkdir(parents=True)
-        return part
-
-    def render(self, final: Path, renderer: FaceRenderer, lat: Latent, frames: np.ndarray) -> None:
-        part = self._start(final)
-        dst = os.open(part, os.O_RDONLY)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        try:
-            for i in frames.tolist():
-                t0 = time.process_time()  # CPU time of drawing + encoding: the machine may be shared
-                data = encode_jpeg(renderer.render(lat, i))
-                self.render_s += time.process_time() - t0
-                fd = os.open(self.names[i], flags, 0o644, dir_fd=dst)
-                os.write(fd, data)
-                os.close(fd)
-        finally:
-            os.close(dst)
-        self.rendered += len(frames)
-        os.replace(part, final)
-
-    def link(self, final: Path, pool_id: int, pos: np.ndarray, frames: np.ndarray) -> None:
-        part = self._start(final)
-        src = os.open(self.pool / f"{pool_id:03d}", os.O_RDONLY)
-        dst = os.open(part, os.O_RDONLY)
-        try:  # dir fds: no path resolution per link — 2.9M links in well under a minute
-            for i, k in zip(frames.tolist(), pos[frames].tolist(), strict=True):
-                os.link(f"{k:04d}.jpg", self.names[i], src_dir_fd=src, dst_dir_fd=dst)
-        finally:
-            os.close(src)
-            os.close(dst)
-        self.linked += len(frames)
-        os.replace(part, final)
-
-    def render_pool(self, cfg: SynthConfig, lats: list[Latent]) -> None:
-        """Render the full-scale face pool (clips already complete are kept)."""
-        for p, lat in enumerate(tqdm(lats, desc="face pool", unit="id", leave=False)):
-            d = self.pool / f"{p:03d}"
-            if (d / f"{_POOL_FRAMES - 1:04d}.jpg").exists():
-                continue
-            renderer = FaceRenderer(np.random.default_rng([cfg.seed, 2**30 + p, 0]))
-            d.mkdir(parents=True, exist_ok=True)
-            for k in range(_POOL_FRAMES):
-                t0 = time.process_time()
-                data = encode_jpeg(renderer.render(lat, k))
-                self.render_s += time.process_time() - t0
-                _write_file(d / f"{k:04d}.jpg", data)
-            self.rendered += _POOL_FRAMES
-
-
-def _pool_latents(cfg: SynthConfig) -> list[Latent]:
-    n = min(_POOL_IDS, cfg.videos)
-    return [simulate(np.random.default_rng([cfg.seed, 2**30 + p, 1]), _POOL_FRAMES, _POOL_FRAMES / 5) for p in range(n)]
-
-
-def _pool_walk(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Pool frame per video frame: back and forth through the pool clip, jumping every 400."""
-    period = 2 * _POOL_FRAMES - 2
-    phase = rng.integers(0, period, size=n // 400 + 1)
-    u = (phase[np.arange(n) // 400] + np.arange(n)) % period
-    return np.where(u < _POOL_FRAMES, u, period - u)
-
-
-# --- truth and MTL --------------------------------------------------------------------------
 
 _BOOL = ("has_image", "va_annot", "expr_annot", "au_annot")
 
