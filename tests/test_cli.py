@@ -70,3 +70,10 @@ def test_bad_input_is_one_error_line(case, tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     res = CliRunner().invoke(main, ["--debug", *_args("verify-empty", tmp_path)])
     assert res.exit_code != 0 and isinstance(res.exception, FileNotFoundError)
+
+
+def test_help_of_every_subcommand_exits_zero():
+    runner = CliRunner()
+    for name in [None, *main.commands]:
+        res = runner.invoke(main, [name, "--help"] if name else ["--help"])
+        assert res.exit_code == 0 and "Error" not in res.output, (name, res.output)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from affpipe.index.annotations import find_layout
+from affpipe.index.layout import find_layout
 from affpipe.labels import AU_NAMES, EXPR_CLASSES, NUM_AU
 
 

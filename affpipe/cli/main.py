@@ -25,6 +25,8 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # click's own control flow (Exit and Abort are RuntimeErrors)
         except HANDLED as exc:
             if ctx.params.get("debug"):
                 raise

@@ -5,7 +5,7 @@
 and plots a label table.
 """
 
-from affpipe.index.annotations import find_layout, parse_annotation, parse_mtl
+from affpipe.index.annotations import parse_annotation
 from affpipe.index.build import (
     TABLE_FILES,
     IndexConfig,
@@ -14,6 +14,8 @@ from affpipe.index.build import (
     image_path,
     load_index,
 )
+from affpipe.index.layout import find_layout
+from affpipe.index.mtl import parse_mtl
 
 __all__ = [
     "TABLE_FILES", "IndexConfig", "build_index", "find_layout", "format_summary", "image_path", "load_index",

@@ -23,7 +23,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from affpipe.index.annotations import Layout, MTLParsed, find_layout, parse_annotation, parse_mtl
+from affpipe.index.annotations import parse_annotation
+from affpipe.index.layout import Layout, find_layout
+from affpipe.index.mtl import MTLParsed, parse_mtl
 from affpipe.index.release import release_lines, release_report
 from affpipe.index.testsets import TestRule, load_test_lists
 from affpipe.io import atomic_write_text, safe_name, write_parquet
@@ -434,7 +436,7 @@ def _check_some_images(layout: Layout, results: list[_Video]) -> None:
 
 
 def _challenge_names() -> list[str]:
-    from affpipe.index.annotations import CHALLENGE_DIRS
+    from affpipe.index.layout import CHALLENGE_DIRS
 
     return list(CHALLENGE_DIRS)
 

@@ -3,7 +3,7 @@ everything of the tree that was not used (folders, files, AU columns), with the 
 
 from __future__ import annotations
 
-from affpipe.index.annotations import Layout
+from affpipe.index.layout import Layout
 
 
 def release_report(layout: Layout, unused_columns: list[dict[str, int]], test: dict, not_lists: list[dict]) -> dict:

@@ -14,9 +14,9 @@ from affpipe.index.annotations import (
     parse_annotation,
     parse_annotation_bytes,
     parse_header,
-    parse_mtl,
     split_lines,
 )
+from affpipe.index.mtl import parse_mtl
 from affpipe.labels import AU_NAMES, EXPR_CLASSES
 
 VA_H = b"valence,arousal\n"
@@ -246,7 +246,7 @@ def test_mtl_bad_line(tmp_path):
 
 
 def test_mtl_permuted_header_and_fallback_agree(tmp_path, monkeypatch):
-    import affpipe.index.annotations as ann
+    import affpipe.index.mtl as ann
 
     tr = tmp_path / "train_set.txt"
     au = ",".join(reversed(AU_NAMES))
