@@ -34,6 +34,8 @@ def _csv_floats(value: str | None) -> tuple[float, ...] | None:
               help="Recipe TOML (pipelines/*.toml); the flags below override it.")
 @click.option("--task", type=click.Choice(["va", "expr", "au", "mtl"]), default=None)
 @click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--features", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A feature table (`affpipe embed`): train a temporal head on it instead of a model on shards.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Run folder.")
 @click.option("--epochs", type=int, default=None)
 @click.option("--batch-size", type=int, default=None, help="Per process (per GPU).")
@@ -41,6 +43,10 @@ def _csv_floats(value: str | None) -> tuple[float, ...] | None:
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default=None)
 @click.option("--weight-decay", type=float, default=None)
 @click.option("--init", default=None, help="random | imagenet | PATH of a checkpoint (backbone only).")
+@click.option("--backbone", default=None, help="Any torchvision classification model name (default resnet18).")
+@click.option("--temporal-arch", type=click.Choice(["tcn", "transformer"]), default=None, help="With --features.")
+@click.option("--window", type=click.IntRange(min=1), default=None, help="With --features: frames per window.")
+@click.option("--stride", type=click.IntRange(min=1), default=None, help="With --features: frames between windows.")
 @click.option("--dropout", type=float, default=None)
 @click.option("--va-loss", type=click.Choice(["ccc", "mse"]), default=None)
 @click.option("--expr-class-weights/--no-expr-class-weights", default=None)
@@ -64,28 +70,31 @@ def _csv_floats(value: str | None) -> tuple[float, ...] | None:
 @click.option("--sync-timing/--no-sync-timing", default=None, help="Exact data-wait on GPU (syncs).")
 @click.option("--seed", type=int, default=None)
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last.pt.")
-def train(recipe: Path | None, task: str | None, shards: Path | None, out: Path | None, resume: bool,
+def train(recipe: Path | None, task: str | None, shards: Path | None, features: Path | None, out: Path | None,
+          resume: bool,
           compile_: bool | None, task_weights: str | None, **flags) -> None:
-    """Train a uni-task (va|expr|au) or multi-task (mtl) ResNet-18 on shards into a run folder."""
+    """Train a uni-task (va|expr|au) or multi-task (mtl) model on shards (or, with --features, a
+    temporal head on a feature table) into a run folder."""
     from affpipe.dist import dist_env
     from affpipe.train.config import load_config
-    from affpipe.train.loop import train as run_training
+    from affpipe.temporal.train import train_any
 
     if recipe is None and resume and out is not None and (out / "config.json").is_file():
         recipe = out / "config.json"  # resume with the run's own resolved config
     if recipe is None and task is None:
         raise click.UsageError("give --task or a recipe with --config")
-    nested = {"init": "model.init", "dropout": "model.dropout", "va_loss": "loss.va_loss",
+    nested = {"init": "model.init", "backbone": "model.arch", "temporal_arch": "temporal.arch",
+              "window": "temporal.window", "stride": "temporal.stride", "dropout": "model.dropout", "va_loss": "loss.va_loss",
               "expr_class_weights": "loss.expr_class_weights", "au_pos_weight": "loss.au_pos_weight",
               "task_weighting": "loss.task_weighting", "backend": "loader.backend",
               "num_workers": "loader.num_workers", "on_bad": "loader.on_bad"}
     overrides = {nested.get(k, k): v for k, v in flags.items()}
-    overrides.update({"task": task, "shards": shards, "out": out, "compile": compile_,
+    overrides.update({"task": task, "shards": shards, "features": features, "out": out, "compile": compile_,
                       "loss.task_weights": _csv_floats(task_weights), "resume": resume or None})
     cfg = load_config(recipe, overrides)
-    if cfg.shards is None or cfg.out is None:
-        raise click.UsageError("--shards and -o/--out are required (or set them in the recipe)")
-    run = run_training(cfg)
+    if (cfg.shards is None and cfg.features is None) or cfg.out is None:
+        raise click.UsageError("--shards (or --features) and -o/--out are required (or set them in the recipe)")
+    run = train_any(cfg)
     if dist_env()[0] == 0:  # under torchrun only rank 0 reports
         if (run / "eval.md").is_file():
             click.echo((run / "eval.md").read_text())

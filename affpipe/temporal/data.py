@@ -51,13 +51,16 @@ class WindowBatch:
     va_mask: torch.Tensor
     expr_mask: torch.Tensor
     au_mask: torch.Tensor
-    row_id: torch.Tensor
+    row_id: torch.Tensor  # -1 at training positions without a frame
+    frames: int = 0  # frames with a crop the batch holds (what len() and frames/s count)
 
     def __len__(self) -> int:
-        return int(self.row_id.shape[0])
+        return self.frames
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> WindowBatch:
-        return WindowBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                 for f in fields(self) if f.name != "frames"}
+        return WindowBatch(**moved, frames=self.frames)
 
 
 @dataclass(frozen=True)
@@ -116,8 +119,9 @@ class WindowLoader:
 
     def __init__(self, features: np.ndarray, row_id: np.ndarray, labels: RowLabels, plan: WindowPlan, *,
                  batch_size: int, train: bool, seed: int = 0, rank: int = 0, world: int = 1,
-                 video_of_row: np.ndarray | None = None) -> None:
+                 device: torch.device | str = "cpu") -> None:
         self.features, self.row_id, self.labels, self.plan = features, row_id, labels, plan
+        self.device = torch.device(device)
         self.batch_size, self.train, self.seed, self.rank, self.world = batch_size, train, seed, rank, world
         self.epoch = 0
         if train:
@@ -142,10 +146,10 @@ class WindowLoader:
             per_rank = len(order) // self.world
             order = order[self.rank * per_rank:(self.rank + 1) * per_rank]
             for b in range(self.num_batches):
-                yield self._train_batch(order[b * self.batch_size:(b + 1) * self.batch_size])
+                yield self._train_batch(order[b * self.batch_size:(b + 1) * self.batch_size]).to(self.device)
         else:
             for windows, owned in self.chunks:
-                yield self._eval_batch(windows, owned)
+                yield self._eval_batch(windows, owned).to(self.device)
 
     def _train_batch(self, windows: np.ndarray) -> WindowBatch:
         rows = self.plan.rows(windows)
@@ -155,7 +159,7 @@ class WindowLoader:
         target = torch.from_numpy(np.where(present, np.arange(present.size), -1).reshape(rows.shape))
         return WindowBatch(images=WindowInput(x, mask, target, present.size),
                            row_id=torch.from_numpy(np.where(present, self.row_id[flat], -1)),
-                           **self.labels.take(flat, present))
+                           frames=int(present.sum()), **self.labels.take(flat, present))
 
     def _eval_batch(self, windows: np.ndarray, owned: np.ndarray) -> WindowBatch:
         rows = self.plan.rows(windows)
@@ -165,7 +169,7 @@ class WindowLoader:
         target = np.where(rows != GAP, lookup[np.where(rows != GAP, rows, 0)], -1)
         lookup[owned] = -1  # reset for the next batch
         return WindowBatch(images=WindowInput(x, mask, torch.from_numpy(target), len(owned)),
-                           row_id=torch.from_numpy(self.row_id[owned]),
+                           row_id=torch.from_numpy(self.row_id[owned]), frames=len(owned),
                            **self.labels.take(owned, np.ones(len(owned), bool)))
 
     def _eval_chunks(self) -> list[tuple[np.ndarray, np.ndarray]]:
