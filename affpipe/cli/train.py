@@ -103,39 +103,59 @@ def train(recipe: Path | None, task: str | None, shards: Path | None, features: 
 
 @main.command()
 @click.argument("run_or_ckpt", type=click.Path(exists=True, path_type=Path))
-@click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Required for per-frame runs; a temporal run reads its feature table.")
 @click.option("--split", type=click.Choice(["train", "val"]), default="val")
 @click.option("--tune-au-thresholds", is_flag=True, help="Tune per-AU thresholds on this split and store them.")
+@click.option("--smooth", is_flag=True, help="Per-video moving average of the predictions (windows of smoothing.json).")
+@click.option("--tune-smoothing", is_flag=True, help="Pick the smoothing window per task on this split, store it, apply it.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @_loader_options
-def evaluate(run_or_ckpt: Path, shards: Path, split: str, tune_au_thresholds: bool, batch_size: int | None,
-             backend: str, device: str, num_workers: int | None, on_bad: str) -> None:
+def evaluate(run_or_ckpt: Path, shards: Path | None, split: str, tune_au_thresholds: bool, smooth: bool,
+             tune_smoothing: bool, batch_size: int | None, backend: str, device: str, num_workers: int | None,
+             on_bad: str) -> None:
     """Evaluate a run's best.pt (or a checkpoint) on SHARDS: eval.json + eval.md beside it."""
     from affpipe.loaders import LoaderConfig
+    from affpipe.temporal.evaluate import evaluate_run, is_temporal_run
     from affpipe.train.evaluate import eval_markdown
     from affpipe.train.evaluate import evaluate as run_evaluate
 
-    result = run_evaluate(run_or_ckpt, shards, split=split, tune_au_thresholds=tune_au_thresholds,
-                          batch_size=batch_size, device=device,
-                          loader=LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad))
+    loader = LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad)
+    if smooth or tune_smoothing or is_temporal_run(run_or_ckpt):
+        result = evaluate_run(run_or_ckpt, shards, split=split, tune_au_thresholds=tune_au_thresholds, smooth=smooth,
+                              tune_smoothing=tune_smoothing, batch_size=batch_size, device=device, loader=loader)
+    elif shards is None:
+        raise click.UsageError("--shards is required for a per-frame run")
+    else:
+        result = run_evaluate(run_or_ckpt, shards, split=split, tune_au_thresholds=tune_au_thresholds,
+                              batch_size=batch_size, device=device, loader=loader)
     click.echo(eval_markdown(result))
 
 
 @main.command()
 @click.argument("ckpt", type=click.Path(exists=True, path_type=Path))
-@click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Required for per-frame runs; a temporal run reads its feature table.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["abaw-per-video", "abaw-single", "mtl"]), default="abaw-per-video")
 @click.option("--split", type=click.Choice(["train", "val"]), default="val")
+@click.option("--smooth", is_flag=True, help="Smooth with the windows `evaluate --tune-smoothing` stored.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @_loader_options
-def predict(ckpt: Path, shards: Path, out: Path, fmt: str, split: str, batch_size: int | None, backend: str,
-            device: str, num_workers: int | None, on_bad: str) -> None:
+def predict(ckpt: Path, shards: Path | None, out: Path, fmt: str, split: str, smooth: bool, batch_size: int | None,
+            backend: str, device: str, num_workers: int | None, on_bad: str) -> None:
     """Write CKPT's predictions on SHARDS in an ABAW submission format under OUT."""
     from affpipe.loaders import LoaderConfig
+    from affpipe.temporal.evaluate import is_temporal_run, predict_run
     from affpipe.train.predict import predict as run_predict
 
-    summary = run_predict(ckpt, shards, out, fmt, split=split, batch_size=batch_size, device=device,
-                          loader=LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad))
+    loader = LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad)
+    if smooth or is_temporal_run(ckpt):
+        summary = predict_run(ckpt, shards, out, fmt, split=split, smooth=smooth, batch_size=batch_size,
+                              device=device, loader=loader)
+    elif shards is None:
+        raise click.UsageError("--shards is required for a per-frame run")
+    else:
+        summary = run_predict(ckpt, shards, out, fmt, split=split, batch_size=batch_size, device=device, loader=loader)
     click.echo(f"{len(summary['files'])} file(s), {summary['videos']} videos, "
                f"{summary['filled_from_neighbour']} frame(s) filled from a neighbour → {out}")

@@ -37,13 +37,19 @@ _HEADERS = {"va": "valence,arousal", "expr": ",".join(EXPR_CLASSES), "au": ",".j
 
 def _frame_table(shards: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(row_id, video, frame, has_image) of ``split`` from the label table the manifest names."""
-    import pyarrow.compute as pc
-
-    from affpipe.index.build import load_index
     from affpipe.shards.format import manifest_index, read_manifest
 
     manifest = read_manifest(shards)
-    table, _ = load_index(manifest_index(shards, manifest), table=manifest.get("table", "frames"))
+    return frame_table(manifest_index(shards, manifest), manifest.get("table", "frames"), split)
+
+
+def frame_table(index: Path, table_name: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(row_id, video, frame, has_image) of ``split`` of an index's label table, in (video, frame) order."""
+    import pyarrow.compute as pc
+
+    from affpipe.index.build import load_index
+
+    table, _ = load_index(index, table=table_name)
     table = table.filter(pc.equal(table.column("split"), split))
     table = table.sort_by([("video", "ascending"), ("frame", "ascending")])
     col = lambda name: table.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
@@ -84,25 +90,39 @@ def predict(ckpt: Path, shards: Path, out: Path, fmt: str = "abaw-per-video", *,
     model, cfg, _ = load_model(ckpt, dev)
     if fmt == "mtl" and set(cfg.heads) != {"va", "expr", "au"}:
         raise ValueError(f"--format mtl needs a multi-task model; {ckpt} has heads {cfg.heads}")
-    if au_thresholds is None and "au" in cfg.heads and (ckpt.parent / THRESHOLDS_FILE).is_file():
-        saved = json.loads((ckpt.parent / THRESHOLDS_FILE).read_text())["au_thresholds"]
-        au_thresholds = [float(saved[name]) for name in AU_NAMES]
-        log.info("using the tuned AU thresholds of %s", ckpt.parent / THRESHOLDS_FILE)
-
+    au_thresholds = saved_au_thresholds(ckpt, cfg.heads) if au_thresholds is None else au_thresholds
     loader = eval_loader(shards, split, cfg, dev, batch_size=batch_size, loader=loader)
     acc = MetricAccumulator(cfg.heads)
     for outputs, batch in iterate_outputs(model, loader, device=dev, amp=cfg.amp):
         acc.update(outputs, batch)
     pred = acc.predictions(au_thresholds=au_thresholds)
+    return write_predictions(pred, cfg.heads, _frame_table(Path(shards), split), out, fmt, split=split,
+                             checkpoint=ckpt, au_thresholds=au_thresholds)
 
-    row_id, video, frame, has_image = _frame_table(Path(shards), split)
+
+def saved_au_thresholds(ckpt: Path, heads: tuple[str, ...]) -> list[float] | None:
+    """The AU thresholds ``affpipe evaluate --tune-au-thresholds`` stored beside ``ckpt`` (None: 0.5)."""
+    path = Path(ckpt).parent / THRESHOLDS_FILE
+    if "au" not in heads or not path.is_file():
+        return None
+    saved = json.loads(path.read_text())["au_thresholds"]
+    log.info("using the tuned AU thresholds of %s", path)
+    return [float(saved[name]) for name in AU_NAMES]
+
+
+def write_predictions(pred: dict[str, np.ndarray], heads: tuple[str, ...], frames_of_split: tuple, out: Path,
+                      fmt: str, *, split: str, checkpoint: Path, au_thresholds: list[float] | None) -> dict[str, Any]:
+    """Submission files of ``pred`` (``MetricAccumulator.predictions``) for the frames
+    ``frames_of_split`` (``frame_table``) lists; returns the summary ``predict`` returns."""
+    row_id, video, frame, has_image = frames_of_split
+    ckpt = checkpoint
     n_rows = int(max(row_id.max(initial=-1), pred["row_id"].max(initial=-1))) + 1
     where = np.full(n_rows, -1, np.int64)  # row_id → position in pred
     where[pred["row_id"]] = np.arange(len(pred["row_id"]))
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    per_task_lines: dict[str, list[str]] = {t: [] for t in cfg.heads}
+    per_task_lines: dict[str, list[str]] = {t: [] for t in heads}
     images: list[str] = []
     files: list[Path] = []
     filled = n_videos = 0
@@ -130,7 +150,7 @@ def predict(ckpt: Path, shards: Path, out: Path, fmt: str = "abaw-per-video", *,
             filled += int((known_frames[near] != targets).sum())
         names = [f"{name}/{f:05d}.jpg" for f in targets]
         if fmt == "abaw-per-video":
-            for task in cfg.heads:
+            for task in heads:
                 folder = out / _DIRS[task]
                 folder.mkdir(exist_ok=True)
                 path = folder / f"{name}.txt"
@@ -138,10 +158,10 @@ def predict(ckpt: Path, shards: Path, out: Path, fmt: str = "abaw-per-video", *,
                 files.append(path)
         else:
             images += names
-            for task in cfg.heads:
+            for task in heads:
                 per_task_lines[task] += _task_lines(task, pred, idx)
     if fmt == "abaw-single":
-        for task in cfg.heads:
+        for task in heads:
             path = out / f"{_DIRS[task]}.txt"
             rows = (f"{img},{line}" for img, line in zip(images, per_task_lines[task], strict=True))
             path.write_text(f"image_location,{_HEADERS[task]}\n" + "\n".join(rows) + "\n")

@@ -103,3 +103,43 @@ def test_temporal_run_folder_like_a_per_frame_run(feats, tmp_path, arch):
     resumed = train_temporal(replace(cfg, epochs=3, resume=True))  # continue the finished run one epoch
     epochs = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs if e["kind"] == "epoch"] == [0, 1, 2]
+
+
+def test_evaluate_predict_and_smoothing_on_a_temporal_run(feats, tmp_path):
+    from affpipe.temporal.evaluate import evaluate_run, is_temporal_run, predict_run
+    from affpipe.temporal.train import train_temporal
+
+    run = train_temporal(_temporal_cfg(feats, tmp_path / "run"))
+    assert is_temporal_run(run)
+    plain = evaluate_run(run, split="val", write=False)
+    best = json.loads((run / "eval.json").read_text())
+    for key in ("va_ccc", "expr_f1", "au_f1"):  # evaluate reproduces the trainer's validation pass
+        assert plain[key] == pytest.approx(best[key], abs=1e-4)
+    tuned = evaluate_run(run, split="val", tune_smoothing=True)
+    for key in ("va_ccc", "expr_f1", "au_f1"):
+        assert tuned[key] >= plain[key] - 1e-9  # window 1 is a candidate: tuning never lowers a score
+    assert (run / "smoothing.json").is_file() and set(tuned["smoothing"]["windows"]) == {"va", "expr", "au"}
+    again = evaluate_run(run, split="val", smooth=True, write=False)
+    assert again["va_ccc"] == pytest.approx(tuned["va_ccc"])
+    summary = predict_run(run, None, tmp_path / "pred", "abaw-single", split="val", smooth=True)
+    lines = (tmp_path / "pred" / "VA.txt").read_text().splitlines()
+    assert lines[0] == "image_location,valence,arousal" and len(lines) - 1 == summary["lines"] > 0
+    assert summary["smoothing"]["windows"] == tuned["smoothing"]["windows"]
+
+
+def test_cli_embed_and_smoothing_of_a_per_frame_run(frame_ckpt, shard_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from affpipe.cli import main
+
+    r = CliRunner().invoke(main, ["embed", str(frame_ckpt), "--shards", str(shard_dir), "-o", str(tmp_path / "f"),
+                                  "--split", "val", "--backend", "torch", "--num-workers", "0", "--device", "cpu",
+                                  "--batch-size", "64"])
+    assert r.exit_code == 0, r.output
+    assert "frames/s" in r.output and "data wait" in r.output
+    r = CliRunner().invoke(main, ["evaluate", str(frame_ckpt), "--shards", str(shard_dir), "--tune-smoothing",
+                                  "--backend", "torch", "--num-workers", "0", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "Smoothing windows" in r.output and (frame_ckpt.parent / "smoothing.json").is_file()
+    r = CliRunner().invoke(main, ["embed", "imagenet", "--shards", str(shard_dir), "-o", str(tmp_path / "f")])
+    assert r.exit_code == 1 and "already holds a feature table" in r.output
