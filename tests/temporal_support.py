@@ -7,7 +7,13 @@ from pathlib import Path
 import numpy as np
 
 from affpipe.temporal.data import RowLabels
-from affpipe.temporal.features import FEATURE_SCHEMA_VERSION, read_table, sort_order, write_manifest, write_table
+from affpipe.temporal.features import (
+    FEATURE_SCHEMA_VERSION,
+    read_table,
+    sort_order,
+    write_manifest,
+    write_table,
+)
 
 
 def toy_table(folder: Path, n_videos: int = 3, n: int = 20, dim: int = 8):

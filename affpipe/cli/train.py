@@ -76,8 +76,8 @@ def train(recipe: Path | None, task: str | None, shards: Path | None, features: 
     """Train a uni-task (va|expr|au) or multi-task (mtl) model on shards (or, with --features, a
     temporal head on a feature table) into a run folder."""
     from affpipe.dist import dist_env
-    from affpipe.train.config import load_config
     from affpipe.temporal.train import train_any
+    from affpipe.train.config import load_config
 
     if recipe is None and resume and out is not None and (out / "config.json").is_file():
         recipe = out / "config.json"  # resume with the run's own resolved config

@@ -57,7 +57,12 @@ def make_random_table(out: Path, *, rows: int = FULL_ROWS, videos: int = FULL_VI
     """``out/index`` (label table) and ``out/feats`` (random float16 features of the rows with a
     crop), unless already there; returns the feature folder."""
     from affpipe.io import atomic_write_text, write_parquet
-    from affpipe.temporal.features import FEATURE_SCHEMA_VERSION, TABLE_FILE, write_manifest, write_table
+    from affpipe.temporal.features import (
+        FEATURE_SCHEMA_VERSION,
+        TABLE_FILE,
+        write_manifest,
+        write_table,
+    )
 
     out = Path(out)
     feats = out / "feats"

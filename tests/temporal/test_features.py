@@ -2,9 +2,9 @@ import json
 
 import numpy as np
 import pytest
+from temporal_support import toy_table
 
 from affpipe.temporal.features import merge_parts, read_table, write_part
-from temporal_support import toy_table
 
 
 def test_table_is_a_zero_copy_sorted_view(tmp_path):

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 import torch
+from temporal_support import labels, toy_table
 
 from affpipe.temporal.data import WindowLoader
 from affpipe.temporal.heads import TemporalModel
 from affpipe.temporal.windows import GAP, epoch_order, plan_windows
-from temporal_support import labels, toy_table
 
 
 def test_windows_stay_in_one_video_and_mask_gaps(tmp_path):
