@@ -6,7 +6,10 @@ full-scale twin's shape (560 videos with heavy-tailed lengths, ~2.9M frames, 2% 
 trainer (``train_temporal``) and reports the epoch's time, frames/s, data-wait share and the
 process's memory (private and file-backed: the features are memory-mapped, not loaded).
 
-    python -m affpipe.temporal.bench --out /tmp/tbench [--rows 2900000] [--arch tcn]
+    python -m affpipe.temporal.bench --out /tmp/tbench [--rows 2900000] [--arch tcn] [--max-steps N]
+    python -m affpipe.temporal.bench --out /tmp/tbench --embed-source RUN --shards SHARDS
+
+The second form times ``affpipe embed`` beside the backbone's bare forward pass (``bench_embed``).
 """
 
 from __future__ import annotations
@@ -119,6 +122,19 @@ class _MemoryPeak:
             self._sample()
 
 
+def cpu_probe_gflops(seconds: float = 2.0) -> float:
+    """GFLOP/s of a float32 ``[2048,512] @ [512,512]`` matmul on this process's threads, right now:
+    says how much of the CPU the benchmark got (the machine may be shared)."""
+    import torch
+
+    a, b = torch.randn(2048, 512), torch.randn(512, 512)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * 2048 * 512 * 512 * n / (time.perf_counter() - t0) / 1e9
+
+
 def bench_epoch(feats: Path, out: Path, *, arch: str = "tcn", window: int = 64, stride: int = 32,
                 batch_size: int = 32, hidden: int = 128, layers: int = 4, max_steps: int | None = None,
                 max_val_steps: int | None = None) -> dict[str, Any]:
@@ -138,10 +154,12 @@ def bench_epoch(feats: Path, out: Path, *, arch: str = "tcn", window: int = 64, 
     data = TemporalData.open(cfg.features)
     full_steps = len(data.loader("train", cfg, train=True, device=torch.device("cpu")))
     del data
+    probe = [cpu_probe_gflops()]
     t0 = time.perf_counter()
     with _MemoryPeak() as mem:
         run = train_temporal(cfg)
     total = time.perf_counter() - t0
+    probe.append(cpu_probe_gflops())
     epoch = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(line).get("kind") == "epoch"][-1]
     train_s = epoch["wall_time"] - epoch.get("val_time_s", 0.0)
@@ -149,11 +167,44 @@ def bench_epoch(feats: Path, out: Path, *, arch: str = "tcn", window: int = 64, 
     return {"steps_measured": steps, "steps_per_epoch": full_steps,
             "epoch_train_s_extrapolated": train_s / steps * full_steps if steps < full_steps else None,
             "loadavg": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").is_file() else None,
+            "cpu_probe_gflops_before_after": probe, "torch_threads": torch.get_num_threads(),
             "arch": arch, "window": window, "stride": stride, "batch_windows": batch_size, "hidden": hidden,
             "layers": layers, "train_frames_per_s": epoch.get("frames_per_s"),
             "data_wait_share": epoch.get("data_wait_share"), "epoch_train_s": train_s,
             "val_s": epoch.get("val_time_s"), "total_s": total, "peak_rss_anon_gib": mem.peak["RssAnon"] / 2**30,
             "peak_rss_file_gib": mem.peak["RssFile"] / 2**30}
+
+
+def bench_embed(source: str, shards: Path, out: Path, *, batch_size: int = 256, device: str = "cpu",
+                forward_seconds: float = 20.0, loader: Any = None) -> dict[str, Any]:
+    """``affpipe embed`` frames/s and data-wait share beside the same backbone's forward pass on
+    ready uint8 batches (no loader), measured in one run: the loader's cost is the difference."""
+    import shutil
+
+    import torch
+
+    from affpipe.dist import pick_device
+    from affpipe.temporal.embed import EmbedConfig, embed, load_encoder
+    from affpipe.train.models import normalize_input
+
+    extra = {"loader": loader} if loader is not None else {}
+    cfg = EmbedConfig(source=source, shards=Path(shards), out=Path(out), batch_size=batch_size, device=device, **extra)
+    dev = pick_device(device)
+    enc = load_encoder(cfg, dev)
+    images = torch.randint(0, 256, (batch_size, 3, enc.image_size, enc.image_size), dtype=torch.uint8, device=dev)
+    with torch.inference_mode():
+        enc.backbone(normalize_input(images))  # warm-up
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < forward_seconds:
+            enc.backbone(normalize_input(images))
+            n += batch_size
+    forward_fps = n / (time.perf_counter() - t0)
+    shutil.rmtree(out, ignore_errors=True)
+    tp = embed(cfg)["throughput"]
+    return {"backbone": enc.arch, "image_size": enc.image_size, "batch_size": batch_size, "device": str(dev),
+            "forward_only_frames_per_s": forward_fps, "embed_frames_per_s": tp["frames_per_s"],
+            "embed_vs_forward": tp["frames_per_s"] / forward_fps, "data_wait_share": tp["data_wait_share"],
+            "frames": tp["frames"], "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
 
 
 def main() -> None:
@@ -168,8 +219,15 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-steps", type=int, default=None, help="Train only this many steps and extrapolate.")
     p.add_argument("--max-val-steps", type=int, default=None)
+    p.add_argument("--embed-source", default=None, help="Instead: time `affpipe embed` of this run/checkpoint ...")
+    p.add_argument("--shards", type=Path, default=None, help="... over these shards.")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.embed_source:
+        if args.shards is None:
+            p.error("--embed-source needs --shards")
+        print(json.dumps(bench_embed(args.embed_source, args.shards, args.out / "feats"), indent=2))
+        return
     t0 = time.perf_counter()
     feats = make_random_table(args.out / "data", rows=args.rows, videos=args.videos)
     made = time.perf_counter() - t0

@@ -143,3 +143,12 @@ def test_cli_embed_and_smoothing_of_a_per_frame_run(frame_ckpt, shard_dir, tmp_p
     assert "Smoothing windows" in r.output and (frame_ckpt.parent / "smoothing.json").is_file()
     r = CliRunner().invoke(main, ["embed", "imagenet", "--shards", str(shard_dir), "-o", str(tmp_path / "f")])
     assert r.exit_code == 1 and "already holds a feature table" in r.output
+
+
+def test_bench_embed_reports_forward_and_embed_speed(frame_ckpt, shard_dir, tmp_path):
+    from affpipe.temporal.bench import bench_embed
+
+    r = bench_embed(str(frame_ckpt), shard_dir, tmp_path / "f", batch_size=64, forward_seconds=0.5,
+                    loader=LoaderConfig(backend="torch", num_workers=0))
+    assert r["forward_only_frames_per_s"] > 0 and r["embed_frames_per_s"] > 0 and 0 <= r["data_wait_share"] <= 1
+    assert r["frames"] == read_table(tmp_path / "f").row_id.size
