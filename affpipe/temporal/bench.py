@@ -176,7 +176,7 @@ def bench_epoch(feats: Path, out: Path, *, arch: str = "tcn", window: int = 64, 
 
 
 def bench_embed(source: str, shards: Path, out: Path, *, batch_size: int = 256, device: str = "cpu",
-                forward_seconds: float = 20.0, loader: Any = None) -> dict[str, Any]:
+                forward_seconds: float = 20.0, loader: Any = None, image_size: int | None = None) -> dict[str, Any]:
     """``affpipe embed`` frames/s and data-wait share beside the same backbone's forward pass on
     ready uint8 batches (no loader), measured in one run: the loader's cost is the difference."""
     import shutil
@@ -188,7 +188,8 @@ def bench_embed(source: str, shards: Path, out: Path, *, batch_size: int = 256, 
     from affpipe.train.models import normalize_input
 
     extra = {"loader": loader} if loader is not None else {}
-    cfg = EmbedConfig(source=source, shards=Path(shards), out=Path(out), batch_size=batch_size, device=device, **extra)
+    cfg = EmbedConfig(source=source, shards=Path(shards), out=Path(out), batch_size=batch_size, device=device,
+                      image_size=image_size, **extra)
     dev = pick_device(device)
     enc = load_encoder(cfg, dev)
     images = torch.randint(0, 256, (batch_size, 3, enc.image_size, enc.image_size), dtype=torch.uint8, device=dev)
@@ -221,12 +222,14 @@ def main() -> None:
     p.add_argument("--max-val-steps", type=int, default=None)
     p.add_argument("--embed-source", default=None, help="Instead: time `affpipe embed` of this run/checkpoint ...")
     p.add_argument("--shards", type=Path, default=None, help="... over these shards.")
+    p.add_argument("--image-size", type=int, default=None, help="With --embed-source (default: the run's).")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.embed_source:
         if args.shards is None:
             p.error("--embed-source needs --shards")
-        print(json.dumps(bench_embed(args.embed_source, args.shards, args.out / "feats"), indent=2))
+        print(json.dumps(bench_embed(args.embed_source, args.shards, args.out / "feats", image_size=args.image_size),
+                         indent=2))
         return
     t0 = time.perf_counter()
     feats = make_random_table(args.out / "data", rows=args.rows, videos=args.videos)
