@@ -35,6 +35,10 @@ CASES = {
     "experiments-empty": ["experiments", "--shards", "{EMPTY}", "-o", "{OUT}/e", "--only", "uni_va"],
     "experiments-missing": ["experiments", "--shards", "{MISSING}", "-o", "{OUT}/e"],
     "experiments-grid-missing": ["experiments", "--grid", "{MISSING}", "-o", "{OUT}/e"],
+    "embed-empty": ["embed", "{EMPTY}", "--shards", "{EMPTY}", "-o", "{OUT}/f"],
+    "embed-missing": ["embed", "{MISSING}", "--shards", "{EMPTY}", "-o", "{OUT}/f"],
+    "train-features-empty": ["train", "--task", "mtl", "--features", "{EMPTY}", "-o", "{OUT}/run"],
+    "evaluate-temporal-empty": ["evaluate", "{EMPTY}", "--tune-smoothing"],
 }
 
 

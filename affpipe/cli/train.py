@@ -34,6 +34,8 @@ def _csv_floats(value: str | None) -> tuple[float, ...] | None:
               help="Recipe TOML (pipelines/*.toml); the flags below override it.")
 @click.option("--task", type=click.Choice(["va", "expr", "au", "mtl"]), default=None)
 @click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--features", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A feature table (`affpipe embed`): train a temporal head on it instead of a model on shards.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Run folder.")
 @click.option("--epochs", type=int, default=None)
 @click.option("--batch-size", type=int, default=None, help="Per process (per GPU).")
@@ -41,6 +43,10 @@ def _csv_floats(value: str | None) -> tuple[float, ...] | None:
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default=None)
 @click.option("--weight-decay", type=float, default=None)
 @click.option("--init", default=None, help="random | imagenet | PATH of a checkpoint (backbone only).")
+@click.option("--backbone", default=None, help="Any torchvision classification model name (default resnet18).")
+@click.option("--temporal-arch", type=click.Choice(["tcn", "transformer"]), default=None, help="With --features.")
+@click.option("--window", type=click.IntRange(min=1), default=None, help="With --features: frames per window.")
+@click.option("--stride", type=click.IntRange(min=1), default=None, help="With --features: frames between windows.")
 @click.option("--dropout", type=float, default=None)
 @click.option("--va-loss", type=click.Choice(["ccc", "mse"]), default=None)
 @click.option("--expr-class-weights/--no-expr-class-weights", default=None)
@@ -66,28 +72,31 @@ def _csv_floats(value: str | None) -> tuple[float, ...] | None:
 @click.option("--index", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Label index, when it is not where the shard manifest says (moved shards).")
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last.pt.")
-def train(recipe: Path | None, task: str | None, shards: Path | None, out: Path | None, resume: bool,
+def train(recipe: Path | None, task: str | None, shards: Path | None, features: Path | None, out: Path | None,
+          resume: bool,
           compile_: bool | None, task_weights: str | None, **flags) -> None:
-    """Train a uni-task (va|expr|au) or multi-task (mtl) ResNet-18 on shards into a run folder."""
+    """Train a uni-task (va|expr|au) or multi-task (mtl) model on shards (or, with --features, a
+    temporal head on a feature table) into a run folder."""
     from affpipe.dist import dist_env
+    from affpipe.temporal.train import train_any
     from affpipe.train.config import load_config
-    from affpipe.train.loop import train as run_training
 
     if recipe is None and resume and out is not None and (out / "config.json").is_file():
         recipe = out / "config.json"  # resume with the run's own resolved config
     if recipe is None and task is None:
         raise click.UsageError("give --task or a recipe with --config")
-    nested = {"init": "model.init", "dropout": "model.dropout", "va_loss": "loss.va_loss",
+    nested = {"init": "model.init", "backbone": "model.arch", "temporal_arch": "temporal.arch",
+              "window": "temporal.window", "stride": "temporal.stride", "dropout": "model.dropout", "va_loss": "loss.va_loss",
               "expr_class_weights": "loss.expr_class_weights", "au_pos_weight": "loss.au_pos_weight",
               "task_weighting": "loss.task_weighting", "backend": "loader.backend",
               "num_workers": "loader.num_workers", "on_bad": "loader.on_bad"}
     overrides = {nested.get(k, k): v for k, v in flags.items()}
-    overrides.update({"task": task, "shards": shards, "out": out, "compile": compile_,
+    overrides.update({"task": task, "shards": shards, "features": features, "out": out, "compile": compile_,
                       "loss.task_weights": _csv_floats(task_weights), "resume": resume or None})
     cfg = load_config(recipe, overrides)
-    if cfg.shards is None or cfg.out is None:
-        raise click.UsageError("--shards and -o/--out are required (or set them in the recipe)")
-    run = run_training(cfg)
+    if (cfg.shards is None and cfg.features is None) or cfg.out is None:
+        raise click.UsageError("--shards (or --features) and -o/--out are required (or set them in the recipe)")
+    run = train_any(cfg)
     if dist_env()[0] == 0:  # under torchrun only rank 0 reports
         if (run / "eval.md").is_file():
             click.echo((run / "eval.md").read_text())
@@ -96,27 +105,39 @@ def train(recipe: Path | None, task: str | None, shards: Path | None, out: Path 
 
 @main.command()
 @click.argument("run_or_ckpt", type=click.Path(exists=True, path_type=Path))
-@click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Required for per-frame runs; a temporal run reads its feature table.")
 @click.option("--split", type=click.Choice(["train", "val"]), default="val")
 @click.option("--tune-au-thresholds", is_flag=True, help="Tune per-AU thresholds on this split and store them.")
+@click.option("--smooth", is_flag=True, help="Per-video moving average of the predictions (windows of smoothing.json).")
+@click.option("--tune-smoothing", is_flag=True, help="Pick the smoothing window per task on this split, store it, apply it.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @_loader_options
-def evaluate(run_or_ckpt: Path, shards: Path, split: str, tune_au_thresholds: bool, batch_size: int | None,
-             backend: str, device: str, num_workers: int | None, on_bad: str) -> None:
+def evaluate(run_or_ckpt: Path, shards: Path | None, split: str, tune_au_thresholds: bool, smooth: bool,
+             tune_smoothing: bool, batch_size: int | None, backend: str, device: str, num_workers: int | None,
+             on_bad: str) -> None:
     """Evaluate a run's best.pt (or a checkpoint) on SHARDS: eval.json + eval.md beside it."""
     from affpipe.loaders import LoaderConfig
+    from affpipe.temporal.evaluate import evaluate_run, is_temporal_run
     from affpipe.train.evaluate import eval_markdown
     from affpipe.train.evaluate import evaluate as run_evaluate
 
-    result = run_evaluate(run_or_ckpt, shards, split=split, tune_au_thresholds=tune_au_thresholds,
-                          batch_size=batch_size, device=device,
-                          loader=LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad))
+    loader = LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad)
+    if smooth or tune_smoothing or is_temporal_run(run_or_ckpt):
+        result = evaluate_run(run_or_ckpt, shards, split=split, tune_au_thresholds=tune_au_thresholds, smooth=smooth,
+                              tune_smoothing=tune_smoothing, batch_size=batch_size, device=device, loader=loader)
+    elif shards is None:
+        raise click.UsageError("--shards is required for a per-frame run")
+    else:
+        result = run_evaluate(run_or_ckpt, shards, split=split, tune_au_thresholds=tune_au_thresholds,
+                              batch_size=batch_size, device=device, loader=loader)
     click.echo(eval_markdown(result))
 
 
 @main.command()
 @click.argument("ckpt", type=click.Path(exists=True, path_type=Path))
-@click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Required for per-frame runs; a temporal run reads its feature table.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["abaw-per-video", "abaw-single", "mtl"]), default="abaw-per-video")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val")
@@ -128,20 +149,29 @@ def evaluate(run_or_ckpt: Path, shards: Path, split: str, tune_au_thresholds: bo
 @click.option("--edition", type=click.Choice(["abaw1", "abaw2", "abaw3"]), default="abaw3",
               help="abaw-per-video headers: abaw1 (7 classes; AU1,AU2,AU4,AU6,AU12,AU15,AU20,AU25), "
                    "abaw2 (7 classes, 12 AUs), abaw3 (ABAW3-4: 8 classes, 12 AUs).")
+@click.option("--smooth", is_flag=True, help="Smooth with the windows `evaluate --tune-smoothing` stored.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @_loader_options
 @click.option("--index", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Label index, when it is not where the shard manifest says (moved shards).")
-def predict(ckpt: Path, shards: Path, out: Path, fmt: str, split: str, templates: tuple[Path, ...],
-            fill_missing: bool, edition: str, batch_size: int | None, backend: str, device: str,
+def predict(ckpt: Path, shards: Path | None, out: Path, fmt: str, split: str, templates: tuple[Path, ...],
+            fill_missing: bool, edition: str, smooth: bool, batch_size: int | None, backend: str, device: str,
             num_workers: int | None, on_bad: str, index: Path | None) -> None:
     """Write CKPT's predictions on SHARDS in an ABAW submission format under OUT."""
     from affpipe.loaders import LoaderConfig
+    from affpipe.temporal.evaluate import is_temporal_run, predict_run
     from affpipe.train.predict import predict as run_predict
 
-    summary = run_predict(ckpt, shards, out, fmt, split=split, batch_size=batch_size, device=device,
-                          loader=LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad),
-                          templates=tuple(templates), fill_missing=fill_missing, edition=edition, index=index)
+    loader = LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad)
+    submission = dict(templates=tuple(templates), fill_missing=fill_missing, edition=edition)
+    if smooth or is_temporal_run(ckpt):
+        summary = predict_run(ckpt, shards, out, fmt, split=split, smooth=smooth, batch_size=batch_size,
+                              device=device, loader=loader, **submission)
+    elif shards is None:
+        raise click.UsageError("--shards is required for a per-frame run")
+    else:
+        summary = run_predict(ckpt, shards, out, fmt, split=split, batch_size=batch_size, device=device,
+                              loader=loader, index=index, **submission)
     click.echo(f"{len(summary['files'])} file(s), {summary['videos']} videos, "
                f"{summary['filled_from_neighbour']} frame(s) filled from a neighbour → {out}")
     if templates:

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 DEFAULT_GRID = Path(__file__).resolve().parent / "recipes" / "grid.toml"
 SCALES = ("synthetic", "full")
 NEEDS = ("imagenet",)
-_RUN_KEYS = {"name", "recipe", "after", "init_from", "needs", "question"}
+_RUN_KEYS = {"name", "recipe", "after", "init_from", "needs", "question", "features_from", "smooth",
+             "synthetic_overrides"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -42,6 +43,9 @@ class GridRun:
     init_from: str | None = None  # a grid run whose best.pt initializes the backbone
     needs: tuple[str, ...] = ()  # "imagenet": skipped (with a note) when the weights are unavailable
     question: str = ""
+    features_from: str | None = None  # a grid run whose best.pt is embedded: this run trains a temporal head on it
+    smooth: bool = False  # also evaluate with smoothing tuned on validation (eval_smoothed.json)
+    synthetic_overrides: Mapping[str, Any] = field(default_factory=dict)  # on top of the grid's, at synthetic scale
 
 
 @dataclass(frozen=True)
@@ -120,9 +124,11 @@ def load_grid(path: Path = DEFAULT_GRID) -> Grid:
         if not recipe.is_file():
             raise ValueError(f"{where}: run {name!r}: recipe {recipe} does not exist")
         init_from = entry.get("init_from")
+        features_from = entry.get("features_from")
         after = tuple(entry.get("after", ()))
-        if init_from and init_from not in after:
-            after = (*after, init_from)
+        for source in (init_from, features_from):
+            if source and source not in after:
+                after = (*after, source)
         for dep in after:
             if dep not in seen:
                 raise ValueError(f"{where}: run {name!r} depends on {dep!r}, which is not a run listed before it")
@@ -130,7 +136,9 @@ def load_grid(path: Path = DEFAULT_GRID) -> Grid:
         if set(needs) - set(NEEDS):
             raise ValueError(f"{where}: run {name!r}: needs must be among {NEEDS}, got {list(needs)}")
         runs.append(GridRun(name=name, recipe=recipe, after=after, init_from=init_from, needs=needs,
-                            question=str(entry.get("question", ""))))
+                            question=str(entry.get("question", "")), features_from=features_from,
+                            smooth=bool(entry.get("smooth", False)),
+                            synthetic_overrides=dict(entry.get("synthetic_overrides", {}))))
         seen.add(name)
     if not runs:
         raise ValueError(f"{path}: no [[run]] entries")
@@ -144,7 +152,12 @@ def run_overrides(grid: Grid, run: GridRun, *, scale: str, shards: Path, runs_di
     ov: dict[str, Any] = {"shards": str(shards), "out": str(out)}
     if scale == "synthetic":
         ov.update(grid.synthetic_overrides)
+        ov.update(run.synthetic_overrides)
     ov.update(dict(extra))
+    if run.features_from:
+        from affpipe.experiments.temporal import features_dir
+
+        ov["features"] = str(features_dir(runs_dir, run.features_from))
     if run.init_from:
         ov["model.init"] = str(runs_dir / run.init_from / "best.pt")
     if (out / "last.pt").exists():
@@ -173,10 +186,10 @@ def _train_child(recipe: str, overrides: dict[str, Any], level: int, conn) -> No
     """Body of the training process: resolve, train, send back the run folder or the error."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        from affpipe.temporal.train import train_any
         from affpipe.train.config import load_config
-        from affpipe.train.loop import train
 
-        conn.send(("ok", str(train(load_config(recipe, overrides)))))
+        conn.send(("ok", str(train_any(load_config(recipe, overrides)))))
     except BaseException as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         raise SystemExit(1) from None
@@ -232,6 +245,33 @@ def prepare_data(cfg: ExperimentsConfig, grid: Grid) -> tuple[Path, str]:
     return Path(data["shards"]), desc
 
 
+def _before_run(run: GridRun, runs_dir: Path, shards: Path) -> str | None:
+    """Embed the ``features_from`` run for a temporal run (once); a reason to skip, or None."""
+    if not run.features_from:
+        return None
+    from affpipe.experiments.temporal import ensure_features
+
+    try:
+        ensure_features(runs_dir, run.features_from, shards)
+    except Exception as exc:  # the run is skipped with the reason, the grid goes on
+        log.exception("experiments: embedding %s failed", run.features_from)
+        return f"embedding `{run.features_from}` failed: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _after_run(run: GridRun, run_dir: Path, shards: Path, status: dict[str, dict[str, Any]]) -> None:
+    """``smooth = true``: evaluate the finished run with smoothing tuned on validation (once)."""
+    if not run.smooth or status[run.name]["status"] not in ("trained", "done"):
+        return
+    from affpipe.experiments.temporal import smoothed_eval
+
+    try:
+        smoothed_eval(run_dir, shards)
+    except Exception as exc:
+        log.exception("experiments: smoothing %s failed", run.name)
+        status[run.name]["smoothing"] = f"failed: {type(exc).__name__}: {exc}"
+
+
 def run_experiments(cfg: ExperimentsConfig) -> dict[str, Any]:
     """Run the grid and write the report. Returns ``{"report", "runs": {name: status}, "notes"}``.
 
@@ -258,6 +298,7 @@ def run_experiments(cfg: ExperimentsConfig) -> dict[str, Any]:
         if (run_dir / "eval.json").exists():
             status[run.name] = {"status": "done", "reason": "eval.json exists"}
             log.info("experiments: %s already done (eval.json exists)", run.name)
+            _after_run(run, run_dir, shards, status)
             continue
         reason = None
         missing = [d for d in run.after if not (runs_dir / d / "eval.json").exists()]
@@ -269,6 +310,7 @@ def run_experiments(cfg: ExperimentsConfig) -> dict[str, Any]:
             imagenet = imagenet or imagenet_available()
             if not imagenet[0]:
                 reason = "ImageNet weights unavailable (offline?): " + imagenet[1]
+        reason = reason or _before_run(run, runs_dir, shards)
         if reason:
             status[run.name] = {"status": "skipped", "reason": reason}
             log.warning("experiments: %s skipped: %s", run.name, reason)
@@ -286,6 +328,7 @@ def run_experiments(cfg: ExperimentsConfig) -> dict[str, Any]:
         ok = (run_dir / "eval.json").exists()
         status[run.name] = {"status": "trained" if ok else "failed", "seconds": round(time.perf_counter() - t0, 1),
                             **({} if ok else {"reason": "training ended without eval.json"})}
+        _after_run(run, run_dir, shards, status)
     notes = [f"Data: {data_desc}; scale `{scale}`"
              + (" (size overrides from the grid's [synthetic.overrides])" if scale == "synthetic" else "") + "."]
     if cfg.root is None and cfg.shards is None:

@@ -52,6 +52,7 @@ class RunKind:
     expr_weighted: bool | None = None
     au_weighted: bool | None = None
     task_weighting: str | None = None
+    temporal: str | None = None  # the temporal head's arch (tcn | transformer); None: per-frame
 
     @property
     def mtl(self) -> bool:
@@ -60,6 +61,8 @@ class RunKind:
     def label(self) -> str:
         """Short human label, e.g. ``MTL · init uni_va · CCC · weighted · fixed``."""
         parts = ["MTL" if self.mtl else f"uni {TASK_NAME.get(self.task, self.task)}", f"init {self.init}"]
+        if self.temporal:  # init names the run whose frame features the head reads
+            parts = [parts[0], f"{self.temporal} head on {self.init}'s features"]
         if self.va_loss:
             parts.append(self.va_loss.upper())
         if self.expr_weighted is not None:
@@ -72,7 +75,7 @@ class RunKind:
 
     def short(self) -> str:
         """Only what sets the run apart from the defaults, e.g. ``init uni_va · uncertainty``."""
-        parts = [f"init {self.init}"]
+        parts = [f"{self.temporal} head on {self.init}" if self.temporal else f"init {self.init}"]
         if self.va_loss == "mse":
             parts.append("VA MSE")
         if self.expr_weighted is False:
@@ -94,6 +97,7 @@ class Run:
     config: dict
     eval: dict
     curve: list[dict] = field(default_factory=list)  # per epoch: epoch, wall_time, metric → value
+    smoothed: dict | None = None  # eval_smoothed.json: the same checkpoint with tuned smoothing
 
     @property
     def score_metric(self) -> str:
@@ -118,9 +122,14 @@ def run_kind(config: dict) -> RunKind:
         # A checkpoint: name it by its run folder (runs/<name>/best.pt), which is what people know.
         p = Path(init)
         init = p.parent.name if p.suffix in (".pt", ".pth") and p.parent.name else p.name
+    if config.get("features"):
+        from affpipe.experiments.temporal import source_run_name
+
+        init = source_run_name(Path(config["features"]))
     return RunKind(
         task=task,
         init=init,
+        temporal=(config.get("temporal") or {}).get("arch", "tcn") if config.get("features") else None,
         va_loss=loss.get("va_loss", "ccc") if "va" in tasks else None,
         expr_weighted=bool(loss.get("expr_class_weights", True)) if "expr" in tasks else None,
         au_weighted=bool(loss.get("au_pos_weight", True)) if "au" in tasks else None,
@@ -170,9 +179,11 @@ def load_run(path: Path) -> Run:
         if not (path / need).exists():
             raise ValueError(f"{path / need}: missing — not a finished run folder")
     config = json.loads((path / "config.json").read_text())
+    smoothed = path / "eval_smoothed.json"
     return Run(
         name=path.name, path=path, kind=run_kind(config), config=config,
         eval=json.loads((path / "eval.json").read_text()), curve=read_curve(path / "metrics.jsonl"),
+        smoothed=json.loads(smoothed.read_text()) if smoothed.is_file() else None,
     )
 
 
@@ -228,7 +239,7 @@ def uni_vs_mtl(runs: Sequence[Run]) -> dict:
     uni_vals["p_mtl"] = sum(parts) if all(v is not None for v in parts) else None
     rows = []
     for r in runs:
-        if not r.kind.mtl:
+        if not r.kind.mtl or r.kind.temporal:  # temporal heads have their own table
             continue
         row: dict = {"run": r.name, "kind": r.kind.short()}
         for metric, u in uni_vals.items():
@@ -415,7 +426,10 @@ def write_report(cfg: ReportConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     figs = write_figures(runs, out)
     lines = [f"# {cfg.title}", "", f"{len(runs)} runs: " + ", ".join(f"`{r.name}`" for r in runs) + ".", ""]
+    from affpipe.experiments.temporal import temporal_rows, temporal_section
+
     lines += _headline(runs)
+    lines += temporal_section(runs)
     if "uni_vs_mtl" in figs:
         lines += [f"![uni-task vs multi-task]({figs['uni_vs_mtl'].name})", ""]
     lines += _metrics_table(runs)
@@ -437,6 +451,7 @@ def write_report(cfg: ReportConfig) -> Path:
         "runs": {r.name: {"path": str(r.path), "kind": asdict(r.kind), "label": r.kind.label(), "eval": r.eval,
                           "convergence": convergence(r.curve, r.score_metric, cfg.converge_frac)} for r in runs},
         "uni_vs_mtl": {k: v for k, v in uni_vs_mtl(runs).items() if k != "uni"},
+        "temporal": temporal_rows(runs),
         "figures": {k: v.name for k, v in figs.items()}, "notes": notes,
     }
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))

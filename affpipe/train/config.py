@@ -38,6 +38,52 @@ DEVICES = ("auto", "cpu", "cuda")
 RESUME_MUTABLE = ("resume", "epochs", "out", "index", "loader.backend", "loader.num_workers", "loader.on_bad")
 
 
+TEMPORAL_ARCHS = ("tcn", "transformer")
+
+
+@dataclass(frozen=True)
+class TemporalConfig:
+    """Temporal head options (``affpipe.temporal``), used when ``TrainConfig.features`` is set.
+
+    ``window`` consecutive frames per sequence, a new training window every ``stride`` frames;
+    evaluation windows every ``eval_stride`` frames (default: half a window), averaged where
+    they overlap. ``init_frame_heads``: start the per-frame skip path from the heads of the
+    checkpoint the features came from (when it has them).
+    """
+
+    arch: str = "tcn"
+    window: int = 64
+    stride: int = 16
+    eval_stride: int | None = None
+    hidden: int = 128
+    layers: int = 4
+    kernel: int = 3
+    attention_heads: int = 4
+    dropout: float = 0.2
+    input_dropout: float = 0.2
+    init_frame_heads: bool = True
+
+    def __post_init__(self) -> None:
+        if self.arch not in TEMPORAL_ARCHS:
+            raise ValueError(f"temporal.arch must be one of {TEMPORAL_ARCHS}, got {self.arch!r}")
+        for name in ("window", "stride", "hidden", "layers", "kernel", "attention_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"temporal.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_stride is not None and not 1 <= self.eval_stride <= self.window:
+            raise ValueError(f"temporal.eval_stride must be in [1, window={self.window}], got {self.eval_stride}")
+        if self.kernel % 2 == 0:
+            raise ValueError(f"temporal.kernel must be odd (centred convolutions), got {self.kernel}")
+        if self.arch == "transformer" and self.hidden % self.attention_heads:
+            raise ValueError(f"temporal.hidden ({self.hidden}) must be divisible by temporal.attention_heads")
+        for name in ("dropout", "input_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"temporal.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def resolved_eval_stride(self) -> int:
+        return self.eval_stride or max(1, self.window // 2)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a training run. ``batch_size`` is per process (per GPU)."""
@@ -71,6 +117,8 @@ class TrainConfig:
     sync_timing: bool = False  # cuda.synchronize around timings: exact data-wait, a bit slower
     seed: int = 0
     resume: bool = False
+    features: Path | None = None  # a feature table (`affpipe embed`): train a temporal head on it
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
 
     def __post_init__(self) -> None:
         if self.task not in TASK_HEADS:
@@ -105,7 +153,7 @@ class TrainConfig:
         heads = TASK_HEADS[self.task]
         if tuple(self.model.tasks) != heads:
             object.__setattr__(self, "model", replace(self.model, tasks=heads))
-        for name in ("shards", "out", "index"):
+        for name in ("shards", "out", "index", "features"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
@@ -113,6 +161,11 @@ class TrainConfig:
     @property
     def heads(self) -> tuple[str, ...]:
         return TASK_HEADS[self.task]
+
+    @property
+    def is_temporal(self) -> bool:
+        """A temporal head over a feature table rather than a per-frame model over shards."""
+        return self.features is not None
 
     @property
     def score_key(self) -> str:
@@ -182,7 +235,14 @@ def load_config(recipe: Path | str | None = None, overrides: Mapping[str, Any] |
             if not isinstance(node, dict):
                 raise ValueError(f"override {key!r}: {part!r} is not a section")
         node[leaf] = value
-    return _build(TrainConfig, data, source, "", text)
+    temporal_recipe = data.get("model") == "temporal"
+    if temporal_recipe:  # `model = "temporal"`: a temporal head; [temporal] holds its options
+        data["model"] = {}
+    cfg = _build(TrainConfig, data, source, "", text)
+    if temporal_recipe and cfg.features is None:
+        raise ValueError(f'{source}{_line_of(text, "model")}: model = "temporal" needs a feature table '
+                         "(features = \"FEATS\" or --features FEATS, from `affpipe embed`)")
+    return cfg
 
 
 # --- generic dataclass construction with key and type checks --------------------------------

@@ -36,6 +36,9 @@ def load_model(ckpt: Path, device: torch.device) -> tuple[nn.Module, TrainConfig
 
     state = load_checkpoint(ckpt, map_location="cpu")
     cfg = from_dict(state["config"], source=f"{ckpt} (config)")
+    if cfg.is_temporal:
+        raise ValueError(f"{ckpt} is a temporal head over {cfg.features}, not a per-frame model: "
+                         "load it with affpipe.temporal (the CLI's evaluate/predict do)")
     # The weights come from the checkpoint: never fetch ImageNet or another init here.
     model = build_model(replace(cfg.model, init="random"))
     model.load_state_dict(state["model"])
@@ -113,8 +116,18 @@ def evaluate(run_or_ckpt: Path, shards: Path, *, split: str = "val", tune_au_thr
     model, cfg, state = load_model(ckpt, dev)
     loader = eval_loader(shards, split, cfg, dev, batch_size=batch_size, loader=loader)
     acc, frames = evaluate_model(model, loader, cfg.heads, device=dev, amp=cfg.amp, max_steps=max_steps)
+    # bad samples skipped (on_bad="skip"), by reason
+    return report_evaluation(acc, frames, cfg, ckpt, state, split, tune_au_thresholds=tune_au_thresholds, write=write,
+                             extra={"skipped": dict(getattr(loader, "skipped", {}))})
+
+
+def report_evaluation(acc: Any, frames: int, cfg: TrainConfig, ckpt: Path, state: dict, split: str, *,
+                      tune_au_thresholds: bool = False, write: bool = True,
+                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The result of a filled ``MetricAccumulator``: metrics, optionally tuned AU thresholds
+    (saved beside ``ckpt``), ``extra`` keys; written as ``eval[_<split>].json``/``.md``."""
     result = _result(acc.compute(), cfg, ckpt, state, split, frames)
-    result["skipped"] = dict(getattr(loader, "skipped", {}))  # bad samples skipped (on_bad="skip"), by reason
+    result.update(extra or {})
     if tune_au_thresholds:
         if "au" not in cfg.heads:
             raise ValueError(f"--tune-au-thresholds: {ckpt} has no AU head (task {cfg.task})")
@@ -164,6 +177,9 @@ def eval_markdown(result: dict[str, Any]) -> str:
                        ("au_f1", "AU macro F1 (threshold 0.5)"), ("p_mtl", "P_MTL = CCC + F1_EXPR + F1_AU")):
         if key in result:
             lines.append(f"| {label} | {_f(result[key])} |")
+    smoothing = result.get("smoothing")
+    if smoothing:
+        lines.append(f"| Smoothing windows (frames) | {', '.join(f'{t} {w}' for t, w in smoothing['windows'].items())} |")
     tuned = result.get("tuned", {})
     if "au_f1" in tuned:
         lines.append(f"| AU macro F1 (tuned thresholds) | {_f(tuned['au_f1'])} |")

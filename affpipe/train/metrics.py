@@ -205,6 +205,23 @@ class MetricAccumulator:
         """The stored arrays (row_id, per-task predictions, targets, masks)."""
         return dict(self._arrays())
 
+    def with_predictions(self, **arrays: np.ndarray) -> MetricAccumulator:
+        """A copy whose stored predictions (``va_pred``, ``expr_prob``, ``au_prob``) are replaced,
+        e.g. by temporally smoothed ones; ``expr_pred`` follows a new ``expr_prob``."""
+        bad = set(arrays) - {"va_pred", "expr_prob", "au_prob"}
+        if bad:
+            raise ValueError(f"with_predictions: only va_pred, expr_prob, au_prob can be replaced, got {sorted(bad)}")
+        state = self.state()
+        for key, value in arrays.items():
+            if key in state and np.shape(value) != state[key].shape:
+                raise ValueError(f"with_predictions: {key} must have shape {state[key].shape}, got {np.shape(value)}")
+            state[key] = np.asarray(value, np.float32)
+        if "expr_prob" in arrays and "expr_pred" in state:
+            state["expr_pred"] = state["expr_prob"].argmax(1)
+        out = MetricAccumulator(self.tasks)
+        out._chunks = {k: [v] for k, v in state.items() if k in out._chunks}
+        return out
+
     def _au_binary(self, au_thresholds: Sequence[float] | None) -> np.ndarray:
         a = self._arrays()
         thr = np.full(NUM_AU, 0.5) if au_thresholds is None else np.asarray(au_thresholds, np.float64)

@@ -1,4 +1,5 @@
-"""ResNet-18 backbone with one linear head per task (VA, EXPR, AU), and its initializations.
+"""A torchvision backbone (ResNet-18 by default; any classification model by name) with one
+linear head per task (VA, EXPR, AU), and its initializations.
 
 ``build_model(ModelConfig(...))`` returns a module whose ``forward(images)`` (float, normalized,
 NCHW — contiguous or channels_last) gives ``{"va": [N,2] in [-1,1], "expr": [N,8] logits,
@@ -21,10 +22,7 @@ from affpipe.labels import NUM_AU, NUM_EXPR, TASKS
 
 log = logging.getLogger(__name__)
 
-ARCHS: tuple[str, ...] = ("resnet18",)
-FEATURE_DIM = {"resnet18": 512}
 HEAD_OUTPUTS = {"va": 2, "expr": NUM_EXPR, "au": NUM_AU}
-IMAGENET_FILE = "resnet18-f37072fd.pth"
 # Prefixes added by DistributedDataParallel and torch.compile to a saved state_dict.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -42,12 +40,49 @@ class ModelConfig:
         # Recipes arrive from TOML/JSON with lists and paths; normalize so the config stays hashable.
         object.__setattr__(self, "tasks", tuple(self.tasks))
         object.__setattr__(self, "init", str(self.init))
-        if self.arch not in ARCHS:
-            raise ValueError(f"ModelConfig.arch must be one of {ARCHS}, got {self.arch!r}")
+        check_arch(self.arch)
         if not self.tasks or any(t not in TASKS for t in self.tasks) or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"ModelConfig.tasks must be distinct tasks from {TASKS}, got {self.tasks}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+
+
+def backbone_names() -> list[str]:
+    """The torchvision classification models ``--backbone`` accepts."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def check_arch(arch: str) -> None:
+    """A clear error for a name torchvision has no classification model under."""
+    names = backbone_names()
+    if arch not in names:
+        close = [n for n in names if n.startswith(arch[:4])][:8] or names[:8]
+        raise ValueError(f"backbone {arch!r} is not a torchvision classification model (e.g. {', '.join(close)})")
+
+
+def make_backbone(arch: str, state: Mapping[str, torch.Tensor] | None = None) -> tuple[nn.Module, int]:
+    """torchvision's ``arch`` (with ``state`` loaded, when given) without its classifier, and the
+    width of the features it then returns: the last ``nn.Linear`` becomes an identity."""
+    from torchvision.models import get_model
+
+    check_arch(arch)
+    model = get_model(arch, weights=None)
+    if state is not None:
+        model.load_state_dict(state, strict=True)
+    last = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise ValueError(f"backbone {arch!r}: no final nn.Linear classifier to remove")
+    name, linear = last[-1]
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    setattr(parent, name.rpartition(".")[2], nn.Identity())
+    if hasattr(model, "aux_logits"):  # Inception/GoogLeNet: the auxiliary classifier only trains
+        model.aux_logits = False
+        for aux in ("AuxLogits", "aux1", "aux2"):
+            if hasattr(model, aux):
+                setattr(model, aux, None)
+    return model, int(linear.in_features)
 
 
 def normalize_input(images: torch.Tensor) -> torch.Tensor:
@@ -83,40 +118,40 @@ class MultiTaskNet(nn.Module):
 
 def build_model(cfg: ModelConfig) -> MultiTaskNet:
     """The model for ``cfg``, initialized as ``cfg.init`` says (heads are always fresh)."""
-    from torchvision.models import resnet18
-
-    backbone = resnet18(weights=None)
-    backbone.fc = nn.Identity()
-    model = MultiTaskNet(backbone, FEATURE_DIM[cfg.arch], cfg.tasks, cfg.dropout)
-    if cfg.init == "imagenet":
-        state = _imagenet_state_dict()
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        model.backbone.load_state_dict(state, strict=True)
-        log.info("backbone initialized from torchvision ResNet18_Weights.IMAGENET1K_V1")
+    state = _imagenet_state_dict(cfg.arch) if cfg.init == "imagenet" else None
+    backbone, width = make_backbone(cfg.arch, state)
+    model = MultiTaskNet(backbone, width, cfg.tasks, cfg.dropout)
+    if state is not None:
+        log.info("backbone initialized from torchvision's ImageNet weights for %s", cfg.arch)
     elif cfg.init != "random":
         load_backbone(model, cfg.init)
     return model
 
 
-def imagenet_cache_file() -> Path:
-    """Where torch hub keeps (and looks for) the ImageNet ResNet-18 weights."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
+def _imagenet_url(arch: str) -> str:
+    from torchvision.models import get_model_weights
+
+    check_arch(arch)
+    # ResNet-18: IMAGENET1K_V1 (resnet18-f37072fd.pth), the weights the research used.
+    return get_model_weights(arch).DEFAULT.url
 
 
-def _imagenet_state_dict() -> dict[str, torch.Tensor]:
-    from torchvision.models import ResNet18_Weights
+def imagenet_cache_file(arch: str = "resnet18") -> Path:
+    """Where torch hub keeps (and looks for) torchvision's ImageNet weights of ``arch``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(_imagenet_url(arch)).name
 
-    cached = imagenet_cache_file()
+
+def _imagenet_state_dict(arch: str = "resnet18") -> dict[str, torch.Tensor]:
+    url = _imagenet_url(arch)
+    cached = imagenet_cache_file(arch)
     try:
         # Finds the cached file first; downloads only when it is absent.
-        return torch.hub.load_state_dict_from_url(
-            ResNet18_Weights.IMAGENET1K_V1.url, map_location="cpu", progress=False, check_hash=True
-        )
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
     except Exception as exc:  # URLError, socket errors, hash mismatch, a partial file...
         raise RuntimeError(
-            f"could not load the ImageNet ResNet-18 weights: {cached} is not there and downloading "
-            f"{ResNet18_Weights.IMAGENET1K_V1.url} failed ({type(exc).__name__}: {exc}). "
-            f"On an offline machine, copy {IMAGENET_FILE} to {cached}, "
+            f"could not load the ImageNet {arch} weights: {cached} is not there and downloading "
+            f"{url} failed ({type(exc).__name__}: {exc}). "
+            f"On an offline machine, copy {cached.name} to {cached}, "
             f"or pass --init PATH with a checkpoint (an affpipe .pt or that torchvision .pth file)."
         ) from exc
 

@@ -39,13 +39,19 @@ _HEADERS = {"va": "valence,arousal", "expr": ",".join(EXPR_CLASSES), "au": ",".j
 def _frame_table(shards: Path, split: str, index: Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(row_id, video, frame, has_image) of ``split`` from the label table the manifest names
     (``index`` overrides where that table is)."""
-    import pyarrow.compute as pc
-
-    from affpipe.index.build import load_index
     from affpipe.shards.format import manifest_index, read_manifest
 
     manifest = read_manifest(shards, full=False)
-    table, _ = load_index(manifest_index(shards, manifest, index), table=manifest.get("table", "frames"))
+    return frame_table(manifest_index(shards, manifest, index), manifest.get("table", "frames"), split)
+
+
+def frame_table(index: Path, table_name: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(row_id, video, frame, has_image) of ``split`` of an index's label table, in (video, frame) order."""
+    import pyarrow.compute as pc
+
+    from affpipe.index.build import load_index
+
+    table, _ = load_index(index, table=table_name)
     table = table.filter(pc.equal(table.column("split"), split))
     table = table.sort_by([("video", "ascending"), ("frame", "ascending")])
     col = lambda name: table.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
@@ -92,31 +98,58 @@ def predict(ckpt: Path, shards: Path, out: Path, fmt: str = "abaw-per-video", *,
     model, cfg, _ = load_model(ckpt, dev)
     if fmt == "mtl" and set(cfg.heads) != {"va", "expr", "au"}:
         raise ValueError(f"--format mtl needs a multi-task model; {ckpt} has heads {cfg.heads}")
-    if au_thresholds is None and "au" in cfg.heads and (ckpt.parent / THRESHOLDS_FILE).is_file():
-        saved = json.loads((ckpt.parent / THRESHOLDS_FILE).read_text())["au_thresholds"]
-        au_thresholds = [float(saved[name]) for name in AU_NAMES]
-        log.info("using the tuned AU thresholds of %s", ckpt.parent / THRESHOLDS_FILE)
-
-    row_id, video, frame, has_image = _frame_table(Path(shards), split, index)
-    for name in np.unique(video).tolist():  # names from data: all checked before any work or write
-        safe_name(str(name), f"the label table of {Path(shards) / 'manifest.json'}: video")
+    au_thresholds = saved_au_thresholds(ckpt, cfg.heads) if au_thresholds is None else au_thresholds
+    frames = _frame_table(Path(shards), split, index)
+    check_video_names(frames[1], f"the label table of {Path(shards) / 'manifest.json'}")
     loader = eval_loader(shards, split, cfg, dev, batch_size=batch_size, loader=loader)
     acc = MetricAccumulator(cfg.heads)
     for outputs, batch in iterate_outputs(model, loader, device=dev, amp=cfg.amp):
         acc.update(outputs, batch)
     pred = acc.predictions(au_thresholds=au_thresholds)
+    summary = write_predictions(pred, cfg.heads, frames, out, fmt, split=split, checkpoint=ckpt,
+                                au_thresholds=au_thresholds, templates=tuple(templates), fill_missing=fill_missing,
+                                edition=edition)
+    summary["skipped"] = dict(getattr(loader, "skipped", {}))  # bad samples skipped (on_bad="skip"), by reason
+    return summary
 
+
+
+def check_video_names(video: np.ndarray, where: str) -> None:
+    """Video names come from data: every one is checked before any work or write."""
+    for name in np.unique(video).tolist():
+        safe_name(str(name), f"{where}: video")
+
+
+def saved_au_thresholds(ckpt: Path, heads: tuple[str, ...]) -> list[float] | None:
+    """The AU thresholds ``affpipe evaluate --tune-au-thresholds`` stored beside ``ckpt`` (None: 0.5)."""
+    path = Path(ckpt).parent / THRESHOLDS_FILE
+    if "au" not in heads or not path.is_file():
+        return None
+    saved = json.loads(path.read_text())["au_thresholds"]
+    log.info("using the tuned AU thresholds of %s", path)
+    return [float(saved[name]) for name in AU_NAMES]
+
+
+def write_predictions(pred: dict[str, np.ndarray], heads: tuple[str, ...], frames_of_split: tuple, out: Path,
+                      fmt: str, *, split: str, checkpoint: Path, au_thresholds: list[float] | None,
+                      templates: tuple[Path, ...] = (), fill_missing: bool = False,
+                      edition: str = "abaw3") -> dict[str, Any]:
+    """Submission files of ``pred`` (``MetricAccumulator.predictions``) for the frames
+    ``frames_of_split`` (``frame_table``) lists, or row for row after ``templates``; returns the
+    summary ``predict`` returns."""
+    row_id, video, frame, has_image = frames_of_split
+    ckpt = checkpoint
     n_rows = int(max(row_id.max(initial=-1), pred["row_id"].max(initial=-1))) + 1
     where = np.full(n_rows, -1, np.int64)  # row_id → position in pred
     where[pred["row_id"]] = np.arange(len(pred["row_id"]))
     if templates or edition != "abaw3":
-        return _predict_templates(templates, fmt, pred, cfg.heads, (video, frame, where[row_id], has_image), out,
+        return _predict_templates(templates, fmt, pred, heads, (video, frame, where[row_id], has_image), out,
                                   fill_missing, {"split": split, "checkpoint": str(ckpt), "au_thresholds": au_thresholds},
                                   edition)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    per_task_lines: dict[str, list[str]] = {t: [] for t in cfg.heads}
+    per_task_lines: dict[str, list[str]] = {t: [] for t in heads}
     images: list[str] = []
     files: list[Path] = []
     filled = n_videos = 0
@@ -144,7 +177,7 @@ def predict(ckpt: Path, shards: Path, out: Path, fmt: str = "abaw-per-video", *,
             filled += int((known_frames[near] != targets).sum())
         names = [f"{name}/{f:05d}.jpg" for f in targets]
         if fmt == "abaw-per-video":
-            for task in cfg.heads:
+            for task in heads:
                 # The name comes from data: it becomes a path only if it stays under OUT.
                 path = confined_path(out, f"{_DIRS[task]}/{name}.txt", f"predict -o {out}")
                 path.parent.mkdir(exist_ok=True)
@@ -152,10 +185,10 @@ def predict(ckpt: Path, shards: Path, out: Path, fmt: str = "abaw-per-video", *,
                 files.append(path)
         else:
             images += names
-            for task in cfg.heads:
+            for task in heads:
                 per_task_lines[task] += _task_lines(task, pred, idx)
     if fmt == "abaw-single":
-        for task in cfg.heads:
+        for task in heads:
             path = out / f"{_DIRS[task]}.txt"
             rows = (f"{img},{line}" for img, line in zip(images, per_task_lines[task], strict=True))
             path.write_text(f"image_location,{_HEADERS[task]}\n" + "\n".join(rows) + "\n")
@@ -169,8 +202,7 @@ def predict(ckpt: Path, shards: Path, out: Path, fmt: str = "abaw-per-video", *,
     lines = len(images) if fmt != "abaw-per-video" else None
     summary = {"format": fmt, "split": split, "checkpoint": str(ckpt), "videos": n_videos,
                "predicted_frames": int(len(pred["row_id"])), "filled_from_neighbour": filled,
-               "files": [str(f) for f in files], "lines": lines, "au_thresholds": au_thresholds,
-               "skipped": dict(getattr(loader, "skipped", {}))}
+               "files": [str(f) for f in files], "lines": lines, "au_thresholds": au_thresholds}
     log.info("wrote %d file(s) for %d videos under %s (%d lines filled from a neighbouring frame)",
              len(files), n_videos, out, filled)
     return summary

@@ -18,7 +18,7 @@ GRID = ex.DEFAULT_GRID
 def test_grid_parses_and_covers_the_questions():
     grid = ex.load_grid(GRID)
     runs = {r.name: r for r in grid.runs}
-    cfgs = {n: load_config(r.recipe, None) for n, r in runs.items()}
+    cfgs = {n: load_config(r.recipe, {"features": "feats"} if r.features_from else None) for n, r in runs.items()}
     kinds = {(c.task, c.model.init, c.loss.va_loss, c.loss.expr_class_weights, c.loss.au_pos_weight,
               c.loss.task_weighting) for c in cfgs.values()}
     for task in ("va", "expr", "au"):
@@ -37,7 +37,13 @@ def test_grid_parses_and_covers_the_questions():
     assert max(order.index(n) for n in ("uni_va", "uni_expr", "uni_au")) < min(
         order.index(n) for n in order if cfgs[n].task == "mtl")
     # Only one thing changes between compared cells: optimizer, lr, batch, epochs are shared.
-    assert len({(c.optimizer, c.lr, c.batch_size, c.epochs, c.image_size) for c in cfgs.values()}) == 1
+    assert len({(c.optimizer, c.lr, c.batch_size, c.epochs, c.image_size) for c in cfgs.values()
+                if not c.is_temporal}) == 1
+    # Temporal context: TCN and Transformer heads on the features of the per-frame multi-task run.
+    temporal = {cfgs[r.name].temporal.arch: r for r in grid.runs if r.features_from}
+    assert set(temporal) == {"tcn", "transformer"}
+    assert all(r.features_from == "mtl_random" and "mtl_random" in r.after and r.smooth for r in temporal.values())
+    assert runs["mtl_random"].smooth
 
 
 def test_every_recipe_loads_with_the_run_overrides(tmp_path):
@@ -49,10 +55,14 @@ def test_every_recipe_loads_with_the_run_overrides(tmp_path):
             cfg = load_config(run.recipe, ov)
             assert cfg.out == tmp_path / "runs" / run.name and cfg.shards == tmp_path / "s"
             if scale == "synthetic":
-                assert all(getattr(cfg, k) == v for k, v in grid.synthetic_overrides.items())
+                want = {**grid.synthetic_overrides, **run.synthetic_overrides}
+                assert all(getattr(cfg, k) == v for k, v in want.items())
             else:  # full scale: the recipe as written (but for the backbone of init_from runs)
-                plain = {"shards": str(tmp_path / "s"), "out": str(cfg.out), "model.init": ov.get("model.init")}
+                plain = {"shards": str(tmp_path / "s"), "out": str(cfg.out), "model.init": ov.get("model.init"),
+                         "features": ov.get("features")}
                 assert cfg == load_config(run.recipe, plain)
+            if run.features_from:
+                assert cfg.features == tmp_path / "data" / "features" / run.features_from
             if run.init_from:
                 assert cfg.model.init == str(tmp_path / "runs" / run.init_from / "best.pt")
 
@@ -87,12 +97,28 @@ class FakeTrainer:
         fake_run(cfg.out.parent, cfg.out.name, cfg.task, init=cfg.model.init, va_loss=cfg.loss.va_loss,
                  weighting=cfg.loss.task_weighting, epochs=cfg.epochs, seed=len(self.calls), exist_ok=True)
         (cfg.out / "best.pt").write_bytes(b"fake")
+        if cfg.is_temporal:  # what the report tells temporal runs by
+            config = json.loads((cfg.out / "config.json").read_text())
+            config.update(features=str(cfg.features), temporal={"arch": cfg.temporal.arch})
+            (cfg.out / "config.json").write_text(json.dumps(config))
         return cfg.out
 
 
 @pytest.fixture()
 def offline(monkeypatch):
     monkeypatch.setattr(ex, "imagenet_available", lambda: (False, "resnet18-f37072fd.pth is not cached"))
+    # The grid's temporal cells on fake checkpoints: embedding recorded, smoothing a copy of eval.json.
+    import affpipe.experiments.temporal as et
+
+    monkeypatch.setattr(et, "ensure_features", lambda runs, source, shards: et.features_dir(runs, source))
+
+    def smoothed(run_dir, shards):
+        ev = json.loads((Path(run_dir) / "eval.json").read_text())
+        ev["smoothing"] = {"windows": {"va": 9}}
+        (Path(run_dir) / "eval_smoothed.json").write_text(json.dumps(ev))
+        return ev
+
+    monkeypatch.setattr(et, "smoothed_eval", smoothed)
 
 
 def test_experiments_orchestration(tmp_path, monkeypatch, offline):
@@ -115,6 +141,11 @@ def test_experiments_orchestration(tmp_path, monkeypatch, offline):
     assert calls["uni_va"]["shards"] == str(shards)
     md = (tmp_path / "exp" / "report.md").read_text()
     assert md.split("## ")[1].startswith("Multi-task vs uni-task")
+    temporal = md.split("## Temporal context")[1].split("\n## ")[0]
+    for row in ("`mtl_random` per-frame |", "`mtl_random` per-frame + smoothing", "`mtl_tcn` tcn |",
+                "`mtl_transformer` transformer + smoothing"):
+        assert row in temporal
+    assert calls["mtl_tcn"]["features"] == str(tmp_path / "exp" / "data" / "features" / "mtl_random")
     assert "`mtl_imagenet` skipped: ImageNet weights unavailable" in md and "resnet18-f37072fd.pth" in md
     # Every trained run's eval.json value appears in the report.
     for name in expected:

@@ -47,9 +47,18 @@ def test_config_validation_and_normalization():
     cfg = ModelConfig(tasks=["va", "au"], init=Path("x.pt"))
     assert cfg.tasks == ("va", "au") and cfg.init == "x.pt"
     hash(cfg)
-    for bad in (dict(arch="resnet50"), dict(tasks=()), dict(tasks=("va", "va")), dict(tasks=("pose",)), dict(dropout=1.0)):
+    assert ModelConfig(arch="resnet50").arch == "resnet50"  # any torchvision classification model
+    for bad in (dict(arch="resnet5"), dict(arch="fasterrcnn_resnet50_fpn"), dict(tasks=()), dict(tasks=("va", "va")), dict(tasks=("pose",)), dict(dropout=1.0)):
         with pytest.raises(ValueError):
             ModelConfig(**bad)
+
+
+@pytest.mark.parametrize("arch,width", [("mobilenet_v3_small", 1024), ("efficientnet_b0", 1280)])
+def test_backbone_by_name(arch, width):
+    model = build_model(ModelConfig(arch=arch, tasks=("va", "expr")))
+    assert model.heads["va"].in_features == width
+    out = model.eval()(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+    assert out["va"].shape == (2, 2) and out["expr"].shape == (2, 8)
 
 
 def _heads_equal(a, b, task):

@@ -1,0 +1,216 @@
+"""The feature table: one row per frame with an image, its frozen-backbone feature vector.
+
+Format: an Arrow IPC *file* (``features.arrow``) holding ONE record batch with columns
+``row_id`` int64, ``video`` string, ``frame`` int32, ``split`` string and ``feature``
+``fixed_size_list<halffloat>[D]``, sorted by (video, frame); plus ``manifest.json``.
+
+Why Arrow IPC and not Parquet: an IPC file is the in-memory layout on disk, so
+``pa.memory_map`` + ``ipc.open_file`` gives the feature matrix as a numpy ``float16 [N, D]``
+view of the mapped file without decoding or copying (Parquet always decodes into fresh
+memory: 3 GB for the full-scale table). The OS pages in only what windows touch, and several
+processes share one page cache. One record batch so the matrix is one contiguous buffer.
+
+Writing at full scale without holding the matrix in memory: the sorted features are first
+gathered into a ``np.memmap`` scratch file, which then becomes the single record batch
+(``pa.py_buffer`` wraps the memmap without a copy; the IPC writer streams it to disk).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from affpipe.io import atomic_open, atomic_write_text, jsonable
+
+log = logging.getLogger(__name__)
+
+TABLE_FILE = "features.arrow"
+MANIFEST_FILE = "manifest.json"
+PARTS_DIR = "parts"
+FEATURE_SCHEMA_VERSION = 1
+
+
+def feature_schema(dim: int) -> pa.Schema:
+    """The table's Arrow schema for feature width ``dim``."""
+    return pa.schema([
+        ("row_id", pa.int64()),
+        ("video", pa.string()),
+        ("frame", pa.int32()),
+        ("split", pa.string()),
+        ("feature", pa.list_(pa.float16(), dim)),
+    ])
+
+
+def sort_order(video: np.ndarray, frame: np.ndarray) -> np.ndarray:
+    """Stable permutation sorting rows by (video, frame)."""
+    codes = np.unique(np.asarray(video, dtype=object).astype(str), return_inverse=True)[1]
+    return np.lexsort((np.asarray(frame), codes))
+
+
+def _feature_array(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    """``float16 [N, D]`` (contiguous, possibly a memmap) → FixedSizeList without copying."""
+    n, dim = matrix.shape
+    values = pa.Array.from_buffers(pa.float16(), n * dim, [None, pa.py_buffer(matrix)])
+    return pa.FixedSizeListArray.from_arrays(values, dim)
+
+
+def write_table(path: Path, *, row_id: np.ndarray, video: np.ndarray, frame: np.ndarray, split: np.ndarray,
+                features: np.ndarray) -> Path:
+    """Write rows already sorted by (video, frame) as one record batch, atomically (tmp + rename)."""
+    features = np.ascontiguousarray(features, dtype=np.float16)
+    if features.ndim != 2 or len(features) != len(row_id):
+        raise ValueError(f"features must be [N, D] with N = {len(row_id)} rows, got {features.shape}")
+    batch = pa.record_batch([
+        pa.array(np.asarray(row_id, np.int64)), pa.array(np.asarray(video, dtype=object).astype(str).tolist(), pa.string()),
+        pa.array(np.asarray(frame, np.int32)), pa.array(np.asarray(split, dtype=object).astype(str).tolist(), pa.string()),
+        _feature_array(features),
+    ], schema=feature_schema(features.shape[1]))
+    _write_batch(Path(path), batch)
+    return Path(path)
+
+
+def _write_batch(path: Path, batch: pa.RecordBatch) -> None:
+    with atomic_open(path, "wb") as fh, ipc.new_file(fh, batch.schema) as writer:
+        writer.write_batch(batch)
+
+
+def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> None:
+    """``folder/manifest.json`` (atomically)."""
+    atomic_write_text(Path(folder) / MANIFEST_FILE, json.dumps(jsonable(dict(manifest)), indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The feature table's manifest; a clear error when ``folder`` is not a feature table."""
+    path = Path(folder) / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {MANIFEST_FILE} — not a feature table (write one with `affpipe embed`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(manifest, dict) or manifest.get("schema_version") != FEATURE_SCHEMA_VERSION:
+        raise ValueError(f"{path}: not a feature-table manifest of schema version {FEATURE_SCHEMA_VERSION}")
+    return manifest
+
+
+@dataclass(frozen=True)
+class FeatureTable:
+    """A memory-mapped feature table: numpy views, no copies of the feature matrix."""
+
+    path: Path
+    row_id: np.ndarray  # int64 [N]
+    video: np.ndarray  # int32 [N] codes into ``videos``
+    videos: tuple[str, ...]
+    frame: np.ndarray  # int32 [N]
+    split: np.ndarray  # object [N]
+    features: np.ndarray  # float16 [N, D], a read-only view of the mapped file
+    manifest: Mapping[str, Any]
+
+    def __len__(self) -> int:
+        return int(len(self.row_id))
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def rows_of(self, split: str) -> np.ndarray:
+        """Row positions of ``split`` (``"all"``: every row)."""
+        if split == "all":
+            return np.arange(len(self))
+        return np.flatnonzero(self.split == split)
+
+
+def read_table(folder: Path) -> FeatureTable:
+    """Open ``folder/features.arrow`` (+ manifest) memory-mapped; checks sortedness and width."""
+    folder = Path(folder)
+    path = folder / TABLE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {TABLE_FILE} (write one with `affpipe embed`)")
+    manifest = read_manifest(folder)
+    try:
+        table = ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"{path}: not an Arrow IPC file ({exc})") from exc
+    feat = table.column("feature")
+    if feat.num_chunks != 1:  # written by another tool: fall back to one copy
+        log.warning("%s: %d record batches; combining them (copies the features)", path, feat.num_chunks)
+        feat = feat.combine_chunks()
+    else:
+        feat = feat.chunk(0)
+    dim = feat.type.list_size
+    matrix = feat.values.to_numpy(zero_copy_only=True).reshape(-1, dim)
+    if set(table.column_names) != set(feature_schema(dim).names):
+        raise ValueError(f"{path}: columns {table.column_names}, expected {feature_schema(dim).names}")
+    video = table.column("video").to_numpy(zero_copy_only=False).astype(str)
+    names, codes = np.unique(video, return_inverse=True)
+    frame = table.column("frame").to_numpy().astype(np.int32)
+    key = codes.astype(np.int64) << 32 | frame.astype(np.int64)
+    if len(key) > 1 and not (np.diff(key) > 0).all():
+        raise ValueError(f"{path}: rows are not sorted by (video, frame) without duplicates")
+    return FeatureTable(path=path, row_id=table.column("row_id").to_numpy(), video=codes.astype(np.int32),
+                        videos=tuple(names), frame=frame,
+                        split=table.column("split").to_numpy(zero_copy_only=False).astype(object),
+                        features=matrix, manifest=manifest)
+
+
+# ---- parts: what `affpipe embed` writes per shard, merged once every shard is done ----------
+
+
+def write_part(path: Path, row_id: np.ndarray, features: np.ndarray) -> Path:
+    """One shard's features (``row_id`` + ``feature``, any order), atomically (tmp + rename)."""
+    features = np.ascontiguousarray(features, dtype=np.float16)
+    batch = pa.record_batch([pa.array(np.asarray(row_id, np.int64)), _feature_array(features)],
+                            names=["row_id", "feature"])
+    _write_batch(Path(path), batch)
+    return Path(path)
+
+
+def _read_part(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    table = ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    feat = table.column("feature").combine_chunks()
+    if len(table) == 0:
+        return table.column("row_id").to_numpy(), np.zeros((0, feat.type.list_size), np.float16)
+    return table.column("row_id").to_numpy(), feat.values.to_numpy(zero_copy_only=True).reshape(-1, feat.type.list_size)
+
+
+Lookup = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def merge_parts(parts: list[Path], out: Path, lookup: Lookup) -> int:
+    """Merge part files into ``out/features.arrow`` sorted by (video, frame).
+
+    ``lookup(row_id) -> (video, frame, split)`` arrays from the label table. The features are
+    gathered into a memmap scratch file in final order, so memory stays flat at full scale.
+    """
+    metas = [_read_part(p)[0] for p in parts]
+    row_id = np.concatenate(metas) if metas else np.zeros(0, np.int64)
+    if len(np.unique(row_id)) != len(row_id):
+        raise ValueError(f"{out}: the parts hold {len(row_id) - len(np.unique(row_id))} duplicate row ids")
+    video, frame, split = lookup(row_id)
+    order = sort_order(video, frame)
+    dest = np.empty_like(order)
+    dest[order] = np.arange(len(order))  # where each concatenated row lands
+    if not parts:
+        raise ValueError(f"{out}: no feature parts to merge")
+    dim = _read_part(parts[0])[1].shape[1]
+    scratch_path = Path(out) / "features.scratch"
+    scratch = np.lib.format.open_memmap(scratch_path, mode="w+", dtype=np.float16, shape=(len(row_id), dim))
+    start = 0
+    for p in parts:
+        _, feats = _read_part(p)
+        scratch[dest[start:start + len(feats)]] = feats
+        start += len(feats)
+    scratch.flush()
+    write_table(Path(out) / TABLE_FILE, row_id=row_id[order], video=np.asarray(video)[order],
+                frame=np.asarray(frame)[order], split=np.asarray(split)[order], features=scratch)
+    del scratch
+    scratch_path.unlink()
+    return len(row_id)

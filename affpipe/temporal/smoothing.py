@@ -1,0 +1,116 @@
+"""Per-video temporal smoothing of per-frame predictions, with the window tuned on validation.
+
+A centred moving average over frame numbers: frame ``f``'s smoothed value is the mean of the
+predictions of its video's frames in ``[f - w//2, f + w//2]`` that have one (frames without a
+crop are simply absent: the window is measured in frames, not rows). VA is smoothed as values,
+EXPR and AU as probabilities, before argmax / threshold. Window 1 is the identity and always a
+tuning candidate, so tuned smoothing never scores below no smoothing on the tuning split.
+
+Works on a filled ``MetricAccumulator`` (per-frame and temporal runs alike); the tuned windows
+are stored as ``smoothing.json`` beside the checkpoint, as the AU thresholds are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from affpipe.io import atomic_write_text
+from affpipe.train.metrics import MetricAccumulator, au_f1, expr_f1, va_ccc
+
+log = logging.getLogger(__name__)
+
+SMOOTHING_FILE = "smoothing.json"
+WINDOW_GRID: tuple[int, ...] = (1, 3, 5, 9, 15, 25, 41, 61, 91)
+SMOOTHED = {"va": "va_pred", "expr": "expr_prob", "au": "au_prob"}  # task → the stored array it smooths
+
+
+def moving_average(values: np.ndarray, video: np.ndarray, frame: np.ndarray, window: int) -> np.ndarray:
+    """Centred per-video moving average of ``values [N, C]`` over frame numbers (rows in any order)."""
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"smoothing window must be a positive odd number of frames, got {window}")
+    values = np.asarray(values, np.float64)
+    if window == 1 or len(values) == 0:
+        return values.astype(np.float32)
+    codes = np.unique(np.asarray(video), return_inverse=True)[1].astype(np.int64)
+    key = codes << 32 | np.asarray(frame, np.int64)
+    order = np.argsort(key, kind="stable")
+    k = key[order]
+    half = window // 2
+    # The video code sits in the high bits, so a search never crosses into another video.
+    lo = np.searchsorted(k, k - half, side="left")
+    hi = np.searchsorted(k, k + half, side="right")
+    csum = np.concatenate([np.zeros((1, values.shape[1])), np.cumsum(values[order], axis=0)])
+    out = np.empty_like(values)
+    out[order] = (csum[hi] - csum[lo]) / (hi - lo)[:, None]
+    return out.astype(np.float32)
+
+
+def smooth(acc: MetricAccumulator, video: np.ndarray, frame: np.ndarray, windows: Mapping[str, int]) -> MetricAccumulator:
+    """A copy of ``acc`` with each task's predictions smoothed by its window (absent tasks skipped).
+
+    ``video``/``frame`` belong to ``acc``'s rows, in its order (``frames_of``).
+    """
+    state = acc.state()
+    new = {SMOOTHED[t]: moving_average(state[SMOOTHED[t]], video, frame, int(w))
+           for t, w in windows.items() if t in acc.tasks and int(w) > 1}
+    return acc.with_predictions(**new) if new else acc
+
+
+def _scorers(acc: MetricAccumulator, au_thresholds: Sequence[float] | None) -> dict[str, Any]:
+    a = acc.state()
+    thr = np.full(a["au_prob"].shape[1], 0.5) if au_thresholds is None or "au_prob" not in a else np.asarray(au_thresholds)
+    fns = {
+        "va": lambda p: va_ccc(p[a["va_mask"]], a["va_target"][a["va_mask"]])["va_ccc"],
+        "expr": lambda p: expr_f1(p.argmax(1)[a["expr_mask"]], a["expr_target"][a["expr_mask"]])[0],
+        "au": lambda p: au_f1(p >= thr, a["au_target"], a["au_mask"])[0],
+    }
+    return {t: fns[t] for t in acc.tasks}
+
+
+def tune(acc: MetricAccumulator, video: np.ndarray, frame: np.ndarray, *, grid: Sequence[int] = WINDOW_GRID,
+         au_thresholds: Sequence[float] | None = None) -> tuple[dict[str, int], dict[str, dict[int, float]]]:
+    """Per task, the window of ``grid`` (plus 1) maximizing that task's metric on ``acc``'s labels.
+
+    Ties go to the smaller window. Returns the windows and every candidate's score.
+    """
+    state = acc.state()
+    chosen: dict[str, int] = {}
+    scores: dict[str, dict[int, float]] = {}
+    for task, fn in _scorers(acc, au_thresholds).items():
+        cands = sorted({1, *(int(w) for w in grid)})
+        scores[task] = {w: float(fn(moving_average(state[SMOOTHED[task]], video, frame, w))) for w in cands}
+        finite = {w: s for w, s in scores[task].items() if np.isfinite(s)}
+        chosen[task] = max(finite, key=lambda w: (finite[w], -w)) if finite else 1
+    return chosen, scores
+
+
+def save_windows(folder: Path, windows: Mapping[str, int], *, split: str, checkpoint: str,
+                 scores: Mapping[str, Mapping[int, float]]) -> Path:
+    """``folder/smoothing.json``: the tuned windows, where they were tuned and every candidate's score."""
+    path = Path(folder) / SMOOTHING_FILE
+    atomic_write_text(path, json.dumps({"windows": dict(windows), "split": split, "checkpoint": checkpoint,
+                                        "scores": {t: {str(w): s for w, s in v.items()} for t, v in scores.items()}},
+                                       indent=2) + "\n")
+    return path
+
+
+def load_windows(folder: Path) -> dict[str, int]:
+    """The windows of ``folder/smoothing.json``; a clear error when it is missing or malformed."""
+    path = Path(folder) / SMOOTHING_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--smooth: no {path}; run `affpipe evaluate RUN --tune-smoothing` first")
+    try:
+        windows = json.loads(path.read_text())["windows"]
+        out = {str(t): int(w) for t, w in windows.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a smoothing file ({type(exc).__name__}: {exc})") from exc
+    bad = {t: w for t, w in out.items() if t not in SMOOTHED or w < 1 or w % 2 == 0}
+    if bad:
+        raise ValueError(f"{path}: bad windows {bad} (tasks va/expr/au, positive odd frame counts)")
+    return out

@@ -1,0 +1,120 @@
+"""Training a temporal head on a feature table: the per-frame run's machinery, unchanged.
+
+``train_temporal(cfg)`` (``cfg.features`` set) builds a ``TemporalModel`` and ``WindowLoader``s
+and hands them to the same ``Trainer``, ``fit``/``train_one_epoch``/``validate``, masked
+multi-task loss, metrics, checkpoints (``last.pt``/``best.pt``), resume, ``metrics.jsonl``,
+``curves.png`` and ``eval.json`` as per-frame runs. The feature table's manifest names the
+label index, so the features are the only input.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from affpipe import dist
+from affpipe.io import atomic_write_text
+from affpipe.temporal.data import RowLabels, WindowLoader, align_labels
+from affpipe.temporal.features import FeatureTable, read_table
+from affpipe.temporal.heads import TemporalModel, build_temporal_model, load_frame_heads
+from affpipe.temporal.windows import plan_windows
+from affpipe.train.config import TrainConfig, config_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TemporalData:
+    """A feature table with the labels of its rows and the label table they came from."""
+
+    table: FeatureTable
+    labels: RowLabels
+    label_table: pa.Table
+
+    @classmethod
+    def open(cls, features: Path) -> TemporalData:
+        """Read ``features`` and the label index its manifest names."""
+        from affpipe.index.build import load_index
+
+        table = read_table(features)
+        index = Path(table.manifest.get("index", ""))
+        if not str(index) or str(index) == ".":
+            raise ValueError(f"{Path(features) / 'manifest.json'}: no 'index' key (not written by `affpipe embed`)")
+        if not index.is_absolute():
+            index = Path(features) / index
+        label_table, _ = load_index(index, table=table.manifest.get("table", "frames"))
+        return cls(table, align_labels(label_table, table.row_id), label_table)
+
+    def loader(self, split: str, cfg: TrainConfig, *, train: bool, device: torch.device, rank: int = 0,
+               world: int = 1, batch_size: int | None = None) -> WindowLoader:
+        """Window batches of ``split`` (training windows every ``stride``, evaluation every ``eval_stride``)."""
+        t, tc = self.table, cfg.temporal
+        rows = t.rows_of(split)
+        if not len(rows):
+            raise ValueError(f"{t.path}: no rows of split {split!r} (embed it with --split {split} or all)")
+        plan = plan_windows(t.video, t.frame, rows, length=tc.window,
+                            stride=tc.stride if train else tc.resolved_eval_stride, cover=True)
+        return WindowLoader(t.features, t.row_id, self.labels, plan, batch_size=batch_size or cfg.batch_size,
+                            train=train, seed=cfg.seed, rank=rank, world=world, device=device)
+
+
+def build_model_for(cfg: TrainConfig, dim: int, manifest: dict | None = None) -> TemporalModel:
+    """The temporal model of ``cfg`` over features of width ``dim``; with ``manifest`` (the feature
+    table's) and ``init_frame_heads``, its skip path starts from the source checkpoint's heads."""
+    from affpipe.train.checkpoint import load_checkpoint
+
+    torch.manual_seed(cfg.seed)
+    model = build_temporal_model(dim, cfg.temporal, cfg.heads)
+    source = (manifest or {}).get("source_checkpoint")
+    if manifest is not None and cfg.temporal.init_frame_heads and source:
+        if Path(source).is_file():
+            done = load_frame_heads(model, load_checkpoint(Path(source), map_location="cpu")["model"])
+            log.info("per-frame heads %s initialized from %s", done or "(none matched)", source)
+        else:
+            log.warning("init_frame_heads: the source checkpoint %s is gone; per-frame heads start fresh", source)
+    return model
+
+
+def train_temporal(cfg: TrainConfig) -> Path:
+    """Train a temporal head on ``cfg.features`` into the run folder ``cfg.out``; returns the folder."""
+    from affpipe.train.loop import fit, prepare_run_dir, resume, steps_per_epoch
+    from affpipe.train.tasks import MultiTaskLoss, label_statistics
+    from affpipe.train.trainer import Trainer
+
+    if cfg.features is None:
+        raise ValueError("train_temporal: no feature table given (--features)")
+    ctx = dist.setup(cfg.device)
+    try:
+        run = prepare_run_dir(cfg, ctx)
+        data = TemporalData.open(cfg.features)
+        model = build_model_for(cfg, data.table.dim, data.table.manifest).to(ctx.device)
+        loss_fn = MultiTaskLoss(cfg.heads, cfg.loss, label_statistics(data.label_table)).to(ctx.device)
+        trainer = Trainer(cfg, ctx, model, loss_fn)
+        trainer.channels_last = False  # the input is a window of feature vectors, not images
+        if cfg.resume:
+            resume(trainer, run)
+        if ctx.main:
+            atomic_write_text(run / "config.json", config_json(cfg))
+        trainer.wrap()
+        train_loader = data.loader("train", cfg, train=True, device=ctx.device, rank=ctx.rank, world=ctx.world)
+        val_loader = data.loader("val", cfg, train=False, device=ctx.device, rank=ctx.rank, world=ctx.world)
+        steps = steps_per_epoch(cfg, ctx, train_loader)
+        if ctx.main:
+            log.info("training a %s head (%s) on %s: %d windows of %d frames, %d steps/epoch x %d epochs, device %s",
+                     cfg.temporal.arch, cfg.task, cfg.features, len(train_loader.plan), cfg.temporal.window, steps,
+                     cfg.epochs, ctx.device)
+        fit(trainer, run, train_loader, val_loader, steps)
+    finally:
+        dist.teardown(ctx)
+    return run
+
+
+def train_any(cfg: TrainConfig) -> Path:
+    """``train_temporal`` for a run on a feature table, the per-frame ``train`` otherwise."""
+    from affpipe.train.loop import train
+
+    return train_temporal(cfg) if cfg.is_temporal else train(cfg)

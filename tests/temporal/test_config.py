@@ -1,0 +1,20 @@
+import pytest
+
+from affpipe.train.config import TemporalConfig, from_dict, load_config, to_dict
+
+
+def test_temporal_recipe_needs_features_and_round_trips(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "temporal"\ntask = "mtl"\n[temporal]\narch = "transformer"\nwindow = 16\n')
+    with pytest.raises(ValueError, match="needs a feature table"):
+        load_config(recipe)
+    cfg = load_config(recipe, {"features": str(tmp_path / "f"), "out": str(tmp_path / "run")})
+    assert cfg.is_temporal and cfg.temporal.arch == "transformer" and cfg.temporal.window == 16
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("bad", [dict(arch="lstm"), dict(window=0), dict(kernel=4), dict(eval_stride=99),
+                                 dict(arch="transformer", hidden=30, attention_heads=4), dict(dropout=1.0)])
+def test_temporal_config_validation(bad):
+    with pytest.raises(ValueError):
+        TemporalConfig(**bad)
