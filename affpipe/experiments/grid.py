@@ -277,6 +277,9 @@ def run_experiments(cfg: ExperimentsConfig) -> dict[str, Any]:
 
     A status is ``trained``, ``done`` (eval.json was already there), ``skipped`` or ``failed``;
     ``<out>/experiments.json`` keeps the statuses, reasons and seconds per run.
+
+    (Over 60 lines on purpose: one loop whose per-run branches — skip, resume, embed, train,
+    smooth, fail — share the statuses and dependency bookkeeping; split, they would pass it around.)
     """
     from affpipe.experiments.report import ReportConfig, write_report
 

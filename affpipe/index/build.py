@@ -4,6 +4,9 @@ One unit of work per video: parse its (up to three) annotation files with the ve
 reader, list each of its image folders once with ``os.scandir`` and lay out its frame rows with
 numpy. Videos are independent, so a small process pool spreads them over the cores; the main
 process only concatenates columns and writes Parquet.
+
+(About 500 lines: the per-video worker, the table assembly and the MTL table share the private
+``_Video`` record; the layout search, parsers, release report and summary live beside it.)
 """
 
 from __future__ import annotations
@@ -348,7 +351,11 @@ def _mtl_table(m: MTLParsed, results: list[_Video], val_videos: set[str],
 
 
 def build_index(cfg: IndexConfig) -> dict:
-    """Index the tree under ``cfg.root`` into ``cfg.out``; returns the summary (index.json's counts)."""
+    """Index the tree under ``cfg.root`` into ``cfg.out``; returns the summary (index.json's counts).
+
+    (Slightly over 60 lines: the stages in the order they run — layout, per-video jobs, tables,
+    MTL, writes — read best as one list.)
+    """
     t0 = time.perf_counter()
     layout = find_layout(cfg.root, tuple(cfg.images))
     if not layout.files and not layout.mtl_files:

@@ -235,6 +235,9 @@ def make_loader(
     device when it is importable (nvJPEG), else the torch backend, whose thread pool needs less
     CPU per frame than DALI's CPU decoder (``affpipe.loaders.threads``). ``parallel``: how the
     torch backend decodes with ``num_workers > 0``: ``"threads"`` or ``"processes"``.
+
+    (A little over 60 lines: the argument checks every caller relies on, then one branch per
+    backend.)
     """
     from affpipe._optional import dali_available
     from affpipe.loaders.augment import AugmentConfig

@@ -11,6 +11,9 @@ per-frame latent state the labels come from (``affpipe.synth.faces``), so models
 ``synth_truth.parquet`` holds what an index of the tree must reproduce. Every random draw
 comes from ``np.random.default_rng([seed, video_idx, stream])``, so one seed gives one
 byte-identical tree, and a video can be skipped on resume without shifting the others.
+
+(A little over 400 lines: the plan of the tree and the loop that writes it, resumably; the
+editions, the annotation text and the face images are in their own modules.)
 """
 
 from __future__ import annotations

@@ -136,7 +136,11 @@ def write_predictions(pred: dict[str, np.ndarray], heads: tuple[str, ...], frame
                       edition: str = "abaw3") -> dict[str, Any]:
     """Submission files of ``pred`` (``MetricAccumulator.predictions``) for the frames
     ``frames_of_split`` (``frame_table``) lists, or row for row after ``templates``; returns the
-    summary ``predict`` returns."""
+    summary ``predict`` returns.
+
+    (Over 60 lines: one pass over the videos fills all three formats' lines, nearest-frame fill
+    included; the three writers at the end share what it collected.)
+    """
     row_id, video, frame, has_image = frames_of_split
     ckpt = checkpoint
     n_rows = int(max(row_id.max(initial=-1), pred["row_id"].max(initial=-1))) + 1
