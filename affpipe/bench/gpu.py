@@ -7,7 +7,7 @@ matplotlib, no network. It
 1. makes a small synthetic tree, its index and train shards (~30k frames);
 2. times DALI JPEG decoding, ``mixed`` (nvJPEG) against ``cpu`` with one thread per core;
 3. times the affpipe DALI loader alone (train augmentation, batches on the GPU);
-4. times ResNet-18 + MultiTaskLoss training (bf16 autocast, channels_last, Adam) at 112 and
+4. times the trainer's step (ResNet-18 + MultiTaskLoss, AdamW, bf16 autocast, channels_last) at 112 and
    224 px on synthetic tensors already on the GPU, and fed by the DALI loader, with the share
    of step time spent waiting for data;
 5. projects one epoch over 2.7M frames; writes ``DIR/results.json`` and ``DIR/results.md`` and
@@ -253,7 +253,7 @@ def markdown(results: dict) -> str:
         f"Measured {m['date']} on {machine_line(m)}.",
         "",
         f"Data: {d.get('source', 'synthetic')}, {d.get('train_samples', 0):,} train frames in shards. Batch {cfg['batch_size']}; "
-        f"training: ResNet-18 + MultiTaskLoss, Adam, {'bf16 autocast' if cfg['amp'] else 'fp32'}"
+        f"training: ResNet-18 + MultiTaskLoss, the trainer's AdamW step, {'bf16 autocast' if cfg['amp'] else 'fp32'}"
         f"{', channels_last' if cfg['channels_last'] else ''}{', torch.compile' if cfg['compile'] else ''}. "
         f"Median of {cfg['repeats']} windows of ≤ {cfg['seconds']} s after {cfg['warmup']} warm-up steps. "
         f"Whole run {results['wall_s']:.0f} s.",

@@ -39,7 +39,7 @@ def bench_markdown(results: dict, out: Path, md_dir: Path | None = None, chart: 
         f"{data['train_samples']:,} train frames in shards; {cfg['image_size']} px. "
         f"Loaders: batch {cfg['batch_size']}, median of {cfg['repeats']} windows of ≤ {cfg['max_batches']} "
         f"batches or ≤ {cfg['seconds']} s after {cfg['warmup']} warm-up batches. Training step: ResNet-18 + "
-        f"MultiTaskLoss, Adam, batch {cfg['train_batch_size']}, windows of ≤ {cfg['train_max_steps']} steps or "
+        f"MultiTaskLoss, the trainer's AdamW step, batch {cfg['train_batch_size']}, windows of ≤ {cfg['train_max_steps']} steps or "
         f"≤ {cfg['train_seconds']} s. Whole run {results['wall_s']:.0f} s.",
         "",
         "Frames/s are steady-state: the benchmark's epochs are short, so the time spent starting each new "

@@ -12,7 +12,7 @@ of ``repeats`` windows, each bounded by ``max_batches`` batches or ``seconds`` s
   a GPU" otherwise);
 - the raw decode ceiling (cv2/libjpeg-turbo, one thread, the same JPEG bytes) and the decode
   limit (that × the usable cores), with every loader's share of the limit;
-- the training step (ResNet-18 + MultiTaskLoss, Adam) on synthetic tensors already on the
+- the trainer's training step (ResNet-18 + MultiTaskLoss, AdamW) on synthetic tensors already on the
   device (the compute ceiling) and fed by each loader, with the share of time spent waiting.
 
 Outputs: ``<out>/results.json``, ``<out>/loaders.png`` and the table between the
