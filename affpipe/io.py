@@ -53,14 +53,8 @@ def write_parquet(table: Any, path: Path | str, **kwargs: Any) -> None:
     leaves a table that looks whole)."""
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        pq.write_table(table, tmp, **kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as fh:
+        pq.write_table(table, fh, **kwargs)
 
 
 def fsync_dir(path: Path | str) -> None:

@@ -90,7 +90,7 @@ def encode_records(
     rec["row_id"] = row_id
     rec["valence"] = np.where(va_valid, valence, np.nan)
     rec["arousal"] = np.where(va_valid, arousal, np.nan)
-    rec["au"] = au
+    rec["au"] = np.where(np.asarray(au_valid, bool)[:, None], au, AU_INVALID)  # a masked row has no AU
     rec["expr"] = np.where(expr_valid, expr, EXPR_INVALID)
     rec["flags"] = (
         np.asarray(va_valid, np.uint8) * FLAG_VA
@@ -126,7 +126,6 @@ def records_from_table(table: pa.Table) -> np.ndarray:
     col = lambda name: table.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
     au = np.stack([col(a) for a in AU_NAMES], axis=1).astype(np.int8) if len(table) else np.zeros((0, NUM_AU), np.int8)
     keep = col("split") != "test" if len(table) else np.zeros(0, bool)
-    au = np.where(keep[:, None], au, AU_INVALID).astype(np.int8)
     return encode_records(
         col("row_id"), col("valence"), col("arousal"), col("expr"), au,
         col("va_valid") & keep, col("expr_valid") & keep, col("au_valid") & keep,

@@ -20,15 +20,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from affpipe.index.layout import (  # noqa: F401  (re-exported: the tree's layout)
-    CHALLENGE_DIRS,
-    MTL_CHALLENGE_FILES,
-    MTL_FILES,
-    SPLIT_DIRS,
-    AnnotationFile,
-    Layout,
-    find_layout,
-)
 from affpipe.io import clip
 from affpipe.labels import AU_NAMES, EXPR_CLASSES, NUM_AU, VA_INVALID, VA_NAMES
 

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from affpipe.index.annotations import parse_annotation
-from affpipe.index.layout import Layout, find_layout
+from affpipe.index.layout import CHALLENGE_DIRS, Layout, find_layout
 from affpipe.index.mtl import MTLParsed, parse_mtl
 from affpipe.index.release import release_lines, release_report
 from affpipe.index.testsets import TestRule, load_test_lists
@@ -359,7 +359,7 @@ def build_index(cfg: IndexConfig) -> dict:
     t0 = time.perf_counter()
     layout = find_layout(cfg.root, tuple(cfg.images))
     if not layout.files and not layout.mtl_files:
-        raise ValueError(f"{layout.root}: no challenge folders ({', '.join(sorted(_challenge_names()))}) "
+        raise ValueError(f"{layout.root}: no challenge folders ({', '.join(sorted(CHALLENGE_DIRS))}) "
                          "or MTL files found")
     if not layout.image_roots:
         log.warning("no image roots found under %s (use --images DIR)", layout.root)
@@ -435,17 +435,12 @@ def _check_some_images(layout: Layout, results: list[_Video]) -> None:
     the warning above stands and ``shard`` refuses the empty splits.)"""
     annotated = [r.video for r in results if r.annot and any(a.any() for a in r.annot.values())]
     if layout.image_roots and annotated and not any((r.image_root >= 0).any() for r in results):
-        roots = ", ".join(map(str, layout.image_roots)) or "none found"
+        roots = ", ".join(map(str, layout.image_roots))
         raise ValueError(
             f"{layout.root}: no frame image found for any of the {len(annotated)} annotated videos "
             f"(image roots: {roots}); point --images at the folder holding <video>/<frame>.jpg"
         )
 
-
-def _challenge_names() -> list[str]:
-    from affpipe.index.layout import CHALLENGE_DIRS
-
-    return list(CHALLENGE_DIRS)
 
 
 def _header_kinds(results: list[_Video], task: str) -> dict[str, int]:

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from affpipe.index.folders import SPLIT_FOLDERS, Unused, scan_challenge, search_txt
+from affpipe.index.folders import Unused, scan_challenge, search_txt
 from affpipe.index.testsets import is_test_list_name
 from affpipe.io import clip, safe_name
 from affpipe.labels import TASKS
@@ -27,7 +27,6 @@ CHALLENGE_DIRS: dict[str, tuple[str, int, str]] = {
     "AU_Set": ("au", 1, "abaw1-2"),
     "AU_Detection_Challenge": ("au", 3, "abaw3+"),
 }
-SPLIT_DIRS = SPLIT_FOLDERS  # every spelling the releases used (affpipe.index.folders)
 MTL_FILES = {
     "training_set_annotations.txt": "train",
     "validation_set_annotations.txt": "val",

@@ -183,14 +183,14 @@ def idx_member_arrays(idx: Path, exts: tuple[str, ...] = ("jpg", "lbl")) -> dict
 
 def idx_last_end(idx: Path) -> int:
     """The byte where the index's last member ends (read from the file's tail only)."""
-    _, n = read_idx_header(idx)
+    version, n = read_idx_header(idx)
     if not n:
         return 0
     with open(idx, "rb") as f:
         f.seek(max(0, idx.stat().st_size - 65536))
         tail = f.read().decode("utf-8", "replace").strip().splitlines()
     tok = tail[-1].split() if tail else []
-    step = 4 if len(tok) % 4 == 0 else 3
+    step = 4 if version >= "v1.2" else 3  # the rule parse_idx follows
     try:
         return max(int(tok[i + 1]) + int(tok[i + 2]) for i in range(0, len(tok), step))
     except (ValueError, IndexError):

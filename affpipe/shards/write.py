@@ -43,6 +43,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,11 +68,11 @@ from affpipe.shards.folder import check_output_folder, remove_stale, writer_lock
 from affpipe.shards.format import (
     BLOCK,
     MANIFEST_SCHEMA_VERSION,
-    idx_header,
     index_reference,
     remove_manifest,
     tar_end_padding,
     tar_header,
+    write_idx_lines,
     write_manifest,
 )
 
@@ -222,11 +223,12 @@ def plan_split(cfg: ShardConfig, tbl: pa.Table, meta: dict, split: str) -> tuple
 
 
 def _read_file(path: str) -> bytes:
-    if not os.path.isfile(path) and os.path.exists(path):  # a folder named 00010.jpg, a fifo...
-        raise IsADirectoryError(errno.EISDIR, "not a regular file, cannot be a frame image", path)
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a fifo named 00010.jpg cannot hang us
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)  # one stat per frame, on the open file: no check-then-open race
+        if not stat.S_ISREG(st.st_mode):  # a folder named 00010.jpg, a fifo...
+            raise IsADirectoryError(errno.EISDIR, "not a regular file, cannot be a frame image", path)
+        size = st.st_size
         data = os.read(fd, size)
         while len(data) < size:  # os.read may return short on some filesystems
             more = os.read(fd, size - len(data))
@@ -269,7 +271,6 @@ def write_shard(spec: ShardSpec) -> dict:
     spec.tar.unlink(missing_ok=True)
     spec.state.unlink(missing_ok=True)
     tmp_tar = spec.tar.with_name(spec.tar.name + ".tmp")
-    tmp_idx = spec.idx.with_name(spec.idx.name + ".tmp")
     sha, buf, offset, lines = hashlib.sha256(), bytearray(), 0, []
     bad: list[dict[str, str]] = []
     resized = 0
@@ -318,10 +319,6 @@ def write_shard(spec: ShardSpec) -> dict:
             sha.update(buf)
             f.flush()
             os.fsync(f.fileno())
-        with open(tmp_idx, "w") as f:
-            f.write(idx_header(len(lines)) + "".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
         state = {
             "file": f"{spec.split}/{spec.tar.name}",
             "index_file": f"{spec.split}/{spec.idx.name}",
@@ -332,13 +329,12 @@ def write_shard(spec: ShardSpec) -> dict:
             "sha256": sha.hexdigest(),
             "plan": spec.plan_digest,
         }
-        os.replace(tmp_idx, spec.idx)
+        write_idx_lines(spec.idx, lines)
         atomic_write_text(spec.state, json.dumps(state, indent=1))
         os.replace(tmp_tar, spec.tar)  # last: from here on the shard counts as complete
         fsync_dir(spec.tar.parent)
     except BaseException as exc:
-        for p in (tmp_tar, tmp_idx):
-            p.unlink(missing_ok=True)
+        tmp_tar.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:  # ENOSPC names no file
             raise OSError(exc.errno, f"{exc.strerror or exc} while writing shard {spec.name}", str(tmp_tar)) from exc
         raise

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from affpipe.labels import AU_NAMES
 
 IMAGE_ROOTS = ("cropped_aligned", "cropped_aligned_new_50_vids")
-SET_DIRS = {"train": "Train_Set", "val": "Validation_Set"}
 HEADERS = {
     "va": "valence,arousal",
     "expr8": "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other",

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from affpipe.io import write_parquet
 from affpipe.labels import AU_NAMES, EXPR_INVALID, TASKS
-from affpipe.synth.editions import HEADERS, IMAGE_ROOTS, LAYOUTS, SET_DIRS, Edition  # noqa: F401  (re-exported)
+from affpipe.synth.editions import HEADERS, IMAGE_ROOTS, LAYOUTS, Edition  # noqa: F401  (re-exported)
 from affpipe.synth.faces import FaceRenderer, Latent, run_mask, simulate
 from affpipe.synth.images import _POOL_DIR, _Images, _pool_latents, _pool_walk
 from affpipe.synth.testset import test_membership, test_video_names, write_test_sets
@@ -228,13 +228,6 @@ def _frames(plan: VideoPlan, lat: Latent, rng: np.random.Generator, expr_classes
     for k, name in enumerate(AU_NAMES):  # an AU the edition's header lacks is not annotated: -1
         out[name] = au[:, k] if name in au_names else np.full(n, -1, np.int8)
     return out
-
-
-# --- text -----------------------------------------------------------------------------------
-
-# Values are on the 1/1000 grid and written the way the real files are (``0.254,-0.11``):
-# one lookup per value instead of formatting 2.9M floats.
-# --- images ---------------------------------------------------------------------------------
 
 
 _BOOL = ("has_image", "va_annot", "expr_annot", "au_annot")

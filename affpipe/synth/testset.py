@@ -21,16 +21,16 @@ from pathlib import Path
 import numpy as np
 
 from affpipe.io import atomic_write_text
-from affpipe.labels import AU_NAMES, EXPR_CLASSES, TASKS
+from affpipe.labels import TASKS
+from affpipe.synth.editions import HEADERS
 
 TEST_DIR = "TestSet"
 NAMES_DIR = "names_of_videos_in_each_test_set"
 _CHALLENGE = {"va": "Valence_Arousal_Estimation_Challenge", "au": "Action_Unit_Detection_Challenge"}
 _SAMPLE_TASK = {"va": "VA", "expr": "Expr", "au": "AU"}
-_SAMPLE_HEADER = {"va": "image_location,valence,arousal",
-                  "expr": "image_location," + ",".join(EXPR_CLASSES),
-                  "au": "image_location," + ",".join(AU_NAMES)}
-MTL_TEST_HEADER = "image,valence,arousal,expression,aus"
+_SAMPLE_HEADER = {"va": "image_location," + HEADERS["va"], "expr": "image_location," + HEADERS["expr8"],
+                  "au": "image_location," + HEADERS["au"]}
+MTL_TEST_HEADER = HEADERS["mtl"]
 
 
 def test_video_names(seed: int, n: int, taken: set[str]) -> list[str]:

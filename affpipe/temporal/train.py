@@ -17,12 +17,11 @@ import pyarrow as pa
 import torch
 
 from affpipe import dist
-from affpipe.io import atomic_write_text
 from affpipe.temporal.data import RowLabels, WindowLoader, align_labels
 from affpipe.temporal.features import FeatureTable, read_table
 from affpipe.temporal.heads import TemporalModel, build_temporal_model, load_frame_heads
 from affpipe.temporal.windows import plan_windows
-from affpipe.train.config import TrainConfig, config_json
+from affpipe.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -79,38 +78,31 @@ def build_model_for(cfg: TrainConfig, dim: int, manifest: dict | None = None) ->
     return model
 
 
-def train_temporal(cfg: TrainConfig) -> Path:
-    """Train a temporal head on ``cfg.features`` into the run folder ``cfg.out``; returns the folder."""
-    from affpipe.train.loop import fit, prepare_run_dir, resume, steps_per_epoch
+def temporal_setup(cfg: TrainConfig, ctx: dist.DistContext):
+    """``affpipe.train.loop.train``'s setup for a temporal head on ``cfg.features``: the model over
+    feature windows, its loss, and window loaders."""
     from affpipe.train.tasks import MultiTaskLoss, label_statistics
     from affpipe.train.trainer import Trainer
 
     if cfg.features is None:
         raise ValueError("train_temporal: no feature table given (--features)")
-    ctx = dist.setup(cfg.device)
-    try:
-        run = prepare_run_dir(cfg, ctx)
-        data = TemporalData.open(cfg.features)
-        model = build_model_for(cfg, data.table.dim, data.table.manifest).to(ctx.device)
-        loss_fn = MultiTaskLoss(cfg.heads, cfg.loss, label_statistics(data.label_table)).to(ctx.device)
-        trainer = Trainer(cfg, ctx, model, loss_fn)
-        trainer.channels_last = False  # the input is a window of feature vectors, not images
-        if cfg.resume:
-            resume(trainer, run)
-        if ctx.main:
-            atomic_write_text(run / "config.json", config_json(cfg))
-        trainer.wrap()
-        train_loader = data.loader("train", cfg, train=True, device=ctx.device, rank=ctx.rank, world=ctx.world)
-        val_loader = data.loader("val", cfg, train=False, device=ctx.device, rank=ctx.rank, world=ctx.world)
-        steps = steps_per_epoch(cfg, ctx, train_loader)
-        if ctx.main:
-            log.info("training a %s head (%s) on %s: %d windows of %d frames, %d steps/epoch x %d epochs, device %s",
-                     cfg.temporal.arch, cfg.task, cfg.features, len(train_loader.plan), cfg.temporal.window, steps,
-                     cfg.epochs, ctx.device)
-        fit(trainer, run, train_loader, val_loader, steps)
-    finally:
-        dist.teardown(ctx)
-    return run
+    data = TemporalData.open(cfg.features)
+    model = build_model_for(cfg, data.table.dim, data.table.manifest).to(ctx.device)
+    loss_fn = MultiTaskLoss(cfg.heads, cfg.loss, label_statistics(data.label_table)).to(ctx.device)
+
+    def loaders():
+        kw = dict(device=ctx.device, rank=ctx.rank, world=ctx.world)
+        return data.loader("train", cfg, train=True, **kw), data.loader("val", cfg, train=False, **kw)
+
+    what = f"with a {cfg.temporal.arch} head over windows of {cfg.temporal.window} frames of {cfg.features}"
+    return Trainer(cfg, ctx, model, loss_fn), loaders, what
+
+
+def train_temporal(cfg: TrainConfig) -> Path:
+    """Train a temporal head on ``cfg.features`` into the run folder ``cfg.out``; returns the folder."""
+    from affpipe.train.loop import train
+
+    return train(cfg, setup=temporal_setup)
 
 
 def train_any(cfg: TrainConfig) -> Path:

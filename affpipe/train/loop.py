@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,26 +138,39 @@ def steps_per_epoch(cfg: TrainConfig, ctx: dist.DistContext, loader) -> int:
     return steps
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train ``cfg.task`` on ``cfg.shards`` into the run folder ``cfg.out``; returns the folder."""
+# What differs between kinds of run: ``setup(cfg, ctx) -> (trainer, make_loaders, what)`` builds the
+# trainer and returns a factory of (train, val) loaders (called after resume and wrap) and a
+# description for the log. ``affpipe.temporal.train`` passes its own for feature-table runs.
+Setup = Callable[[TrainConfig, dist.DistContext], tuple[Trainer, Callable[[], tuple[Any, Any]], str]]
+
+
+def frame_setup(cfg: TrainConfig, ctx: dist.DistContext) -> tuple[Trainer, Callable[[], tuple[Any, Any]], str]:
+    """A per-frame run on ``cfg.shards``: the image model and the shard loaders."""
     if cfg.shards is None:
         raise ValueError("train: no shards given (--shards)")
+    trainer = Trainer.build(cfg, ctx, label_statistics_for(cfg.shards, cfg.index))
+    return trainer, lambda: make_loaders(cfg, ctx), f"on {cfg.shards}"
+
+
+def train(cfg: TrainConfig, setup: Setup = frame_setup) -> Path:
+    """Train ``cfg.task`` into the run folder ``cfg.out`` (per-frame on ``cfg.shards`` unless
+    ``setup`` builds another kind of run); returns the folder."""
     ctx = dist.setup(cfg.device)
     try:
         run = prepare_run_dir(cfg, ctx)
         if cfg.amp != "none" and ctx.device.type != "cuda" and ctx.main:
             log.info("amp=%s ignored: autocast is used on GPU only (device %s)", cfg.amp, ctx.device)
-        trainer = Trainer.build(cfg, ctx, label_statistics_for(cfg.shards, cfg.index))
+        trainer, loaders, what = setup(cfg, ctx)
         if cfg.resume:
             resume(trainer, run)
         if ctx.main:
             atomic_write_text(run / "config.json", config_json(cfg))
         trainer.wrap()
-        train_loader, val_loader = make_loaders(cfg, ctx)
+        train_loader, val_loader = loaders()
         steps = steps_per_epoch(cfg, ctx, train_loader)
         if ctx.main:
-            log.info("training %s on %s: %d steps/epoch x %d epochs, batch %d x %d process(es), loader %s, device %s",
-                     cfg.task, cfg.shards, steps, cfg.epochs, cfg.batch_size, ctx.world,
+            log.info("training %s %s: %d steps/epoch x %d epochs, batch %d x %d process(es), loader %s, device %s",
+                     cfg.task, what, steps, cfg.epochs, cfg.batch_size, ctx.world,
                      getattr(train_loader, "backend", "?"), ctx.device)
         fit(trainer, run, train_loader, val_loader, steps)
     finally:

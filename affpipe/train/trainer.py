@@ -51,7 +51,8 @@ class Trainer:
         self.cfg, self.ctx = cfg, ctx
         on_gpu = ctx.device.type == "cuda"
         self.amp = cfg.amp if on_gpu else "none"
-        self.channels_last = cfg.channels_last and on_gpu
+        # a temporal head's input is a window of feature vectors, not images
+        self.channels_last = cfg.channels_last and on_gpu and not cfg.is_temporal
         self.raw_model = model
         self.loss_fn = loss_fn
         self.optimizer = make_optimizer(cfg, list(model.parameters()) + list(loss_fn.parameters()))
