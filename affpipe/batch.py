@@ -8,6 +8,7 @@ per-sample Python.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -77,27 +78,26 @@ def make_batch(images: torch.Tensor, raw_labels: torch.Tensor) -> Batch:
     return Batch(images=images, **decode_label_tensor(raw_labels))
 
 
-def _scale_bias(width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.cache
+def _row_np(width: int) -> tuple[np.ndarray, np.ndarray]:
     """``x * scale + bias`` == ``(x / 255 - MEAN) / STD`` for one NHWC image row (``width*3``)."""
-    key = (width, str(device))
-    if key not in _ROW_CACHE:
-        scale, bias = _ROW_NP[width]
-        _ROW_CACHE[key] = (torch.from_numpy(scale).to(device), torch.from_numpy(bias).to(device))
-    return _ROW_CACHE[key]
+    scale = 1.0 / (np.array(STD, np.float64) * 255.0)
+    bias = -np.array(MEAN, np.float64) * 255.0 * scale
+    return np.tile(scale, width).astype(np.float32), np.tile(bias, width).astype(np.float32)
 
 
-class _RowTables(dict):
-    """``width → (scale, bias)`` float32 rows, computed once per width."""
-
-    def __missing__(self, width: int) -> tuple[np.ndarray, np.ndarray]:
-        scale = 1.0 / (np.array(STD, np.float64) * 255.0)
-        bias = -np.array(MEAN, np.float64) * 255.0 * scale
-        self[width] = (np.tile(scale, width).astype(np.float32), np.tile(bias, width).astype(np.float32))
-        return self[width]
+@functools.cache
+def _row_dev(width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_row_np(width)`` on ``device`` (copied there once)."""
+    scale, bias = _row_np(width)
+    return torch.from_numpy(scale).to(device), torch.from_numpy(bias).to(device)
 
 
-_ROW_NP = _RowTables()
-_ROW_CACHE: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+@functools.cache
+def _chw_dev(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean * 255, 1 / (std * 255))`` as ``[1,3,1,1]`` on ``device`` (copied there once)."""
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255.0
+    return mean, 1.0 / (torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255.0)
 
 
 def normalize_uint8(images: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
@@ -108,8 +108,7 @@ def normalize_uint8(images: torch.Tensor, *, channels_last: bool = False) -> tor
     size-3 innermost channel axis defeats vectorization and was 5x slower on a CPU.
     """
     if not channels_last:
-        mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255.0
-        inv = 1.0 / (torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255.0)
+        mean, inv = _chw_dev(images.device)
         return (images.float() - mean).mul_(inv)
     n, h, w, c = images.shape
     if c != 3:
@@ -119,10 +118,11 @@ def normalize_uint8(images: torch.Tensor, *, channels_last: bool = False) -> tor
         # the cores, where torch's intra-op pool would compete with them (measured: 2 threads
         # made the DALI CPU loader ~25% slower) — and no global thread setting is touched.
         out = images.numpy().reshape(n * h, w * c).astype(np.float32)  # new memory (DALI reuses its own)
-        np.multiply(out, _ROW_NP[w][0], out=out)
-        np.add(out, _ROW_NP[w][1], out=out)
+        scale, bias = _row_np(w)
+        np.multiply(out, scale, out=out)
+        np.add(out, bias, out=out)
         return torch.from_numpy(out).view(n, h, w, c).permute(0, 3, 1, 2)
-    scale, bias = _scale_bias(w, images.device)
+    scale, bias = _row_dev(w, images.device)
     out = images.reshape(n * h, w * c).float()
     out.mul_(scale).add_(bias)
     return out.view(n, h, w, c).permute(0, 3, 1, 2)

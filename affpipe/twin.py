@@ -75,7 +75,7 @@ def prepare_data(cache: Path, *, videos: int = 24, frames: int = 300, seed: int 
     done = {
         "params": params, "source": source,
         "tree": str(tree), "index": str(cache / "index"), "shards": str(cache / "shards"),
-        "index_rows": counts.get("frames") if isinstance(counts, dict) else None,
+        "index_rows": counts.get("frames"),
         "train_samples": train.get("samples"), "train_bytes": train.get("bytes"),
         "setup_s": {k: round(v, 2) for k, v in timings.items()},
     }

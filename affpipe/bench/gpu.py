@@ -44,7 +44,7 @@ from affpipe.bench.common import (
     measure,
     update_marked,
 )
-from affpipe.bench.gpu_data import ensure_tqdm, fallback_tree, gpu_data  # noqa: F401 (re-exported)
+from affpipe.bench.gpu_data import ensure_tqdm, gpu_data  # noqa: F401 (ensure_tqdm: re-exported)
 from affpipe.dist import usable_cores
 
 log = logging.getLogger("affpipe.bench.gpu")
@@ -156,10 +156,9 @@ def bench_size(cfg: GpuBenchConfig, data: dict, table, size: int) -> dict:
     dali = _dali_present()
     loader = None
     try:
-        if not dali:
-            raise ImportError(NEEDS_DALI)
-        loader = _dali_loader(cfg, shards, size)
-        res["loader"] = {"status": "ok", "backend": getattr(loader, "backend", None), **measure(loader_step(loader, cfg.device), **win).to_dict()}
+        loader = _dali_loader(cfg, shards, size) if dali else None
+        res["loader"] = ({"status": "ok", "backend": loader.backend, **measure(loader_step(loader, cfg.device), **win).to_dict()}
+                         if dali else {"status": NEEDS_DALI, "fps": None})
     except Exception as exc:
         res["loader"] = {"status": _error(exc), "fps": None}
     finally:
@@ -177,24 +176,25 @@ def bench_size(cfg: GpuBenchConfig, data: dict, table, size: int) -> dict:
         res["synthetic"] = {"status": "ok", **m.to_dict()}
     except Exception as exc:
         res["synthetic"] = {"status": _error(exc), "fps": None}
-    loader = None
-    try:
-        if not dali:
-            raise ImportError(NEEDS_DALI)
-        loader = _dali_loader(cfg, shards, size)
-        m = measure(trainer.fed_step(loader), **win)
-        res["fed"] = {"status": "ok", **m.to_dict(), "data_wait_share": round(m.wait_share, 4)}
-        syn = res["synthetic"].get("fps")
-        if syn:
-            res["fed"]["slowdown_vs_synthetic"] = round(max(0.0, 1 - m.steady_rate / syn), 4)
-        # The benchmark's epochs are short, so their starts (a DALI pipeline per epoch) are
-        # timed apart: a 2.7M-frame epoch pays one start and runs at the steady rate.
-        res["fed"]["epoch_s"] = round(cfg.epoch_frames / m.steady_rate + (m.restart_cost_s or 0.0), 1)
-    except Exception as exc:
-        res["fed"] = {"status": _error(exc), "fps": None}
-    finally:
-        if loader is not None:
-            close_loader(loader)
+    if not dali:
+        res["fed"] = {"status": NEEDS_DALI, "fps": None}
+    else:
+        loader = None
+        try:
+            loader = _dali_loader(cfg, shards, size)
+            m = measure(trainer.fed_step(loader), **win)
+            res["fed"] = {"status": "ok", **m.to_dict(), "data_wait_share": round(m.wait_share, 4)}
+            syn = res["synthetic"].get("fps")
+            if syn:
+                res["fed"]["slowdown_vs_synthetic"] = round(max(0.0, 1 - m.steady_rate / syn), 4)
+            # The benchmark's epochs are short, so their starts (a DALI pipeline per epoch) are
+            # timed apart: a 2.7M-frame epoch pays one start and runs at the steady rate.
+            res["fed"]["epoch_s"] = round(cfg.epoch_frames / m.steady_rate + (m.restart_cost_s or 0.0), 1)
+        except Exception as exc:
+            res["fed"] = {"status": _error(exc), "fps": None}
+        finally:
+            if loader is not None:
+                close_loader(loader)
     if res["synthetic"].get("fps"):
         res["synthetic"]["epoch_s"] = round(cfg.epoch_frames / res["synthetic"]["fps"], 1)
     del trainer

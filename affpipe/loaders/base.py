@@ -50,7 +50,7 @@ import torch
 from affpipe.batch import Batch
 from affpipe.dist import default_workers, dist_env
 from affpipe.loaders.checks import empty_jpegs
-from affpipe.loaders.plan import epoch_seed, rank_range, shard_order
+from affpipe.loaders.plan import EpochPlan, rank_range
 from affpipe.shards.format import (
     MANIFEST,
     idx_last_end,
@@ -314,6 +314,11 @@ class BaseLoader:
         else:
             self.num_batches = -(-self.rank_samples // batch_size)
             self.samples_per_epoch = self.rank_samples
+        # The epoch plan both backends follow (affpipe.loaders.plan)
+        self.plan = EpochPlan(tuple(s.samples for s in self.shards), seed, rank, world, self.train, batch_size,
+                              self.num_batches)
+        self._start_batch = 0
+        self._index_cache: dict[int, list] = {}
 
     def finish(self, images: torch.Tensor, raw: torch.Tensor, *, reused: bool = False) -> Batch:
         """The ``Batch`` of uint8 NHWC ``images``. ``reused``: the memory is a buffer the
@@ -345,18 +350,20 @@ class BaseLoader:
         self.epoch = int(epoch)
         self._start_batch = int(start_batch)
 
+    def shard_index(self, shard_i: int) -> list:
+        """The parsed ``.idx`` of shard ``shard_i`` (parsed once, for naming bad samples)."""
+        if shard_i not in self._index_cache:
+            self._index_cache[shard_i] = parse_idx(self.shards[shard_i].idx)
+        return self._index_cache[shard_i]
+
+    def sample_name(self, shard_i: int, j: int) -> str:
+        """The key of sample ``j`` of shard ``shard_i`` (for messages)."""
+        return sample_key(self.shard_index(shard_i)[j])
+
     def take_start_batch(self) -> int:
         """The batch the iteration beginning now starts at (consumed: the next one starts at 0)."""
-        start, self._start_batch = getattr(self, "_start_batch", 0), 0
+        start, self._start_batch = self._start_batch, 0
         return start
-
-    def shard_order(self, epoch: int) -> list[int]:
-        """Shard order of an epoch: seeded permutation (train) or manifest order (val)."""
-        return shard_order(len(self.shards), self.seed, epoch, self.train)
-
-    def epoch_seed(self, epoch: int) -> int:
-        """A per-(seed, epoch, rank) seed for shuffling and augmentation draws."""
-        return epoch_seed(self.seed, epoch, self.rank)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(split={self.split!r}, shards={len(self.shards)}, samples={self.total}, "

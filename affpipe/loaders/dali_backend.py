@@ -39,9 +39,8 @@ from affpipe.labels import record_problems
 from affpipe.loaders.augment import NATIVE_SIZE, affine_matrices, sample_params, warp_batch
 from affpipe.loaders.base import BaseLoader
 from affpipe.loaders.checks import decode_jpeg
-from affpipe.loaders.plan import EpochPlan
 from affpipe.loaders.source import ShardTable
-from affpipe.shards.format import parse_idx, sample_key
+from affpipe.shards.format import sample_key
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +70,6 @@ class DaliLoader(BaseLoader):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.plan = EpochPlan(tuple(s.samples for s in self.shards), self.seed, self.rank, self.world,
-                              self.train, self.batch_size, self.num_batches)
         self.table = ShardTable(self.shards)
 
     def _selection(self, samples: np.ndarray, seed: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -94,7 +91,8 @@ class DaliLoader(BaseLoader):
             return b
 
         def jpegs(info):
-            sel = self._selection(samples, seed, batch_of(info))[0]
+            b = batch_of(info)
+            sel = samples[b * self.batch_size:(b + 1) * self.batch_size]
             views = self.table.jpegs(sel)
             if views is None:
                 raise ValueError(self._bad_member(sel))
@@ -163,18 +161,20 @@ class DaliLoader(BaseLoader):
         stored frame has the split's size, it decoded to ``image_size``, its label record is in
         range. A bad one raises naming shard and key, or is dropped and counted (``on_bad="skip"``)."""
         n, size, want = len(sel), self.aug.image_size, self.frame_size
-        decoded = [tuple(sh[:2]) for sh in images.shape()]
+        decoded = np.asarray(images.shape(), np.int64).reshape(n, -1)[:, :2]
+        off_size = (shapes != np.asarray(want)).any(1) if want is not None else np.zeros(n, bool)
+        wrong_decode = (decoded != size).any(1)
         problems = dict(record_problems(records))
-        for i in range(n):
-            if want is not None and tuple(shapes[i]) != tuple(want):
-                problems.setdefault(i, f"frame is {shapes[i][1]}x{shapes[i][0]}, the split's frames are {want[1]}x{want[0]}")
-            elif decoded[i] != (size, size):
-                problems.setdefault(i, f"decoded to {decoded[i][1]}x{decoded[i][0]}, not {size}x{size}")
-        if not problems:
+        if not problems and not off_size.any() and not wrong_decode.any():  # the common case: no Python per sample
             return np.arange(n)
+        for i in np.flatnonzero(off_size | wrong_decode).tolist():
+            if off_size[i]:
+                problems.setdefault(i, f"frame is {shapes[i][1]}x{shapes[i][0]}, the split's frames are {want[1]}x{want[0]}")
+            else:
+                problems.setdefault(i, f"decoded to {decoded[i][1]}x{decoded[i][0]}, not {size}x{size}")
         for i, why in sorted(problems.items()):
             shard_i, j = (int(v) for v in sel[i])
-            msg = f"{self.shards[shard_i].tar}: sample {sample_key(parse_idx(self.shards[shard_i].idx)[j])}: {why}"
+            msg = f"{self.shards[shard_i].tar}: sample {self.sample_name(shard_i, j)}: {why}"
             if self.on_bad != "skip":
                 raise ValueError(msg + " (pass on_bad='skip' to skip bad samples)")
             log.warning("%s; skipped", msg)
@@ -185,11 +185,8 @@ class DaliLoader(BaseLoader):
         """The first sample of ``sel`` whose ``.jpg`` or ``.lbl`` is missing or malformed, named."""
         from affpipe.labels import RECORD_SIZE
 
-        index: dict[int, list] = {}
         for shard_i, j in sel.tolist():
-            if shard_i not in index:
-                index[shard_i] = parse_idx(self.shards[shard_i].idx)
-            comp = index[shard_i][j]
+            comp = self.shard_index(shard_i)[j]
             if "jpg" not in comp or "lbl" not in comp or comp["lbl"][1] != RECORD_SIZE:
                 return (f"{self.shards[shard_i].tar}: sample {sample_key(comp)}: missing or malformed member(s) "
                         f"{sorted(comp)}; the DALI backend cannot skip it — use backend='torch', on_bad='skip', or reshard")
@@ -206,7 +203,7 @@ class DaliLoader(BaseLoader):
         for (shard_i, j), where in zip(sel.tolist(), self.table.jpeg_where(sel), strict=True):
             _, off, size = where
             if off >= 0 and decode_jpeg(self.table.views[shard_i], size, off, cv2.IMREAD_COLOR) is None:
-                key = sample_key(parse_idx(self.shards[shard_i].idx)[j])
+                key = self.sample_name(shard_i, j)
                 return ValueError(
                     f"{self.shards[shard_i].tar}: sample {key}: undecodable JPEG ({size} bytes); the DALI "
                     f"backend cannot skip it — use backend='torch', on_bad='skip', or reshard"

@@ -64,6 +64,7 @@ class ThreadedBatches:
         self.threads = max(1, int(threads))
         self.depth = self.threads + 1  # batches in flight
         self._pool: ThreadPoolExecutor | None = None
+        self.frame_size = tuple(dataset.frame_size) if dataset.frame_size else None
 
     def _submit(self, epoch: int, b: int) -> tuple:
         ds = self.ds
@@ -78,9 +79,8 @@ class ThreadedBatches:
         where = self.table.jpeg_where(sel)
         chunks = max(1, min(len(sel), CHUNKS_PER_THREAD * self.threads))
         bounds = [len(sel) * i // chunks for i in range(chunks + 1)]
-        fs = getattr(ds, "frame_size", None)
         futs: list[Future] = [self._pool.submit(decode_into, self.table.views, where, mats, images, bounds[i], bounds[i + 1],
-                                                tuple(fs) if fs else None)
+                                                self.frame_size)
                               for i in range(chunks)]
         return epoch, b, sel, flips, angles, batch, futs
 

@@ -80,11 +80,11 @@ class ShardBatches(Dataset):
         flips, angles = sample_params(np.random.default_rng([seed, b]), len(sel), self.aug)
         images = np.empty((len(sel), size, size, 3), np.uint8)
         labels = np.empty((len(sel), RECORD_SIZE), np.uint8)
-        keep, bad, wheres = [], [], {}
+        keep, bad = [], []
         for k, (shard, j) in enumerate(sel):
             mm, index = self._open(int(shard))
             comp = index[int(j)]
-            where = f"{self.shards[int(shard)].tar}: sample {sample_key(comp)}"
+            where = _Where(self.shards[int(shard)].tar, comp)  # formatted only into a problem's message
             if "jpg" not in comp or "lbl" not in comp:
                 problem = f"{where}: missing member(s) {sorted({'jpg', 'lbl'} - set(comp))}"
             elif comp["lbl"][1] != RECORD_SIZE:
@@ -106,10 +106,10 @@ class ShardBatches(Dataset):
             off, n, _ = comp["lbl"]
             labels[k] = np.frombuffer(mm, np.uint8, n, off)
             keep.append(k)
-            wheres[k] = where
         dropped = set()
         for i, why in record_problems(labels[keep]):  # one vectorized range check per batch
-            problem = f"{wheres[keep[i]]}: {why}"
+            shard, j = sel[keep[i]]
+            problem = f"{_Where(self.shards[int(shard)].tar, self._open(int(shard))[1][int(j)])}: {why}"
             if self.on_bad != "skip":
                 raise ValueError(problem + " (pass on_bad='skip' to skip bad samples)")
             bad.append(problem)
@@ -124,6 +124,19 @@ class ShardBatches(Dataset):
             "angle": torch.from_numpy(angles),
             "bad": bad,
         }
+
+
+class _Where:
+    """``"<tar>: sample <key>"``, built only when a message needs it (not once per sample)."""
+
+    __slots__ = ("tar", "comp")
+
+    def __init__(self, tar, comp) -> None:
+        self.tar, self.comp = tar, comp
+
+    def __str__(self) -> str:
+        return f"{self.tar}: sample {sample_key(self.comp)}"
+
 
 
 class _EpochSampler:
@@ -150,8 +163,6 @@ class TorchLoader(BaseLoader):
         super().__init__(**kwargs)
         if parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
-        self.plan = EpochPlan(tuple(s.samples for s in self.shards), self.seed, self.rank, self.world,
-                              self.train, self.batch_size, self.num_batches)
         self.dataset = ShardBatches(self.shards, self.plan, self.aug, self.on_bad, self.frame_size)
         workers = min(self.num_workers, self.num_batches)
         # Threads (the default) decode in this process: cv2 releases the GIL (affpipe.loaders.threads)
@@ -164,7 +175,7 @@ class TorchLoader(BaseLoader):
         # per-sample OpenCV calls on small images stay single-threaded, so they never touch an
         # OpenCV thread pool the parent may have started (calling cv2.setNumThreads in a forked
         # child whose parent used the pool deadlocks).
-        self._loader = DataLoader(
+        self._loader = None if self._threads is not None else DataLoader(
             self.dataset, batch_size=None, sampler=_EpochSampler(self), num_workers=workers,
             prefetch_factor=4 if workers else None,
             pin_memory=self.device.type == "cuda",

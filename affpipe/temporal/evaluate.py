@@ -69,7 +69,7 @@ def collect(run_or_ckpt: Path, shards: Path | None, split: str, *, batch_size: i
         model.load_state_dict(state["model"])
         model = model.to(dev).eval()
         batches = data.loader(split, cfg, train=False, device=dev, batch_size=batch_size)
-        table, index = data.label_table, Path(data.table.manifest["index"])
+        table, index = data.label_table, data.index
         table_name = data.table.manifest.get("table", "frames")
     else:
         if shards is None:
@@ -112,8 +112,7 @@ def apply_smoothing(c: Collected, split: str, *, smooth: bool, tune_smoothing: b
         if write:
             sm.save_windows(c.ckpt.parent, windows, split=split, checkpoint=c.ckpt.name, scores=scores)
     else:
-        windows = sm.load_windows(c.ckpt.parent)
-        info["tuned_on"] = json.loads((c.ckpt.parent / sm.SMOOTHING_FILE).read_text()).get("split")
+        windows, info["tuned_on"] = sm.load_windows(c.ckpt.parent, with_split=True)
     before = c.acc.compute()
     info["unsmoothed"] = {k: before[k] for k in ("va_ccc", "expr_f1", "au_f1", "p_mtl") if k in before}
     c.acc = sm.smooth(c.acc, video, frame, windows)

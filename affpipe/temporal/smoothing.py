@@ -100,17 +100,18 @@ def save_windows(folder: Path, windows: Mapping[str, int], *, split: str, checkp
     return path
 
 
-def load_windows(folder: Path) -> dict[str, int]:
-    """The windows of ``folder/smoothing.json``; a clear error when it is missing or malformed."""
+def load_windows(folder: Path, *, with_split: bool = False):
+    """The windows of ``folder/smoothing.json`` (and, with ``with_split``, the split they were
+    tuned on); a clear error when it is missing or malformed."""
     path = Path(folder) / SMOOTHING_FILE
     if not path.is_file():
         raise FileNotFoundError(f"--smooth: no {path}; run `affpipe evaluate RUN --tune-smoothing` first")
     try:
-        windows = json.loads(path.read_text())["windows"]
-        out = {str(t): int(w) for t, w in windows.items()}
+        saved = json.loads(path.read_text())
+        out = {str(t): int(w) for t, w in saved["windows"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: not a smoothing file ({type(exc).__name__}: {exc})") from exc
     bad = {t: w for t, w in out.items() if t not in SMOOTHED or w < 1 or w % 2 == 0}
     if bad:
         raise ValueError(f"{path}: bad windows {bad} (tasks va/expr/au, positive odd frame counts)")
-    return out
+    return (out, saved.get("split")) if with_split else out

@@ -33,6 +33,7 @@ class TemporalData:
     table: FeatureTable
     labels: RowLabels
     label_table: pa.Table
+    index: Path  # the label index, resolved (a relative path in the manifest is from the features folder)
 
     @classmethod
     def open(cls, features: Path) -> TemporalData:
@@ -40,13 +41,13 @@ class TemporalData:
         from affpipe.index.build import load_index
 
         table = read_table(features)
-        index = Path(table.manifest.get("index", ""))
-        if not str(index) or str(index) == ".":
+        if not table.manifest.get("index"):
             raise ValueError(f"{Path(features) / 'manifest.json'}: no 'index' key (not written by `affpipe embed`)")
+        index = Path(table.manifest["index"])
         if not index.is_absolute():
             index = Path(features) / index
         label_table, _ = load_index(index, table=table.manifest.get("table", "frames"))
-        return cls(table, align_labels(label_table, table.row_id), label_table)
+        return cls(table, align_labels(label_table, table.row_id), label_table, index)
 
     def loader(self, split: str, cfg: TrainConfig, *, train: bool, device: torch.device, rank: int = 0,
                world: int = 1, batch_size: int | None = None) -> WindowLoader:

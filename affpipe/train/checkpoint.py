@@ -103,7 +103,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: s
         if f"{prefix}{key}" in RESUME_MUTABLE:
             continue
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
-        if not prefix and key in ("shards", "out", "index") and isinstance(a, str) and isinstance(b, str):
+        if not prefix and key in ("shards", "out", "index", "features") and isinstance(a, str) and isinstance(b, str):
             if Path(a).resolve() == Path(b).resolve():  # the same folder, spelled another way
                 continue
         if isinstance(a, dict) and isinstance(b, dict):
