@@ -101,9 +101,10 @@ def apply_smoothing(run: Run, c: Collected, split: str, *, smooth: bool, tune_sm
 
 
 @contextlib.contextmanager
-def run_folder_for_writing(folder: Path) -> Iterator[None]:
+def run_folder_for_writing(folder: Path, checkpoint: str | None = None) -> Iterator[None]:
     """Hold ``folder``'s lock while evaluate writes into it, after checking it is a run folder
-    (see the module docstring); refuses a folder holding anything else, or any symlink."""
+    (see the module docstring; ``checkpoint``: the evaluated file's name, a run file whatever
+    it is called); refuses a folder holding anything else, or any symlink."""
     from affpipe.outdir import LOCK, _walk, check_folder, folder_lock, read_marker
     from affpipe.train.runfolder import RUN_OWNER
 
@@ -112,11 +113,11 @@ def run_folder_for_writing(folder: Path) -> Iterator[None]:
         check_folder(folder, RUN_OWNER)
     else:
         foreign = [f"{rel} ({kind})" if kind != "file" else rel for rel, kind in _walk(folder)
-                   if kind != "file" or not RUN_OWNER.owns(rel)]
+                   if kind != "file" or not (RUN_OWNER.owns(rel) or rel == checkpoint)]
         if foreign:
             more = ", ..." if len(foreign) > 8 else ""
             raise FileExistsError(f"{folder}: not a run folder (holds {', '.join(foreign[:8])}{more}); evaluate "
-                                  "writes eval.json beside the checkpoint: copy the checkpoint into a folder of its own")
+                                  "writes eval.json beside the checkpoint: move it into a folder of its own")
     with folder_lock(folder, LOCK, "affpipe train/evaluate"):
         yield
 
@@ -135,7 +136,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     run = open_run(cfg)
     if cfg.tune_au_thresholds and "au" not in run.cfg.heads:
         raise ValueError(f"--tune-au-thresholds: {run.ckpt} has no AU head (task {run.cfg.task})")
-    guard = run_folder_for_writing(run.folder) if cfg.write else contextlib.nullcontext()
+    guard = run_folder_for_writing(run.folder, run.ckpt.name) if cfg.write else contextlib.nullcontext()
     with guard:
         c = collect(run, cfg.split, device=cfg.device, batch_size=cfg.batch_size, loader=cfg.loader,
                     max_steps=cfg.max_steps)

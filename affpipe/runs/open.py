@@ -168,6 +168,8 @@ def open_run(inputs: RunInputs) -> Run:
         raise ValueError(f"--features: {ckpt} is a per-frame model trained on shards; pass --shards (or nothing)")
     if kind == "temporal" and shards is not None:
         raise ValueError(f"--shards: {ckpt} is a temporal head over a feature table; pass --features (or nothing)")
+    if index is not None:  # another label table than the run's is refused before any data is read
+        _check_index(rec, index, (rec or {}).get("table", "frames"), ckpt)
     index = index or _recorded(ckpt.parent, rec, "index") or (Path(cfg.index) if cfg.index else None)
     if kind == "frames":
         shards = _existing(shards or _recorded(ckpt.parent, rec, "shards") or cfg.shards, "shards", ckpt, "--shards")
