@@ -292,6 +292,7 @@ def write_submission(p: Predictions, out: Claim, fmt: str, *, templates: tuple[P
         log.warning("%d row(s) got the default prediction (no prediction for their video), first: %s",
                     len(tally.missing), tally.missing[0])
     return {"format": fmt, "edition": edition, "templates": [str(t) for t in templates],
-            "files": [str(f) for f in files], "lines": tally.rows, "filled_from_neighbour": tally.filled_from_neighbour,
+            # rows per file without a template (each head's file has the same rows), else template rows
+            "files": [str(f) for f in files], "lines": tally.rows // len(lists) if implicit else tally.rows, "filled_from_neighbour": tally.filled_from_neighbour,
             "past_last_frame": tally.past_last_frame, "filled_missing": len(tally.missing),
             "unpredicted_columns": sorted(tally.unpredicted_columns)}
