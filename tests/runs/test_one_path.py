@@ -295,3 +295,26 @@ def test_evaluate_writes_only_into_a_run_folder(world, tmp_path):
     (bare / "eval.json").unlink()
     line = _error(*cli("evaluate", bare / "model.pt", "--shards", world / "shards", *FAST))
     assert "thesis.txt" in line and not (bare / "eval.json").exists()
+
+
+def test_a_run_moved_without_its_data_names_the_flag(world, tmp_path):
+    run = tmp_path / "alone" / "temporal"
+    shutil.copytree(world / "runs" / "temporal", run)
+    line = _error(*cli("evaluate", run, *FAST))
+    assert "feature table" in line and "--features" in line and "Traceback" not in line
+    code, out = cli("evaluate", run, "--features", world / "feats", *FAST)
+    assert code == 0, out
+    line = _error(*cli("evaluate", run, "--features", tmp_path, *FAST))  # not a feature table
+    assert str(tmp_path) in line
+
+
+def test_evaluate_never_writes_through_a_symlink(tmp_path):
+    from affpipe.runs.evaluate import run_folder_for_writing
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes(b"x")
+    (tmp_path / "target.json").write_text("mine\n")
+    (tmp_path / "run" / "eval.json").symlink_to(tmp_path / "target.json")
+    with pytest.raises(FileExistsError, match=r"eval\.json \(symlink\)"), run_folder_for_writing(tmp_path / "run"):
+        pass
+    assert (tmp_path / "target.json").read_text() == "mine\n"
