@@ -178,7 +178,7 @@ def open_run(inputs: RunInputs) -> Run:
     if not feats:
         raise ValueError(f"{ckpt}: no feature table recorded for this run; pass --features")
     feats = tuple(_existing(f, "feature table", ckpt, "--features") for f in feats)
-    return _open_temporal(ckpt, state, cfg, rec, feats, index)
+    return _open_temporal(ckpt, state, cfg, rec, feats, index, override=inputs.index is not None)
 
 
 def _check_index(rec: dict | None, index: Path, table_name: str, ckpt: Path) -> None:
@@ -204,13 +204,14 @@ def _open_frames(ckpt: Path, state: dict, cfg: TrainConfig, rec: dict | None, sh
         index = None
     index = manifest_index(shards, manifest, index)
     table_name = manifest.get("table", "frames")
-    _check_index(rec, index, table_name, ckpt)
+    if not override:  # a flag's index was checked already
+        _check_index(rec, index, table_name, ckpt)
     table, _ = load_index(index, table=table_name)
     return Run(ckpt, state, cfg, "frames", shards, (), index, table_name, table)
 
 
 def _open_temporal(ckpt: Path, state: dict, cfg: TrainConfig, rec: dict | None, features: Sequence[Path],
-                   index: Path | None) -> Run:
+                   index: Path | None, *, override: bool) -> Run:
     from affpipe.temporal.train import TemporalData
 
     if len(features) != 1:
@@ -222,5 +223,6 @@ def _open_temporal(ckpt: Path, state: dict, cfg: TrainConfig, rec: dict | None, 
         lineage.check(f"feature table #{i + 1}", fp, data.table.manifest.get("fingerprint"),
                       f"{ckpt} (what it trained on)", str(f))
     table_name = data.table.manifest.get("table", "frames")
-    _check_index(rec, data.index, table_name, ckpt)
+    if not override:  # a flag's index was checked already
+        _check_index(rec, data.index, table_name, ckpt)
     return Run(ckpt, state, cfg, "temporal", None, tuple(features), data.index, table_name, data.label_table, data)
