@@ -36,16 +36,17 @@ class TemporalData:
     index: Path  # the label index, resolved (a relative path in the manifest is from the features folder)
 
     @classmethod
-    def open(cls, features: Path) -> TemporalData:
-        """Read ``features`` and the label index its manifest names."""
+    def open(cls, features: Path, index: Path | None = None) -> TemporalData:
+        """Read ``features`` and the label index its manifest names (``index`` overrides it)."""
         from affpipe.index.build import load_index
 
         table = read_table(features)
-        if not table.manifest.get("index"):
-            raise ValueError(f"{Path(features) / 'manifest.json'}: no 'index' key (not written by `affpipe embed`)")
-        index = Path(table.manifest["index"])
-        if not index.is_absolute():
-            index = Path(features) / index
+        if index is None:
+            if not table.manifest.get("index"):
+                raise ValueError(f"{Path(features) / 'manifest.json'}: no 'index' key (not written by `affpipe embed`)")
+            index = Path(table.manifest["index"])
+            if not index.is_absolute():
+                index = Path(features) / index
         label_table, _ = load_index(index, table=table.manifest.get("table", "frames"))
         return cls(table, align_labels(label_table, table.row_id), label_table, index)
 
