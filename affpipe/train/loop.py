@@ -43,11 +43,11 @@ def label_statistics_for(shards: Path, index: Path | None = None) -> dict[str, A
     """Class statistics of the train split of the label table the shard manifest names
     (``index`` overrides where that table is)."""
     from affpipe.index.build import load_index
-    from affpipe.shards.format import manifest_index, read_manifest
+    from affpipe.shards.format import checked_index, read_manifest
     from affpipe.train.tasks import label_statistics
 
     manifest = read_manifest(shards, full=False)
-    table, _ = load_index(manifest_index(shards, manifest, index), table=manifest.get("table", "frames"))
+    table, _ = load_index(checked_index(shards, manifest, index), table=manifest.get("table", "frames"))
     return label_statistics(table)
 
 

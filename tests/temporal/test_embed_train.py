@@ -41,7 +41,8 @@ def test_embed_writes_a_sorted_table_with_its_manifest(feats, shard_dir, frame_c
     shards = json.loads((shard_dir / "manifest.json").read_text())
     assert len(t) == sum(s["samples"] for s in shards["splits"].values()) == m["rows"]
     assert t.dim == m["feature_dim"] == 512 and m["backbone"] == "resnet18" and m["image_size"] == 32
-    assert m["source_checkpoint"] == str(frame_ckpt.resolve()) and len(m["source_sha256"]) == 64
+    assert (feats / m["source_checkpoint"]).resolve() == frame_ckpt.resolve() and len(m["source_sha256"]) == 64
+    assert not m["source_checkpoint"].startswith("/") and (feats / m["index"] / "index.json").is_file()
     assert (np.diff(t.video.astype(np.int64) * 10**6 + t.frame) > 0).all()
     assert m["throughput"]["frames_per_s"] > 0 and 0 <= m["throughput"]["data_wait_share"] <= 1
     assert not (feats / "parts").exists()
