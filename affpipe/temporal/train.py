@@ -93,11 +93,27 @@ def temporal_setup(cfg: TrainConfig, ctx: dist.DistContext):
     return Trainer(cfg, ctx, model, loss_fn), loaders, what
 
 
+def temporal_lineage(cfg: TrainConfig, run: Path) -> dict:
+    """What a temporal run trains on (``affpipe.train.runinfo``): its feature table(s) and the
+    label index they were checked against (``cfg.index`` overrides the one the manifest names)."""
+    from affpipe.index.build import index_fingerprint
+    from affpipe.lineage import rel_path
+    from affpipe.temporal.features import features_fingerprint, manifest_index_path, read_manifest
+
+    manifest = read_manifest(cfg.features)
+    table = manifest.get("table", "frames")
+    index = Path(cfg.index) if cfg.index is not None else manifest_index_path(cfg.features, manifest)
+    return {"kind": "temporal", "table": table, "index": rel_path(run, index),
+            "index_fingerprint": manifest.get("index_fingerprint") or index_fingerprint(index, table),
+            "shards": None, "shards_fingerprint": None, "features": [rel_path(run, cfg.features)],
+            "features_fingerprint": [manifest.get("fingerprint") or features_fingerprint(manifest)]}
+
+
 def train_temporal(cfg: TrainConfig) -> Path:
     """Train a temporal head on ``cfg.features`` into the run folder ``cfg.out``; returns the folder."""
     from affpipe.train.loop import train
 
-    return train(cfg, setup=temporal_setup)
+    return train(cfg, setup=temporal_setup, lineage=temporal_lineage)
 
 
 def train_any(cfg: TrainConfig) -> Path:

@@ -9,5 +9,6 @@ from affpipe.train.config import TrainConfig, load_config
 from affpipe.train.evaluate import evaluate
 from affpipe.train.loop import train
 from affpipe.train.predict import predict
+from affpipe.train.runinfo import lineage_of_run
 
-__all__ = ["TrainConfig", "evaluate", "load_config", "predict", "train"]
+__all__ = ["TrainConfig", "evaluate", "lineage_of_run", "load_config", "predict", "train"]
