@@ -60,9 +60,11 @@ def make_random_table(out: Path, *, rows: int = FULL_ROWS, videos: int = FULL_VI
     """``out/index`` (label table) and ``out/feats`` (random float16 features of the rows with a
     crop), unless already there; returns the feature folder."""
     from affpipe.io import atomic_write_text, write_parquet
+    from affpipe.lineage import table_fingerprint
     from affpipe.temporal.features import (
         FEATURE_SCHEMA_VERSION,
         TABLE_FILE,
+        features_fingerprint,
         write_manifest,
         write_table,
     )
@@ -75,7 +77,9 @@ def make_random_table(out: Path, *, rows: int = FULL_ROWS, videos: int = FULL_VI
     table = _label_table(_lengths(rows, videos, rng), rng)
     (out / "index").mkdir(parents=True, exist_ok=True)
     write_parquet(table, out / "index" / "frames.parquet")
-    atomic_write_text(out / "index" / "index.json", json.dumps({"schema_version": TABLE_SCHEMA_VERSION}) + "\n")
+    index_fp = table_fingerprint(table)
+    atomic_write_text(out / "index" / "index.json", json.dumps({"schema_version": TABLE_SCHEMA_VERSION,
+                                                                "fingerprint": {"frames": index_fp}}) + "\n")
     keep = table.column("has_image").to_numpy(zero_copy_only=False)
     n = int(keep.sum())
     feats.mkdir(parents=True, exist_ok=True)
@@ -87,8 +91,9 @@ def make_random_table(out: Path, *, rows: int = FULL_ROWS, videos: int = FULL_VI
                 features=scratch)
     del scratch
     (out / "scratch.npy").unlink()
-    write_manifest(feats, {"schema_version": FEATURE_SCHEMA_VERSION, "source": "random", "backbone": "random",
-                           "feature_dim": dim, "index": str((out / "index").resolve()), "table": "frames", "rows": n})
+    manifest = {"schema_version": FEATURE_SCHEMA_VERSION, "source": "random", "backbone": "random",
+                "feature_dim": dim, "index": "../index", "index_fingerprint": index_fp, "table": "frames", "rows": n}
+    write_manifest(feats, {**manifest, "fingerprint": features_fingerprint(manifest)})
     return feats
 
 
