@@ -9,7 +9,8 @@ process's memory (private and file-backed: the features are memory-mapped, not l
     python -m affpipe.temporal.bench --out /tmp/tbench [--rows 2900000] [--arch tcn] [--max-steps N]
     python -m affpipe.temporal.bench --out /tmp/tbench --embed-source RUN --shards SHARDS
 
-The second form times ``affpipe embed`` beside the backbone's bare forward pass (``bench_embed``).
+The second form times ``affpipe embed`` beside the backbone's bare forward pass (``bench_embed``);
+``--open-only`` times the checks a feature table gets when it is opened (``bench_open``).
 """
 
 from __future__ import annotations
@@ -180,6 +181,46 @@ def bench_epoch(feats: Path, out: Path, *, arch: str = "tcn", window: int = 64, 
             "peak_rss_file_gib": mem.peak["RssFile"] / 2**30}
 
 
+def bench_open(feats: Path, repeats: int = 2) -> dict[str, Any]:
+    """Seconds of each check ``open_features`` makes (over the mapped table; the best of
+    ``repeats``, the page cache warm after the first) and the whole open, with peak memory."""
+    from affpipe.index.build import index_fingerprint, load_index
+    from affpipe.temporal.features import (
+        check_rows,
+        check_table,
+        manifest_index_path,
+        nonfinite_rows,
+        open_features,
+        read_table,
+    )
+
+    feats = Path(feats)
+    stages: dict[str, list[float]] = {}
+
+    def timed(name: str, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        stages.setdefault(name, []).append(time.perf_counter() - t0)
+        return out
+
+    with _MemoryPeak() as mem:
+        for _ in range(repeats):
+            t = timed("map + columns + sorted check", lambda: read_table(feats))
+            index = manifest_index_path(feats, t.manifest)
+            timed("finiteness scan", lambda t=t: nonfinite_rows(t.features))
+            timed("width + rows + finiteness (check_table)", lambda t=t: check_table(t))
+            timed("index fingerprint", lambda index=index: index_fingerprint(index))
+            labels = timed("label table read", lambda index=index: load_index(index)[0])
+            timed("row ids vs (video, frame)", lambda t=t, labels=labels, index=index: check_rows(t, labels, index))
+            timed("open_features total", lambda: open_features(feats))
+            del t, labels
+    t = read_table(feats)
+    return {"rows": len(t), "dim": t.dim, "table_gib": (feats / "features.arrow").stat().st_size / 2**30,
+            "seconds_best": {k: min(v) for k, v in stages.items()}, "seconds_first": {k: v[0] for k, v in stages.items()},
+            "peak_rss_anon_gib": mem.peak["RssAnon"] / 2**30, "peak_rss_file_gib": mem.peak["RssFile"] / 2**30,
+            "loadavg": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").is_file() else None}
+
+
 def bench_embed(source: str, shards: Path, out: Path, *, batch_size: int = 256, device: str = "cpu",
                 forward_seconds: float = 20.0, loader: Any = None, image_size: int | None = None) -> dict[str, Any]:
     """``affpipe embed`` frames/s and data-wait share beside the same backbone's forward pass on
@@ -228,6 +269,7 @@ def main() -> None:
     p.add_argument("--embed-source", default=None, help="Instead: time `affpipe embed` of this run/checkpoint ...")
     p.add_argument("--shards", type=Path, default=None, help="... over these shards.")
     p.add_argument("--image-size", type=int, default=None, help="With --embed-source (default: the run's).")
+    p.add_argument("--open-only", action="store_true", help="Instead: time the checks of opening the table.")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.embed_source:
@@ -239,6 +281,9 @@ def main() -> None:
     t0 = time.perf_counter()
     feats = make_random_table(args.out / "data", rows=args.rows, videos=args.videos)
     made = time.perf_counter() - t0
+    if args.open_only:
+        print(json.dumps(bench_open(feats), indent=2))
+        return
     import shutil
 
     run = args.out / f"run-{args.arch}"

@@ -142,8 +142,11 @@ def test_cli_embed_and_smoothing_of_a_per_frame_run(frame_ckpt, shard_dir, tmp_p
                                   "--backend", "torch", "--num-workers", "0", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "Smoothing windows" in r.output and (frame_ckpt.parent / "smoothing.json").is_file()
-    r = CliRunner().invoke(main, ["embed", "imagenet", "--shards", str(shard_dir), "-o", str(tmp_path / "f")])
-    assert r.exit_code == 1 and "already holds a feature table" in r.output
+    other = tmp_path / "other.pt"
+    other.write_bytes(frame_ckpt.read_bytes())
+    r = CliRunner().invoke(main, ["embed", str(other), "--shards", str(shard_dir), "-o", str(tmp_path / "f"),
+                                  "--split", "val", "--device", "cpu"])
+    assert r.exit_code == 1 and "from other inputs" in r.output and "other.pt" in r.output and "--overwrite" in r.output
 
 
 def test_bench_embed_reports_forward_and_embed_speed(frame_ckpt, shard_dir, tmp_path):
