@@ -184,7 +184,7 @@ def bench_epoch(feats: Path, out: Path, *, arch: str = "tcn", window: int = 64, 
 def bench_open(feats: Path, repeats: int = 2) -> dict[str, Any]:
     """Seconds of each check ``open_features`` makes (over the mapped table; the best of
     ``repeats``, the page cache warm after the first) and the whole open, with peak memory."""
-    from affpipe.index.build import index_fingerprint, load_index
+    from affpipe.index.build import fingerprint_of, load_index
     from affpipe.temporal.features import (
         check_rows,
         check_table,
@@ -209,11 +209,11 @@ def bench_open(feats: Path, repeats: int = 2) -> dict[str, Any]:
             index = manifest_index_path(feats, t.manifest)
             timed("finiteness scan", lambda t=t: nonfinite_rows(t.features))
             timed("width + rows + finiteness (check_table)", lambda t=t: check_table(t))
-            timed("index fingerprint", lambda index=index: index_fingerprint(index))
-            labels = timed("label table read", lambda index=index: load_index(index)[0])
+            labels, meta = timed("label table read", lambda index=index: load_index(index))
+            timed("index fingerprint", lambda labels=labels, meta=meta: fingerprint_of(labels, meta))
             timed("row ids vs (video, frame)", lambda t=t, labels=labels, index=index: check_rows(t, labels, index))
             timed("open_features total", lambda: open_features(feats))
-            del t, labels
+            del t, labels, meta
     t = read_table(feats)
     return {"rows": len(t), "dim": t.dim, "table_gib": (feats / "features.arrow").stat().st_size / 2**30,
             "seconds_best": {k: min(v) for k, v in stages.items()}, "seconds_first": {k: v[0] for k, v in stages.items()},

@@ -131,6 +131,17 @@ class FeatureTable:
         return np.flatnonzero(self.split == split)
 
 
+def _sorted_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """``(sorted distinct strings, int64 code per row)`` by hashing (``dictionary_encode``), not
+    by sorting 2.9M strings: 5x faster at full scale."""
+    enc = column.combine_chunks().fill_null("").dictionary_encode()
+    names = np.asarray(enc.dictionary.to_pylist(), dtype=object).astype(str)
+    order = np.argsort(names, kind="stable")
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    return names[order], rank[np.asarray(enc.indices, np.int64)]
+
+
 def read_table(folder: Path) -> FeatureTable:
     """Open ``folder/features.arrow`` (+ manifest) memory-mapped; checks sortedness and width."""
     folder = Path(folder)
@@ -152,8 +163,7 @@ def read_table(folder: Path) -> FeatureTable:
     matrix = feat.values.to_numpy(zero_copy_only=True).reshape(-1, dim)
     if set(table.column_names) != set(feature_schema(dim).names):
         raise ValueError(f"{path}: columns {table.column_names}, expected {feature_schema(dim).names}")
-    video = table.column("video").to_numpy(zero_copy_only=False).astype(str)
-    names, codes = np.unique(video, return_inverse=True)
+    names, codes = _sorted_codes(table.column("video"))
     frame = table.column("frame").to_numpy().astype(np.int32)
     key = codes.astype(np.int64) << 32 | frame.astype(np.int64)
     if len(key) > 1 and not (np.diff(key) > 0).all():
@@ -168,7 +178,7 @@ def read_table(folder: Path) -> FeatureTable:
 
 LINEAGE_KEYS = ("index_fingerprint", "shards_fingerprint", "source_sha256", "backbone", "image_size",
                 "feature_dim", "rows")
-_CHUNK_ROWS = 1 << 16  # rows per step of the vectorized scans (memory stays flat at full scale)
+_CHUNK_ROWS = 1 << 14  # rows per step of the vectorized scans (16 MB steps: flat memory, cache-friendly)
 
 
 def features_fingerprint(manifest: Mapping[str, Any]) -> str:
@@ -202,9 +212,8 @@ def nonfinite_rows(features: np.ndarray) -> np.ndarray:
     bits = features.view(np.uint16) if features.dtype == np.float16 else None
     bad: list[np.ndarray] = []
     for s in range(0, len(features), _CHUNK_ROWS):
-        if bits is not None:
-            chunk = bits[s:s + _CHUNK_ROWS] & np.uint16(0x7C00)
-            hit = (chunk == 0x7C00).any(axis=1)
+        if bits is not None:  # a row's max exponent: one and + one max, 3x faster than and + == + any
+            hit = np.bitwise_and(bits[s:s + _CHUNK_ROWS], 0x7C00, dtype=np.uint16).max(axis=1) == 0x7C00
         else:
             hit = ~np.isfinite(features[s:s + _CHUNK_ROWS]).all(axis=1)
         if hit.any():
@@ -263,16 +272,16 @@ def open_features(path: Path, *, index: Path | None = None) -> FeatureTable:
     ``label_table`` set."""
     import dataclasses
 
-    from affpipe.index.build import index_fingerprint, load_index
+    from affpipe.index.build import fingerprint_of, load_index
     from affpipe.lineage import check
 
     t = read_table(path)
     check_table(t)
     where = manifest_index_path(path, t.manifest) if index is None else Path(index)
     table_name = t.manifest.get("table", "frames")
-    check("the index", t.manifest.get("index_fingerprint"), index_fingerprint(where, table_name),
+    label_table, meta = load_index(where, table=table_name)
+    check("the index", t.manifest.get("index_fingerprint"), fingerprint_of(label_table, meta, table_name),
           f"the feature table {Path(path)}", f"the index {where}")
-    label_table, _ = load_index(where, table=table_name)
     check_rows(t, label_table, where)
     return dataclasses.replace(t, index=where, label_table=label_table)
 
