@@ -106,7 +106,7 @@ def temporal_lineage(cfg: TrainConfig, run: Path) -> dict:
     return {"kind": "temporal", "table": table, "index": rel_path(run, index),
             "index_fingerprint": manifest.get("index_fingerprint") or index_fingerprint(index, table),
             "shards": None, "shards_fingerprint": None, "features": [rel_path(run, cfg.features)],
-            "features_fingerprint": [manifest.get("fingerprint") or features_fingerprint(manifest)]}
+            "features_fingerprint": [features_fingerprint(manifest)]}
 
 
 def train_temporal(cfg: TrainConfig) -> Path:
