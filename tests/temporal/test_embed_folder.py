@@ -138,3 +138,33 @@ def test_embed_says_which_loader_it_used(whole, caplog, runs, shard_dir, tmp_pat
         embed(_cfg(runs[0], shard_dir, tmp_path / "F"))
     assert "loader backend torch" in caplog.text
     assert len(m["shards_fingerprint"]) == 16 and len(m["index_fingerprint"]) == 16 and len(m["fingerprint"]) == 16
+
+
+def test_kill_9_then_another_source_is_refused_and_the_same_source_resumes(runs, shard_dir, whole, tmp_path):
+    """The real thing: `affpipe embed RUN1` killed with SIGKILL once a part is written."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "F"
+
+    def cli(source, *extra):
+        return [sys.executable, "-m", "affpipe.cli", "embed", str(source), "--shards", str(shard_dir), "-o", str(out),
+                "--split", "train", "--batch-size", "64", "--device", "cpu", "--backend", "torch",
+                "--num-workers", "0", *extra]
+
+    proc = subprocess.Popen(cli(runs[0]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list((out / "parts").glob("*.arrow")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    other = subprocess.run(cli(runs[1]), capture_output=True, text=True)
+    errors = [line for line in re.split(r"[\r\n]", other.stderr + other.stdout) if "Error:" in line]
+    assert other.returncode == 1 and len(errors) == 1 and "Traceback" not in other.stderr, other.stderr[-2000:]
+    assert "run1" in errors[0] and "run2" in errors[0]
+    again = subprocess.run(cli(runs[0]), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sha256_file(out / "features.arrow") == sha256_file(whole / "features.arrow")
