@@ -70,7 +70,7 @@ def _csv_floats(value: str | None) -> tuple[float, ...] | None:
 @click.option("--sync-timing/--no-sync-timing", default=None, help="Exact data-wait on GPU (syncs).")
 @click.option("--seed", type=click.IntRange(min=0), default=None)
 @click.option("--index", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Label index, when it is not where the shard manifest says (moved shards).")
+              help="Label index, when it is not where the shard (or feature) manifest says; checked against it.")
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last.pt.")
 def train(recipe: Path | None, task: str | None, shards: Path | None, features: Path | None, out: Path | None,
           resume: bool,

@@ -192,7 +192,7 @@ def _check_index(rec: dict | None, index: Path, table_name: str, ckpt: Path) -> 
 def _open_frames(ckpt: Path, state: dict, cfg: TrainConfig, rec: dict | None, shards: Path, index: Path | None,
                  *, override: bool) -> Run:
     from affpipe.index.build import load_index
-    from affpipe.shards.format import manifest_index, read_manifest
+    from affpipe.shards.format import checked_index, read_manifest
 
     manifest = read_manifest(shards, full=False)
     # Other shards of the same label table (another sharding, the test split) are fine: what must
@@ -202,7 +202,7 @@ def _open_frames(ckpt: Path, state: dict, cfg: TrainConfig, rec: dict | None, sh
     # An index the run recorded but that is gone falls back to the one the shards name.
     if index is not None and not override and not Path(index).exists():
         index = None
-    index = manifest_index(shards, manifest, index)
+    index = checked_index(shards, manifest, index)
     table_name = manifest.get("table", "frames")
     if not override:  # a flag's index was checked already
         _check_index(rec, index, table_name, ckpt)
@@ -212,6 +212,7 @@ def _open_frames(ckpt: Path, state: dict, cfg: TrainConfig, rec: dict | None, sh
 
 def _open_temporal(ckpt: Path, state: dict, cfg: TrainConfig, rec: dict | None, features: Sequence[Path],
                    index: Path | None, *, override: bool) -> Run:
+    from affpipe.temporal.features import features_fingerprint
     from affpipe.temporal.train import TemporalData
 
     if len(features) != 1:
@@ -220,7 +221,7 @@ def _open_temporal(ckpt: Path, state: dict, cfg: TrainConfig, rec: dict | None, 
         index = None  # the recorded one is gone: the feature table names its own
     data = TemporalData.open(features[0], index)
     for i, (fp, f) in enumerate(zip((rec or {}).get("features_fingerprint") or [], features, strict=False)):
-        lineage.check(f"feature table #{i + 1}", fp, data.table.manifest.get("fingerprint"),
+        lineage.check(f"feature table #{i + 1}", fp, features_fingerprint(data.table.manifest),
                       f"{ckpt} (what it trained on)", str(f))
     table_name = data.table.manifest.get("table", "frames")
     if not override:  # a flag's index was checked already
