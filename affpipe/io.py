@@ -37,6 +37,23 @@ def atomic_open(path: Path | str, mode: str = "wb") -> Iterator[IO[Any]]:
         raise
 
 
+# How torch.save reports a write that failed (a full disk, mostly): no file, no errno.
+_TORCH_WRITE_FAILED = ("inline_container", "PytorchStreamWriter", "unexpected pos")
+
+
+def write_error(path: Path | str, exc: BaseException) -> BaseException:
+    """The error to raise for ``exc`` met while writing ``path``: an ``OSError`` or torch's
+    writer ``RuntimeError`` becomes one naming the file (``<path>: disk full / could not write
+    (<cause>)``); anything else is returned unchanged."""
+    text = str(exc).strip()
+    if isinstance(exc, RuntimeError) and not any(k in text for k in _TORCH_WRITE_FAILED):
+        return exc
+    if not isinstance(exc, OSError | RuntimeError) or (isinstance(exc, OSError) and exc.filename is not None):
+        return exc
+    first = (text.splitlines() or [type(exc).__name__])[0][:200]
+    return OSError(f"{path}: disk full / could not write ({first})")
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see the module docstring)."""
     with atomic_open(path, "wb") as fh:

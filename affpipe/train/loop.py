@@ -12,6 +12,7 @@ in :mod:`affpipe.train.trainer`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from affpipe.train.checkpoint import (
 )
 from affpipe.train.config import TrainConfig, config_json, to_dict
 from affpipe.train.evaluate import evaluate_model, write_eval
+from affpipe.train.runfolder import claim_run
 from affpipe.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -51,19 +53,16 @@ def label_statistics_for(shards: Path, index: Path | None = None) -> dict[str, A
     return label_statistics(table)
 
 
-def prepare_run_dir(cfg: TrainConfig, ctx: dist.DistContext) -> Path:
-    """The run folder: must hold no run unless resuming; created on rank 0."""
-    out = cfg.out
-    if out is None:
+def prepare_run_dir(cfg: TrainConfig, ctx: dist.DistContext, held: contextlib.ExitStack, *,
+                    overwrite: bool = False) -> Path:
+    """The run folder, claimed by rank 0 into ``held`` for the run's life
+    (:func:`affpipe.train.runfolder.claim_run`: a user's folder refused, ``--resume`` only of the
+    same config and data, ``overwrite`` deletes only the run's files)."""
+    if cfg.out is None:
         raise ValueError("train: no run folder given (-o/--out)")
     if ctx.main:
-        if cfg.resume:
-            if not out.is_dir():
-                raise FileNotFoundError(f"--resume: no run folder at {out}")
-        elif (out / "last.pt").exists():
-            raise FileExistsError(f"{out} already holds a run (last.pt); pass --resume to continue it or choose another -o")
-        out.mkdir(parents=True, exist_ok=True)
-    return out
+        held.enter_context(claim_run(cfg, overwrite=overwrite))
+    return cfg.out
 
 
 def resume(trainer: Trainer, run: Path) -> bool:
@@ -152,12 +151,14 @@ def frame_setup(cfg: TrainConfig, ctx: dist.DistContext) -> tuple[Trainer, Calla
     return trainer, lambda: make_loaders(cfg, ctx), f"on {cfg.shards}"
 
 
-def train(cfg: TrainConfig, setup: Setup = frame_setup) -> Path:
+def train(cfg: TrainConfig, setup: Setup = frame_setup, *, overwrite: bool = False) -> Path:
     """Train ``cfg.task`` into the run folder ``cfg.out`` (per-frame on ``cfg.shards`` unless
-    ``setup`` builds another kind of run); returns the folder."""
+    ``setup`` builds another kind of run); returns the folder. ``overwrite``: start afresh in a
+    folder holding a run (its files deleted)."""
     ctx = dist.setup(cfg.device)
+    held = contextlib.ExitStack()  # the run folder's claim (rank 0), released when the run ends
     try:
-        run = prepare_run_dir(cfg, ctx)
+        run = prepare_run_dir(cfg, ctx, held, overwrite=overwrite)
         if cfg.amp != "none" and ctx.device.type != "cuda" and ctx.main:
             log.info("amp=%s ignored: autocast is used on GPU only (device %s)", cfg.amp, ctx.device)
         trainer, loaders, what = setup(cfg, ctx)
@@ -174,6 +175,7 @@ def train(cfg: TrainConfig, setup: Setup = frame_setup) -> Path:
                      getattr(train_loader, "backend", "?"), ctx.device)
         fit(trainer, run, train_loader, val_loader, steps)
     finally:
+        held.close()
         dist.teardown(ctx)
     return run
 
