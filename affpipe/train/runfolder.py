@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 
 RUN_OWNER = Owner("train", (
     "config.json", "lineage.json", "metrics.jsonl", "curves.png",
-    "last.pt", "best.pt",  # (+ their .tmp while written)
+    "last.pt", "best.pt", "step-*.pt",  # (+ their .tmp while written)
     "eval*.json", "eval*.md",  # evaluate: eval.*, eval_<split>.*, eval_smoothed.*
     "au_thresholds.json", "smoothing.json",  # evaluate --tune-au-thresholds / --tune-smoothing
-    "eval_predictions.*",  # per-frame predictions of an evaluation
+    "eval_predictions.*", "eval*_predictions.*",  # per-frame predictions of an evaluation
     "events.out.tfevents.*",  # TensorBoard
 ))
 # Config keys the marker leaves out: what may change on --resume, and the data paths (the data
