@@ -22,12 +22,13 @@ _CHUNK = 8 << 20
 def atomic_open(path: Path | str, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open ``<path>.tmp`` for writing; on success fsync it and rename it to ``path``.
 
-    On any exception (a kill aside) the temporary file is removed and the target untouched.
+    On any exception (a kill aside) the temporary file is removed and the target untouched; a
+    failed write (a full disk) is reported naming ``path`` (:func:`write_error`).
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, mode) as fh:
+        with writing(path), open(tmp, mode) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
@@ -35,6 +36,19 @@ def atomic_open(path: Path | str, mode: str = "wb") -> Iterator[IO[Any]]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Report a write that fails in the body (a full disk) as one error naming ``path``
+    (:func:`write_error`): neither ``write(2)``'s ENOSPC nor torch.save's message names it."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        named = write_error(path, exc)
+        if named is exc:
+            raise
+        raise named from exc
 
 
 # How torch.save reports a write that failed (a full disk, mostly): no file, no errno.

@@ -118,3 +118,16 @@ def test_synth_test_lists_are_never_empty_and_index_takes_them_silently(tmp_path
         counts = build_index(IndexConfig(root=tmp_path / "t", out=tmp_path / "i", workers=1))
     assert not [r for r in caplog.records if "test-set list" in r.getMessage()], caplog.text
     assert counts["splits"]["test"] > 0
+
+
+def test_a_full_disk_during_any_atomic_write_names_the_file(tmp_path, monkeypatch):
+    import affpipe.io as io
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io.os, "fsync", fsync)
+    target = tmp_path / "config.json"
+    with pytest.raises(OSError, match=rf"^{target}: disk full / could not write \(\[Errno 28\] No space left"):
+        io.atomic_write_text(target, "{}\n")
+    assert list(tmp_path.iterdir()) == []  # no partial file, no .tmp

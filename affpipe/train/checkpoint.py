@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from affpipe.io import atomic_open, atomic_write_text, write_error
+from affpipe.io import atomic_open, atomic_write_text
 from affpipe.train.config import RESUME_MUTABLE
 
 log = logging.getLogger(__name__)
@@ -29,11 +29,8 @@ CHECKPOINT_VERSION = 1
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically: a kill leaves the old file or the new one, whole."""
     path = Path(path)
-    try:
-        with atomic_open(path, "wb") as fh:
-            torch.save({"checkpoint_version": CHECKPOINT_VERSION, **state}, fh)
-    except (OSError, RuntimeError) as exc:  # torch says "[enforce fail at inline_container.cc...]"
-        raise write_error(path, exc) from exc
+    with atomic_open(path, "wb") as fh:  # a failed write names the file (torch's own message does not)
+        torch.save({"checkpoint_version": CHECKPOINT_VERSION, **state}, fh)
 
 
 def safe_torch_load(path: Path, map_location: str | torch.device = "cpu") -> object:

@@ -26,7 +26,7 @@ import torch.distributed as tdist
 from tqdm import tqdm
 
 from affpipe import dist
-from affpipe.io import atomic_copy, atomic_write_text, jsonable
+from affpipe.io import atomic_copy, atomic_write_text, jsonable, writing
 from affpipe.train.checkpoint import (
     config_differences,
     load_checkpoint,
@@ -306,7 +306,7 @@ class RunLog:
         return time.perf_counter()
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as fh:
+        with writing(self.path), open(self.path, "a") as fh:  # a full disk names the file
             fh.write(json.dumps(jsonable(record)) + "\n")
 
     def flush(self, window: Window, trainer: Trainer, steps: int, bar) -> None:
