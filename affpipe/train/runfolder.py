@@ -24,8 +24,8 @@ from typing import Any
 from affpipe.lineage import fingerprint
 from affpipe.outdir import MARKER, Claim, Owner, adopt, check_folder, claim, unmarked_and_only_own
 from affpipe.shards.format import read_manifest
-from affpipe.train.checkpoint import load_checkpoint
-from affpipe.train.config import RESUME_MUTABLE, TrainConfig, to_dict
+from affpipe.train.checkpoint import RESUME_MUTABLE, load_checkpoint
+from affpipe.train.config import TrainConfig, to_dict
 
 log = logging.getLogger(__name__)
 
