@@ -34,11 +34,11 @@ def test_counter_counts_reads_copies_and_masks_of_device_tensors_only():
                                        "index", "nonzero"], format_syncs(c.syncs)
 
 
-def _batches(shard_dir, backend: str, n: int, **kw) -> tuple[int, list]:
-    loader = make_loader(shard_dir, "train", batch_size=8, train=True, backend=backend, device=META, num_workers=1,
+def _batches(shard_dir, backend: str, n: int, device: torch.device = META, **kw) -> tuple[int, list]:
+    loader = make_loader(shard_dir, "train", batch_size=8, train=True, backend=backend, device=device, num_workers=1,
                          seed=0, **kw)
     it = iter(loader)
-    with HostSyncCounter(META) as c:
+    with HostSyncCounter(device) as c:
         batches = [next(it) for _ in range(n)]
     if hasattr(loader, "close"):
         loader.close()
@@ -46,15 +46,17 @@ def _batches(shard_dir, backend: str, n: int, **kw) -> tuple[int, list]:
 
 
 BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.dali)]
+DEVICES = [META, pytest.param(torch.device("cuda", 0), marks=pytest.mark.gpu, id="cuda")]
 
 
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_loader_per_batch_path_makes_no_sync(shard_dir, backend, normalize):
-    c, batches = _batches(shard_dir, backend, 3, normalize=normalize)
+def test_loader_per_batch_path_makes_no_sync(shard_dir, backend, normalize, device):
+    c, batches = _batches(shard_dir, backend, 3, device, normalize=normalize)
     assert c.count == 0, format_syncs(c.syncs)
     b = batches[0]
-    assert b.va.device == META and b.au_mask.device == META and len(b) == 8
+    assert b.va.device.type == device.type and b.au_mask.device.type == device.type and len(b) == 8
     assert b.images.dtype == (torch.float32 if normalize else torch.uint8)
 
 
@@ -76,8 +78,10 @@ def test_counter_catches_a_version_check_on_the_device(shard_dir, monkeypatch):
 # ---- Trainer.step and the logging between log points ----------------------------------------
 
 
-def _meta_run(shard_dir, index_dir, tmp_path, steps: int = 7, log_every: int = 3, ckpt_every: int = 4):
-    """``train_one_epoch`` on meta: a tiny model, batches from the torch loader (made beforehand)."""
+def _meta_run(shard_dir, index_dir, tmp_path, steps: int = 7, log_every: int = 3, ckpt_every: int = 4,
+              device: torch.device = META):
+    """``train_one_epoch`` on meta (or a GPU): the trainers' model, batches from the torch loader
+    (made beforehand)."""
     from affpipe.index.build import load_index
     from affpipe.train.config import load_config
     from affpipe.train.loop import RunLog, train_one_epoch
@@ -87,9 +91,9 @@ def _meta_run(shard_dir, index_dir, tmp_path, steps: int = 7, log_every: int = 3
     cfg = load_config(None, {"task": "mtl", "shards": shard_dir, "out": tmp_path, "epochs": 1, "batch_size": 8,
                              "image_size": 32, "device": "cpu", "log_every": log_every, "ckpt_every": ckpt_every})
     table, _ = load_index(index_dir)
-    ctx = DistContext(rank=0, world=1, device=META)
-    trainer = Trainer.build(cfg, ctx, label_statistics(table))
-    _, batches = _batches(shard_dir, "torch", steps, image_size=32, normalize=False)
+    ctx = DistContext(rank=0, world=1, device=device)
+    trainer = Trainer.build(cfg, ctx, label_statistics(table))  # on CUDA: bf16 autocast, channels_last
+    _, batches = _batches(shard_dir, "torch", steps, device, image_size=32, normalize=False)
     checkpoints = []
 
     def checkpoint(name: str) -> None:
@@ -97,7 +101,7 @@ def _meta_run(shard_dir, index_dir, tmp_path, steps: int = 7, log_every: int = 3
         trainer.state_dict()
 
     runlog = RunLog(tmp_path, ctx, sync=False)
-    with HostSyncCounter(META) as counter:
+    with HostSyncCounter(device) as counter:
         train_one_epoch(trainer, batches, steps, runlog, checkpoint)
     return counter, checkpoints, trainer
 
@@ -108,8 +112,9 @@ def _assert_only_at_log_points(counter: HostSyncCounter, expected_flushes: int) 
     assert counter.count == expected_flushes, format_syncs(counter.syncs)
 
 
-def test_train_step_and_logging_sync_only_at_log_points(shard_dir, index_dir, tmp_path):
-    counter, checkpoints, trainer = _meta_run(shard_dir, index_dir, tmp_path)
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_train_step_and_logging_sync_only_at_log_points(shard_dir, index_dir, tmp_path, device):
+    counter, checkpoints, trainer = _meta_run(shard_dir, index_dir, tmp_path, device=device)
     assert trainer.state.step == 7 and checkpoints == [4]
     # log lines at steps 3, 4 (the checkpoint flushes first) and 7 (the epoch's end): one sync each
     _assert_only_at_log_points(counter, expected_flushes=3)

@@ -76,3 +76,19 @@ def test_resume_restores_rng_states_loaded_onto_the_device(index_dir, tmp_path, 
     assert loop.resume(trainer, tmp_path)
     assert seen["map_location"] == ctx.device  # the checkpoint goes to the training device
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+@pytest.mark.gpu
+def test_kill_free_resume_on_cuda(shard_dir, tmp_path):
+    """A run trained on the GPU continues from its last.pt on the GPU (RNG states included)."""
+    from affpipe.train.checkpoint import load_checkpoint
+    from affpipe.train.config import load_config
+    from affpipe.train.loop import train
+
+    base = {"task": "mtl", "shards": shard_dir, "out": tmp_path / "run", "image_size": 32, "batch_size": 16,
+            "max_steps_per_epoch": 3, "max_val_steps": 2, "loader.num_workers": 1, "loader.backend": "torch",
+            "device": "cuda", "log_every": 1}
+    train(load_config(None, {**base, "epochs": 1}))
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["rng"]["cuda"]
+    train(load_config(None, {**base, "epochs": 2, "resume": True}))
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
