@@ -192,7 +192,7 @@ def bench_size(cfg: GpuBenchConfig, data: dict, table, size: int) -> dict:
             syn = res["synthetic"].get("fps")
             if syn:
                 res["fed"]["slowdown_vs_synthetic"] = round(max(0.0, 1 - m.steady_rate / syn), 4)
-            # The benchmark's epochs are short, so their starts (a DALI pipeline per epoch) are
+            # The benchmark's epochs are short, so their starts (the first batches of an epoch) are
             # timed apart: a 2.7M-frame epoch pays one start and runs at the steady rate.
             res["fed"]["epoch_s"] = round(cfg.epoch_frames / m.steady_rate + (m.restart_cost_s or 0.0), 1)
         except Exception as exc:

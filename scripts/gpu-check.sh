@@ -2,10 +2,10 @@
 # The GPU checks, prepared as two runs of under 10 minutes each on one GPU host (from the root
 # of a checkout; nothing is installed but into /tmp):
 #
-#   run 1:  scripts/gpu-lease.sh full         one whole training epoch fed by DALI (bench/gpu_full.py)
-#   run 2:  scripts/gpu-lease.sh gpu          bench/gpu.py, then `pytest -m gpu`
-#   here:   scripts/gpu-lease.sh --cpu-smoke  the rehearsal on a CPU: every branch that runs without a GPU
-#   here:   scripts/gpu-lease.sh wheels       fetch pytest's wheels into .gpu-wheels/ (carry it along
+#   run 1:  scripts/gpu-check.sh full         one whole training epoch fed by DALI (bench/gpu_full.py)
+#   run 2:  scripts/gpu-check.sh gpu          bench/gpu.py, then `pytest -m gpu`
+#   here:   scripts/gpu-check.sh --cpu-smoke  the rehearsal on a CPU: every branch that runs without a GPU
+#   here:   scripts/gpu-check.sh wheels       fetch pytest's wheels into .gpu-wheels/ (carry it along
 #                                             when the GPU host has no pytest)
 #
 # Every run prints what it found (python, torch, CUDA, DALI, pytest), runs each step under its
@@ -17,9 +17,10 @@
 # Knobs (environment): PY (default .venv/bin/python when it exists, else python3); FULL_VIDEOS
 # (run 1's twin: videos of the 560, default 200, ~1M frames), FULL_LIMIT_S (default 480);
 # GPU_LIMIT_S (default 330) and GPU_ARGS (extra flags for bench/gpu.py); TESTS_LIMIT_S (default 150).
-# DALI: used when importable; else installed into /tmp/site from the parts in /tmp/dali-parts/
-# (or .whl-parts/ in the tree) that ../shared/gpu-wheels.sh makes; without it run 1 trains on the
-# torch loader (the figures are written) and exits non-zero, saying DALI was missing.
+# DALI: used when importable; else installed into /tmp/site from parts in /tmp/dali-parts/ (or
+# .whl-parts/ in the tree): a tar of dali-wheels/*.whl cut with `split -b 55M` (part-00, part-01, …)
+# for hosts that take uploads in pieces; without it run 1 trains on the torch loader (the
+# figures are written) and exits non-zero, saying DALI was missing.
 #
 # What --cpu-smoke cannot exercise (it needs the GPU host):
 #   - CUDA itself: a driver new enough for the CUDA 13 build of torch, torch.cuda.is_available();
@@ -108,7 +109,7 @@ ensure_pytest() {
     use_site
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .gpu-wheels/*.whl && has pytest && return 0
   fi
-  say "pytest is not importable and .gpu-wheels/ holds no wheels for it (scripts/gpu-lease.sh wheels, then carry .gpu-wheels)"
+  say "pytest is not importable and .gpu-wheels/ holds no wheels for it (scripts/gpu-check.sh wheels, then carry .gpu-wheels)"
   return 1
 }
 

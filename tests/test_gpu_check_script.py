@@ -1,4 +1,4 @@
-"""``scripts/gpu-lease.sh --cpu-smoke``: the rehearsal of the GPU runs passes on a CPU — both
+"""``scripts/gpu-check.sh --cpu-smoke``: the rehearsal of the GPU runs passes on a CPU — both
 benchmarks' smoke runs exit 0, the `gpu` tests skip without the switch, and with it (and in the
 two GPU runs themselves) every GPU step fails instead of passing on nothing."""
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_cpu_smoke_rehearsal(tmp_path):
     env = {**os.environ, "PY": sys.executable, "OUT": str(tmp_path)}
     env.pop("AFFPIPE_REQUIRE_GPU", None)
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-lease.sh"), "--cpu-smoke"], cwd=ROOT, env=env,
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), "--cpu-smoke"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1500)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
