@@ -137,3 +137,29 @@ def test_counter_catches_an_item_added_to_the_step(shard_dir, index_dir, tmp_pat
     with pytest.raises(AssertionError, match="outside the log points"):
         _assert_only_at_log_points(counter, expected_flushes=3)
     assert counter.count == 3 + 7
+
+
+def test_batch_to_cpu_blocks_and_to_a_device_does_not(monkeypatch):
+    """A device→host copy read before its stream reaches it sees stale memory: ``Batch.to("cpu")``
+    waits by default; copies to an accelerator stay asynchronous."""
+    from affpipe.batch import make_batch
+
+    raw = torch.zeros(2, 32, dtype=torch.uint8)
+    raw[:, 30] = 1  # RECORD_VERSION
+    batch = make_batch(torch.zeros(2, 3, 4, 4), raw)
+    calls = []
+    real_to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("non_blocking"))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    batch.to("cpu")
+    assert calls and not any(calls)
+    calls.clear()
+    batch.to(META)
+    assert calls and all(calls)
+    calls.clear()
+    batch.to("cpu", non_blocking=True)  # asked for explicitly
+    assert all(calls)
