@@ -178,10 +178,11 @@ class DaliLoader(BaseLoader):
                 cpu = images.as_cpu()
                 return self.finish(host_to_device(torch.from_numpy(np.stack([np.asarray(cpu.at(int(i))) for i in keep])),
                                                   self.device), raw)
-            # DALI's output as a torch tensor without a copy (DLPack). With DALI's default
-            # (dynamic) executor an output buffer is never reused while it is referenced, as
-            # DALI's own PyTorch iterator relies on.
-            return self.finish(torch.from_dlpack(images.as_tensor()), raw)
+            # DALI's output as a torch tensor without a copy (DLPack, ordered on the current
+            # stream of the loader's device). With DALI's default (dynamic) executor an output
+            # buffer is never reused while it is referenced, as DALI's own PyTorch iterator relies on.
+            with torch.cuda.device(self.device):
+                return self.finish(torch.from_dlpack(images.as_tensor()), raw)
         if whole:
             img = np.asarray(images.as_tensor())  # a view of DALI's buffer
         else:
