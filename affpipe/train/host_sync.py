@@ -34,6 +34,7 @@ _SYNC_OPS = {
     aten._unique2.default,
     aten.unique_consecutive.default,
     aten.unique_dim.default,
+    aten.bincount.default,  # sizes its output by the largest value
 }
 _MASK_INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default}  # bool masks → nonzero
 _COPY_OPS = {aten._to_copy.default, aten.copy_.default}
@@ -75,6 +76,8 @@ class HostSyncCounter(TorchDispatchMode):
             return False
         if func in _SYNC_OPS:
             return True
+        if func is aten.repeat_interleave.Tensor:
+            return kwargs.get("output_size") is None  # else it sums the repeats on the host
         if func in _MASK_INDEX_OPS:
             return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in tree_flatten(args[1])[0])
         if func is aten._to_copy.default:

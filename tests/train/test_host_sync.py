@@ -163,3 +163,12 @@ def test_batch_to_cpu_blocks_and_to_a_device_does_not(monkeypatch):
     calls.clear()
     batch.to("cpu", non_blocking=True)  # asked for explicitly
     assert all(calls)
+
+
+def test_counter_counts_data_dependent_sizes():
+    x = torch.ones(4, dtype=torch.long, device=META)
+    with HostSyncCounter(META) as c:
+        torch.bincount(x)
+        torch.repeat_interleave(x)
+        torch.repeat_interleave(x, output_size=4)  # sized by the caller: no sync
+    assert [s.op for s in c.syncs] == ["bincount", "repeat_interleave"], format_syncs(c.syncs)
