@@ -14,9 +14,12 @@
 # could not run: AFFPIPE_REQUIRE_GPU=1 is set for the GPU steps, so no CUDA device, no DALI or a
 # failed case is a failure there, never a skip.
 #
-# Knobs (environment): PY (default .venv/bin/python when it exists, else python3); FULL_VIDEOS
-# (run 1's twin: videos of the 560, default 200, ~1M frames), FULL_LIMIT_S (default 480);
-# GPU_LIMIT_S (default 330) and GPU_ARGS (extra flags for bench/gpu.py); TESTS_LIMIT_S (default 150).
+# Knobs (environment), sized so both runs and a machine's start fit in ~15 minutes together:
+# PY (default .venv/bin/python when it exists, else python3); FULL_VIDEOS (run 1's twin: videos
+# of the 560, default 150, ~0.8M frames; 560 is the whole ~2.9M-frame epoch, ~8 min) and
+# FULL_LIMIT_S (default 330); GPU_LIMIT_S (default 240), GPU_ARGS (flags for bench/gpu.py, default
+# "--seconds 3 --repeats 2") and TESTS_LIMIT_S (default 120). A step that outruns its limit is
+# killed: its log still comes back, and the run exits non-zero.
 # DALI: used when importable; else installed into /tmp/site from parts in /tmp/dali-parts/ (or
 # .whl-parts/ in the tree): a tar of dali-wheels/*.whl cut with `split -b 55M` (part-00, part-01, …)
 # for hosts that take uploads in pieces; without it run 1 trains on the torch loader (the
@@ -36,10 +39,11 @@ if [ -z "${PY:-}" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-FULL_VIDEOS=${FULL_VIDEOS:-200}
-FULL_LIMIT_S=${FULL_LIMIT_S:-480}
-GPU_LIMIT_S=${GPU_LIMIT_S:-330}
-TESTS_LIMIT_S=${TESTS_LIMIT_S:-150}
+FULL_VIDEOS=${FULL_VIDEOS:-150}
+FULL_LIMIT_S=${FULL_LIMIT_S:-330}
+GPU_LIMIT_S=${GPU_LIMIT_S:-240}
+GPU_ARGS=${GPU_ARGS---seconds 3 --repeats 2}
+TESTS_LIMIT_S=${TESTS_LIMIT_S:-120}
 PARTS=${DALI_PARTS:-/tmp/dali-parts}
 SITE=/tmp/site
 FAILED=()
@@ -152,7 +156,7 @@ run_gpu() {
   ensure_dali || true  # bench/gpu.py fails its DALI rows itself under AFFPIPE_REQUIRE_GPU
   # shellcheck disable=SC2086
   step gpu_bench "$GPU_LIMIT_S" ok env AFFPIPE_REQUIRE_GPU=1 "$PY" -m affpipe.bench.gpu --out bench/gpu \
-    --markdown BENCHMARKS.md ${GPU_ARGS:-}
+    --markdown BENCHMARKS.md $GPU_ARGS
   if ensure_pytest; then
     # shellcheck disable=SC2046
     step gpu_tests "$TESTS_LIMIT_S" ok env AFFPIPE_REQUIRE_GPU=1 "$PY" -m pytest -q -p no:cacheprovider -m gpu $(gpu_tests)
