@@ -105,9 +105,11 @@ def test_train_and_predict_after_moving_shards_and_index(mtl_run, shard_dir, tmp
     train(load_config(None, {**TINY, "shards": shards, "out": tmp_path / "run"}))
     summary = _predict(mtl_run / "best.pt", shards, tmp_path / "pred", "abaw-single", loader=TORCH)
     assert summary["videos"] > 0 and summary["skipped"] == {}
-    # An index elsewhere is given with --index.
+    # The run trained on the moved shards: with the index it recorded (and the shards' manifest
+    # names) gone too, an index elsewhere is given with --index. (mtl_run's own recorded index
+    # is still where it was, and is the same table: it needs no flag.)
     shutil.move(moved / "index", tmp_path / "idx-elsewhere")
     with pytest.raises(FileNotFoundError, match="--index"):
-        _predict(mtl_run / "best.pt", shards, tmp_path / "pred2", "abaw-single", loader=TORCH)
-    _predict(mtl_run / "best.pt", shards, tmp_path / "pred2", "abaw-single", loader=TORCH,
-            index=tmp_path / "idx-elsewhere")
+        _predict(tmp_path / "run" / "best.pt", shards, tmp_path / "pred2", "abaw-single", loader=TORCH)
+    _predict(tmp_path / "run" / "best.pt", shards, tmp_path / "pred2", "abaw-single", loader=TORCH,
+             index=tmp_path / "idx-elsewhere")
