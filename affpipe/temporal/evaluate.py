@@ -130,7 +130,7 @@ def evaluate_run(run_or_ckpt: Path, shards: Path | None = None, *, split: str = 
     c = collect(run_or_ckpt, shards, split, batch_size=batch_size, device=device, loader=loader, max_steps=max_steps)
     extra = apply_smoothing(c, split, smooth=smooth, tune_smoothing=tune_smoothing, write=write)
     return report_evaluation(c.acc, c.frames, c.cfg, c.ckpt, c.state, split, tune_au_thresholds=tune_au_thresholds,
-                             write=write, extra=extra)
+                             write=write, extra=extra, videos=frames_of(c.acc, c.label_table)[0])
 
 
 def predict_run(ckpt: Path, shards: Path | None, out: Path, fmt: str = "abaw-per-video", *, split: str = "val",
