@@ -223,43 +223,46 @@ def bootstrap_result(arrays: Mapping[str, np.ndarray], videos: Sequence[str] | n
     return out
 
 
-def paired(a: Sequence[VideoStats] | VideoStats, b: Sequence[VideoStats] | VideoStats, *,
-           resamples: int = DEFAULT_RESAMPLES, seed: int = 0, level: float = DEFAULT_LEVEL,
-           combine: str = "mean") -> dict[str, dict[str, Any]]:
-    """Paired bootstrap of ``metric(a) − metric(b)`` over the same resampled videos.
+def point_and_resamples(n_videos: int, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> np.ndarray:
+    """``[1 + resamples, n_videos]``: a row of ones (the full split) above ``resample_weights``."""
+    return np.vstack([np.ones((1, n_videos)), resample_weights(n_videos, resamples, seed)])
 
-    ``a`` and ``b`` may each be several runs on the same split (e.g. seeds): their metrics are
-    averaged per resample (``combine="mean"``) or summed (``"sum"``: three uni-task models
-    against one multi-task model's P_MTL) before the difference. Returns, per shared scalar
-    metric, ``{"a", "b", "diff", "ci": [lo, hi], "excludes_zero"}``; ``a``/``b``/``diff`` are the
-    full-split values.
-    """
-    a = [a] if isinstance(a, VideoStats) else list(a)
-    b = [b] if isinstance(b, VideoStats) else list(b)
-    videos = a[0].videos
-    for s in (*a, *b):
+
+def side_metrics(runs: Sequence[VideoStats], weights: np.ndarray) -> dict[str, np.ndarray]:
+    """The scalar metrics every run of ``runs`` has, averaged over the runs (e.g. seeds of one
+    cell), for each row of ``weights``."""
+    per = [metrics_from_stats(s, weights) for s in runs]
+    keys = set.intersection(*(set(p) for p in per)) & set(SCALAR_METRICS)
+    return {k: np.mean(np.stack([p[k] for p in per]), 0) for k in keys}
+
+
+def difference(a: np.ndarray, b: np.ndarray, level: float = DEFAULT_LEVEL) -> dict[str, Any]:
+    """``a − b`` of two ``[1 + B]`` metric arrays over the same weights (row 0: the full split):
+    ``{"a", "b", "diff", "ci": [lo, hi] | None, "excludes_zero"}``."""
+    bounds = _bounds(_interval(a[1:] - b[1:], level))
+    return {"a": float(a[0]), "b": float(b[0]), "diff": float(a[0] - b[0]), "ci": bounds,
+            "excludes_zero": bool(bounds is not None and (bounds[0] > 0 or bounds[1] < 0))}
+
+
+def same_videos(stats: Sequence[VideoStats]) -> None:
+    """Refuse statistics of runs scored on different videos (a paired comparison needs one split)."""
+    videos = stats[0].videos
+    for s in stats[1:]:
         if len(s.videos) != len(videos) or not (s.videos == videos).all():
             raise ValueError("paired bootstrap: the runs were not evaluated on the same videos")
-    w = resample_weights(len(videos), resamples, seed)
-    ones = np.ones((1, len(videos)))
-    agg = np.mean if combine == "mean" else np.sum
 
-    def side(runs: list[VideoStats], weights: np.ndarray) -> dict[str, np.ndarray]:
-        per = [metrics_from_stats(s, weights) for s in runs]
-        keys = set.intersection(*(set(p) for p in per)) & set(SCALAR_METRICS)
-        return {k: agg(np.stack([p[k] for p in per]), 0) for k in keys}
 
-    ra, rb = side(a, w), side(b, w)
-    pa, pb = side(a, ones), side(b, ones)
-    out: dict[str, dict[str, Any]] = {}
-    for key in SCALAR_METRICS:
-        if key not in ra or key not in rb:
-            continue
-        bounds = _bounds(_interval(ra[key] - rb[key], level))
-        diff = float(pa[key][0] - pb[key][0])
-        out[key] = {"a": float(pa[key][0]), "b": float(pb[key][0]), "diff": diff, "ci": bounds,
-                    "excludes_zero": bool(bounds is not None and (bounds[0] > 0 or bounds[1] < 0))}
-    return out
+def paired(a: Sequence[VideoStats] | VideoStats, b: Sequence[VideoStats] | VideoStats, *,
+           resamples: int = DEFAULT_RESAMPLES, seed: int = 0, level: float = DEFAULT_LEVEL) -> dict[str, dict[str, Any]]:
+    """Paired bootstrap of ``metric(a) − metric(b)`` over the same resampled videos, per shared
+    scalar metric (``difference``). ``a`` and ``b`` may each be several runs on the same split
+    (e.g. seeds): their metrics are averaged per resample before the difference."""
+    a = [a] if isinstance(a, VideoStats) else list(a)
+    b = [b] if isinstance(b, VideoStats) else list(b)
+    same_videos([*a, *b])
+    w = point_and_resamples(len(a[0].videos), resamples, seed)
+    ra, rb = side_metrics(a, w), side_metrics(b, w)
+    return {k: difference(ra[k], rb[k], level) for k in SCALAR_METRICS if k in ra and k in rb}
 
 
 def fmt_ci(value: float | None, bounds: Sequence[float] | None, *, signed: bool = False, digits: int = 3) -> str:
