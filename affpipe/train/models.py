@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from affpipe.labels import NUM_AU, NUM_EXPR, TASKS
+from affpipe.train.checkpoint import safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +176,6 @@ def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _read_checkpoint(path: Path) -> Mapping[str, torch.Tensor]:
-    from affpipe.train.checkpoint import safe_torch_load  # lazy: checkpoint -> config -> models
-
     obj = safe_torch_load(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
