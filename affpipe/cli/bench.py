@@ -80,7 +80,7 @@ def bench_full(out: Path, markdown: Path, no_markdown: bool, **kw) -> None:
 def report(runs: tuple[Path, ...], out: Path | None, title: str, converge_frac: float, resamples: int) -> None:
     """Compare RUNS (run folders, or folders of run folders): report.md + PNGs in OUT. With two
     runs, also print their paired differences with 95% intervals over the same resampled videos."""
-    from affpipe.experiments.report import ReportConfig, paired_lines, write_report
+    from affpipe.experiments.report import ReportConfig, paired_lines, report_folder
     from affpipe.experiments.runs import expand_runs
 
     found = expand_runs(runs)
@@ -89,8 +89,8 @@ def report(runs: tuple[Path, ...], out: Path | None, title: str, converge_frac: 
     elif out is None:
         raise click.UsageError("give -o/--out for a report of other than two runs")
     if out is not None:
-        md = write_report(ReportConfig(runs=runs, out=out, title=title, converge_frac=converge_frac,
-                                       resamples=resamples))
+        md = report_folder(ReportConfig(runs=runs, out=out, title=title, converge_frac=converge_frac,
+                                        resamples=resamples))
         click.echo(f"report: {md}")
 
 

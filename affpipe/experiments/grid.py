@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from affpipe.outdir import Owner, claim
+
 log = logging.getLogger(__name__)
 
 DEFAULT_GRID = Path(__file__).resolve().parent / "recipes" / "grid.toml"
@@ -30,6 +32,8 @@ SCALES = ("synthetic", "full")
 NEEDS = ("imagenet",)
 _RUN_KEYS = {"name", "recipe", "overrides", "after", "init_from", "needs", "question", "features_from", "smooth",
              "synthetic_overrides"}
+# What `affpipe experiments` writes into its folder: the data it prepares, the runs, the report.
+OWNER = Owner("experiments", ("data/*", "runs/*", "experiments.json", "report.md", "report.json", "*.png"))
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -323,14 +327,25 @@ def run_experiments(cfg: ExperimentsConfig) -> dict[str, Any]:
     Returns ``{"report", "runs": {folder name: status}, "notes"}``. A status is ``trained``,
     ``done`` (already there), ``skipped`` or ``failed``; ``<out>/experiments.json`` keeps the
     statuses, reasons and seconds per run. A finished run is evaluated once more by ``evaluate``
-    (intervals, predictions for the report's paired comparisons) unless it already was.
+    (intervals, predictions for the report's paired comparisons) unless it already was. ``out``
+    holds only what experiments writes (refused otherwise) and was made from the same data.
     """
-    from affpipe.experiments.report import ReportConfig, write_report
-
     grid = load_grid(cfg.grid)
     unknown = set(cfg.only) - {r.name for r in grid.runs}
     if unknown:
         raise ValueError(f"--only: no run(s) {sorted(unknown)} in {grid.source}")
+    inputs = {"grid": str(grid.source.resolve()), "scale": cfg.resolved_scale,
+              "root": str(Path(cfg.root).resolve()) if cfg.root else None,
+              "shards": str(Path(cfg.shards).resolve()) if cfg.shards else None}
+    with claim(cfg.out, OWNER, inputs):
+        return _run_grid(cfg, grid)
+
+
+def _run_grid(cfg: ExperimentsConfig, grid: Grid) -> dict[str, Any]:
+    """``run_experiments`` inside its claimed output folder."""
+    from affpipe.experiments.report import ReportConfig, write_report
+    from affpipe.io import atomic_write_text
+
     out = Path(cfg.out)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -353,7 +368,7 @@ def run_experiments(cfg: ExperimentsConfig) -> dict[str, Any]:
                      "(or `--shards`) on the real data for the research answers.")
     notes += [f"`{n}` {s['status']}: {s['reason']}" for n, s in status.items() if s["status"] in ("skipped", "failed")]
     notes += [f"`{n}` {what}: {s[what]}" for n, s in status.items() for what in ("evaluation", "smoothing") if what in s]
-    (out / "experiments.json").write_text(json.dumps(
+    atomic_write_text(out / "experiments.json", json.dumps(
         {"grid": str(grid.source), "scale": scale, "shards": str(shards), "seeds": cfg.seeds, "runs": status},
         indent=2) + "\n")
     finished = tuple(runs_dir / n for n, s in status.items() if s["status"] in ("trained", "done"))

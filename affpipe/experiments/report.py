@@ -43,13 +43,14 @@ from affpipe.experiments.runs import (
 )
 from affpipe.io import atomic_write_text
 from affpipe.labels import AU_NAMES, EXPR_CLASSES
+from affpipe.outdir import Owner, claim
 from affpipe.train.bootstrap import difference as bs_difference
 from affpipe.train.bootstrap import fmt_ci
 
 log = logging.getLogger(__name__)
 
 CURVE_METRICS = ("va_ccc", "expr_f1", "au_f1", "p_mtl")
-REPORT_FILES = ("report.md", "report.json", "uni_vs_mtl.png", "curves_epoch.png", "curves_time.png")
+OWNER = Owner("report", ("report.md", "report.json", "uni_vs_mtl.png", "curves_epoch.png", "curves_time.png"))
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,12 @@ def write_report(cfg: ReportConfig) -> Path:
     atomic_write_text(out / "report.json", json.dumps(summary, indent=2, default=str))
     log.info("report: %s", md)
     return md
+
+
+def report_folder(cfg: ReportConfig) -> Path:
+    """``affpipe report -o OUT``: ``write_report`` into a folder that holds only report files."""
+    with claim(cfg.out, OWNER, {}):
+        return write_report(cfg)
 
 
 def paired_lines(run_a: Path, run_b: Path, *, resamples: int = 2000, seed: int = 0) -> list[str]:

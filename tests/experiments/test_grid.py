@@ -199,6 +199,12 @@ def test_failed_run_skips_only_its_dependents(tmp_path, monkeypatch, offline):
     monkeypatch.setattr(ex, "train_run", trainer)
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "manifest.json").write_text('{"schema_version": 1, "splits": {}}')
+    monkeypatch.setattr(ex, "train_run", FakeTrainer())
+    ex.run_experiments(ex.ExperimentsConfig(out=tmp_path / "exp", shards=tmp_path / "s", only=("uni_va",)))
+    import shutil
+
+    shutil.rmtree(tmp_path / "exp" / "runs" / "uni_va")  # the grid's folder, with nothing trained yet
+    monkeypatch.setattr(ex, "train_run", trainer)
     killed = tmp_path / "exp" / "runs" / "uni_au"
     killed.mkdir(parents=True)
     (killed / "last.pt").write_bytes(b"half")  # a killed run resumes
@@ -270,3 +276,37 @@ def test_wheel_ships_the_grid_and_its_recipes(tmp_path):
         rel = Path(run.recipe).resolve().relative_to(GRID.parent.resolve())
         assert f"affpipe/experiments/recipes/{rel.as_posix()}" in names, rel
     assert GRID.is_relative_to(Path(ex.__file__).resolve().parent)
+
+
+def test_experiments_and_report_refuse_folders_they_did_not_write(tmp_path, monkeypatch, offline):
+    from affpipe.cli import main
+
+    monkeypatch.setattr(ex, "train_run", FakeTrainer())
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "manifest.json").write_text('{"schema_version": 1, "splits": {}}')
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("x")
+    args = ["experiments", "--shards", str(tmp_path / "s"), "-o", str(mine), "--only", "uni_va"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and "not written by `affpipe experiments`" in res.output and "chapter1.tex" in res.output
+    assert sorted(p.name for p in mine.iterdir()) == ["chapter1.tex"]
+    out = tmp_path / "e"
+    assert CliRunner().invoke(main, [*args[:4], str(out), *args[5:]]).exit_code == 0
+    (out / "runs" / "notes.txt").write_text("mine")  # inside runs/: the grid's, so allowed
+    (out / "todo.txt").write_text("mine")
+    res = CliRunner().invoke(main, [*args[:4], str(out), *args[5:]])
+    assert res.exit_code == 1 and "todo.txt" in res.output
+    # The report refuses a folder of someone else's, and the experiments folder itself.
+    run = out / "runs" / "uni_va"
+    for target in (mine, out):
+        res = CliRunner().invoke(main, ["report", str(run), "-o", str(target)])
+        assert res.exit_code == 1 and res.output.startswith("Error:"), res.output
+    assert CliRunner().invoke(main, ["report", str(run), "-o", str(tmp_path / "r")]).exit_code == 0
+    assert CliRunner().invoke(main, ["report", str(run), "-o", str(tmp_path / "r")]).exit_code == 0  # rerun: ours
+    # Other data into the same folder: refused, naming both sides.
+    (tmp_path / "s2").mkdir()
+    (tmp_path / "s2" / "manifest.json").write_text('{"schema_version": 1, "splits": {}}')
+    (out / "todo.txt").unlink()
+    res = CliRunner().invoke(main, ["experiments", "--shards", str(tmp_path / "s2"), "-o", str(out), "--only", "uni_va"])
+    assert res.exit_code == 1 and "from other inputs" in res.output and "s2" in res.output
