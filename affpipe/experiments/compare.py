@@ -103,7 +103,8 @@ class Resampler:
                 self.stats[(r.name, variant)] = bs.video_stats(arrays, videos)
         first = next(iter(self.stats.values()), None)
         self.videos = 0 if first is None else len(first.videos)
-        self.weights = None if first is None else bs.point_and_resamples(self.videos, resamples, seed)
+        # One video resamples to itself: no interval rather than a falsely certain one.
+        self.weights = bs.point_and_resamples(self.videos, resamples, seed) if self.videos >= 2 else None
         self.resamples, self.seed = resamples, seed
         self._cache: dict[tuple, dict[str, np.ndarray] | None] = {}
 

@@ -205,7 +205,11 @@ def method(n_videos: int, resamples: int, seed: int, level: float) -> dict[str, 
 
 def bootstrap_ci(stats: VideoStats, *, resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
                  level: float = DEFAULT_LEVEL) -> dict[str, Any]:
-    """``{"ci": {metric: [lo, hi], ...}, "ci_method": {...}}`` for every metric ``stats`` supports."""
+    """``{"ci": {metric: [lo, hi], ...}, "ci_method": {...}}`` for every metric ``stats`` supports
+    (no intervals from a single video: resampling one unit shows no variation, not certainty)."""
+    if len(stats.videos) < 2:
+        return {"ci": {}, "ci_method": {**method(len(stats.videos), 0, seed, level),
+                                        "note": "a single video: no interval by bootstrap over videos"}}
     w = resample_weights(len(stats.videos), resamples, seed)
     return {"ci": _pack(metrics_from_stats(stats, w), level),
             "ci_method": method(len(stats.videos), resamples, seed, level)}

@@ -197,7 +197,8 @@ def eval_markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {label} | {_c(result, key)} |")
     ci = result.get("ci_method")
     if ci:  # where the intervals come from, said once under the table
-        lines.append(f"| 95% interval | bootstrap over the {ci['videos']} {ci['unit']}s, {ci['resamples']} resamples |")
+        how = ci.get("note") or f"bootstrap over the {ci['videos']} {ci['unit']}s, {ci['resamples']} resamples"
+        lines.append(f"| 95% interval | {how} |")
     smoothing = result.get("smoothing")
     if smoothing:
         lines.append(f"| Smoothing windows (frames) | {', '.join(f'{t} {w}' for t, w in smoothing['windows'].items())} |")

@@ -166,3 +166,9 @@ def test_evaluation_writes_intervals_and_predictions(tmp_path):
     back, vids = bs.load_predictions(tmp_path / "eval_predictions.npz")
     again = bs.bootstrap_result(back, vids)
     assert again["ci"] == saved["ci"]  # the report recomputes exactly what evaluate stored
+
+
+def test_a_single_video_gets_no_interval():
+    a, videos = _fixture(videos=1)
+    res = bs.bootstrap_result(a, videos)
+    assert res["ci"] == {} and "single video" in res["ci_method"]["note"]
