@@ -335,7 +335,9 @@ def evaluation_intervals(acc: Any, videos: np.ndarray, run_dir: Path, stem: str,
 def measure_cost(frames: int = 1_000_000, videos: int = 145, resamples: int = DEFAULT_RESAMPLES,
                  seed: int = 0) -> dict[str, float]:
     """Seconds for the intervals of a multi-task evaluation of ``frames`` synthetic frames in
-    ``videos`` videos (Aff-Wild2's validation size by default): statistics pass, resamples, total."""
+    ``videos`` videos (Aff-Wild2's validation size by default): statistics pass, resamples, both,
+    and writing the predictions file (with its size). ``python -m affpipe.train.bootstrap``."""
+    import tempfile
     import time
 
     rng = np.random.default_rng(seed)
@@ -351,5 +353,17 @@ def measure_cost(frames: int = 1_000_000, videos: int = 145, resamples: int = DE
     t1 = time.perf_counter()
     bootstrap_ci(stats, resamples=resamples, seed=seed)
     t2 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_predictions(Path(tmp) / "eval_predictions.npz", arrays, video)
+        t3 = time.perf_counter()
+        size = path.stat().st_size
     return {"frames": n, "videos": videos, "resamples": resamples, "stats_s": t1 - t0, "resample_s": t2 - t1,
-            "total_s": t2 - t0}
+            "intervals_s": t2 - t0, "save_predictions_s": t3 - t2, "predictions_mb": size / 1e6}
+
+
+if __name__ == "__main__":  # the cost figure of BENCHMARKS.md
+    import json
+    import os
+
+    for b in (1000, 2000):
+        print(json.dumps({**measure_cost(resamples=b), "loadavg": os.getloadavg()}))
