@@ -189,6 +189,15 @@ def fit(trainer: Trainer, run: Path, train_loader, val_loader, steps: int) -> No
         if ctx.main:
             save_checkpoint(run / name, trainer.state_dict())
 
+    if cfg.is_temporal and state.step == 0 and state.best_metrics is None:
+        # A temporal run starts at its source run's predictions (the skip path): that state is a
+        # best.pt candidate too, so training that makes things worse never ships a worse model.
+        summary = {"kind": "start", "epoch": 0, "step": 0}
+        improved = validate(trainer, val_loader, summary, schedule=False)
+        if ctx.main:
+            runlog.write(summary)
+            if improved:
+                checkpoint("best.pt")
     while trainer.state.epoch < cfg.epochs:
         state = trainer.state
         epoch = state.epoch
@@ -210,9 +219,9 @@ def fit(trainer: Trainer, run: Path, train_loader, val_loader, steps: int) -> No
         finish(run, cfg, trainer.state)
 
 
-def validate(trainer: Trainer, loader, summary: dict[str, Any]) -> bool:
-    """One validation pass: steps the plateau scheduler, updates the best score and fills
-    ``summary``; True when the score improved."""
+def validate(trainer: Trainer, loader, summary: dict[str, Any], *, schedule: bool = True) -> bool:
+    """One validation pass: steps the plateau scheduler (unless ``schedule`` is false), updates
+    the best score and fills ``summary``; True when the score improved."""
     cfg, ctx, state = trainer.cfg, trainer.ctx, trainer.state
     t0 = time.perf_counter()
     acc, frames = evaluate_model(trainer.model, loader, cfg.heads, device=ctx.device, amp=trainer.amp,
@@ -221,7 +230,8 @@ def validate(trainer: Trainer, loader, summary: dict[str, Any]) -> bool:
     metrics = jsonable(acc.compute())
     score = metrics.get(cfg.score_key)
     score = -math.inf if score is None else float(score)
-    trainer.scheduler.step(score)
+    if schedule:
+        trainer.scheduler.step(score)
     improved = score > state.best_score
     if improved:
         state.best_score = score
