@@ -113,6 +113,20 @@ def tune_cross_validated(acc: MetricAccumulator, video: np.ndarray, frame: np.nd
     return {"scores": out.compute(au_thresholds=au_thresholds), "folds": folds, "fold_windows": per_fold, "acc": out}
 
 
+def cross_validated_result(acc: MetricAccumulator, video: np.ndarray, frame: np.ndarray, folds: int, *,
+                           au_thresholds: Sequence[float] | None = None, seed: int = 0) -> dict[str, Any]:
+    """The ``cross_validated`` entry of an evaluation with tuned smoothing: the held-out scores of
+    ``tune_cross_validated`` with their 95% intervals over videos."""
+    from affpipe.io import jsonable
+    from affpipe.train.bootstrap import bootstrap_ci, video_stats
+
+    cv = tune_cross_validated(acc, video, frame, folds, seed=seed, au_thresholds=au_thresholds)
+    keys = ("va_ccc", "valence_ccc", "arousal_ccc", "expr_f1", "au_f1", "p_mtl")
+    ci = bootstrap_ci(video_stats(cv["acc"].state(), video, au_thresholds), seed=seed)["ci"]
+    return jsonable({**{k: cv["scores"][k] for k in keys if k in cv["scores"]}, "folds": folds,
+                     "fold_windows": cv["fold_windows"], "ci": {k: ci[k] for k in keys if k in ci}})
+
+
 def save_windows(folder: Path, windows: Mapping[str, int], *, split: str, checkpoint: str,
                  scores: Mapping[str, Mapping[int, float]]) -> Path:
     """``folder/smoothing.json``: the tuned windows, where they were tuned and every candidate's score."""

@@ -280,6 +280,18 @@ def fmt_ci(value: float | None, bounds: Sequence[float] | None, *, signed: bool 
     return text
 
 
+def cross_validated_au(acc: Any, videos: np.ndarray, folds: int, *, seed: int = 0,
+                       resamples: int = DEFAULT_RESAMPLES) -> dict[str, Any]:
+    """The ``cross_validated`` entry of an evaluation with tuned AU thresholds: AU F1 (and P_MTL)
+    with thresholds tuned on the other folds' videos (``MetricAccumulator.cross_validated_au``),
+    with their 95% intervals over videos."""
+    cv = acc.cross_validated_au(videos, folds, seed=seed)
+    arrays = {**acc.state(), "au_prob": cv.pop("au_pred").astype(np.float32)}  # 0/1 at threshold 0.5
+    ci = bootstrap_ci(video_stats(arrays, videos), resamples=resamples, seed=seed)["ci"]
+    keys = ("au_f1", "au_f1_per_au", "p_mtl")
+    return {**{k: cv[k] for k in keys if k in cv}, "folds": folds, "fold_thresholds": cv["fold_thresholds"],
+            "ci": {k: ci[k] for k in keys if k in ci}}
+
 # ---- the per-frame predictions an evaluation keeps for later paired comparisons --------------
 
 PREDICTIONS_VERSION = 1

@@ -81,3 +81,17 @@ def test_cross_validated_smoothing_uses_windows_tuned_on_the_other_videos():
     assert windows["va"] > 1  # noisy smooth VA: smoothing is chosen, and it helps on held-out videos too
     assert res["scores"]["va_ccc"] > acc.compute()["va_ccc"]
     np.testing.assert_array_equal(got["va_target"], state["va_target"])  # labels untouched
+
+
+def test_cross_validated_entries_carry_intervals():
+    from affpipe.temporal.smoothing import cross_validated_result
+    from affpipe.train.bootstrap import cross_validated_au
+
+    acc, videos, frames = _acc(videos=8, signal=2.0)
+    au = cross_validated_au(acc, videos, 2)
+    assert au["au_f1"] == pytest.approx(acc.cross_validated_au(videos, 2)["au_f1"])
+    lo, hi = au["ci"]["au_f1"]
+    assert lo <= au["au_f1"] <= hi and au["folds"] == 2 and len(au["fold_thresholds"]) == 2
+    sm = cross_validated_result(acc, videos, frames, 2)
+    assert sm["va_ccc"] == pytest.approx(tune_cross_validated(acc, videos, frames, 2)["scores"]["va_ccc"])
+    assert set(sm["ci"]) >= {"va_ccc", "expr_f1", "au_f1", "p_mtl"} and len(sm["fold_windows"]) == 2
