@@ -184,6 +184,15 @@ def _c(result: dict[str, Any], key: str, item: str | None = None, *, tuned: bool
     return fmt_ci(value, ci) if ci else _f(value)
 
 
+def _cross_validated(cv: dict[str, Any] | None, what: str) -> list[str]:
+    """Rows of a ``cross_validated`` entry: scores with ``what`` tuned on the other folds' videos."""
+    if not cv:
+        return []
+    return [f"| {label} ({what} cross-validated, {cv['folds']} folds of videos) | {_c(cv, key)} |"
+            for key, label in (("va_ccc", "VA CCC"), ("expr_f1", "EXPR macro F1"), ("au_f1", "AU macro F1"),
+                               ("p_mtl", "P_MTL")) if key in cv]
+
+
 def eval_markdown(result: dict[str, Any]) -> str:
     """Tables as in the research: CCC per dimension, F1 per emotion, F1 per AU."""
     lines = [f"# Evaluation: task {result.get('task')}, split {result.get('split')}",
@@ -201,12 +210,16 @@ def eval_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| 95% interval | {how} |")
     smoothing = result.get("smoothing")
     if smoothing:
-        lines.append(f"| Smoothing windows (frames) | {', '.join(f'{t} {w}' for t, w in smoothing['windows'].items())} |")
+        where = f"; tuned on split `{smoothing['tuned_on']}`" if smoothing.get("tuned_on") else ""
+        lines.append(f"| Smoothing windows (frames{where}) | "
+                     f"{', '.join(f'{t} {w}' for t, w in smoothing['windows'].items())} |")
     tuned = result.get("tuned", {})
     if "au_f1" in tuned:
-        lines.append(f"| AU macro F1 (tuned thresholds) | {_c(result, 'au_f1', tuned=True)} |")
+        lines.append(f"| AU macro F1 (thresholds tuned on the split) | {_c(result, 'au_f1', tuned=True)} |")
     if "p_mtl" in tuned:
-        lines.append(f"| P_MTL (tuned AU thresholds) | {_c(result, 'p_mtl', tuned=True)} |")
+        lines.append(f"| P_MTL (AU thresholds tuned on the split) | {_c(result, 'p_mtl', tuned=True)} |")
+    lines += _cross_validated(result.get("cross_validated"), "AU thresholds")
+    lines += _cross_validated((smoothing or {}).get("cross_validated"), "smoothing")
     if "va_ccc" in result:
         lines += ["", "## CCC per dimension", "", "| Dimension | CCC |", "|---|---|",
                   f"| Valence | {_c(result, 'valence_ccc')} |", f"| Arousal | {_c(result, 'arousal_ccc')} |",

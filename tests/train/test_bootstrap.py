@@ -172,3 +172,21 @@ def test_a_single_video_gets_no_interval():
     a, videos = _fixture(videos=1)
     res = bs.bootstrap_result(a, videos)
     assert res["ci"] == {} and "single video" in res["ci_method"]["note"]
+
+
+def test_eval_md_says_which_tuned_figures_are_cross_validated():
+    from affpipe.train.bootstrap import cross_validated_au
+    from affpipe.train.evaluate import eval_markdown
+
+    a, videos = _fixture()
+    acc = MetricAccumulator(("va", "expr", "au"))
+    acc._chunks = {k: [v] for k, v in a.items()}
+    thr = acc.tune_au_thresholds()
+    tuned = acc.compute(au_thresholds=thr)
+    result = {**acc.compute(), "task": "mtl", "split": "val", "au_thresholds": thr,
+              "tuned": {"au_f1": tuned["au_f1"], "p_mtl": tuned["p_mtl"], "au_f1_per_au": tuned["au_f1_per_au"]},
+              "cross_validated": cross_validated_au(acc, videos, 2, resamples=100)}
+    md = eval_markdown(result)
+    assert f"| AU macro F1 (thresholds tuned on the split) | {tuned['au_f1']:.4f} |" in md
+    cv = result["cross_validated"]
+    assert f"| AU macro F1 (AU thresholds cross-validated, 2 folds of videos) | {bs.fmt_ci(cv['au_f1'], cv['ci']['au_f1'])} |" in md
