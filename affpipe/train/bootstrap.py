@@ -292,6 +292,23 @@ def cross_validated_au(acc: Any, videos: np.ndarray, folds: int, *, seed: int = 
     return {**{k: cv[k] for k in keys if k in cv}, "folds": folds, "fold_thresholds": cv["fold_thresholds"],
             "ci": {k: ci[k] for k in keys if k in ci}}
 
+def row_videos(label_table: Any) -> Any:
+    """A function giving the video of each row id (rows of ``label_table``, a pyarrow table with
+    ``row_id`` and ``video``); a row id the table lacks is an error."""
+    rid = label_table.column("row_id").to_numpy()
+    order = np.argsort(rid, kind="stable")
+    sorted_rid = rid[order]
+    video = label_table.column("video").to_numpy(zero_copy_only=False)
+
+    def lookup(row_id: np.ndarray) -> np.ndarray:
+        row_id = np.asarray(row_id)
+        pos = order[np.clip(np.searchsorted(sorted_rid, row_id), 0, max(len(rid) - 1, 0))]
+        if len(row_id) and not (rid[pos] == row_id).all():
+            raise ValueError(f"{int((rid[pos] != row_id).sum())} predicted rows are not in the label table")
+        return video[pos]
+
+    return lookup
+
 # ---- the per-frame predictions an evaluation keeps for later paired comparisons --------------
 
 PREDICTIONS_VERSION = 1

@@ -39,16 +39,14 @@ from affpipe.train.trainer import Trainer
 log = logging.getLogger(__name__)
 
 
-def label_statistics_for(shards: Path, index: Path | None = None) -> dict[str, Any]:
-    """Class statistics of the train split of the label table the shard manifest names
-    (``index`` overrides where that table is)."""
+def frame_label_table(shards: Path, index: Path | None = None):
+    """The label table the shard manifest names (``index`` overrides where that table is)."""
     from affpipe.index.build import load_index
     from affpipe.shards.format import manifest_index, read_manifest
-    from affpipe.train.tasks import label_statistics
 
     manifest = read_manifest(shards, full=False)
     table, _ = load_index(manifest_index(shards, manifest, index), table=manifest.get("table", "frames"))
-    return label_statistics(table)
+    return table
 
 
 def prepare_run_dir(cfg: TrainConfig, ctx: dist.DistContext) -> Path:
@@ -148,7 +146,12 @@ def frame_setup(cfg: TrainConfig, ctx: dist.DistContext) -> tuple[Trainer, Calla
     """A per-frame run on ``cfg.shards``: the image model and the shard loaders."""
     if cfg.shards is None:
         raise ValueError("train: no shards given (--shards)")
-    trainer = Trainer.build(cfg, ctx, label_statistics_for(cfg.shards, cfg.index))
+    from affpipe.train.bootstrap import row_videos
+    from affpipe.train.tasks import label_statistics
+
+    table = frame_label_table(cfg.shards, cfg.index)
+    trainer = Trainer.build(cfg, ctx, label_statistics(table))
+    trainer.row_videos = row_videos(table)
     return trainer, lambda: make_loaders(cfg, ctx), f"on {cfg.shards}"
 
 
@@ -216,7 +219,7 @@ def fit(trainer: Trainer, run: Path, train_loader, val_loader, steps: int) -> No
                 checkpoint("best.pt")
             plot(run)
     if ctx.main:
-        finish(run, cfg, trainer.state)
+        finish(run, cfg, trainer.state, trainer)
 
 
 def validate(trainer: Trainer, loader, summary: dict[str, Any], *, schedule: bool = True) -> bool:
@@ -237,6 +240,12 @@ def validate(trainer: Trainer, loader, summary: dict[str, Any], *, schedule: boo
         state.best_score = score
         state.best_step = state.step
         state.best_metrics = {**metrics, "frames": frames, "epoch": state.epoch, "step": state.step}
+        if ctx.main and trainer.row_videos is not None:  # intervals by video: ~1 s at 1M frames
+            from affpipe.train.bootstrap import bootstrap_result
+
+            arrays = acc.state()
+            state.best_metrics.update(bootstrap_result(arrays, trainer.row_videos(arrays["row_id"])))
+            trainer.best_predictions = arrays
     summary.update(val={k: v for k, v in metrics.items() if not isinstance(v, dict)}, score_key=cfg.score_key,
                    score=score, best_score=state.best_score, val_frames=frames, val_time_s=time.perf_counter() - t0)
     if ctx.main:
@@ -383,13 +392,20 @@ def plot(run: Path) -> None:
         log.warning("curves.png not drawn: %s", exc)
 
 
-def finish(run: Path, cfg: TrainConfig, state) -> None:
-    """``eval.json``/``eval.md`` from the validation pass that produced ``best.pt``."""
+def finish(run: Path, cfg: TrainConfig, state, trainer: Trainer | None = None) -> None:
+    """``eval.json``/``eval.md`` from the validation pass that produced ``best.pt`` (with its
+    intervals), and that pass's predictions when this process made it (not before a resume)."""
     if state.best_metrics is None:
         log.warning("no validation score was reached; eval.json not written")
         return
     result = dict(state.best_metrics)
     result.update(task=cfg.task, split="val", checkpoint="best.pt")
+    kept = trainer.best_predictions if trainer is not None else None
+    if kept is not None and trainer.row_videos is not None:
+        from affpipe.train.bootstrap import save_predictions
+
+        result["predictions"] = save_predictions(run / "eval_predictions.npz", kept,
+                                                 trainer.row_videos(kept["row_id"])).name
     if cfg.max_val_steps:
         result["note"] = f"validation limited to {cfg.max_val_steps} batches per pass"
     write_eval(run, result)
