@@ -249,8 +249,8 @@ def validate(trainer: Trainer, loader, summary: dict[str, Any], *, schedule: boo
     summary.update(val={k: v for k, v in metrics.items() if not isinstance(v, dict)}, score_key=cfg.score_key,
                    score=score, best_score=state.best_score, val_frames=frames, val_time_s=time.perf_counter() - t0)
     if ctx.main:
-        log.info("epoch %d/%d: val %s %.4f (best %.4f)", state.epoch + 1, cfg.epochs, cfg.score_key, score,
-                 state.best_score)
+        when = "start (step 0)" if summary.get("kind") == "start" else f"epoch {state.epoch + 1}/{cfg.epochs}"
+        log.info("%s: val %s %.4f (best %.4f)", when, cfg.score_key, score, state.best_score)
     return improved
 
 
