@@ -312,13 +312,15 @@ def row_videos(label_table: Any) -> Any:
 # ---- the per-frame predictions an evaluation keeps for later paired comparisons --------------
 
 PREDICTIONS_VERSION = 1
-_SAVED = ("row_id", "va_pred", "va_target", "va_mask", "expr_pred", "expr_target", "expr_mask",
+# A MetricAccumulator's state: the metrics, the bootstrap and smoothing can all be redone from it.
+_SAVED = ("row_id", "va_pred", "va_target", "va_mask", "expr_pred", "expr_prob", "expr_target", "expr_mask",
           "au_prob", "au_target", "au_mask")
 
 
 def save_predictions(path: Path, arrays: Mapping[str, np.ndarray], videos: Sequence[str] | np.ndarray) -> Path:
-    """``<stem>_predictions.npz`` beside ``eval.json``: each row's id, video, predictions, labels and
-    masks (what ``video_stats`` reads), compressed, written atomically; no pickled objects."""
+    """``<stem>_predictions.npz`` beside ``eval.json``: each row's id, video, predictions (EXPR
+    probabilities too, so smoothing can be redone from the file), labels and masks, compressed,
+    written atomically; no pickled objects."""
     names, codes = np.unique(np.asarray(videos), return_inverse=True)
     data: dict[str, np.ndarray] = {"version": np.array(PREDICTIONS_VERSION), "videos": names.astype(str),
                                    "video_code": codes.astype(np.int32)}

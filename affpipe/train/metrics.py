@@ -201,6 +201,16 @@ class MetricAccumulator:
                     self._cache[key] = _empty(key)
         return self._cache
 
+    @classmethod
+    def from_state(cls, tasks: Sequence[str], arrays: Mapping[str, np.ndarray]) -> MetricAccumulator:
+        """An accumulator holding ``arrays`` (a ``state()``, e.g. read back from a predictions file)."""
+        out = cls(tasks)
+        missing = [k for k in out._chunks if k not in arrays]
+        if missing:
+            raise ValueError(f"MetricAccumulator.from_state: missing {missing} for tasks {out.tasks}")
+        out._chunks = {k: [np.asarray(arrays[k])] for k in out._chunks}
+        return out
+
     def state(self) -> dict[str, np.ndarray]:
         """The stored arrays (row_id, per-task predictions, targets, masks)."""
         return dict(self._arrays())

@@ -48,8 +48,7 @@ def _loop_metrics(a: dict, rows: np.ndarray) -> dict[str, float]:
 
 def test_full_weights_reproduce_the_accumulator():
     a, videos = _fixture()
-    acc = MetricAccumulator(("va", "expr", "au"))
-    acc._chunks = {k: [v] for k, v in a.items()}
+    acc = MetricAccumulator.from_state(("va", "expr", "au"), a)
     want = acc.compute()
     got = bs.metrics_from_stats(bs.video_stats(a, videos), np.ones((1, 7)))
     for key in ("va_ccc", "valence_ccc", "arousal_ccc", "expr_f1", "au_f1", "p_mtl"):
@@ -128,6 +127,11 @@ def test_predictions_file_round_trip_and_damage(tmp_path):
     assert (vids == videos).all() and set(back) == set(bs._SAVED)
     for k in back:
         np.testing.assert_array_equal(back[k], a[k])
+    # The file holds a whole accumulator: metrics (and smoothing) can be redone from it.
+    acc = MetricAccumulator.from_state(("va", "expr", "au"), back)
+    assert acc.compute() == MetricAccumulator.from_state(("va", "expr", "au"), a).compute()
+    with pytest.raises(ValueError, match="missing"):
+        MetricAccumulator.from_state(("va", "expr"), {"row_id": back["row_id"]})
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="not a predictions file"):
         bs.load_predictions(path)
@@ -149,8 +153,7 @@ def test_evaluation_writes_intervals_and_predictions(tmp_path):
     from affpipe.train.evaluate import report_evaluation
 
     a, videos = _fixture()
-    acc = MetricAccumulator(("va", "expr", "au"))
-    acc._chunks = {k: [v] for k, v in a.items()}
+    acc = MetricAccumulator.from_state(("va", "expr", "au"), a)
     result = report_evaluation(acc, len(videos), TrainConfig(task="mtl"), tmp_path / "best.pt", {}, "val",
                                tune_au_thresholds=True, videos=videos)
     saved = json.loads((tmp_path / "eval.json").read_text())
@@ -179,8 +182,7 @@ def test_eval_md_says_which_tuned_figures_are_cross_validated():
     from affpipe.train.evaluate import eval_markdown
 
     a, videos = _fixture()
-    acc = MetricAccumulator(("va", "expr", "au"))
-    acc._chunks = {k: [v] for k, v in a.items()}
+    acc = MetricAccumulator.from_state(("va", "expr", "au"), a)
     thr = acc.tune_au_thresholds()
     tuned = acc.compute(au_thresholds=thr)
     result = {**acc.compute(), "task": "mtl", "split": "val", "au_thresholds": thr,
