@@ -21,22 +21,24 @@ from affpipe.cli.main import main
 @click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", help="Loader backend.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--num-workers", type=click.IntRange(min=0), default=None, help="Loader threads/processes.")
+@click.option("--overwrite", is_flag=True,
+              help="OUT was started from other inputs: delete embed's own files there and start afresh.")
 def embed(source: str, shards: Path, out: Path, split: str, backbone: str | None, image_size: int | None,
-          batch_size: int, backend: str, device: str, num_workers: int | None) -> None:
+          batch_size: int, backend: str, device: str, num_workers: int | None, overwrite: bool) -> None:
     """Encode every frame of SHARDS with a frozen backbone into a feature table (Arrow IPC).
 
     SOURCE: a per-frame run folder or checkpoint, or `imagenet`. Resumable per shard: rerun the
-    same command after a kill.
+    same command after a kill (another SOURCE into the same OUT is refused; see --overwrite).
     """
     from affpipe.loaders import LoaderConfig
     from affpipe.temporal.embed import EmbedConfig
     from affpipe.temporal.embed import embed as run_embed
 
     manifest = run_embed(EmbedConfig(source=source, shards=shards, out=out, split=split, backbone=backbone,
-                                     image_size=image_size, batch_size=batch_size, device=device,
+                                     image_size=image_size, batch_size=batch_size, device=device, overwrite=overwrite,
                                      loader=LoaderConfig(backend=backend, num_workers=num_workers)))
     tp = manifest["throughput"]
-    click.echo(json.dumps({k: manifest[k] for k in ("rows", "feature_dim", "backbone", "image_size", "splits")}))
+    click.echo(json.dumps({k: manifest[k] for k in ("rows", "feature_dim", "backbone", "image_size", "splits", "loader")}))
     if tp["frames_per_s"] is not None:
         click.echo(f"{tp['frames']} frames embedded at {tp['frames_per_s']:.0f} frames/s on {tp['device']}, "
                    f"data wait {tp['data_wait_share']:.1%} of the time → {out}")

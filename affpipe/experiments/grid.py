@@ -186,6 +186,7 @@ def run_overrides(grid: Grid, run: GridRun, *, scale: str, shards: Path, runs_di
         from affpipe.experiments.temporal import features_dir
 
         ov["features"] = str(features_dir(runs_dir, seeded(run.features_from, k)))
+        del ov["shards"]  # a temporal run reads its feature table (which records its shards)
     if run.init_from:
         ov["model.init"] = str(runs_dir / seeded(run.init_from, k) / "best.pt")
     if (out / "last.pt").exists():

@@ -47,47 +47,65 @@ def ensure_features(runs_dir: Path, source_run: str, shards: Path) -> Path:
 
 
 def evaluated(run_dir: Path) -> bool:
-    """Whether ``run_dir``'s eval.json already holds intervals and its predictions are kept."""
+    """Whether ``run_dir``'s eval.json already holds intervals over the whole validation split
+    and its predictions are kept (training writes both unless its validation was limited)."""
     try:
         ev = json.loads((Path(run_dir) / "eval.json").read_text())
+        limited = json.loads((Path(run_dir) / "config.json").read_text()).get("max_val_steps")
     except (OSError, ValueError):
         return False
-    return "ci" in ev and (Path(run_dir) / PREDICTIONS).is_file()
+    return "ci" in ev and not limited and (Path(run_dir) / PREDICTIONS).is_file()
+
+
+def _inputs(run_dir: Path, shards: Path):
+    from affpipe.runs.open import RunInputs
+
+    temporal = bool(json.loads((Path(run_dir) / "config.json").read_text()).get("features"))
+    return RunInputs(run=Path(run_dir), shards=None if temporal else Path(shards))
 
 
 def evaluate_cell(run_dir: Path, shards: Path) -> dict[str, Any] | None:
     """``affpipe evaluate`` of a finished run's best.pt on validation (skipped when done)."""
     if evaluated(run_dir):
         return None
+    from dataclasses import asdict
+
     from affpipe.loaders import LoaderConfig
-    from affpipe.temporal.evaluate import evaluate_run
+    from affpipe.runs.evaluate import EvalConfig, evaluate
 
     log.info("experiments: evaluating %s (intervals, predictions)", Path(run_dir).name)
-    return evaluate_run(Path(run_dir), Path(shards), split="val", loader=LoaderConfig(num_workers=0))
+    return evaluate(EvalConfig(**asdict(_inputs(run_dir, shards)), loader=LoaderConfig(num_workers=0)))
 
 
 def smoothed_eval(run_dir: Path, shards: Path) -> dict[str, Any]:
     """Validation metrics of ``run_dir``'s best.pt with smoothing tuned on validation (cached),
-    with intervals, and the cross-validated score of smoothing tuned on other videos."""
-    from affpipe.loaders import LoaderConfig
-    from affpipe.temporal.evaluate import apply_smoothing, collect, frames_of
+    with intervals, and the score of smoothing cross-validated over videos. Redone from the
+    predictions ``evaluate_cell`` kept: no second pass of the model."""
+    from affpipe.runs.evaluate import Collected, apply_smoothing, run_folder_for_writing
+    from affpipe.runs.open import open_run
     from affpipe.temporal.smoothing import tune_cross_validated
-    from affpipe.train.bootstrap import evaluation_intervals
+    from affpipe.train.bootstrap import evaluation_intervals, load_predictions
     from affpipe.train.evaluate import report_evaluation, write_eval
+    from affpipe.train.metrics import MetricAccumulator
 
     path = Path(run_dir) / f"{SMOOTHED_STEM}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    c = collect(Path(run_dir), Path(shards), "val", loader=LoaderConfig(num_workers=0))
-    video, frame = frames_of(c.acc, c.label_table)
-    cv = tune_cross_validated(c.acc, video, frame, TUNE_FOLDS)
-    extra = apply_smoothing(c, "val", smooth=False, tune_smoothing=True, write=True)
-    result = report_evaluation(c.acc, c.frames, c.cfg, c.ckpt, c.state, "val", write=False, extra=extra)
-    result.update(evaluation_intervals(c.acc, video, run_dir, SMOOTHED_STEM))
-    result["note"] = "smoothing windows tuned on this split (val): optimistic, as tuned AU thresholds are"
-    scores = {k: v for k, v in cv["scores"].items() if k in ("va_ccc", "valence_ccc", "arousal_ccc", "expr_f1",
-                                                                 "au_f1", "p_mtl")}
-    result["cross_validated"] = {**scores, "folds": TUNE_FOLDS, "fold_windows": cv["fold_windows"],
-                                 **evaluation_intervals(cv["acc"], video, run_dir, SMOOTHED_CV_STEM)}
-    write_eval(Path(run_dir), result, stem=SMOOTHED_STEM)
+    evaluate_cell(run_dir, shards)
+    run = open_run(_inputs(run_dir, shards))
+    arrays, _ = load_predictions(run.folder / PREDICTIONS)
+    acc = MetricAccumulator.from_state(run.cfg.heads, arrays)
+    video, frame = run.frames_of(arrays["row_id"])
+    c = Collected(acc, len(arrays["row_id"]), video, frame, {})
+    with run_folder_for_writing(run.folder):
+        cv = tune_cross_validated(c.acc, video, frame, TUNE_FOLDS)
+        extra = apply_smoothing(run, c, "val", smooth=False, tune_smoothing=True, write=True)
+        result = report_evaluation(c.acc, c.frames, run.cfg, run.ckpt, run.state, "val", write=False, extra=extra)
+        result.update(evaluation_intervals(c.acc, video, run.folder, SMOOTHED_STEM))
+        result["note"] = "smoothing windows tuned on this split (val): optimistic, as tuned AU thresholds are"
+        keys = ("va_ccc", "valence_ccc", "arousal_ccc", "expr_f1", "au_f1", "p_mtl")
+        result["cross_validated"] = {**{k: v for k, v in cv["scores"].items() if k in keys}, "folds": TUNE_FOLDS,
+                                     "fold_windows": cv["fold_windows"],
+                                     **evaluation_intervals(cv["acc"], video, run.folder, SMOOTHED_CV_STEM)}
+        write_eval(run.folder, result, stem=SMOOTHED_STEM)
     return result

@@ -293,19 +293,18 @@ def cross_validated_au(acc: Any, videos: np.ndarray, folds: int, *, seed: int = 
             "ci": {k: ci[k] for k in keys if k in ci}}
 
 def row_videos(label_table: Any) -> Any:
-    """A function giving the video of each row id (rows of ``label_table``, a pyarrow table with
-    ``row_id`` and ``video``); a row id the table lacks is an error."""
-    rid = label_table.column("row_id").to_numpy()
-    order = np.argsort(rid, kind="stable")
-    sorted_rid = rid[order]
+    """A function giving the video of each row id (rows of ``label_table``, with ``row_id`` and
+    ``video``); a row id the table lacks is an error."""
+    from affpipe.index.build import row_positions
+
+    positions = row_positions(label_table)
     video = label_table.column("video").to_numpy(zero_copy_only=False)
 
     def lookup(row_id: np.ndarray) -> np.ndarray:
-        row_id = np.asarray(row_id)
-        pos = order[np.clip(np.searchsorted(sorted_rid, row_id), 0, max(len(rid) - 1, 0))]
-        if len(row_id) and not (rid[pos] == row_id).all():
-            raise ValueError(f"{int((rid[pos] != row_id).sum())} predicted rows are not in the label table")
-        return video[pos]
+        try:
+            return video[positions(row_id)]
+        except KeyError as exc:
+            raise ValueError(f"{exc.args[0]} predicted rows are not in the label table") from None
 
     return lookup
 

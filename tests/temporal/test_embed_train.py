@@ -41,7 +41,8 @@ def test_embed_writes_a_sorted_table_with_its_manifest(feats, shard_dir, frame_c
     shards = json.loads((shard_dir / "manifest.json").read_text())
     assert len(t) == sum(s["samples"] for s in shards["splits"].values()) == m["rows"]
     assert t.dim == m["feature_dim"] == 512 and m["backbone"] == "resnet18" and m["image_size"] == 32
-    assert m["source_checkpoint"] == str(frame_ckpt.resolve()) and len(m["source_sha256"]) == 64
+    assert (feats / m["source_checkpoint"]).resolve() == frame_ckpt.resolve() and len(m["source_sha256"]) == 64
+    assert not m["source_checkpoint"].startswith("/") and (feats / m["index"] / "index.json").is_file()
     assert (np.diff(t.video.astype(np.int64) * 10**6 + t.frame) > 0).all()
     assert m["throughput"]["frames_per_s"] > 0 and 0 <= m["throughput"]["data_wait_share"] <= 1
     assert not (feats / "parts").exists()
@@ -106,22 +107,22 @@ def test_temporal_run_folder_like_a_per_frame_run(feats, tmp_path, arch):
 
 
 def test_evaluate_predict_and_smoothing_on_a_temporal_run(feats, tmp_path):
-    from affpipe.temporal.evaluate import evaluate_run, is_temporal_run, predict_run
+    from affpipe.runs import EvalConfig, PredictConfig, RunInputs, evaluate, open_run, predict
     from affpipe.temporal.train import train_temporal
 
     run = train_temporal(_temporal_cfg(feats, tmp_path / "run"))
-    assert is_temporal_run(run)
-    plain = evaluate_run(run, split="val", write=False)
+    assert open_run(RunInputs(run=run)).kind == "temporal"
+    plain = evaluate(EvalConfig(run=run, write=False))
     best = json.loads((run / "eval.json").read_text())
     for key in ("va_ccc", "expr_f1", "au_f1"):  # evaluate reproduces the trainer's validation pass
         assert plain[key] == pytest.approx(best[key], abs=1e-4)
-    tuned = evaluate_run(run, split="val", tune_smoothing=True)
+    tuned = evaluate(EvalConfig(run=run, tune_smoothing=True))
     for key in ("va_ccc", "expr_f1", "au_f1"):
         assert tuned[key] >= plain[key] - 1e-9  # window 1 is a candidate: tuning never lowers a score
     assert (run / "smoothing.json").is_file() and set(tuned["smoothing"]["windows"]) == {"va", "expr", "au"}
-    again = evaluate_run(run, split="val", smooth=True, write=False)
+    again = evaluate(EvalConfig(run=run, smooth=True, write=False))
     assert again["va_ccc"] == pytest.approx(tuned["va_ccc"])
-    summary = predict_run(run, None, tmp_path / "pred", "abaw-single", split="val", smooth=True)
+    summary = predict(PredictConfig(run=run, out=tmp_path / "pred", format="abaw-single", smooth=True))
     lines = (tmp_path / "pred" / "VA.txt").read_text().splitlines()
     assert lines[0] == "image_location,valence,arousal" and len(lines) - 1 == summary["lines"] > 0
     assert summary["smoothing"]["windows"] == tuned["smoothing"]["windows"]
@@ -141,8 +142,11 @@ def test_cli_embed_and_smoothing_of_a_per_frame_run(frame_ckpt, shard_dir, tmp_p
                                   "--backend", "torch", "--num-workers", "0", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "Smoothing windows" in r.output and (frame_ckpt.parent / "smoothing.json").is_file()
-    r = CliRunner().invoke(main, ["embed", "imagenet", "--shards", str(shard_dir), "-o", str(tmp_path / "f")])
-    assert r.exit_code == 1 and "already holds a feature table" in r.output
+    other = tmp_path / "other.pt"
+    other.write_bytes(frame_ckpt.read_bytes())
+    r = CliRunner().invoke(main, ["embed", str(other), "--shards", str(shard_dir), "-o", str(tmp_path / "f"),
+                                  "--split", "val", "--device", "cpu"])
+    assert r.exit_code == 1 and "from other inputs" in r.output and "other.pt" in r.output and "--overwrite" in r.output
 
 
 def test_bench_embed_reports_forward_and_embed_speed(frame_ckpt, shard_dir, tmp_path):
