@@ -36,10 +36,10 @@ def feats(shard_dir, tmp_path_factory):
     data = TemporalData.open(_embed(first, shard_dir, tmp_path_factory.mktemp("f0")))
     rows = data.table.rows_of("val")
     x = np.c_[data.table.features[rows].astype(np.float64), np.ones(len(rows))]
-    lab = data.labels
-    targets = {"va": np.arctanh(np.clip(np.nan_to_num(lab.va[rows]), -0.95, 0.95)),
-               "expr": 8.0 * np.eye(8)[np.clip(lab.expr[rows], 0, 7)] - 4.0,
-               "au": 8.0 * (lab.au[rows] > 0.5) - 4.0}
+    lab = {k: v.numpy() for k, v in data.labels.take(rows, np.ones(len(rows), bool)).items()}
+    targets = {"va": np.arctanh(np.clip(np.nan_to_num(lab["va"].astype(np.float64)), -0.95, 0.95)),
+               "expr": 8.0 * np.eye(8)[np.clip(lab["expr"].astype(np.int64), 0, 7)] - 4.0,
+               "au": 8.0 * (lab["au"] > 0.5) - 4.0}
     for task, y in targets.items():
         w = np.linalg.solve(x.T @ x + 1e-3 * np.eye(x.shape[1]), x.T @ y)  # [513, out]
         state[f"heads.{task}.weight"] = torch.tensor(w[:-1].T, dtype=torch.float32)
