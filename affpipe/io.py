@@ -22,12 +22,13 @@ _CHUNK = 8 << 20
 def atomic_open(path: Path | str, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open ``<path>.tmp`` for writing; on success fsync it and rename it to ``path``.
 
-    On any exception (a kill aside) the temporary file is removed and the target untouched.
+    On any exception (a kill aside) the temporary file is removed and the target untouched; a
+    failed write (a full disk) is reported naming ``path`` (:func:`write_error`).
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, mode) as fh:
+        with writing(path), open(tmp, mode) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
@@ -35,6 +36,36 @@ def atomic_open(path: Path | str, mode: str = "wb") -> Iterator[IO[Any]]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Report a write that fails in the body (a full disk) as one error naming ``path``
+    (:func:`write_error`): neither ``write(2)``'s ENOSPC nor torch.save's message names it."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        named = write_error(path, exc)
+        if named is exc:
+            raise
+        raise named from exc
+
+
+# How torch.save reports a write that failed (a full disk, mostly): no file, no errno.
+_TORCH_WRITE_FAILED = ("inline_container", "PytorchStreamWriter", "unexpected pos")
+
+
+def write_error(path: Path | str, exc: BaseException) -> BaseException:
+    """The error to raise for ``exc`` met while writing ``path``: an ``OSError`` or torch's
+    writer ``RuntimeError`` becomes one naming the file (``<path>: disk full / could not write
+    (<cause>)``); anything else is returned unchanged."""
+    text = str(exc).strip()
+    if isinstance(exc, RuntimeError) and not any(k in text for k in _TORCH_WRITE_FAILED):
+        return exc
+    if not isinstance(exc, OSError | RuntimeError) or (isinstance(exc, OSError) and exc.filename is not None):
+        return exc
+    first = (text.splitlines() or [type(exc).__name__])[0][:200]
+    return OSError(f"{path}: disk full / could not write ({first})")
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:

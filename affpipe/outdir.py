@@ -166,26 +166,40 @@ def claim(out: Path | str, owner: Owner, inputs: Mapping[str, Any], *, overwrite
     inputs is refused naming both sides, unless ``overwrite`` (which deletes only our files).
     """
     out = Path(out)
-    check_folder(out, owner, also=also)  # read-only: a foreign folder gets no lock file of ours
+    inputs = jsonable(dict(inputs))
+    preflight(out, owner, inputs, overwrite=overwrite, also=also)  # read-only: no lock file in a foreign folder
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, LOCK, f"affpipe {owner.command}"):
-        marker = check_folder(out, owner, also=also)  # again, under the lock
-        inputs = jsonable(dict(inputs))
-        c = Claim(out, owner, fresh=marker is None)
-        if marker is not None:
-            diffs = input_differences(marker.get("inputs") or {}, inputs)
-            if diffs and not overwrite:
-                raise FileExistsError(f"{out}: was made by `affpipe {owner.command}` from other inputs ("
-                                      + "; ".join(diffs) + "); choose a new folder or pass --overwrite "
-                                      "(deletes only affpipe's own files there)")
-            if overwrite:
-                n = c.remove_own()
-                log.info("--overwrite: removed %d file(s) of `affpipe %s` from %s", n, owner.command, out)
-                c.fresh = True
+        keep = preflight(out, owner, inputs, overwrite=overwrite, also=also)  # again, under the lock
+        c = Claim(out, owner, fresh=not keep)
+        if keep and overwrite:
+            n = c.remove_own()
+            log.info("--overwrite: removed %d file(s) of `affpipe %s` from %s", n, owner.command, out)
+            c.fresh = True
         c.existing = [rel for rel, kind in _walk(out) if kind == "file" and rel not in _OURS]
-        atomic_write_text(out / MARKER, json.dumps({"command": owner.command, "version": OUTDIR_VERSION,
-                                                     "inputs": inputs}, indent=2, sort_keys=True) + "\n")
+        _write_marker(out, owner, inputs)
         yield c
+
+
+def preflight(out: Path | str, owner: Owner, inputs: Mapping[str, Any], *, overwrite: bool = False,
+              also: tuple[Owner, ...] = ()) -> bool:
+    """:func:`claim`'s refusals without writing anything (run it before long work, so a refused
+    folder costs nothing); True when ``out`` holds files of ``owner``'s to resume from or replace."""
+    out = Path(out)
+    marker = check_folder(out, owner, also=also)
+    if marker is None or not any(kind == "file" and rel not in _OURS for rel, kind in _walk(out)):
+        return False  # new, empty, or marked with nothing written yet (stopped early): nothing to keep
+    diffs = input_differences(marker.get("inputs") or {}, jsonable(dict(inputs)))
+    if diffs and not overwrite:
+        raise FileExistsError(f"{out}: was made by `affpipe {owner.command}` from other inputs ("
+                              + "; ".join(diffs) + "); choose a new folder or pass --overwrite "
+                              "(deletes only affpipe's own files there)")
+    return True
+
+
+def _write_marker(out: Path, owner: Owner, inputs: Mapping[str, Any]) -> None:
+    atomic_write_text(out / MARKER, json.dumps({"command": owner.command, "version": OUTDIR_VERSION,
+                                                 "inputs": inputs}, indent=2, sort_keys=True) + "\n")
 
 
 @contextlib.contextmanager
@@ -215,3 +229,26 @@ def folder_lock(out: Path, name: str, who: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def unmarked_and_only_own(out: Path, owner: Owner) -> bool:
+    """A non-empty folder without a marker that holds only plain files named as ``owner`` writes
+    them: what an affpipe from before markers left (0.2). Whether it is really ``owner``'s output
+    is the caller's to prove (its main file must load as one) before :func:`adopt`."""
+    out = Path(out)
+    if not out.is_dir() or out.is_symlink() or read_marker(out) is not None:
+        return False
+    entries = [(rel, kind) for rel, kind in _walk(out) if rel != LOCK]
+    return bool(entries) and all(kind == "file" and owner.owns(rel) for rel, kind in entries)
+
+
+def adopt(out: Path, owner: Owner, inputs: Mapping[str, Any]) -> None:
+    """Write ``owner``'s marker with ``inputs`` into a folder :func:`unmarked_and_only_own` accepts
+    (checked again under the lock), so that :func:`claim` takes it as ``owner``'s from then on."""
+    out = Path(out)
+    with folder_lock(out, LOCK, f"affpipe {owner.command}"):
+        if not unmarked_and_only_own(out, owner):
+            raise FileExistsError(f"{out}: changed while being checked; run again")
+        _write_marker(out, owner, jsonable(dict(inputs)))
+    log.warning("%s: a folder of `affpipe %s` from before ownership markers; adopted (%s written)",
+                out, owner.command, MARKER)

@@ -61,13 +61,16 @@ def synth(out: Path, layout: str, videos: int | None, frames: int | None, seed: 
 @click.option("--test-list", "test_lists", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A test-set list (video names, or a sample/release file of image paths); repeatable; "
                    "added to those found under ROOT.")
+@click.option("--overwrite", is_flag=True,
+              help="OUT holds an index of other inputs: replace it (deletes only index's own files).")
 def index_cmd(root: Path, out: Path, images: tuple[Path, ...], on_bad_line: str, workers: int,
-              test_lists: tuple[Path, ...]) -> None:
-    """Find every edition's layout under ROOT and write the label tables to OUT."""
+              test_lists: tuple[Path, ...], overwrite: bool) -> None:
+    """Find every edition's layout under ROOT and write the label tables to OUT (a new folder, or
+    one `affpipe index` wrote: rerun in place with the same inputs)."""
     from affpipe.index.build import IndexConfig, build_index, format_summary
 
-    counts = build_index(IndexConfig(root=root, out=out, images=tuple(images),
-                                     on_bad_line=on_bad_line, workers=workers, test_lists=tuple(test_lists)))
+    counts = build_index(IndexConfig(root=root, out=out, images=tuple(images), on_bad_line=on_bad_line,
+                                     workers=workers, test_lists=tuple(test_lists), overwrite=overwrite))
     click.echo(format_summary(counts))
     click.echo(f"wrote {out}/frames.parquet, videos.parquet, index.json"
                + (", mtl_frames.parquet" if "mtl" in counts else ""))

@@ -9,6 +9,7 @@ optional package, a failed ``RuntimeError`` such as offline weights) become one
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import click
@@ -30,8 +31,19 @@ class _Group(click.Group):
         except HANDLED as exc:
             if ctx.params.get("debug"):
                 raise
+            close_progress_bars()
             click.echo(f"Error: {error_message(exc)}", err=True)
             ctx.exit(1)
+
+
+def close_progress_bars() -> None:
+    """Close the progress bars an error left open mid-line (a bar closes when its loop's frame is
+    freed, after the handler), so that the ``Error:`` line starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        with contextlib.suppress(Exception):  # a bar that cannot redraw must not hide the error
+            bar.close()
 
 
 def error_message(exc: BaseException) -> str:

@@ -72,16 +72,19 @@ def _csv_floats(value: str | None) -> tuple[float, ...] | None:
 @click.option("--index", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Label index, when it is not where the shard (or feature) manifest says; checked against it.")
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last.pt.")
+@click.option("--overwrite", is_flag=True, help="-o holds a run: start afresh (deletes only the run's own files).")
 def train(recipe: Path | None, task: str | None, shards: Path | None, features: Path | None, out: Path | None,
-          resume: bool,
+          resume: bool, overwrite: bool,
           compile_: bool | None, task_weights: str | None, **flags) -> None:
     """Train a uni-task (va|expr|au) or multi-task (mtl) model on shards (or, with --features, a
     temporal head on a feature table) into a run folder."""
     from affpipe.dist import dist_env
     from affpipe.temporal.train import train_any
     from affpipe.train.config import load_config
+    from affpipe.train.runfolder import check_run_folder
 
     if recipe is None and resume and out is not None and (out / "config.json").is_file():
+        check_run_folder(out)  # a config.json of a user's is never read as the run's
         recipe = out / "config.json"  # resume with the run's own resolved config
     if recipe is None and task is None:
         raise click.UsageError("give --task or a recipe with --config")
@@ -96,7 +99,7 @@ def train(recipe: Path | None, task: str | None, shards: Path | None, features: 
     cfg = load_config(recipe, overrides)
     if (cfg.shards is None and cfg.features is None) or cfg.out is None:
         raise click.UsageError("--shards (or --features) and -o/--out are required (or set them in the recipe)")
-    run = train_any(cfg)
+    run = train_any(cfg, overwrite=overwrite)
     if dist_env()[0] == 0:  # under torchrun only rank 0 reports
         if (run / "eval.md").is_file():
             click.echo((run / "eval.md").read_text())

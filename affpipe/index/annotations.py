@@ -148,6 +148,18 @@ def _reason(task: str, header: Header, tokens: list[str]) -> str | None:
     return None
 
 
+def refuse_utf16(data: bytes, path: Path | str) -> None:
+    """A text file saved as UTF-16 (Windows' "Unicode"; with a byte-order mark or without) is
+    refused naming the encoding and the fix, rather than read as a garbled header."""
+    head = data[:512]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ValueError(f"{path}:1: UTF-16 text; save it as UTF-8")
+    # UTF-16 without a mark: ASCII text with a zero byte beside every character
+    odd, even = head[1::2], head[0::2]
+    if len(head) >= 4 and (odd.count(0) > len(odd) // 2 or even.count(0) > len(even) // 2):
+        raise ValueError(f"{path}:1: UTF-16 text (no byte-order mark); save it as UTF-8")
+
+
 def split_lines(data: bytes) -> list[str]:
     """Lines as pyarrow.csv sees them (CRLF, CR or LF), trailing blank lines dropped."""
     data = data.rstrip(b" \t\r\n")
@@ -217,6 +229,7 @@ def parse_annotation(path: Path, task: str, on_bad_line: str = "error") -> Parse
 
 def parse_annotation_bytes(data: bytes, task: str, path: Path | str, on_bad_line: str = "error") -> Parsed:
     """:func:`parse_annotation` on the file's bytes (``path`` only names it in errors)."""
+    refuse_utf16(data, path)
     m = _NEWLINE.search(data)
     head, body = (data[: m.start()], data[m.end():]) if m else (data, b"")
     if not head.strip():

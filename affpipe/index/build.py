@@ -11,6 +11,7 @@ process only concatenates columns and writes Parquet.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -42,11 +43,14 @@ from affpipe.labels import (
     TASKS,
 )
 from affpipe.lineage import table_fingerprint
+from affpipe.outdir import Owner, adopt, claim, preflight, unmarked_and_only_own
 
 log = logging.getLogger(__name__)
 
 # Below this many videos a process pool costs more than it saves.
 TABLE_FILES = {"frames": "frames.parquet", "mtl": "mtl_frames.parquet"}  # the label tables
+# The index folder is `affpipe index`'s own (affpipe.outdir): only these names, nothing of a user's.
+INDEX_OWNER = Owner("index", ("frames.parquet", "mtl_frames.parquet", "videos.parquet", "index.json"))
 _POOL_MIN_VIDEOS = 48
 
 
@@ -60,6 +64,13 @@ class IndexConfig:
     on_bad_line: str = "error"  # "error" | "skip"
     workers: int = 2  # processes for the per-video work (1 = in this process)
     test_lists: tuple[Path, ...] = ()  # extra test-set lists (--test-list), besides those in the tree
+    overwrite: bool = False  # an index of other inputs in ``out``: replace it (its files only)
+
+    def inputs(self) -> dict:
+        """What the index is made from (recorded in the folder's marker; a rerun into the folder
+        must match): the tree, image roots, test lists (resolved) and the bad-line rule."""
+        return {"root": str(Path(self.root).resolve()), "images": [str(Path(p).resolve()) for p in self.images],
+                "test_lists": [str(Path(p).resolve()) for p in self.test_lists], "on_bad_line": self.on_bad_line}
 
 
 @dataclass(frozen=True)
@@ -354,6 +365,30 @@ def _mtl_table(m: MTLParsed, results: list[_Video], val_videos: set[str],
 def build_index(cfg: IndexConfig) -> dict:
     """Index the tree under ``cfg.root`` into ``cfg.out``; returns the summary (index.json's counts).
 
+    ``cfg.out`` is claimed first (:mod:`affpipe.outdir`): a folder holding anything ``index`` did
+    not write is refused, one writer at a time, and an index of other inputs is replaced only with
+    ``cfg.overwrite``. A rerun with the same inputs rewrites the index in place.
+    """
+    out = Path(cfg.out)
+    if unmarked_and_only_own(out, INDEX_OWNER) and _is_index_json(out / "index.json"):
+        adopt(out, INDEX_OWNER, cfg.inputs())  # an index folder of affpipe 0.2 (no marker)
+    preflight(out, INDEX_OWNER, cfg.inputs(), overwrite=cfg.overwrite)  # refused before the work, not after
+    with contextlib.ExitStack() as held:
+        return _build(cfg, held)
+
+
+def _is_index_json(path: Path) -> bool:
+    """``path`` is an ``index.json`` affpipe wrote (not a user's file of that name)."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("schema_version"), int) and isinstance(meta.get("counts"), dict)
+
+
+def _build(cfg: IndexConfig, held: contextlib.ExitStack) -> dict:
+    """:func:`build_index`; the folder is claimed (into ``held``) once the tables are made.
+
     (Slightly over 60 lines: the stages in the order they run — layout, per-video jobs, tables,
     MTL, writes — read best as one list.)
     """
@@ -375,12 +410,12 @@ def build_index(cfg: IndexConfig) -> dict:
     results = _run_jobs(jobs, cfg.workers)
     _check_some_images(layout, results)
     frames = _frames_table(results)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_parquet(frames, out / TABLE_FILES["frames"], compression="zstd")
+    # claimed only now: bad input found above leaves no folder behind
+    folder = held.enter_context(claim(cfg.out, INDEX_OWNER, cfg.inputs(), overwrite=cfg.overwrite))
+    write_parquet(frames, folder.path(TABLE_FILES["frames"]), compression="zstd")
     stats = [s for r in results for s in r.stats]
     videos = pa.Table.from_pylist(stats, schema=VIDEOS_SCHEMA) if stats else VIDEOS_SCHEMA.empty_table()
-    write_parquet(videos, out / "videos.parquet", compression="zstd")
+    write_parquet(videos, folder.path("videos.parquet"), compression="zstd")
 
     has = frames.column("has_image").to_numpy()
     annotated = np.zeros(frames.num_rows, bool)
@@ -407,8 +442,10 @@ def build_index(cfg: IndexConfig) -> dict:
     fingerprints = {"frames": table_fingerprint(frames)}
     if mtl is not None:
         mtl_table, counts["mtl"] = _mtl_table(mtl, results, split_info["val_videos"], split_info["test_videos"])
-        write_parquet(mtl_table, out / TABLE_FILES["mtl"], compression="zstd")
+        write_parquet(mtl_table, folder.path(TABLE_FILES["mtl"]), compression="zstd")
         fingerprints["mtl"] = table_fingerprint(mtl_table)
+    else:  # a rerun without MTL files: no MTL table of the earlier inputs is left beside this one
+        folder.path(TABLE_FILES["mtl"]).unlink(missing_ok=True)
     counts["seconds"] = round(time.perf_counter() - t0, 3)
     meta = {
         "schema_version": TABLE_SCHEMA_VERSION,
@@ -416,11 +453,11 @@ def build_index(cfg: IndexConfig) -> dict:
         "layouts": layout.describe(),
         "counts": counts,
         "options": {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, tuple) else v)
-                    for k, v in asdict(cfg).items()},
+                    for k, v in asdict(cfg).items() if k != "overwrite"},
         "split_conflict_videos": split_info["split_conflict_videos"],
         "fingerprint": fingerprints,  # what shards, feature tables and runs record (affpipe.lineage)
     }
-    atomic_write_text(out / "index.json", json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(folder.path("index.json"), json.dumps(meta, indent=2) + "\n")
     log.info("indexed %d frames of %d videos in %.1f s", counts["frames"], counts["videos"], counts["seconds"])
     return counts
 

@@ -18,6 +18,7 @@ from affpipe.index.annotations import (
     _check_values,
     _read_csv,
     _reason,
+    refuse_utf16,
     split_lines,
 )
 from affpipe.io import clip, is_safe_name, safe_name
@@ -146,7 +147,9 @@ def parse_mtl(files: dict[str, Path], on_bad_line: str = "error") -> MTLParsed:
         path = Path(files[sp])
         paths.append(path)
         src = len(paths) - 1
-        data = path.read_bytes().rstrip(b" \t\r\n")
+        data = path.read_bytes()
+        refuse_utf16(data, path)
+        data = data.rstrip(b" \t\r\n")
         if not data:
             continue
         m = _NEWLINE.search(data)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from affpipe.index.annotations import refuse_utf16
 from affpipe.io import clip, is_safe_name, safe_name
 from affpipe.labels import AU_NAMES, EXPR_CLASSES, MAX_FRAME, VA_NAMES
 
@@ -98,6 +99,7 @@ def read_test_list(path: Path) -> TestList:
     """Parse a test-set list (either shape); ``ValueError`` naming ``file:line`` on a bad row."""
     path = Path(path)
     data = path.read_bytes()
+    refuse_utf16(data, path)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:

@@ -48,7 +48,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from affpipe.batch import Batch
-from affpipe.loaders.checks import empty_jpegs
+from affpipe.loaders.checks import SKIP_HINT, empty_jpegs
 from affpipe.loaders.plan import EpochCursor, EpochPlan, rank_range
 from affpipe.shards.format import (
     MANIFEST,
@@ -147,7 +147,7 @@ def check_shard(tar: Path, idx: Path, on_bad: str, tmp: Path | None) -> tuple[Sh
         if on_bad == "skip":
             log.warning("%s: %s; shard skipped", tar, exc)
             return None, {"bad_idx_shards": 1}
-        raise ValueError(f"{tar}: {exc} (reshard, or pass on_bad='skip')") from None
+        raise ValueError(f"{tar}: {exc} (reshard, or {SKIP_HINT})") from None
     size = tar.stat().st_size
     if last_end <= size:
         if on_bad == "skip" and (empty := empty_jpegs(idx)):  # shards from before they were caught at shard time
@@ -159,7 +159,7 @@ def check_shard(tar: Path, idx: Path, on_bad: str, tmp: Path | None) -> tuple[Sh
     msg = (f"{tar}: truncated ({size} bytes) — sample {first_lost} and {len(samples) - len(good) - 1} "
            f"more lie past its end")
     if on_bad != "skip":
-        raise ValueError(msg + "; rewrite the shard (`affpipe shard` resumes) or pass on_bad='skip'")
+        raise ValueError(msg + f"; rewrite the shard (`affpipe shard` resumes) or {SKIP_HINT}")
     log.warning("%s; skipped them", msg)
     if not good:
         return None, {"truncated": len(samples)}

@@ -11,6 +11,9 @@ import numpy as np
 
 from affpipe.shards.format import parse_idx
 
+# What a bad-sample error tells the user to do: the flag (train, evaluate, predict), the recipe key.
+SKIP_HINT = "pass --on-bad skip (loader.on_bad = \"skip\" in a recipe) to skip bad samples and count them"
+DALI_SKIP_HINT = "the DALI backend cannot skip it: pass --backend torch --on-bad skip, or reshard"
 _EMPTY_JPG = re.compile(rb"(?:^| )jpg \d+ 0(?= |$)", re.M)
 
 

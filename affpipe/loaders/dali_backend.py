@@ -38,7 +38,7 @@ from affpipe.batch import Batch
 from affpipe.labels import record_problems
 from affpipe.loaders.augment import NATIVE_SIZE, affine_matrices, sample_params, warp_batch
 from affpipe.loaders.base import BaseLoader
-from affpipe.loaders.checks import decode_jpeg
+from affpipe.loaders.checks import DALI_SKIP_HINT, SKIP_HINT, decode_jpeg
 from affpipe.loaders.source import ShardTable
 from affpipe.shards.format import sample_key
 
@@ -176,7 +176,7 @@ class DaliLoader(BaseLoader):
             shard_i, j = (int(v) for v in sel[i])
             msg = f"{self.shards[shard_i].tar}: sample {self.sample_name(shard_i, j)}: {why}"
             if self.on_bad != "skip":
-                raise ValueError(msg + " (pass on_bad='skip' to skip bad samples)")
+                raise ValueError(f"{msg} ({SKIP_HINT})")
             log.warning("%s; skipped", msg)
         self._count({"bad_sample": len(problems)})
         return np.array([i for i in range(n) if i not in problems], np.int64)
@@ -189,7 +189,7 @@ class DaliLoader(BaseLoader):
             comp = self.shard_index(shard_i)[j]
             if "jpg" not in comp or "lbl" not in comp or comp["lbl"][1] != RECORD_SIZE:
                 return (f"{self.shards[shard_i].tar}: sample {sample_key(comp)}: missing or malformed member(s) "
-                        f"{sorted(comp)}; the DALI backend cannot skip it — use backend='torch', on_bad='skip', or reshard")
+                        f"{sorted(comp)}; {DALI_SKIP_HINT}")
         return f"{self.split}: a sample with a missing or malformed member"
 
     def _diagnose(self, samples: np.ndarray, b: int, exc: Exception) -> Exception:
@@ -197,7 +197,7 @@ class DaliLoader(BaseLoader):
         have been preparing (prefetching runs up to two ahead)."""
         import cv2
 
-        if isinstance(exc, ValueError) and "DALI backend cannot skip" in str(exc):
+        if isinstance(exc, ValueError) and DALI_SKIP_HINT in str(exc):
             return ValueError(str(exc))
         sel = samples[b * self.batch_size:(b + 3) * self.batch_size]
         for (shard_i, j), where in zip(sel.tolist(), self.table.jpeg_where(sel), strict=True):
@@ -205,7 +205,6 @@ class DaliLoader(BaseLoader):
             if off >= 0 and decode_jpeg(self.table.views[shard_i], size, off, cv2.IMREAD_COLOR) is None:
                 key = self.sample_name(shard_i, j)
                 return ValueError(
-                    f"{self.shards[shard_i].tar}: sample {key}: undecodable JPEG ({size} bytes); the DALI "
-                    f"backend cannot skip it — use backend='torch', on_bad='skip', or reshard"
+                    f"{self.shards[shard_i].tar}: sample {key}: undecodable JPEG ({size} bytes); {DALI_SKIP_HINT}"
                 )
         return RuntimeError(f"DALI pipeline failed on split {self.split!r} (epoch {self.epoch}): {exc}")

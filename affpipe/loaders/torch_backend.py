@@ -29,7 +29,7 @@ from affpipe.batch import Batch
 from affpipe.labels import RECORD_SIZE, record_problems
 from affpipe.loaders.augment import AugmentConfig, resize_linear, sample_params, warp_nearest
 from affpipe.loaders.base import BaseLoader, Shard
-from affpipe.loaders.checks import bad_sample, decode_jpeg
+from affpipe.loaders.checks import SKIP_HINT, bad_sample, decode_jpeg
 from affpipe.loaders.plan import EpochPlan
 from affpipe.loaders.threads import ThreadedBatches
 from affpipe.shards.format import parse_idx, sample_key
@@ -95,7 +95,7 @@ class ShardBatches(Dataset):
                 problem = bad_sample(where, img, n, self.frame_size)
             if problem is not None:
                 if self.on_bad != "skip":
-                    raise ValueError(problem + " (pass on_bad='skip' to skip bad samples)")
+                    raise ValueError(f"{problem} ({SKIP_HINT})")
                 bad.append(problem)
                 continue
             img = resize_linear(img, size)
@@ -111,7 +111,7 @@ class ShardBatches(Dataset):
             shard, j = sel[keep[i]]
             problem = f"{_Where(self.shards[int(shard)].tar, self._open(int(shard))[1][int(j)])}: {why}"
             if self.on_bad != "skip":
-                raise ValueError(problem + " (pass on_bad='skip' to skip bad samples)")
+                raise ValueError(f"{problem} ({SKIP_HINT})")
             bad.append(problem)
             dropped.add(keep[i])
         keep = [k for k in keep if k not in dropped]

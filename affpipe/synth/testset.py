@@ -45,10 +45,14 @@ def test_video_names(seed: int, n: int, taken: set[str]) -> list[str]:
 
 
 def test_membership(seed: int, n: int) -> np.ndarray:
-    """``[n, 3]`` bool: which challenges' test lists name each test video (at least one)."""
+    """``[n, 3]`` bool: which challenges' test lists name each test video (at least one), and
+    every challenge's list names at least one video (a release's lists are never empty)."""
     rng = np.random.default_rng([seed, 2**31 + 2, 1])
     member = rng.random((n, len(TASKS))) < 0.7
     member[~member.any(1), 0] = True
+    if n:
+        for task in np.flatnonzero(~member.any(0)):
+            member[int(task) % n, task] = True
     return member
 
 

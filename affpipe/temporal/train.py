@@ -112,15 +112,16 @@ def temporal_lineage(cfg: TrainConfig, run: Path) -> dict:
             "features_fingerprint": [features_fingerprint(manifest)]}
 
 
-def train_temporal(cfg: TrainConfig) -> Path:
+def train_temporal(cfg: TrainConfig, *, overwrite: bool = False) -> Path:
     """Train a temporal head on ``cfg.features`` into the run folder ``cfg.out``; returns the folder."""
     from affpipe.train.loop import train
 
-    return train(cfg, setup=temporal_setup, lineage=temporal_lineage)
+    return train(cfg, setup=temporal_setup, lineage=temporal_lineage, overwrite=overwrite)
 
 
-def train_any(cfg: TrainConfig) -> Path:
-    """``train_temporal`` for a run on a feature table, the per-frame ``train`` otherwise."""
+def train_any(cfg: TrainConfig, *, overwrite: bool = False) -> Path:
+    """``train_temporal`` for a run on a feature table, the per-frame ``train`` otherwise
+    (``overwrite``: start afresh in a folder holding a run)."""
     from affpipe.train.loop import train
 
-    return train_temporal(cfg) if cfg.is_temporal else train(cfg)
+    return train_temporal(cfg, overwrite=overwrite) if cfg.is_temporal else train(cfg, overwrite=overwrite)

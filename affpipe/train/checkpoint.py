@@ -32,7 +32,7 @@ RESUME_MUTABLE = ("resume", "epochs", "out", "index", "loader.backend", "loader.
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically: a kill leaves the old file or the new one, whole."""
     path = Path(path)
-    with atomic_open(path, "wb") as fh:
+    with atomic_open(path, "wb") as fh:  # a failed write names the file (torch's own message does not)
         torch.save({"checkpoint_version": CHECKPOINT_VERSION, **state}, fh)
 
 

@@ -12,6 +12,7 @@ in :mod:`affpipe.train.trainer`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ import torch.distributed as tdist
 from tqdm import tqdm
 
 from affpipe import dist
-from affpipe.io import atomic_copy, atomic_write_text, jsonable
+from affpipe.io import atomic_copy, atomic_write_text, jsonable, writing
 from affpipe.train.checkpoint import (
     config_differences,
     load_checkpoint,
@@ -34,6 +35,7 @@ from affpipe.train.checkpoint import (
 )
 from affpipe.train.config import TrainConfig, config_json, to_dict
 from affpipe.train.evaluate import evaluate_model, write_eval
+from affpipe.train.runfolder import claim_run
 from affpipe.train.runinfo import check_same_data, frames_lineage, lineage_of_run, write_lineage
 from affpipe.train.trainer import Trainer
 
@@ -50,19 +52,16 @@ def frame_label_table(shards: Path, index: Path | None = None):
     return table
 
 
-def prepare_run_dir(cfg: TrainConfig, ctx: dist.DistContext) -> Path:
-    """The run folder: must hold no run unless resuming; created on rank 0."""
-    out = cfg.out
-    if out is None:
+def prepare_run_dir(cfg: TrainConfig, ctx: dist.DistContext, held: contextlib.ExitStack, *,
+                    overwrite: bool = False) -> Path:
+    """The run folder, claimed by rank 0 into ``held`` for the run's life
+    (:func:`affpipe.train.runfolder.claim_run`: a user's folder refused, ``--resume`` only of the
+    same config and data, ``overwrite`` deletes only the run's files)."""
+    if cfg.out is None:
         raise ValueError("train: no run folder given (-o/--out)")
     if ctx.main:
-        if cfg.resume:
-            if not out.is_dir():
-                raise FileNotFoundError(f"--resume: no run folder at {out}")
-        elif (out / "last.pt").exists():
-            raise FileExistsError(f"{out} already holds a run (last.pt); pass --resume to continue it or choose another -o")
-        out.mkdir(parents=True, exist_ok=True)
-    return out
+        held.enter_context(claim_run(cfg, overwrite=overwrite))
+    return cfg.out
 
 
 def resume(trainer: Trainer, run: Path) -> bool:
@@ -159,12 +158,15 @@ def frame_setup(cfg: TrainConfig, ctx: dist.DistContext) -> tuple[Trainer, Calla
     return trainer, lambda: make_loaders(cfg, ctx), f"on {cfg.shards}"
 
 
-def train(cfg: TrainConfig, setup: Setup = frame_setup, lineage: Lineage = frames_lineage) -> Path:
+def train(cfg: TrainConfig, setup: Setup = frame_setup, lineage: Lineage = frames_lineage, *,
+          overwrite: bool = False) -> Path:
     """Train ``cfg.task`` into the run folder ``cfg.out`` (per-frame on ``cfg.shards`` unless
-    ``setup`` builds another kind of run; ``lineage`` says what it trains on); returns the folder."""
+    ``setup`` builds another kind of run; ``lineage`` says what it trains on); returns the folder.
+    ``overwrite``: start afresh in a folder holding a run (its files deleted)."""
     ctx = dist.setup(cfg.device)
+    held = contextlib.ExitStack()  # the run folder's claim (rank 0), released when the run ends
     try:
-        run = prepare_run_dir(cfg, ctx)
+        run = prepare_run_dir(cfg, ctx, held, overwrite=overwrite)
         if cfg.amp != "none" and ctx.device.type != "cuda" and ctx.main:
             log.info("amp=%s ignored: autocast is used on GPU only (device %s)", cfg.amp, ctx.device)
         trainer, loaders, what = setup(cfg, ctx)
@@ -185,6 +187,7 @@ def train(cfg: TrainConfig, setup: Setup = frame_setup, lineage: Lineage = frame
                      getattr(train_loader, "backend", "?"), ctx.device)
         fit(trainer, run, train_loader, val_loader, steps, lineage=data)
     finally:
+        held.close()
         dist.teardown(ctx)
     return run
 
@@ -332,7 +335,7 @@ class RunLog:
         return time.perf_counter()
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as fh:
+        with writing(self.path), open(self.path, "a") as fh:  # a full disk names the file
             fh.write(json.dumps(jsonable(record)) + "\n")
 
     def flush(self, window: Window, trainer: Trainer, steps: int, bar) -> None:

@@ -70,7 +70,7 @@ def test_refuses_existing_run_and_changed_config(tiny_run, shard_dir):
 
     with pytest.raises(FileExistsError, match="--resume"):
         train(_tiny_cfg(shard_dir, tiny_run))
-    with pytest.raises(ValueError, match="lr: 0.001 .* != 0.5"):
+    with pytest.raises(FileExistsError, match=r"other inputs .*lr: 0.001 \(in the folder\) vs 0.5 \(now\)"):
         train(_tiny_cfg(shard_dir, tiny_run, lr=0.5, resume=True))
 
 
