@@ -70,6 +70,8 @@ def resume(trainer: Trainer, run: Path) -> bool:
     if not last.exists():
         if trainer.ctx.main:
             log.warning("--resume: %s has no last.pt yet; starting from scratch", run)
+            # What was logged before the first last.pt (e.g. a temporal run's start validation) is redone.
+            truncate_metrics(run / "metrics.jsonl", step=-1, epoch=0)
         return False
     ckpt = load_checkpoint(last, map_location=trainer.ctx.device)
     diffs = config_differences(ckpt["config"], to_dict(trainer.cfg))
@@ -212,6 +214,7 @@ def fit(trainer: Trainer, run: Path, train_loader, val_loader, steps: int, linea
         if ctx.main:
             runlog.write(summary)
             if improved:
+                keep_predictions(trainer, run)
                 checkpoint("best.pt")
     while trainer.state.epoch < cfg.epochs:
         state = trainer.state
@@ -226,12 +229,14 @@ def fit(trainer: Trainer, run: Path, train_loader, val_loader, steps: int, linea
         summary["wall_time"] = clock[1] + time.perf_counter() - clock[0]
         if ctx.main:
             runlog.write(summary)
+            if improved:
+                keep_predictions(trainer, run)  # before the checkpoints that make this state the best
             checkpoint("last.pt")
             if improved:
                 checkpoint("best.pt")
             plot(run)
     if ctx.main:
-        finish(run, cfg, trainer.state, trainer)
+        finish(run, cfg, trainer.state)
 
 
 def validate(trainer: Trainer, loader, summary: dict[str, Any], *, schedule: bool = True) -> bool:
@@ -404,20 +409,28 @@ def plot(run: Path) -> None:
         log.warning("curves.png not drawn: %s", exc)
 
 
-def finish(run: Path, cfg: TrainConfig, state, trainer: Trainer | None = None) -> None:
-    """``eval.json``/``eval.md`` from the validation pass that produced ``best.pt`` (with its
-    intervals), and that pass's predictions when this process made it (not before a resume)."""
+PREDICTIONS = "eval_predictions.npz"
+
+
+def keep_predictions(trainer: Trainer, run: Path) -> None:
+    """The improving validation's predictions as ``eval_predictions.npz`` (for paired comparisons)."""
+    kept, trainer.best_predictions = trainer.best_predictions, None
+    if kept is not None and trainer.row_videos is not None:
+        from affpipe.train.bootstrap import save_predictions
+
+        save_predictions(run / PREDICTIONS, kept, trainer.row_videos(kept["row_id"]))
+
+
+def finish(run: Path, cfg: TrainConfig, state) -> None:
+    """``eval.json``/``eval.md`` from the validation pass that produced ``best.pt``, with its
+    intervals and its kept predictions."""
     if state.best_metrics is None:
         log.warning("no validation score was reached; eval.json not written")
         return
     result = dict(state.best_metrics)
     result.update(task=cfg.task, split="val", checkpoint="best.pt")
-    kept = trainer.best_predictions if trainer is not None else None
-    if kept is not None and trainer.row_videos is not None:
-        from affpipe.train.bootstrap import save_predictions
-
-        result["predictions"] = save_predictions(run / "eval_predictions.npz", kept,
-                                                 trainer.row_videos(kept["row_id"])).name
+    if "ci" in result and (run / PREDICTIONS).is_file():
+        result["predictions"] = PREDICTIONS
     if cfg.max_val_steps:
         result["note"] = f"validation limited to {cfg.max_val_steps} batches per pass"
     write_eval(run, result)
