@@ -5,7 +5,11 @@ dependencies, and the size of the synthetic twin. ``run_experiments`` prepares t
 (synthetic twin → index → shards, or real Aff-Wild2 via ``root``, or ready ``shards``), trains
 every run into ``<out>/runs/<name>/`` and writes ``<out>/report.md`` (``affpipe.experiments.report``).
 A run whose ``eval.json`` exists is skipped; one killed midway (``last.pt``, no ``eval.json``)
-resumes; a run that fails is reported and only the runs that depend on it are skipped.
+resumes; a run that fails is reported and only the runs that depend on it are skipped. With
+``seeds`` every run is trained once per seed (``<name>-seed<k>``), each seed's cells cached.
+
+(A little over 400 lines: the grid file's checks and the per-run orchestration share the
+``GridRun`` records and the seeded names; the cells' evaluations live in ``temporal.py``.)
 """
 
 from __future__ import annotations

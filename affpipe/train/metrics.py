@@ -9,6 +9,9 @@ average="macro", zero_division=0)``), binary F1 per AU over that AU's valid entr
 ``MetricAccumulator`` collects a model's predictions batch by batch on the CPU (every row, with
 each head's mask, so the same store serves metrics and prediction files), computes the metrics
 at the end, tunes per-AU thresholds, and gathers the stores of all ranks under DDP.
+
+(A little over 400 lines: the accumulator's tuning and its cross-validation over video folds
+read the same stored arrays.)
 """
 
 from __future__ import annotations
