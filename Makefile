@@ -12,7 +12,15 @@ DEMO_VIDEOS ?= 24
 DEMO_FRAMES ?= 300
 DEMO_EPOCHS ?= 4
 
-.PHONY: install install-bench demo test test-fast test-nodali lint benchmark benchmark-full benchmark-gpu benchmark-gpu-full experiments clean
+# The GPU targets run from this checkout on a GPU host without installing anything: the project's
+# environment when it exists, else the host's python3 (PyTorch with CUDA, numpy, pyarrow, OpenCV,
+# tqdm; DALI installed or on PYTHONPATH). AFFPIPE_REQUIRE_GPU=1: no CUDA device, or a case that
+# cannot run, is a failure there, never a skip.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_ENV = PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} AFFPIPE_REQUIRE_GPU=1
+GPU_TESTS ?= $(shell grep -rl --include='*.py' 'pytest.mark.gpu' tests)
+
+.PHONY: install install-bench demo test test-fast test-nodali test-gpu lint benchmark benchmark-full benchmark-gpu benchmark-gpu-full experiments clean
 
 install: $(STAMP)
 
@@ -57,15 +65,18 @@ benchmark: install
 benchmark-full: install
 	$(AFFPIPE) bench-full --out bench/full
 
-# On a GPU host: needs PyTorch with CUDA, numpy, pyarrow, OpenCV and DALI importable (see
-# BENCHMARKS.md); runs from this checkout without installing it.
+# On a GPU host (see GPU_PY above and BENCHMARKS.md); exits non-zero when a case fails.
 benchmark-gpu:
-	PYTHONPATH=$$PWD:$$PYTHONPATH $(PYTHON) -m affpipe.bench.gpu --out bench/gpu --markdown BENCHMARKS.md
+	$(GPU_ENV) $(GPU_PY) -m affpipe.bench.gpu --out bench/gpu --markdown BENCHMARKS.md
 
 # On a GPU host, as benchmark-gpu (plus OpenCV and tqdm, and ~20 GB of disk): one whole epoch
 # over the full-scale synthetic twin, from nothing, in ~8 minutes.
 benchmark-gpu-full:
-	PYTHONPATH=$$PWD:$$PYTHONPATH $(PYTHON) -m affpipe.bench.gpu_full --out bench/gpu-full --markdown BENCHMARKS.md
+	$(GPU_ENV) $(GPU_PY) -m affpipe.bench.gpu_full --out bench/gpu-full --markdown BENCHMARKS.md
+
+# On a GPU host: the `gpu` tests (and pytest) only; they fail, not skip, without CUDA or DALI.
+test-gpu:
+	$(GPU_ENV) $(GPU_PY) -m pytest -q -m gpu $(GPU_TESTS)
 
 # The loaders make benchmark compares affpipe with (optional; FFCV builds against Debian's
 # libturbojpeg0-dev, libopencv-dev and pkg-config). Rows say which are missing.

@@ -8,11 +8,13 @@ per-sample Python.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
+from torch import nn
 
 from affpipe.labels import FLAG_AU, FLAG_EXPR, FLAG_VA, NUM_AU, RECORD_SIZE, RECORD_VERSION
 
@@ -42,18 +44,39 @@ class Batch:
     def __len__(self) -> int:
         return int(self.row_id.shape[0])
 
-    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+    def to(self, device: torch.device | str, non_blocking: bool | None = None) -> Batch:
+        """The batch on ``device``. Copies to an accelerator are asynchronous; copies to the CPU
+        block by default (``non_blocking=None``): a device→host copy read before the stream
+        reaches it would see stale memory."""
+        if non_blocking is None:
+            non_blocking = torch.device(device).type != "cpu"
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``: through page-locked memory to CUDA (an asynchronous copy the
+    host does not wait for; from pageable memory the driver stages it synchronously), as is
+    elsewhere. The pinned buffer comes from torch's caching host allocator, which keeps it until
+    the copy that reads it is done."""
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def decode_label_tensor(raw: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Decode ``uint8 [N, 32]`` label records into label and mask tensors on ``raw``'s device."""
+    """Decode ``uint8 [N, 32]`` label records into label and mask tensors on ``raw``'s device.
+
+    Reads no value back to the host: on a GPU that would wait for all queued work (the previous
+    training step included) on every batch. The record version is checked where the records
+    are still on the host — by the loaders (``labels.record_problems``) and here for CPU input.
+    """
     if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] != RECORD_SIZE:
         raise ValueError(f"label records must be uint8 [N, {RECORD_SIZE}], got {raw.dtype} {tuple(raw.shape)}")
     raw = raw.contiguous()
-    version = raw[:, 30]
-    if raw.shape[0] and bool((version != RECORD_VERSION).any()):
-        raise ValueError(f"label record version {int(version.max())} != {RECORD_VERSION}; reshard")
+    if raw.device.type == "cpu" and raw.shape[0]:
+        version = raw.numpy()[:, 30]  # numpy on host memory: no tensor op, nothing to wait for
+        if (version != RECORD_VERSION).any():
+            raise ValueError(f"label record version {int(version.max())} != {RECORD_VERSION}; reshard")
     row_id = raw[:, 0:8].contiguous().view(torch.int64).reshape(-1)
     va = raw[:, 8:16].contiguous().view(torch.float32)
     au = raw[:, 16:16 + NUM_AU].view(torch.int8)
@@ -126,3 +149,44 @@ def normalize_uint8(images: torch.Tensor, *, channels_last: bool = False) -> tor
     out = images.reshape(n * h, w * c).float()
     out.mul_(scale).add_(bias)
     return out.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _fp32(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off (the normalization runs in fp32); nothing to turn off on devices autocast
+    does not know (``meta``, which the host-sync tests train on)."""
+    if device.type not in ("cuda", "cpu", "xpu", "mps"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
+def normalize_nchw(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N,3,H,W]`` (any memory format) → float normalized, in fp32 even under autocast
+    (``normalize_uint8``: the same arithmetic as a loader with ``normalize=True``)."""
+    with _fp32(images.device):
+        if images.is_contiguous(memory_format=torch.channels_last):
+            return normalize_uint8(images.permute(0, 2, 3, 1), channels_last=True)
+        return normalize_uint8(images)
+
+
+class InputNorm(nn.Module):
+    """A model's first op: uint8 ``[N,3,H,W]`` → normalized float (``normalize_nchw``).
+
+    Under ``torch.compile`` the constants are this module's buffers (graph inputs, moved with
+    the model): traced, ``normalize_uint8``'s per-device cache is not a cache — dynamo would put
+    the numpy tiling and a host→device copy of the constants into every forward. The compiled
+    graph fuses the broadcast multiply-add into one kernel, so the row-tiling trick the eager
+    CPU path needs buys nothing there. The buffers are not saved in checkpoints.
+    """
+
+    def __init__(self, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> None:
+        super().__init__()
+        scale = 1.0 / (np.array(std, np.float64) * 255.0)
+        bias = -np.array(mean, np.float64) * 255.0 * scale
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("bias", torch.tensor(bias, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            with _fp32(images.device):
+                return images.float() * self.scale + self.bias
+        return normalize_nchw(images)

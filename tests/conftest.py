@@ -6,6 +6,7 @@ many tests that only read.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,15 +25,34 @@ def _has_cuda() -> bool:
         return False
 
 
+def _gpu_required() -> bool:
+    """``AFFPIPE_REQUIRE_GPU=1`` (a GPU host's ``make test-gpu``): a ``gpu`` test that cannot run
+    there — no CUDA device, or no DALI for a ``dali`` one — fails instead of skipping."""
+    return os.environ.get("AFFPIPE_REQUIRE_GPU", "") not in ("", "0")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_dali = pytest.mark.skip(reason="needs NVIDIA DALI")
     cuda = _has_cuda()
+    required = _gpu_required()
     for item in items:
-        if "gpu" in item.keywords and not cuda:
+        gpu = "gpu" in item.keywords
+        if required and gpu and not (cuda and (HAS_DALI or "dali" not in item.keywords)):
+            item.user_properties.append(("gpu_required_but", "no CUDA device" if not cuda else "no NVIDIA DALI"))
+            continue
+        if gpu and not cuda:
             item.add_marker(skip_gpu)
         if "dali" in item.keywords and not HAS_DALI:
             item.add_marker(skip_dali)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    why = dict(item.user_properties).get("gpu_required_but")
+    if why:
+        pytest.fail(f"AFFPIPE_REQUIRE_GPU is set but this GPU test cannot run: {why} "
+                    f"(torch.cuda.is_available() is {_has_cuda()}, DALI importable: {HAS_DALI})", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,7 @@ LOADER_CASES: tuple[LoaderCase, ...] = (
     LoaderCase("torch-proc-u8", "affpipe torch backend, DataLoader worker processes, uint8", train_step=False),
     LoaderCase("dali-cpu", "affpipe DALI, CPU mode, float", needs_dali=True, train_step=False),
     LoaderCase("dali-cpu-u8", "affpipe DALI, CPU mode, uint8 (model normalizes)", needs_dali=True, train_step=False),
-    LoaderCase("dali-gpu", "affpipe DALI, GPU decoding (mixed) — the GPU trainers' loader", needs_cuda=True, needs_dali=True),
+    LoaderCase("dali-gpu", "affpipe DALI, GPU decoding (mixed), uint8 — the GPU trainers' loader", needs_cuda=True, needs_dali=True),
     LoaderCase("tv-gpu-decode", "torchvision decode_jpeg on the GPU", needs_cuda=True),
 )
 
@@ -233,7 +233,7 @@ def build_loader(name: str, *, index: Path, shards: Path, batch_size: int, devic
     }[name]
     return make_loader(
         shards, "train", batch_size=batch_size, train=True, backend=backend, device=loader_device,
-        image_size=image_size, seed=seed, num_workers=cores, normalize=not name.endswith("-u8"),
+        image_size=image_size, seed=seed, num_workers=cores, normalize=not (name.endswith("-u8") or name == "dali-gpu"),
         parallel="processes" if "-proc" in name else "threads",
     )
 
@@ -261,10 +261,12 @@ class TrainStep:
     grad scaler, fp32 loss) on a default multi-task ResNet-18, on one device.
 
     ``amp_dtype`` (bf16) and ``channels_last`` are the GPU recipe; the CPU bench runs fp32
-    NCHW, which is what a CPU trains fastest in.
+    NCHW, which is what a CPU trains fastest in. ``compile``: ``torch.compile`` as a run with
+    ``compile = true`` does (``Trainer.wrap``), so the compiled model is the one the step runs.
     """
 
-    def __init__(self, table, *, device: str | torch.device, amp_dtype: torch.dtype | None = None, channels_last: bool = False, seed: int = 0):
+    def __init__(self, table, *, device: str | torch.device, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                 seed: int = 0, compile: bool = False):
         from affpipe.dist import DistContext
         from affpipe.train.config import TrainConfig
         from affpipe.train.tasks import label_statistics
@@ -273,22 +275,25 @@ class TrainStep:
         self.device = torch.device(device)
         self.table = table
         amp = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
-        cfg = TrainConfig(task="mtl", amp=amp, channels_last=channels_last, seed=seed, device=self.device.type)
+        cfg = TrainConfig(task="mtl", amp=amp, channels_last=channels_last, seed=seed, device=self.device.type,
+                          compile=compile)
         self.trainer = Trainer.build(cfg, DistContext(rank=0, world=1, device=self.device), label_statistics(table))
-        self.model = self.trainer.model
+        self.trainer.wrap()
+        self.model = self.trainer.model  # what Trainer.step runs (compiled when asked)
         self.model.train()
 
     def __call__(self, batch: Batch) -> None:
         self.trainer.step(batch)
 
     def synthetic_batch(self, batch_size: int, image_size: int) -> Batch:
-        """Random images with real label records from the table, already on the device."""
+        """Random uint8 images (NHWC memory viewed as NCHW, as the loaders yield them to the
+        trainers: the model normalizes) with real label records from the table, on the device."""
         recs = records_from_table(self.table.slice(0, min(batch_size, len(self.table))))
         raw = np.ascontiguousarray(recs).view(np.uint8).reshape(len(recs), RECORD_SIZE)
         raw = np.resize(raw, (batch_size, RECORD_SIZE))  # tiles rows when the table is smaller
         gen = torch.Generator().manual_seed(0)
-        images = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
-        return make_batch(images, torch.from_numpy(raw.copy())).to(self.device)
+        images = torch.randint(0, 256, (batch_size, image_size, image_size, 3), dtype=torch.uint8, generator=gen)
+        return make_batch(images.permute(0, 3, 1, 2), torch.from_numpy(raw.copy())).to(self.device)
 
     def synthetic_step(self, batch_size: int, image_size: int) -> Callable[[], tuple[int, float]]:
         batch = self.synthetic_batch(batch_size, image_size)

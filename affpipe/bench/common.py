@@ -22,6 +22,34 @@ from affpipe.dist import usable_cores
 
 NEEDS_GPU = "needs a GPU"
 NEEDS_DALI = "needs NVIDIA DALI"
+# Set on a GPU host (the GPU benchmarks, ``pytest -m gpu``): a case that cannot run there —
+# no CUDA device, no DALI — is a failure, not a skip, so the run cannot pass by testing nothing.
+REQUIRE_GPU_ENV = "AFFPIPE_REQUIRE_GPU"
+
+
+def gpu_required() -> bool:
+    """True when ``AFFPIPE_REQUIRE_GPU`` is set (to anything but ``""``/``0``)."""
+    return os.environ.get(REQUIRE_GPU_ENV, "") not in ("", "0")
+
+
+def require_cuda(prog: str, smoke: bool) -> None:
+    """Exit non-zero when the run cannot test what it is for: a GPU run without CUDA, or any
+    run while ``AFFPIPE_REQUIRE_GPU`` is set and torch sees no CUDA device."""
+    if cuda_available():
+        return
+    if gpu_required():
+        raise SystemExit(f"{prog}: {REQUIRE_GPU_ENV} is set but torch sees no CUDA device "
+                         "(driver too old for this torch build, or no GPU)")
+    if not smoke:
+        raise SystemExit(f"{prog}: torch sees no CUDA device (use --cpu-smoke to try the script on a CPU)")
+
+
+def failed_rows(rows: list[dict]) -> list[str]:
+    """``name: status`` of the rows that did not run: an error always; a case that needs a GPU
+    or DALI too when ``AFFPIPE_REQUIRE_GPU`` is set."""
+    required = gpu_required()
+    return [f"{r.get('name', '?')}: {r.get('status')}" for r in rows
+            if str(r.get("status", "")).startswith("error") or (required and r.get("status") in (NEEDS_GPU, NEEDS_DALI))]
 
 
 

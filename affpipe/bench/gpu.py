@@ -15,7 +15,9 @@ matplotlib, no network. It
 
 ``--cpu-smoke`` runs every step with tiny sizes on the CPU (DALI CPU mode; the ``mixed``
 decoder row says "needs a GPU"), which the test suite does, so the GPU run is unlikely to fail
-on anything but the GPU itself. Each case is isolated: a failure becomes an ``error: …`` row.
+on anything but the GPU itself. Each case is isolated: a failure becomes an ``error: …`` row,
+and the script exits 1 when any row is an error (with ``AFFPIPE_REQUIRE_GPU=1``, also when a
+case needs a GPU or DALI it does not have, or torch sees no CUDA device at all).
 
 A bare GPU host may lack OpenCV and tqdm: without cv2 the data comes from a PIL-only fallback
 tree (``--data fallback``; the results say which), without tqdm a silent stand-in lets the
@@ -38,10 +40,12 @@ import torch
 from affpipe.bench.common import (
     NEEDS_DALI,
     NEEDS_GPU,
+    failed_rows,
     fmt_rate,
     machine_info,
     machine_line,
     measure,
+    require_cuda,
     update_marked,
 )
 from affpipe.bench.gpu_data import ensure_tqdm, gpu_data  # noqa: F401 (ensure_tqdm: re-exported)
@@ -143,7 +147,9 @@ def bench_decode(cfg: GpuBenchConfig, shards: Path) -> list[dict]:
 def _dali_loader(cfg: GpuBenchConfig, shards: Path, size: int):
     from affpipe.loaders import make_loader
 
-    return make_loader(shards, "train", batch_size=cfg.batch_size, train=True, backend="dali", device=cfg.device, image_size=size, seed=cfg.seed, num_workers=usable_cores())
+    # uint8 batches, as the trainers read them (the model normalizes on the device)
+    return make_loader(shards, "train", batch_size=cfg.batch_size, train=True, backend="dali", device=cfg.device, image_size=size,
+                       seed=cfg.seed, num_workers=usable_cores(), normalize=False)
 
 
 def bench_size(cfg: GpuBenchConfig, data: dict, table, size: int) -> dict:
@@ -165,9 +171,8 @@ def bench_size(cfg: GpuBenchConfig, data: dict, table, size: int) -> dict:
         if loader is not None:
             close_loader(loader)
     try:
-        trainer = TrainStep(table, device=cfg.device, amp_dtype=torch.bfloat16 if cfg.amp else None, channels_last=cfg.channels_last, seed=cfg.seed)
-        if cfg.compile:
-            trainer.model = torch.compile(trainer.model)
+        trainer = TrainStep(table, device=cfg.device, amp_dtype=torch.bfloat16 if cfg.amp else None, channels_last=cfg.channels_last,
+                            seed=cfg.seed, compile=cfg.compile)
     except Exception as exc:
         res["synthetic"] = res["fed"] = {"status": _error(exc), "fps": None}
         return res
@@ -187,7 +192,7 @@ def bench_size(cfg: GpuBenchConfig, data: dict, table, size: int) -> dict:
             syn = res["synthetic"].get("fps")
             if syn:
                 res["fed"]["slowdown_vs_synthetic"] = round(max(0.0, 1 - m.steady_rate / syn), 4)
-            # The benchmark's epochs are short, so their starts (a DALI pipeline per epoch) are
+            # The benchmark's epochs are short, so their starts (the first batches of an epoch) are
             # timed apart: a 2.7M-frame epoch pays one start and runs at the steady rate.
             res["fed"]["epoch_s"] = round(cfg.epoch_frames / m.steady_rate + (m.restart_cost_s or 0.0), 1)
         except Exception as exc:
@@ -205,13 +210,10 @@ def bench_size(cfg: GpuBenchConfig, data: dict, table, size: int) -> dict:
 
 def run(cfg: GpuBenchConfig) -> dict:
     """Every step in order; writes ``results.json`` and ``results.md`` under ``cfg.out``."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench_gpu: torch sees no CUDA device (use --cpu-smoke to try the script on a CPU)")
+    require_cuda("bench_gpu", smoke=cfg.device != "cuda")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    if cfg.device == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cudnn pick the fastest kernels once
     results: dict = {"schema_version": 1, "kind": "bench-gpu", "machine": machine_info(),
                      "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}}
     log.info("data: %d videos x %d frames", cfg.videos, cfg.frames)
@@ -232,6 +234,14 @@ def run(cfg: GpuBenchConfig) -> dict:
     if cfg.markdown is not None:
         update_marked(Path(cfg.markdown), "bench-gpu", markdown(results), title="GPU (`make benchmark-gpu`)")
     return results
+
+
+def case_rows(results: dict) -> list[dict]:
+    """Every case of a results dict as a row with ``name`` and ``status``."""
+    rows = list(results.get("decode", []))
+    for s in results.get("sizes", []):
+        rows += [{"name": f"{part}-{s['image_size']}px", **s[part]} for part in ("loader", "synthetic", "fed") if part in s]
+    return rows
 
 
 def _cell(row: dict, key: str = "fps", fmt=fmt_rate) -> str:
@@ -324,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     results = run(cfg)
     sys.stdout.write(json.dumps(results, indent=1) + "\n\n" + markdown(results) + "\n")
+    failed = failed_rows(case_rows(results))
+    if failed:  # the results are written; the exit status says the run is not whole
+        log.error("%d case(s) did not run:\n  %s", len(failed), "\n  ".join(failed))
+        return 1
     return 0
 
 

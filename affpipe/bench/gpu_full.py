@@ -15,7 +15,9 @@
 Targets it reports against: data wait < 5% of the epoch; one epoch over ~2.7M frames ≤ 3 min.
 It needs numpy, torch, torchvision, pyarrow, OpenCV and tqdm, plus NVIDIA DALI (installed, or its
 wheel unpacked onto ``PYTHONPATH``); no click, no matplotlib, no network. ``--cpu-smoke`` runs the same
-stages on a tiny tree on the CPU (any loader backend), which the test suite does.
+stages on a tiny tree on the CPU (any loader backend), which the test suite does. A failed stage
+exits 1; with ``AFFPIPE_REQUIRE_GPU=1`` so does a run without a CUDA device (``--cpu-smoke``
+included) or with another loader than DALI (``--backend torch``, e.g. on a host without DALI).
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from pathlib import Path
 
 import torch
 
-from affpipe.bench.common import fmt_rate, machine_info, machine_line, update_marked
+from affpipe.bench.common import (
+    fmt_rate,
+    gpu_required,
+    machine_info,
+    machine_line,
+    require_cuda,
+    update_marked,
+)
 from affpipe.dist import usable_cores
 
 log = logging.getLogger("affpipe.bench.gpu_full")
@@ -108,7 +117,6 @@ def stage_epoch(cfg: GpuFullConfig, data: dict, workers: int) -> dict:
     setup_s = round(time.perf_counter() - t0, 2)
     steps = min(len(loader), cfg.max_steps) if cfg.max_steps else len(loader)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: autotune once, in the first step
         torch.cuda.reset_peak_memory_stats(device)
     wait = first_wait = 0.0
     frames = 0
@@ -134,8 +142,7 @@ def stage_epoch(cfg: GpuFullConfig, data: dict, workers: int) -> dict:
 
 def run(cfg: GpuFullConfig) -> dict:
     """Every stage in order; ``results.json`` and ``results.md`` under ``cfg.out``."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("gpu_full: torch sees no CUDA device (use --cpu-smoke to try the script on a CPU)")
+    require_cuda("gpu_full", smoke=cfg.device != "cuda")
     if cfg.backend == "dali":
         from affpipe._optional import dali_available
 
@@ -206,21 +213,31 @@ def parse_args(argv: list[str] | None = None) -> GpuFullConfig:
     ap.add_argument("--videos", type=int, help="videos of the full-scale twin to make (default all 560, ~2.9M frames)")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--max-steps", type=int, help="stop the epoch after this many steps (default: the whole epoch)")
+    ap.add_argument("--backend", choices=("dali", "torch", "auto"),
+                    help="loader backend (default dali; torch: the decode threads feed the GPU)")
     ap.add_argument("--markdown", type=Path, help="also replace the bench-gpu-full:start/end section of this file")
     a = ap.parse_args(argv)
     cfg = GpuFullConfig(out=a.out)
     if a.cpu_smoke:
         cfg = cfg.smoke()
     over = {k: v for k, v in {"videos": a.videos, "batch_size": a.batch_size, "max_steps": a.max_steps,
-                              "markdown": a.markdown}.items() if v is not None}
+                              "markdown": a.markdown, "backend": a.backend}.items() if v is not None}
     return replace(cfg, **over)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    results = run(parse_args(argv))
+    cfg = parse_args(argv)
+    if gpu_required() and cfg.backend != "dali":
+        log.error("gpu_full: %s is set but the loader backend is %r: the GPU trainers' DALI path goes "
+                  "untested (the figures are still written)", "AFFPIPE_REQUIRE_GPU", cfg.backend)
+    try:
+        results = run(cfg)
+    except Exception:  # a stage failed: say so in one place and exit non-zero (SystemExit passes)
+        log.exception("gpu_full: a stage failed")
+        return 1
     sys.stdout.write(json.dumps(results, indent=1) + "\n\n" + markdown(results) + "\n")
-    return 0
+    return 1 if gpu_required() and cfg.backend != "dali" else 0
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from affpipe.batch import Batch
+from affpipe.batch import Batch, host_to_device
 from affpipe.labels import record_problems
 from affpipe.loaders.augment import NATIVE_SIZE, affine_matrices, sample_params, warp_batch
 from affpipe.loaders.base import BaseLoader
@@ -71,6 +71,9 @@ class DaliLoader(BaseLoader):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.table = ShardTable(self.shards)
+        self._pipe = None  # built on first use, then kept (``_pipeline``)
+        self._feed: tuple[np.ndarray, int, int] | None = None  # (samples, seed, start batch) of the pass
+        self._started = False  # a pass ran on the pipeline since its last reset
 
     def _selection(self, samples: np.ndarray, seed: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Batch ``b``'s ``(shard, sample)`` rows and its augmentation draws (as the torch backend)."""
@@ -78,20 +81,27 @@ class DaliLoader(BaseLoader):
         flips, angles = sample_params(np.random.default_rng([seed, b]), len(sel), self.aug)
         return sel, flips, angles
 
-    def _pipeline(self, samples: np.ndarray, seed: int, start: int):
+    def _pipeline(self):
+        """The loader's one DALI pipeline (built on first use, kept for the loader's lifetime: a
+        GPU pipeline's setup — nvJPEG, buffers — is paid once, not per epoch or validation pass).
+        Its inputs read the epoch in progress from ``self._feed``."""
         from nvidia.dali import pipeline_def
 
+        if self._pipe is not None:
+            return self._pipe
         gpu = self.device.type == "cuda"
-        stop = self.num_batches
 
-        def batch_of(info) -> int:  # DALI asks for iterations 0, 1, …: batches start, start+1, …
-            b = start + info.iteration
-            if b >= stop:
+        def batch_of(info) -> int:  # DALI asks for iterations 0, 1, … of its epoch: batches start, start+1, …
+            if self._feed is None:
+                raise StopIteration  # draining: no more batches of the abandoned pass
+            b = self._feed[2] + info.iteration
+            if b >= self.num_batches:
                 raise StopIteration
             return b
 
         def jpegs(info):
             b = batch_of(info)
+            samples = self._feed[0]
             sel = samples[b * self.batch_size:(b + 1) * self.batch_size]
             views = self.table.jpegs(sel)
             if views is None:
@@ -99,55 +109,80 @@ class DaliLoader(BaseLoader):
             return views
 
         def matrices(info):
-            _, flips, angles = self._selection(samples, seed, batch_of(info))
+            b = batch_of(info)
+            _, flips, angles = self._selection(self._feed[0], self._feed[1], b)
             return list(affine_matrices(angles, flips, self.aug.image_size, corner=True).astype(np.float32))
 
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
         pipe = pipeline_def(_graph, batch_size=self.batch_size, num_threads=max(1, self.num_workers),
-                            device_id=device_id, seed=seed, prefetch_queue_depth=2)(
+                            device_id=device_id, seed=self.seed, prefetch_queue_depth=2)(
             aug=self.aug, gpu=gpu, jpegs=jpegs, matrices=matrices,
             native=(self.frame_size or (NATIVE_SIZE, NATIVE_SIZE))[0])
         pipe.build()
+        self._pipe = pipe
         return pipe
+
+    def _end_pass(self) -> None:
+        """Finish the pass in progress (completed or abandoned): the inputs stop, the few batches
+        DALI prefetched are dropped, and the pipeline starts its next epoch at iteration 0."""
+        if self._pipe is None or not self._started:
+            return
+        self._feed = None
+        try:
+            while True:
+                self._pipe.run()
+        except StopIteration:
+            pass
+        self._pipe.reset()
+        self._started = False
+
+    def close(self) -> None:
+        """Release the DALI pipeline now (it is otherwise kept for the next pass)."""
+        self._feed, self._pipe, self._started = None, None, False
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, start = self.epoch, self.take_start_batch()
         samples, seed = self.plan.samples(epoch)
         if start >= self.num_batches:
             return
-        pipe = self._pipeline(samples, seed, start)
         try:
-            for b in range(start, self.num_batches):
-                sel, flips, angles = self._selection(samples, seed, b)
-                try:
-                    images, shapes = pipe.run()
-                except (RuntimeError, ValueError) as exc:
-                    raise self._diagnose(samples, b, exc) from exc
-                records = self.table.records(sel)
-                if records is None:
-                    raise ValueError(self._bad_member(sel))
-                keep = self._good(sel, records, np.array(shapes.as_tensor())[:, :2], images)
-                if not len(keep):
-                    continue
-                flips, angles = flips[keep], angles[keep]
-                self.last_augment = {"flip": torch.from_numpy(flips), "angle": torch.from_numpy(angles)}
-                yield self._batch(images, torch.from_numpy(records[keep]), flips, angles, keep)
-        finally:
-            del pipe
+            self._end_pass()
+        except (RuntimeError, ValueError):  # the last pass failed inside DALI: start afresh
+            self.close()
+        pipe = self._pipeline()
+        self._feed, self._started = (samples, seed, start), True
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        for b in range(start, self.num_batches):
+            sel, flips, angles = self._selection(samples, seed, b)
+            try:
+                # On CUDA the outputs are bound to torch's stream: the host does not wait for DALI's GPU work
+                images, shapes = pipe.run(stream) if stream is not None else pipe.run()
+            except (RuntimeError, ValueError) as exc:
+                self.close()
+                raise self._diagnose(samples, b, exc) from exc
+            records = self.table.records(sel)
+            if records is None:
+                raise ValueError(self._bad_member(sel))
+            keep = self._good(sel, records, np.array(shapes.as_tensor())[:, :2], images)
+            if not len(keep):
+                continue
+            flips, angles = flips[keep], angles[keep]
+            self.last_augment = {"flip": torch.from_numpy(flips), "angle": torch.from_numpy(angles)}
+            yield self._batch(images, torch.from_numpy(records[keep]), flips, angles, keep)
 
     def _batch(self, images, raw: torch.Tensor, flips: np.ndarray, angles: np.ndarray, keep: np.ndarray) -> Batch:
-        raw = raw.to(self.device, non_blocking=True)
+        raw = host_to_device(raw, self.device)  # through pinned memory: no staging wait on the host
         whole = len(keep) == len(images)
         if self.device.type == "cuda":
-            from nvidia.dali.plugin.pytorch import feed_ndarray
-
             if not whole:  # rare: a bad sample dropped; the rest goes through the host
                 cpu = images.as_cpu()
-                return self.finish(torch.from_numpy(np.stack([np.asarray(cpu.at(int(i))) for i in keep])).to(self.device), raw)
-            t = images.as_tensor()
-            out = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)
-            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
-            return self.finish(out, raw)
+                return self.finish(host_to_device(torch.from_numpy(np.stack([np.asarray(cpu.at(int(i))) for i in keep])),
+                                                  self.device), raw)
+            # DALI's output as a torch tensor without a copy (DLPack, ordered on the current
+            # stream of the loader's device). With DALI's default (dynamic) executor an output
+            # buffer is never reused while it is referenced, as DALI's own PyTorch iterator relies on.
+            with torch.cuda.device(self.device):
+                return self.finish(torch.from_dlpack(images.as_tensor()), raw)
         if whole:
             img = np.asarray(images.as_tensor())  # a view of DALI's buffer
         else:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from affpipe.batch import Batch
+from affpipe.batch import Batch, host_to_device
 from affpipe.labels import RECORD_SIZE, record_problems
 from affpipe.loaders.augment import AugmentConfig, resize_linear, sample_params, warp_nearest
 from affpipe.loaders.base import BaseLoader, Shard
@@ -200,6 +200,7 @@ class TorchLoader(BaseLoader):
                 self._count({"bad_sample": len(item["bad"])})
             if not len(item["labels"]):
                 continue
-            images = item["images"].to(self.device, non_blocking=True)
+            # through page-locked memory to a GPU (the decode threads write images there already)
+            images = host_to_device(item["images"], self.device)
             self.last_augment = {"flip": item["flip"], "angle": item["angle"]}
-            yield self.finish(images, item["labels"].to(self.device, non_blocking=True))
+            yield self.finish(images, host_to_device(item["labels"], self.device))

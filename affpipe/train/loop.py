@@ -244,7 +244,7 @@ def validate(trainer: Trainer, loader, summary: dict[str, Any], *, schedule: boo
     the best score and fills ``summary``; True when the score improved."""
     cfg, ctx, state = trainer.cfg, trainer.ctx, trainer.state
     t0 = time.perf_counter()
-    acc, frames = evaluate_model(trainer.model, loader, cfg.heads, device=ctx.device, amp=trainer.amp,
+    acc, frames = evaluate_model(trainer.eval_model, loader, cfg.heads, device=ctx.device, amp=trainer.amp,
                                  channels_last=trainer.channels_last, max_steps=cfg.max_val_steps,
                                  distributed=ctx.distributed)
     metrics = jsonable(acc.compute())

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from affpipe.batch import InputNorm
 from affpipe.labels import NUM_AU, NUM_EXPR, TASKS
 from affpipe.train.checkpoint import safe_torch_load
 
@@ -89,12 +90,9 @@ def make_backbone(arch: str, state: Mapping[str, torch.Tensor] | None = None) ->
 def normalize_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``[N,3,H,W]`` (any memory format) → the float normalized input the backbone expects
     (``affpipe.batch.normalize_uint8``: the same arithmetic as a loader with ``normalize=True``)."""
-    from affpipe.batch import normalize_uint8
+    from affpipe.batch import normalize_nchw
 
-    with torch.autocast(images.device.type, enabled=False):
-        if images.is_contiguous(memory_format=torch.channels_last):
-            return normalize_uint8(images.permute(0, 2, 3, 1), channels_last=True)
-        return normalize_uint8(images)
+    return normalize_nchw(images)
 
 
 class MultiTaskNet(nn.Module):
@@ -106,10 +104,11 @@ class MultiTaskNet(nn.Module):
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.heads = nn.ModuleDict({t: nn.Linear(feature_dim, HEAD_OUTPUTS[t]) for t in tasks})
+        self.input_norm = InputNorm()  # constants as buffers: torch.compile does not rebuild them
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if images.dtype == torch.uint8:  # loaders' normalize=False: normalize here, in fp32
-            images = normalize_input(images)
+            images = self.input_norm(images)
         feats = self.dropout(self.backbone(images))
         out = {t: head(feats) for t, head in self.heads.items()}
         if "va" in out:

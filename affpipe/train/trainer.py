@@ -5,6 +5,12 @@ plateau scheduler and the grad scaler exactly as a run uses them; ``Trainer.step
 the optimizer step every run takes (autocast forward, fp32 loss, scaled backward, step), so
 ``affpipe bench`` times the same step the trainer runs. ``state_dict``/``load_state_dict``
 cover everything a checkpoint restores.
+
+The step never reads a value back to the host (no ``.item()``, ``bool(tensor)``, device→host
+copy): on a GPU the host queues step after step and only waits at the training loop's log and
+checkpoint points (``tests/train/test_host_sync.py`` counts it). One exception is inherent:
+``amp="fp16"``'s grad scaler checks for infinite gradients on the host every step; the default
+bf16 needs no scaler.
 """
 
 from __future__ import annotations
@@ -38,6 +44,13 @@ class TrainState:
     wall_time: float = 0.0  # seconds trained and validated, summed over resumed segments
 
 
+def configure_device(device: torch.device) -> None:
+    """Backend settings every run and benchmark on ``device`` shares (set here only): cudnn
+    autotuning — the training shapes are fixed, so the fastest kernels are picked once."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     """The optimizer ``cfg`` names, over ``params``."""
     if cfg.optimizer == "sgd":
@@ -51,6 +64,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, ctx: DistContext, model: nn.Module, loss_fn: nn.Module) -> None:
         self.cfg, self.ctx = cfg, ctx
+        configure_device(ctx.device)
         on_gpu = ctx.device.type == "cuda"
         self.amp = cfg.amp if on_gpu else "none"
         # a temporal head's input is a window of feature vectors, not images
@@ -88,6 +102,12 @@ class Trainer:
         if self.ctx.distributed:
             on_gpu = self.ctx.device.type == "cuda"
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.ctx.device.index] if on_gpu else None)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model validation runs: the unwrapped module, never the compiled one (eval mode and
+        the partial last batch would each recompile it; DDP needs no gradient sync there)."""
+        return self.raw_model
 
     # ---- one optimizer step ----------------------------------------------------------------
 
