@@ -17,8 +17,13 @@ TASK_KEYS = {"va": ("va_ccc", "valence_ccc", "arousal_ccc"), "expr": ("expr_f1",
 
 def fake_run(root: Path, name: str, task: str, *, init: str = "random", va_loss: str = "ccc",
              weighted: bool = True, weighting: str = "fixed", epochs: int = 4, seed: int = 0,
-             exist_ok: bool = False) -> Path:
-    """A run folder as train() writes it: config.json, metrics.jsonl (step + epoch lines), eval.json."""
+             exist_ok: bool = False, predictions: bool = False, skill: float = 0.5, videos: int = 8) -> Path:
+    """A run folder as train() writes it: config.json, metrics.jsonl (step + epoch lines), eval.json.
+
+    With ``predictions`` the run is evaluated as ``affpipe evaluate`` does: per-frame predictions
+    (``skill`` 0..1: how close to the shared labels of a ``videos``-video split) kept in
+    ``eval_predictions.npz``, and eval.json's metrics and 95% intervals computed from them.
+    """
     rng = np.random.default_rng(seed)
     tasks = ("va", "expr", "au") if task == "mtl" else (task,)
     run = root / name
@@ -27,18 +32,19 @@ def fake_run(root: Path, name: str, task: str, *, init: str = "random", va_loss:
               "model": {"arch": "resnet18", "tasks": list(tasks), "init": init, "dropout": 0.0},
               "loss": {"va_loss": va_loss, "expr_class_weights": weighted, "au_pos_weight": weighted,
                        "task_weighting": weighting, "task_weights": [1, 1, 1]}}
+    config["seed"] = seed
     (run / "config.json").write_text(json.dumps(config))
-    ev: dict = {}
-    if "va" in tasks:
+    ev: dict = fake_evaluation(run, tasks, seed=seed, skill=skill, videos=videos) if predictions else {}
+    if "va" in tasks and not predictions:
         v, a = rng.uniform(0.1, 0.5, 2)
         ev.update(valence_ccc=float(v), arousal_ccc=float(a), va_ccc=float((v + a) / 2))
-    if "expr" in tasks:
+    if "expr" in tasks and not predictions:
         per = rng.uniform(0, 0.6, len(EXPR_CLASSES))
         ev.update(expr_f1=float(per.mean()), expr_f1_per_class=dict(zip(EXPR_CLASSES, per.tolist(), strict=True)))
-    if "au" in tasks:
+    if "au" in tasks and not predictions:
         per = rng.uniform(0, 0.7, len(AU_NAMES))
         ev.update(au_f1=float(per.mean()), au_f1_per_au=dict(zip(AU_NAMES, per.tolist(), strict=True)))
-    if task == "mtl":
+    if task == "mtl" and not predictions:
         ev["p_mtl"] = ev["va_ccc"] + ev["expr_f1"] + ev["au_f1"]
     (run / "eval.json").write_text(json.dumps(ev))
     lines = []
@@ -53,6 +59,48 @@ def fake_run(root: Path, name: str, task: str, *, init: str = "random", va_loss:
         lines.append(line)
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return run
+
+
+def fake_evaluation(run: Path, tasks: tuple[str, ...], *, seed: int, skill: float, videos: int = 8,
+                    frames: int = 40) -> dict:
+    """Predictions of quality ``skill`` on a fixed split (labels the same for every run), kept as
+    ``eval_predictions.npz``; returns eval.json's content (metrics and intervals) computed from them."""
+    from affpipe.train.bootstrap import (
+        bootstrap_result,
+        metrics_from_stats,
+        save_predictions,
+        video_stats,
+    )
+
+    lab = np.random.default_rng(1234)
+    n = videos * frames
+    video = np.repeat([f"v{i:02d}" for i in range(videos)], frames)
+    va_t = lab.uniform(-1, 1, (n, 2)).astype(np.float32)
+    expr_t = lab.integers(0, 8, n).astype(np.int8)
+    au_t = (lab.random((n, 12)) < 0.3).astype(np.int8)
+    rng = np.random.default_rng(seed + 1)
+    arrays: dict = {"row_id": np.arange(n, dtype=np.int64) * 3}
+    if "va" in tasks:
+        arrays.update(va_pred=(skill * va_t + rng.normal(0, 0.6, va_t.shape)).astype(np.float32), va_target=va_t,
+                      va_mask=np.ones(n, bool))
+    if "expr" in tasks:
+        arrays.update(expr_pred=np.where(rng.random(n) < skill, expr_t, rng.integers(0, 8, n)).astype(np.int64),
+                      expr_target=expr_t, expr_mask=np.ones(n, bool))
+    if "au" in tasks:
+        arrays.update(au_prob=np.clip(skill * au_t + rng.uniform(0, 1 - skill, au_t.shape), 0, 1).astype(np.float32),
+                      au_target=au_t, au_mask=np.ones((n, 12), bool))
+    save_predictions(run / "eval_predictions.npz", arrays, video)
+    point = metrics_from_stats(video_stats(arrays, video), np.ones((1, videos)))
+    ev: dict = {}
+    for key, value in point.items():
+        if key == "expr_f1_per_class":
+            ev[key] = dict(zip(EXPR_CLASSES, value[0].tolist(), strict=True))
+        elif key == "au_f1_per_au":
+            ev[key] = dict(zip(AU_NAMES, value[0].tolist(), strict=True))
+        else:
+            ev[key] = float(value[0])
+    ev.update(bootstrap_result(arrays, video, resamples=200), predictions="eval_predictions.npz")
+    return ev
 
 
 def make_index(root: Path, videos: int = 6, frames: int = 30, seed: int = 0) -> Path:

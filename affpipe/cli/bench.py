@@ -72,15 +72,26 @@ def bench_full(out: Path, markdown: Path, no_markdown: bool, **kw) -> None:
 
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Folder for report.md and the PNGs.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for report.md and the PNGs (optional with exactly two runs: then only the paired difference is printed).")
 @click.option("--title", default="affpipe experiments", help="Report title.")
 @click.option("--converge-frac", default=0.9, type=click.FloatRange(0.0, 1.0, min_open=True), help="Convergence = first epoch reaching this share of the run's best score.")
-def report(runs: tuple[Path, ...], out: Path, title: str, converge_frac: float) -> None:
-    """Compare RUNS (run folders, or folders of run folders): report.md + PNGs in OUT."""
-    from affpipe.experiments.report import ReportConfig, write_report
+@click.option("--resamples", default=2000, type=click.IntRange(min=100), help="Bootstrap resamples of the validation videos.")
+def report(runs: tuple[Path, ...], out: Path | None, title: str, converge_frac: float, resamples: int) -> None:
+    """Compare RUNS (run folders, or folders of run folders): report.md + PNGs in OUT. With two
+    runs, also print their paired differences with 95% intervals over the same resampled videos."""
+    from affpipe.experiments.report import ReportConfig, paired_lines, report_folder
+    from affpipe.experiments.runs import expand_runs
 
-    md = write_report(ReportConfig(runs=runs, out=out, title=title, converge_frac=converge_frac))
-    click.echo(f"report: {md}")
+    found = expand_runs(runs)
+    if len(found) == 2:
+        click.echo("\n".join(paired_lines(*found, resamples=resamples)))
+    elif out is None:
+        raise click.UsageError("give -o/--out for a report of other than two runs")
+    if out is not None:
+        md = report_folder(ReportConfig(runs=runs, out=out, title=title, converge_frac=converge_frac,
+                                        resamples=resamples))
+        click.echo(f"report: {md}")
 
 
 def _parse_set(values: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
@@ -109,13 +120,14 @@ def _parse_set(values: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
 @click.option("--only", multiple=True, help="Run only this grid run (repeatable).")
 @click.option("--set", "set_", multiple=True, metavar="KEY=VALUE", help="Override for every run, e.g. --set device=cuda --set batch_size=512 (repeatable).")
 @click.option("--workers", default=2, type=click.IntRange(min=1), help="Processes for indexing and shard writing.")
+@click.option("--seeds", default=1, type=click.IntRange(min=1), help="Train every run with seeds 0..N-1; the report gives the mean, the spread across seeds and comparisons pooled over seeds.")
 def experiments(out: Path, root: Path | None, shards: Path | None, scale: str | None, grid: Path | None,
-                only: tuple[str, ...], set_: tuple[str, ...], workers: int) -> None:
+                only: tuple[str, ...], set_: tuple[str, ...], workers: int, seeds: int) -> None:
     """Run the research grid (uni vs multi-task, init, loss variants) and write OUT/report.md."""
     from affpipe.experiments.grid import DEFAULT_GRID, ExperimentsConfig, run_experiments
 
     cfg = ExperimentsConfig(out=out, grid=grid or DEFAULT_GRID, root=root, shards=shards, scale=scale,
-                            only=only, overrides=_parse_set(set_), workers=workers)
+                            only=only, overrides=_parse_set(set_), workers=workers, seeds=seeds)
     result = run_experiments(cfg)
     for name, status in result["runs"].items():
         click.echo(f"{name:24s} {status}")

@@ -132,11 +132,14 @@ def _inputs(run: Path, shards: Path | None, features: tuple[Path, ...], index: P
 @click.option("--tune-au-thresholds", is_flag=True, help="Tune per-AU thresholds on this split and store them.")
 @click.option("--smooth", is_flag=True, help="Per-video moving average of the predictions (windows of smoothing.json).")
 @click.option("--tune-smoothing", is_flag=True, help="Pick the smoothing window per task on this split, store it, apply it.")
+@click.option("--tune-folds", type=click.IntRange(min=2), default=None,
+              help="Also score the tuning honestly: tune on K-1 folds of the videos, score the held-out fold, rotate "
+                   "(the cross-validated figure is reported beside the in-split one; stored values use the whole split).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @_loader_options
 def evaluate(run_or_ckpt: Path, shards: Path | None, features: tuple[Path, ...], index: Path | None, split: str,
-             tune_au_thresholds: bool, smooth: bool, tune_smoothing: bool, batch_size: int | None, backend: str,
-             device: str, num_workers: int | None, on_bad: str) -> None:
+             tune_au_thresholds: bool, smooth: bool, tune_smoothing: bool, tune_folds: int | None,
+             batch_size: int | None, backend: str, device: str, num_workers: int | None, on_bad: str) -> None:
     """Evaluate a run's best.pt (or a checkpoint), per-frame or temporal: eval.json + eval.md beside it."""
     from affpipe.loaders import LoaderConfig
     from affpipe.runs import EvalConfig
@@ -145,7 +148,7 @@ def evaluate(run_or_ckpt: Path, shards: Path | None, features: tuple[Path, ...],
 
     result = run_evaluate(EvalConfig(
         **_inputs(run_or_ckpt, shards, features, index), split=split, tune_au_thresholds=tune_au_thresholds,
-        smooth=smooth, tune_smoothing=tune_smoothing, batch_size=batch_size, device=device,
+        smooth=smooth, tune_smoothing=tune_smoothing, tune_folds=tune_folds, batch_size=batch_size, device=device,
         loader=LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad)))
     click.echo(eval_markdown(result))
 

@@ -5,7 +5,11 @@ dependencies, and the size of the synthetic twin. ``run_experiments`` prepares t
 (synthetic twin → index → shards, or real Aff-Wild2 via ``root``, or ready ``shards``), trains
 every run into ``<out>/runs/<name>/`` and writes ``<out>/report.md`` (``affpipe.experiments.report``).
 A run whose ``eval.json`` exists is skipped; one killed midway (``last.pt``, no ``eval.json``)
-resumes; a run that fails is reported and only the runs that depend on it are skipped.
+resumes; a run that fails is reported and only the runs that depend on it are skipped. With
+``seeds`` every run is trained once per seed (``<name>-seed<k>``), each seed's cells cached.
+
+(A little over 400 lines: the grid file's checks and the per-run orchestration share the
+``GridRun`` records and the seeded names; the cells' evaluations live in ``temporal.py``.)
 """
 
 from __future__ import annotations
@@ -23,13 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from affpipe.outdir import Owner, claim
+
 log = logging.getLogger(__name__)
 
 DEFAULT_GRID = Path(__file__).resolve().parent / "recipes" / "grid.toml"
 SCALES = ("synthetic", "full")
 NEEDS = ("imagenet",)
-_RUN_KEYS = {"name", "recipe", "after", "init_from", "needs", "question", "features_from", "smooth",
+_RUN_KEYS = {"name", "recipe", "overrides", "after", "init_from", "needs", "question", "features_from", "smooth",
              "synthetic_overrides"}
+# What `affpipe experiments` writes into its folder: the data it prepares, the runs, the report.
+OWNER = Owner("experiments", ("data/*", "runs/*", "experiments.json", "report.md", "report.json", "*.png"))
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -39,6 +47,7 @@ class GridRun:
 
     name: str
     recipe: Path
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # the recipe keys that make this cell
     after: tuple[str, ...] = ()
     init_from: str | None = None  # a grid run whose best.pt initializes the backbone
     needs: tuple[str, ...] = ()  # "imagenet": skipped (with a note) when the weights are unavailable
@@ -70,12 +79,15 @@ class ExperimentsConfig:
     only: tuple[str, ...] = ()  # run just these grid runs (and nothing else)
     overrides: tuple[tuple[str, Any], ...] = ()  # TrainConfig overrides for every run, e.g. device
     workers: int = 2  # processes for indexing and shard writing
+    seeds: int = 1  # train every run with seeds 0..seeds-1
 
     def __post_init__(self) -> None:
         if self.root is not None and self.shards is not None:
             raise ValueError("give either root (annotations + images) or shards, not both")
         if self.scale is not None and self.scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
+        if self.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
 
     @property
     def resolved_scale(self) -> str:
@@ -135,32 +147,52 @@ def load_grid(path: Path = DEFAULT_GRID) -> Grid:
         needs = tuple(entry.get("needs", ()))
         if set(needs) - set(NEEDS):
             raise ValueError(f"{where}: run {name!r}: needs must be among {NEEDS}, got {list(needs)}")
-        runs.append(GridRun(name=name, recipe=recipe, after=after, init_from=init_from, needs=needs,
+        runs.append(GridRun(name=name, recipe=recipe, overrides=_flat(entry.get("overrides", {})), after=after, init_from=init_from, needs=needs,
                             question=str(entry.get("question", "")), features_from=features_from,
                             smooth=bool(entry.get("smooth", False)),
-                            synthetic_overrides=dict(entry.get("synthetic_overrides", {}))))
+                            synthetic_overrides=_flat(entry.get("synthetic_overrides", {}))))
         seen.add(name)
     if not runs:
         raise ValueError(f"{path}: no [[run]] entries")
     return Grid(source=path, runs=tuple(runs), synthetic=synthetic, synthetic_overrides=overrides)
 
 
+def _flat(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"loss": {"va_loss": "mse"}}`` → ``{"loss.va_loss": "mse"}`` (TOML dotted keys, either spelling)."""
+    out: dict[str, Any] = {}
+    for key, value in dict(table).items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def seeded(name: str, seed: int) -> str:
+    """The run folder name of grid run ``name`` trained with ``seed`` (seed 0 keeps the plain name)."""
+    return name if seed == 0 else f"{name}-seed{seed}"
+
+
 def run_overrides(grid: Grid, run: GridRun, *, scale: str, shards: Path, runs_dir: Path,
-                  extra: Mapping[str, Any] = ()) -> dict[str, Any]:
-    """The ``load_config`` overrides for one run: data and run folder, scale, init, resume."""
-    out = runs_dir / run.name
-    ov: dict[str, Any] = {"shards": str(shards), "out": str(out)}
+                  extra: Mapping[str, Any] = (), seed: int | None = None) -> dict[str, Any]:
+    """The ``load_config`` overrides for one run: the cell, data and run folder, scale, seed,
+    init, resume. ``seed`` None: the recipe's seed and the plain run name."""
+    k = seed or 0
+    out = runs_dir / seeded(run.name, k)
+    ov: dict[str, Any] = {**run.overrides, "shards": str(shards), "out": str(out)}
     if scale == "synthetic":
         ov.update(grid.synthetic_overrides)
         ov.update(run.synthetic_overrides)
     ov.update(dict(extra))
+    if seed is not None:
+        ov["seed"] = seed
     if run.features_from:
         from affpipe.experiments.temporal import features_dir
 
-        ov["features"] = str(features_dir(runs_dir, run.features_from))
+        ov["features"] = str(features_dir(runs_dir, seeded(run.features_from, k)))
         del ov["shards"]  # a temporal run reads its feature table (which records its shards)
     if run.init_from:
-        ov["model.init"] = str(runs_dir / run.init_from / "best.pt")
+        ov["model.init"] = str(runs_dir / seeded(run.init_from, k) / "best.pt")
     if (out / "last.pt").exists():
         ov["resume"] = True  # killed midway: continue from last.pt rather than refuse the folder
     return ov
@@ -246,103 +278,104 @@ def prepare_data(cfg: ExperimentsConfig, grid: Grid) -> tuple[Path, str]:
     return Path(data["shards"]), desc
 
 
-def _before_run(run: GridRun, runs_dir: Path, shards: Path) -> str | None:
+def _before_run(run: GridRun, runs_dir: Path, shards: Path, seed: int) -> str | None:
     """Embed the ``features_from`` run for a temporal run (once); a reason to skip, or None."""
     if not run.features_from:
         return None
     from affpipe.experiments.temporal import ensure_features
 
+    source = seeded(run.features_from, seed)
     try:
-        ensure_features(runs_dir, run.features_from, shards)
+        ensure_features(runs_dir, source, shards)
     except Exception as exc:  # the run is skipped with the reason, the grid goes on
-        log.exception("experiments: embedding %s failed", run.features_from)
-        return f"embedding `{run.features_from}` failed: {type(exc).__name__}: {exc}"
+        log.exception("experiments: embedding %s failed", source)
+        return f"embedding `{source}` failed: {type(exc).__name__}: {exc}"
     return None
 
 
-def _after_run(run: GridRun, run_dir: Path, shards: Path, status: dict[str, dict[str, Any]]) -> None:
-    """``smooth = true``: evaluate the finished run with smoothing tuned on validation (once)."""
-    if not run.smooth or status[run.name]["status"] not in ("trained", "done"):
+def _after_run(run: GridRun, run_dir: Path, shards: Path, status: dict[str, Any]) -> None:
+    """A finished run's evaluation with intervals and kept predictions (once), and, with
+    ``smooth = true``, its evaluation with smoothing tuned on validation (once)."""
+    if status["status"] not in ("trained", "done"):
         return
-    from affpipe.experiments.temporal import smoothed_eval
+    from affpipe.experiments import temporal as cells
 
-    try:
-        smoothed_eval(run_dir, shards)
-    except Exception as exc:
-        log.exception("experiments: smoothing %s failed", run.name)
-        status[run.name]["smoothing"] = f"failed: {type(exc).__name__}: {exc}"
+    for what, needed, fn in (("evaluation", True, cells.evaluate_cell), ("smoothing", run.smooth, cells.smoothed_eval)):
+        if not needed:
+            continue
+        try:
+            fn(run_dir, shards)
+        except Exception as exc:  # reported, the grid goes on
+            log.exception("experiments: %s of %s failed", what, run_dir.name)
+            status[what] = f"failed: {type(exc).__name__}: {exc}"
+
+
+def _skip_reason(run: GridRun, runs_dir: Path, seed: int, status: dict[str, dict[str, Any]],
+                 imagenet: list) -> str | None:
+    """Why ``run`` (with ``seed``) cannot train now, or None."""
+    missing = [seeded(d, seed) for d in run.after if not (runs_dir / seeded(d, seed) / "eval.json").exists()]
+    if run.init_from and not (runs_dir / seeded(run.init_from, seed) / "best.pt").exists():
+        return f"needs `{seeded(run.init_from, seed)}`'s best.pt, which is not there"
+    if missing and any(status.get(d, {}).get("status") in ("failed", "skipped") for d in missing):
+        return "depends on " + ", ".join(f"`{d}`" for d in missing) + ", which did not finish"
+    if "imagenet" in run.needs:
+        if not imagenet:
+            imagenet.append(imagenet_available())
+        if not imagenet[0][0]:
+            return "ImageNet weights unavailable (offline?): " + imagenet[0][1]
+    return None
 
 
 def run_experiments(cfg: ExperimentsConfig) -> dict[str, Any]:
-    """Run the grid and write the report. Returns ``{"report", "runs": {name: status}, "notes"}``.
+    """Run the grid (every run with each of ``cfg.seeds`` seeds) and write the report.
 
-    A status is ``trained``, ``done`` (eval.json was already there), ``skipped`` or ``failed``;
-    ``<out>/experiments.json`` keeps the statuses, reasons and seconds per run.
-
-    (Over 60 lines on purpose: one loop whose per-run branches — skip, resume, embed, train,
-    smooth, fail — share the statuses and dependency bookkeeping; split, they would pass it around.)
+    Returns ``{"report", "runs": {folder name: status}, "notes"}``. A status is ``trained``,
+    ``done`` (already there), ``skipped`` or ``failed``; ``<out>/experiments.json`` keeps the
+    statuses, reasons and seconds per run. A finished run is evaluated once more by ``evaluate``
+    (intervals, predictions for the report's paired comparisons) unless it already was. ``out``
+    holds only what experiments writes (refused otherwise) and was made from the same data.
     """
-    from affpipe.experiments.report import ReportConfig, write_report
-
     grid = load_grid(cfg.grid)
     unknown = set(cfg.only) - {r.name for r in grid.runs}
     if unknown:
         raise ValueError(f"--only: no run(s) {sorted(unknown)} in {grid.source}")
+    inputs = {"grid": str(grid.source.resolve()), "scale": cfg.resolved_scale,
+              "root": str(Path(cfg.root).resolve()) if cfg.root else None,
+              "shards": str(Path(cfg.shards).resolve()) if cfg.shards else None}
+    with claim(cfg.out, OWNER, inputs):
+        return _run_grid(cfg, grid)
+
+
+def _run_grid(cfg: ExperimentsConfig, grid: Grid) -> dict[str, Any]:
+    """``run_experiments`` inside its claimed output folder."""
+    from affpipe.experiments.report import ReportConfig, write_report
+    from affpipe.io import atomic_write_text
+
     out = Path(cfg.out)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     scale = cfg.resolved_scale
     shards, data_desc = prepare_data(cfg, grid)
     status: dict[str, dict[str, Any]] = {}
-    imagenet: tuple[bool, str] | None = None
-    for run in grid.runs:
-        if cfg.only and run.name not in cfg.only:
-            continue
-        run_dir = runs_dir / run.name
-        if (run_dir / "eval.json").exists():
-            status[run.name] = {"status": "done", "reason": "eval.json exists"}
-            log.info("experiments: %s already done (eval.json exists)", run.name)
-            _after_run(run, run_dir, shards, status)
-            continue
-        reason = None
-        missing = [d for d in run.after if not (runs_dir / d / "eval.json").exists()]
-        if run.init_from and not (runs_dir / run.init_from / "best.pt").exists():
-            reason = f"needs `{run.init_from}`'s best.pt, which is not there"
-        elif missing and any(status.get(d, {}).get("status") in ("failed", "skipped") for d in missing):
-            reason = "depends on " + ", ".join(f"`{d}`" for d in missing) + ", which did not finish"
-        elif "imagenet" in run.needs:
-            imagenet = imagenet or imagenet_available()
-            if not imagenet[0]:
-                reason = "ImageNet weights unavailable (offline?): " + imagenet[1]
-        reason = reason or _before_run(run, runs_dir, shards)
-        if reason:
-            status[run.name] = {"status": "skipped", "reason": reason}
-            log.warning("experiments: %s skipped: %s", run.name, reason)
-            continue
-        overrides = run_overrides(grid, run, scale=scale, shards=shards, runs_dir=runs_dir, extra=dict(cfg.overrides))
-        log.info("experiments: training %s (%s)", run.name, run.recipe.name)
-        t0 = time.perf_counter()
-        try:
-            train_run(run.recipe, overrides)
-        except Exception as exc:  # one broken run must not cost the rest of the grid
-            log.exception("experiments: %s failed", run.name)
-            status[run.name] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}",
-                                "seconds": time.perf_counter() - t0}
-            continue
-        ok = (run_dir / "eval.json").exists()
-        status[run.name] = {"status": "trained" if ok else "failed", "seconds": round(time.perf_counter() - t0, 1),
-                            **({} if ok else {"reason": "training ended without eval.json"})}
-        _after_run(run, run_dir, shards, status)
+    imagenet: list = []  # the ImageNet check, made once when a run needs it
+    for seed in range(cfg.seeds):
+        for run in grid.runs:
+            if not cfg.only or run.name in cfg.only:
+                name = seeded(run.name, seed)
+                status[name] = _one_run(cfg, grid, run, seed, runs_dir, shards, status, imagenet)
     notes = [f"Data: {data_desc}; scale `{scale}`"
-             + (" (size overrides from the grid's [synthetic.overrides])" if scale == "synthetic" else "") + "."]
+             + (" (size overrides from the grid's [synthetic.overrides])" if scale == "synthetic" else "")
+             + (f"; every run trained with seeds 0..{cfg.seeds - 1}" if cfg.seeds > 1 else "") + "."]
     if cfg.root is None and cfg.shards is None:
         notes.append("The synthetic twin's faces are drawn from their labels, so every task is learnable, but "
                      "they are not real faces: these numbers show the grid works end to end and how the "
                      "comparisons come out on the twin; they say nothing about Aff-Wild2. Rerun with `--root` "
                      "(or `--shards`) on the real data for the research answers.")
     notes += [f"`{n}` {s['status']}: {s['reason']}" for n, s in status.items() if s["status"] in ("skipped", "failed")]
-    (out / "experiments.json").write_text(json.dumps(
-        {"grid": str(grid.source), "scale": scale, "shards": str(shards), "runs": status}, indent=2) + "\n")
+    notes += [f"`{n}` {what}: {s[what]}" for n, s in status.items() for what in ("evaluation", "smoothing") if what in s]
+    atomic_write_text(out / "experiments.json", json.dumps(
+        {"grid": str(grid.source), "scale": scale, "shards": str(shards), "seeds": cfg.seeds, "runs": status},
+        indent=2) + "\n")
     finished = tuple(runs_dir / n for n, s in status.items() if s["status"] in ("trained", "done"))
     report = None
     if finished:
@@ -351,3 +384,33 @@ def run_experiments(cfg: ExperimentsConfig) -> dict[str, Any]:
     else:
         log.error("experiments: no run finished; no report written")
     return {"report": report, "runs": {n: s["status"] for n, s in status.items()}, "notes": notes}
+
+
+def _one_run(cfg: ExperimentsConfig, grid: Grid, run: GridRun, seed: int, runs_dir: Path, shards: Path,
+             status: dict[str, dict[str, Any]], imagenet: list) -> dict[str, Any]:
+    """Train (or reuse, or skip) one run with one seed; its status entry."""
+    name = seeded(run.name, seed)
+    run_dir = runs_dir / name
+    if (run_dir / "eval.json").exists():
+        log.info("experiments: %s already trained (eval.json exists)", name)
+        done: dict[str, Any] = {"status": "done", "reason": "eval.json exists"}
+        _after_run(run, run_dir, shards, done)
+        return done
+    reason = _skip_reason(run, runs_dir, seed, status, imagenet) or _before_run(run, runs_dir, shards, seed)
+    if reason:
+        log.warning("experiments: %s skipped: %s", name, reason)
+        return {"status": "skipped", "reason": reason}
+    overrides = run_overrides(grid, run, scale=cfg.resolved_scale, shards=shards, runs_dir=runs_dir,
+                              extra=dict(cfg.overrides), seed=seed if cfg.seeds > 1 else None)
+    log.info("experiments: training %s (%s)", name, run.recipe.name)
+    t0 = time.perf_counter()
+    try:
+        train_run(run.recipe, overrides)
+    except Exception as exc:  # one broken run must not cost the rest of the grid
+        log.exception("experiments: %s failed", name)
+        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - t0}
+    ok = (run_dir / "eval.json").exists()
+    result = {"status": "trained" if ok else "failed", "seconds": round(time.perf_counter() - t0, 1),
+              **({} if ok else {"reason": "training ended without eval.json"})}
+    _after_run(run, run_dir, shards, result)
+    return result

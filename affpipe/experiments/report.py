@@ -1,13 +1,11 @@
 """``affpipe report``: the research questions answered from run folders, as markdown + PNGs.
 
-Reads each run folder's ``config.json`` (what kind of run it is), ``eval.json`` (the final
-metrics, reported verbatim) and ``metrics.jsonl`` (validation curves), and writes
-``report.md`` whose first table answers "multi-task vs uni-task", then every run's metrics,
-per-class / per-AU F1, overlaid training curves and convergence speed. ``report.json`` holds the
-same numbers unrounded for scripts.
-
-(A little over 400 lines: the report's tables and figures read the same ``Run`` records and
-are only worth reading together.)
+Reads the run folders (``experiments.runs``), answers each research question with paired
+differences and their 95% intervals over the same resampled validation videos
+(``experiments.compare``), and writes ``report.md`` (each question's table ends with the one
+sentence its numbers support), every run's metrics with intervals, per-class / per-AU F1,
+overlaid training curves and convergence speed. ``report.json`` holds the same numbers unrounded.
+``affpipe report RUN_A RUN_B`` also prints the paired difference of the two runs.
 """
 
 from __future__ import annotations
@@ -16,22 +14,43 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from affpipe.experiments.compare import (
+    MAIN_METRICS,
+    Resampler,
+    best_uni,
+    group_cells,
+    seeds_of,
+    sentence,
+    spread,
+    temporal_rows,
+    uni_side,
+    uni_vs_mtl_rows,
+    variant_rows,
+)
+from affpipe.experiments.runs import (
+    METRIC_LABEL,
+    TASK_METRIC,
+    TASK_NAME,
+    Run,
+    convergence,
+    expand_runs,
+    fmt,
+    load_run,
+    md_table,
+)
+from affpipe.io import atomic_write_text
 from affpipe.labels import AU_NAMES, EXPR_CLASSES
-from affpipe.train.config import SCORE_KEY
+from affpipe.outdir import Owner, claim
+from affpipe.train.bootstrap import difference as bs_difference
+from affpipe.train.bootstrap import fmt_ci
 
 log = logging.getLogger(__name__)
 
-# The score each kind of run is selected and judged by.
-TASK_METRIC = SCORE_KEY  # the validation score of each task (train.config owns it)
-METRIC_LABEL = {
-    "va_ccc": "VA CCC", "valence_ccc": "Valence CCC", "arousal_ccc": "Arousal CCC",
-    "expr_f1": "EXPR F1", "au_f1": "AU F1", "p_mtl": "P_MTL",
-}
-TASK_NAME = {"va": "VA", "expr": "EXPR", "au": "AU", "mtl": "MTL"}
 CURVE_METRICS = ("va_ccc", "expr_f1", "au_f1", "p_mtl")
+OWNER = Owner("report", ("report.md", "report.json", "uni_vs_mtl.png", "curves_epoch.png", "curves_time.png"))
 
 
 @dataclass(frozen=True)
@@ -43,253 +62,84 @@ class ReportConfig:
     title: str = "affpipe experiments"
     converge_frac: float = 0.9  # convergence = first epoch reaching this share of the best score
     notes: tuple[str, ...] = ()  # extra lines for the report (e.g. runs skipped by experiments)
+    resamples: int = 2000  # bootstrap resamples of the validation videos
+    seed: int = 0  # of the resamples
 
 
-@dataclass(frozen=True)
-class RunKind:
-    """What a run is, derived from its resolved ``config.json``."""
-
-    task: str  # va | expr | au | mtl
-    init: str  # random | imagenet | the source run's name (checkpoint init) | a path
-    va_loss: str | None = None
-    expr_weighted: bool | None = None
-    au_weighted: bool | None = None
-    task_weighting: str | None = None
-    temporal: str | None = None  # the temporal head's arch (tcn | transformer); None: per-frame
-
-    @property
-    def mtl(self) -> bool:
-        return self.task == "mtl"
-
-    def label(self) -> str:
-        """Short human label, e.g. ``MTL · init uni_va · CCC · weighted · fixed``."""
-        parts = ["MTL" if self.mtl else f"uni {TASK_NAME.get(self.task, self.task)}", f"init {self.init}"]
-        if self.temporal:  # init names the run whose frame features the head reads
-            parts = [parts[0], f"{self.temporal} head on {self.init}'s features"]
-        if self.va_loss:
-            parts.append(self.va_loss.upper())
-        if self.expr_weighted is not None:
-            parts.append("EXPR " + ("weighted" if self.expr_weighted else "unweighted"))
-        if self.au_weighted is not None:
-            parts.append("AU " + ("weighted" if self.au_weighted else "unweighted"))
-        if self.mtl and self.task_weighting:
-            parts.append(f"{self.task_weighting} task weights")
-        return " · ".join(parts)
-
-    def short(self) -> str:
-        """Only what sets the run apart from the defaults, e.g. ``init uni_va · uncertainty``."""
-        parts = [f"{self.temporal} head on {self.init}" if self.temporal else f"init {self.init}"]
-        if self.va_loss == "mse":
-            parts.append("VA MSE")
-        if self.expr_weighted is False:
-            parts.append("EXPR unweighted")
-        if self.au_weighted is False:
-            parts.append("AU unweighted")
-        if self.task_weighting not in (None, "fixed"):
-            parts.append(f"{self.task_weighting} task weights")
-        return " · ".join(parts)
+def _diff(r: dict) -> str:
+    return fmt_ci(r["diff"], r["ci"], signed=True)
 
 
-@dataclass
-class Run:
-    """One run folder's contents as the report needs them."""
-
-    name: str
-    path: Path
-    kind: RunKind
-    config: dict
-    eval: dict
-    curve: list[dict] = field(default_factory=list)  # per epoch: epoch, wall_time, metric → value
-    smoothed: dict | None = None  # eval_smoothed.json: the same checkpoint with tuned smoothing
-
-    @property
-    def score_metric(self) -> str:
-        return TASK_METRIC.get(self.kind.task, "p_mtl")
-
-
-def _tasks_of(config: dict) -> tuple[str, ...]:
-    task = config.get("task")
-    if task in ("va", "expr", "au"):
-        return (task,)
-    tasks = (config.get("model") or {}).get("tasks")
-    return tuple(tasks) if tasks else ("va", "expr", "au")
-
-
-def run_kind(config: dict) -> RunKind:
-    """Classify a run from its resolved config (task, model.init, loss settings)."""
-    tasks = _tasks_of(config)
-    task = config.get("task") or (tasks[0] if len(tasks) == 1 else "mtl")
-    model, loss = config.get("model") or {}, config.get("loss") or {}
-    init = str(model.get("init", "random"))
-    if init not in ("random", "imagenet"):
-        # A checkpoint: name it by its run folder (runs/<name>/best.pt), which is what people know.
-        p = Path(init)
-        init = p.parent.name if p.suffix in (".pt", ".pth") and p.parent.name else p.name
-    if config.get("features"):
-        from affpipe.experiments.temporal import source_run_name
-
-        init = source_run_name(Path(config["features"]))
-    return RunKind(
-        task=task,
-        init=init,
-        temporal=(config.get("temporal") or {}).get("arch", "tcn") if config.get("features") else None,
-        va_loss=loss.get("va_loss", "ccc") if "va" in tasks else None,
-        expr_weighted=bool(loss.get("expr_class_weights", True)) if "expr" in tasks else None,
-        au_weighted=bool(loss.get("au_pos_weight", True)) if "au" in tasks else None,
-        task_weighting=loss.get("task_weighting", "fixed") if len(tasks) > 1 else None,
-    )
-
-
-def _num(value) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
-
-
-def read_curve(metrics_jsonl: Path) -> list[dict]:
-    """Per-epoch validation points from ``metrics.jsonl``, tolerant of what else the file holds.
-
-    A validation point is a trainer ``"kind": "epoch"`` line with its nested ``"val": {...}``
-    metrics (epochs numbered from 0). Step lines and epochs without validation are ignored; a
-    repeated epoch (a resumed run) keeps the last line. ``wall_time`` is seconds since the run
-    started.
-    Returns ``[{"epoch", "wall_time", <metric>: value, ...}]`` sorted by epoch.
-    """
-    if not metrics_jsonl.exists():
+def _question(title: str, intro: str, header: list[str], body: list[list[str]], rows: list[dict],
+              cells, rs: Resampler, topic: str) -> list[str]:
+    if not body:
         return []
-    points: dict[int, dict] = {}
-    for lineno, line in enumerate(metrics_jsonl.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:  # a run killed mid-write leaves a torn last line
-            log.warning("%s:%d: not JSON (%s); ignored", metrics_jsonl, lineno, exc)
-            continue
-        if not isinstance(rec, dict) or rec.get("kind") != "epoch" or _num(rec.get("epoch")) is None:
-            continue
-        nested = rec.get("val")
-        vals = {k: v for k, v in nested.items() if _num(v) is not None} if isinstance(nested, dict) else {}
-        if not vals:
-            continue
-        point = {"epoch": int(rec["epoch"]), "wall_time": _num(rec.get("wall_time")), **{k: float(v) for k, v in vals.items()}}
-        points[point["epoch"]] = point
-    return [points[e] for e in sorted(points)]
+    return [f"## {title}", "", intro, "", *md_table(header, body),
+            sentence(topic, rows, seeds_of(cells), rs.videos), ""]
 
 
-def load_run(path: Path) -> Run:
-    """Read one run folder (needs ``config.json`` and ``eval.json``)."""
-    path = Path(path)
-    for need in ("config.json", "eval.json"):
-        if not (path / need).exists():
-            raise ValueError(f"{path / need}: missing — not a finished run folder")
-    config = json.loads((path / "config.json").read_text())
-    smoothed = path / "eval_smoothed.json"
-    return Run(
-        name=path.name, path=path, kind=run_kind(config), config=config,
-        eval=json.loads((path / "eval.json").read_text()), curve=read_curve(path / "metrics.jsonl"),
-        smoothed=json.loads(smoothed.read_text()) if smoothed.is_file() else None,
-    )
-
-
-def expand_runs(paths: Sequence[Path]) -> list[Path]:
-    """Run folders from the arguments: a folder without ``config.json`` stands for its sub-runs."""
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if (p / "config.json").exists() or not p.is_dir():
-            found.append(p)
-        else:
-            found.extend(sorted(c.parent for c in p.glob("*/config.json")))
-    return found
-
-
-def convergence(curve: list[dict], metric: str, frac: float = 0.9) -> dict:
-    """Epochs and wall time until the validation ``metric`` first reaches ``frac`` of its best.
-
-    ``epochs`` and ``best_epoch`` count epochs trained (the 0-based logged epoch + 1). When
-    the best score is not positive, "90% of it" means nothing and the result holds ``None``.
-    """
-    pts = [p for p in curve if _num(p.get(metric)) is not None]
-    out = {"metric": metric, "best": None, "best_epoch": None, "target": None, "epochs": None,
-           "wall_time": None, "total_epochs": len(pts), "total_wall_time": None}
-    if not pts:
-        return out
-    best = max(pts, key=lambda p: p[metric])
-    out.update(best=best[metric], best_epoch=best["epoch"] + 1, total_epochs=pts[-1]["epoch"] + 1,
-               total_wall_time=pts[-1].get("wall_time"))
-    if best[metric] <= 0:
-        return out
-    out["target"] = frac * best[metric]
-    for p in pts:
-        if p[metric] >= out["target"]:
-            out.update(epochs=p["epoch"] + 1, wall_time=p.get("wall_time"))
-            break
-    return out
-
-
-def uni_vs_mtl(runs: Sequence[Run]) -> dict:
-    """The headline comparison: per task, the best uni-task run vs every multi-task run.
-
-    Returns ``{"uni": {task: run or None}, "rows": [{"run", "kind", metric: (value, diff)}]}``
-    where ``diff`` = MTL − uni (None when either side is missing). The uni-task P_MTL is the sum
-    of the three uni-task models' scores: what three separate networks achieve together.
-    """
-    uni: dict[str, Run | None] = {}
-    for task in ("va", "expr", "au"):
-        metric = TASK_METRIC[task]
-        cands = [r for r in runs if r.kind.task == task and _num(r.eval.get(metric)) is not None]
-        uni[task] = max(cands, key=lambda r: r.eval[metric]) if cands else None
-    uni_vals = {TASK_METRIC[t]: (uni[t].eval[TASK_METRIC[t]] if uni[t] else None) for t in uni}
-    parts = list(uni_vals.values())
-    uni_vals["p_mtl"] = sum(parts) if all(v is not None for v in parts) else None
-    rows = []
-    for r in runs:
-        if not r.kind.mtl or r.kind.temporal:  # temporal heads have their own table
-            continue
-        row: dict = {"run": r.name, "kind": r.kind.short()}
-        for metric, u in uni_vals.items():
-            v = _num(r.eval.get(metric))
-            row[metric] = (v, v - u if v is not None and u is not None else None)
-        rows.append(row)
-    return {"uni": uni, "uni_values": uni_vals, "rows": rows}
-
-
-# ---- markdown ----------------------------------------------------------------------------
-
-def fmt(v: float | None, signed: bool = False) -> str:
-    """Four decimals (``+`` sign for differences); ``—`` for a missing value."""
-    if v is None:
-        return "—"
-    return f"{v:+.4f}" if signed else f"{v:.4f}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
-    align = ["---"] * left + ["---:"] * (len(header) - left)
-    return ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |",
-            *("| " + " | ".join(r) + " |" for r in rows), ""]
-
-
-def _headline(runs: Sequence[Run]) -> list[str]:
-    cmp = uni_vs_mtl(runs)
-    metrics = ("va_ccc", "expr_f1", "au_f1", "p_mtl")
+def _headline(cells, rs: Resampler) -> list[str]:
+    rows = uni_vs_mtl_rows(cells, rs)
+    uni = best_uni(cells)
     lines = ["## Multi-task vs uni-task", ""]
-    uni_names = [f"{TASK_NAME[t]}: `{r.name}`" for t, r in cmp["uni"].items() if r]
-    if not uni_names:
+    if not any(uni.values()):
         lines += ["No uni-task runs among the inputs: nothing to compare against.", ""]
-    if not cmp["rows"]:
+    if not rows:
         lines += ["No multi-task runs among the inputs.", ""]
-    header = ["model"] + [x for m in metrics for x in (METRIC_LABEL[m], "Δ")]
-    rows = [["uni-task (best per task)"] + [x for m in metrics for x in (fmt(cmp["uni_values"][m]), "")]]
-    for row in cmp["rows"]:
-        rows.append([f"`{row['run']}` ({row['kind']})"]
-                    + [x for m in metrics for x in (fmt(row[m][0]), fmt(row[m][1], signed=True))])
-    lines += [
-        "Each task's validation metric for the best uni-task model of that task and for every "
-        "multi-task model; Δ = MTL − uni (positive: multi-task is better). The uni-task P_MTL "
-        "is the sum of the three uni-task models' scores (three networks vs one).",
-        "", *_table(header, rows),
-    ]
-    if uni_names:
-        lines += ["Uni-task reference runs — " + ", ".join(uni_names) + ".", ""]
-    return lines
+    if not rows or not any(uni.values()):
+        return lines
+    _, point_u = uni_side(rs, uni)
+    header = ["model"] + [x for m in MAIN_METRICS for x in (METRIC_LABEL[m], "Δ [95% CI]")]
+    body = [["uni-task (best per task)"] + [x for m in MAIN_METRICS for x in (fmt(point_u[m]), "")]]
+    by_cell: dict[str, list[dict]] = {}
+    for r in rows:
+        by_cell.setdefault(r["who"], []).append(r)
+    for who, rs_ in by_cell.items():
+        body.append([who] + [x for r in rs_ for x in (fmt(r["a"]), _diff(r))])
+    uni_names = ", ".join(f"{TASK_NAME[t]}: `{c.name}`" for t, c in uni.items() if c)
+    return lines + _question(
+        "", "Each task's validation metric for the best uni-task model of that task and for every multi-task "
+        "model; Δ = MTL − uni (positive: multi-task is better). The uni-task P_MTL is the sum of the three "
+        f"uni-task models' scores (three networks vs one). Uni-task reference runs — {uni_names or 'none'}.",
+        header, body, rows, cells, rs, "Multi-task vs uni-task")[2:]
+
+
+def _temporal(cells, rs: Resampler) -> list[str]:
+    rows = temporal_rows(cells, rs)
+    header = ["model"] + [x for m in MAIN_METRICS for x in (METRIC_LABEL[m], "Δ [95% CI]")]
+    body: list[list[str]] = []
+    seen: list[str] = []
+    for src in dict.fromkeys(r["ref"] for r in rows):
+        src_cell = next(c for c in cells if f"`{c.name}` per-frame" == src)
+        body.append([src] + [x for m in MAIN_METRICS for x in (fmt(src_cell.mean(m)), "")])
+        for r in rows:
+            if r["ref"] == src and r["who"] not in seen:
+                seen.append(r["who"])
+                body.append([r["who"]] + [x for q in rows if q["who"] == r["who"] for x in (fmt(q["a"]), _diff(q))])
+    return _question(
+        "Temporal context: per-frame vs smoothing vs temporal heads",
+        "Validation metrics of a per-frame run, of the same checkpoint with per-video smoothing, and of temporal "
+        "heads trained on that run's frame features (`affpipe embed`); Δ = row − per-frame. Smoothing tuned on "
+        "val is scored on the split it was tuned on (optimistic: window 1 = none is a candidate, so it never "
+        "lowers a score there); cross-validated smoothing is tuned on half of the videos and scored on the other "
+        "half, both ways (honest).", header, body, rows, cells, rs, "Temporal context")
+
+
+def _variants(cells, rs: Resampler, question: str, title: str, intro: str) -> list[str]:
+    rows = variant_rows(cells, rs, question)
+    header = ["run", "reference", "metric", "run value", "reference value", "Δ [95% CI]"]
+    body = [[r["who"], r["ref"], METRIC_LABEL[r["metric"]], fmt(r["a"]), fmt(r["b"]), _diff(r)] for r in rows]
+    return _question(title, intro, header, body, rows, cells, rs, title)
+
+
+def _seeds(cells) -> list[str]:
+    if seeds_of(cells) < 2:
+        return []
+    header = ["cell", "seeds", *(METRIC_LABEL[m] for m in MAIN_METRICS)]
+    body = [[f"`{c.name}`", str(len(c.runs)), *(spread(c, m) for m in MAIN_METRICS)] for c in cells]
+    return ["## Seeds", "", "Each cell's validation metrics over its seeds: mean ± standard deviation across seeds "
+            "(the seed moves initialization, shard order, augmentation and dropout). The comparisons above pool "
+            "the seeds: a cell is the mean of its seeds in every resample.", "", *md_table(header, body)]
 
 
 def _metrics_table(runs: Sequence[Run]) -> list[str]:
@@ -298,10 +148,14 @@ def _metrics_table(runs: Sequence[Run]) -> list[str]:
     rows = []
     for r in runs:
         conv = convergence(r.curve, r.score_metric)
-        rows.append([f"`{r.name}`", r.kind.label(), *(fmt(_num(r.eval.get(m))) for m in metrics),
+        ci = r.eval.get("ci") or {}
+        rows.append([f"`{r.name}`", r.kind.label(),
+                     *(fmt_ci(r.eval[m], ci.get(m)) if isinstance(r.eval.get(m), float | int) else "—" for m in metrics),
                      str(conv["total_epochs"] or r.config.get("epochs", "—")),
                      fmt(conv["total_wall_time"]).rsplit(".", 1)[0] if conv["total_wall_time"] is not None else "—"])
-    return ["## Every run", "", "Validation metrics of each run's best checkpoint (`best.pt`, selected on the run's validation score), from its `eval.json`.", "", *_table(header, rows, left=2)]
+    return ["## Every run", "", "Validation metrics of each run's best checkpoint (`best.pt`, selected on the run's "
+            "validation score), from its `eval.json`, with 95% intervals by bootstrap over validation videos "
+            "where the evaluation kept them.", "", *md_table(header, rows, left=2)]
 
 
 def _per_item_table(runs: Sequence[Run], key: str, names: Sequence[str], title: str) -> list[str]:
@@ -310,15 +164,14 @@ def _per_item_table(runs: Sequence[Run], key: str, names: Sequence[str], title: 
         return []
     rows = []
     for name in names:
-        vals = [_num(r.eval[key].get(name)) for r in have]
+        vals = [r.eval[key].get(name) for r in have]
+        vals = [float(v) if isinstance(v, int | float) and math.isfinite(v) else None for v in vals]
         best = max((v for v in vals if v is not None), default=None)
         # Bold marks a winner: not when every run ties (e.g. a class no run ever predicts).
         unique = sum(v == best for v in vals) < len(have)
         rows.append([name] + [f"**{fmt(v)}**" if v is not None and v == best and unique else fmt(v) for v in vals])
     return [f"## {title}", "", "Validation F1; the best run per row in bold.", "",
-            *_table(["", *(f"`{r.name}`" for r in have)], rows)]
-
-
+            *md_table(["", *(f"`{r.name}`" for r in have)], rows)]
 def _convergence_table(runs: Sequence[Run], frac: float) -> list[str]:
     pct = f"{frac:.0%}"
     header = ["run", "score", "best", "best epoch", f"target ({pct})", f"epochs to {pct}",
@@ -334,7 +187,8 @@ def _convergence_table(runs: Sequence[Run], frac: float) -> list[str]:
     return ["## Convergence speed", "",
             f"Validation epochs and wall time until each run's own score first reached {pct} of its "
             "best (— when the best score is not positive or no curve was logged). The score is the "
-            "task's metric (P_MTL for multi-task runs).", "", *_table(header, rows)]
+            "task's metric (P_MTL for multi-task runs).", "", *md_table(header, rows)]
+
 
 
 # ---- figures -----------------------------------------------------------------------------
@@ -356,11 +210,14 @@ def write_figures(runs: Sequence[Run], out: Path) -> dict[str, Path]:
 
     figs: dict[str, Path] = {}
     style = _styles(runs)
-    cmp = uni_vs_mtl(runs)
-    if cmp["rows"] and any(cmp["uni"].values()):
+    cells = group_cells(runs)
+    uni = best_uni(cells)
+    mtl = [c for c in cells if c.kind.mtl and not c.kind.temporal]
+    if mtl and any(uni.values()):
         metrics = ("va_ccc", "expr_f1", "au_f1")
-        series = [("uni-task (best)", [cmp["uni_values"][m] for m in metrics], "0.55")]
-        series += [(row["run"], [row[m][0] for m in metrics], style[row["run"]]["color"]) for row in cmp["rows"]]
+        series = [("uni-task (best)", [uni[t].mean(TASK_METRIC[t]) if uni[t] else None for t in ("va", "expr", "au")],
+                   "0.55")]
+        series += [(c.name, [c.mean(m) for m in metrics], style[c.runs[0].name]["color"]) for c in mtl]
         fig = Figure(figsize=(8, 4.6))
         ax = fig.subplots()
         width = 0.8 / len(series)
@@ -430,14 +287,23 @@ def write_report(cfg: ReportConfig) -> Path:
         raise ValueError("no finished runs (folders with config.json and eval.json) among: " + ", ".join(map(str, paths)))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    cells = group_cells(runs)
+    rs = Resampler(runs, resamples=cfg.resamples, seed=cfg.seed)
+    notes += rs.notes
+    if rs.videos:
+        notes.append(rs.method() + ".")
     figs = write_figures(runs, out)
     lines = [f"# {cfg.title}", "", f"{len(runs)} runs: " + ", ".join(f"`{r.name}`" for r in runs) + ".", ""]
-    from affpipe.experiments.temporal import temporal_rows, temporal_section
-
-    lines += _headline(runs)
-    lines += temporal_section(runs)
+    lines += _headline(cells, rs)
     if "uni_vs_mtl" in figs:
         lines += [f"![uni-task vs multi-task]({figs['uni_vs_mtl'].name})", ""]
+    lines += _temporal(cells, rs)
+    lines += _variants(cells, rs, "init", "Initialization", "Multi-task models from other initializations against "
+                       "the same model from random weights; Δ = run − reference.")
+    lines += _variants(cells, rs, "loss", "Loss variants and task weighting", "Each variant against the cell that "
+                       "differs from it only in that setting (CCC loss, class-weighted EXPR, pos-weighted AU, fixed "
+                       "task weights); Δ = variant − reference.")
+    lines += _seeds(cells)
     lines += _metrics_table(runs)
     lines += _per_item_table(runs, "expr_f1_per_class", EXPR_CLASSES, "EXPR F1 per class")
     lines += _per_item_table(runs, "au_f1_per_au", AU_NAMES, "AU F1 per action unit")
@@ -452,14 +318,42 @@ def write_report(cfg: ReportConfig) -> Path:
     if notes:
         lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]
     md = out / "report.md"
-    md.write_text("\n".join(lines))
+    atomic_write_text(md, "\n".join(lines))
     summary = {
         "runs": {r.name: {"path": str(r.path), "kind": asdict(r.kind), "label": r.kind.label(), "eval": r.eval,
                           "convergence": convergence(r.curve, r.score_metric, cfg.converge_frac)} for r in runs},
-        "uni_vs_mtl": {k: v for k, v in uni_vs_mtl(runs).items() if k != "uni"},
-        "temporal": temporal_rows(runs),
+        "uni_vs_mtl": uni_vs_mtl_rows(cells, rs), "temporal": temporal_rows(cells, rs),
+        "init": variant_rows(cells, rs, "init"), "loss": variant_rows(cells, rs, "loss"),
         "figures": {k: v.name for k, v in figs.items()}, "notes": notes,
     }
-    (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=2, default=str))
     log.info("report: %s", md)
     return md
+
+
+def report_folder(cfg: ReportConfig) -> Path:
+    """``affpipe report -o OUT``: ``write_report`` into a folder that holds only report files."""
+    with claim(cfg.out, OWNER, {}):
+        return write_report(cfg)
+
+
+def paired_lines(run_a: Path, run_b: Path, *, resamples: int = 2000, seed: int = 0) -> list[str]:
+    """``affpipe report RUN_A RUN_B``: the paired difference A − B of every metric both report,
+    with its 95% interval over the same resampled videos; an error when they cannot be paired."""
+    a, b = load_run(run_a), load_run(run_b)
+    for r in (a, b):
+        if r.predictions() is None:
+            raise ValueError(f"{r.path}: its evaluation kept no predictions (eval_predictions.npz); "
+                             f"run `affpipe evaluate {r.path}` first")
+    rs = Resampler([a, b], resamples=resamples, seed=seed, strict=True)
+    side_a, side_b = rs.side([a]), rs.side([b])
+    shared = [m for m in ("va_ccc", "valence_ccc", "arousal_ccc", "expr_f1", "au_f1", "p_mtl")
+              if m in side_a and m in side_b]
+    if not shared:
+        raise ValueError(f"{a.path} ({a.kind.task}) and {b.path} ({b.kind.task}) share no metric")
+    lines = [f"{a.name} − {b.name}, {rs.method()}:"]
+    for m in shared:
+        d = bs_difference(side_a[m], side_b[m])
+        verdict = "excludes 0" if d["excludes_zero"] else "includes 0"
+        lines.append(f"  {METRIC_LABEL[m]:12s} {fmt(d['a'])} vs {fmt(d['b'])}: {_diff(d)} ({verdict})")
+    return lines

@@ -514,6 +514,23 @@ def load_index(path: Path, *, table: str = "frames") -> tuple[pa.Table, dict]:
     return pq.read_table(path / name, schema=FRAMES_SCHEMA), meta
 
 
+def row_positions(table: pa.Table):
+    """A function mapping row ids to their positions in ``table`` (a label table); it raises
+    ``KeyError`` with the count of row ids the table lacks."""
+    rid = table.column("row_id").to_numpy()
+    order = np.argsort(rid, kind="stable")
+    sorted_rid = rid[order]
+
+    def positions(row_id: np.ndarray) -> np.ndarray:
+        row_id = np.asarray(row_id)
+        pos = order[np.clip(np.searchsorted(sorted_rid, row_id), 0, max(len(rid) - 1, 0))]
+        if len(row_id) and not (rid[pos] == row_id).all():
+            raise KeyError(int((rid[pos] != row_id).sum()))
+        return pos
+
+    return positions
+
+
 def index_fingerprint(path: Path, table: str = "frames") -> str:
     """The fingerprint of an index's ``table`` (``frames`` or ``mtl``): its rows' identity and
     labels, as ``index.json`` records it (computed from the table for an index written before

@@ -37,6 +37,11 @@ class EvalConfig(RunInputs):
     tune_au_thresholds: bool = False
     smooth: bool = False  # the windows of smoothing.json
     tune_smoothing: bool = False  # pick them on this split, store them, apply them
+    tune_folds: int | None = None  # also score the tuning cross-validated over this many folds of videos
+
+    def __post_init__(self) -> None:
+        if self.tune_folds is not None and not (self.tune_au_thresholds or self.tune_smoothing):
+            raise ValueError("--tune-folds scores tuning: give --tune-au-thresholds or --tune-smoothing with it")
     batch_size: int | None = None
     device: str = "auto"
     loader: LoaderConfig | None = None  # None: the run's own loader settings
@@ -77,7 +82,7 @@ def collect(run: Run, split: str, *, device: str = "auto", batch_size: int | Non
 
 
 def apply_smoothing(run: Run, c: Collected, split: str, *, smooth: bool, tune_smoothing: bool,
-                    write: bool) -> dict[str, Any]:
+                    write: bool, tune_folds: int | None = None) -> dict[str, Any]:
     """Smooth ``c.acc`` in place (windows tuned on ``split``, or those of ``smoothing.json``);
     returns the result's ``smoothing`` entry (windows, where they were tuned, unsmoothed scores), or {}."""
     from affpipe.io import jsonable
@@ -89,6 +94,9 @@ def apply_smoothing(run: Run, c: Collected, split: str, *, smooth: bool, tune_sm
     if tune_smoothing:
         windows, scores = sm.tune(c.acc, c.video, c.frame, au_thresholds=run.au_thresholds())
         info.update(tuned_on=split, scores=scores)
+        if tune_folds:  # the honest figure: windows tuned on other videos than those scored
+            info["cross_validated"] = sm.cross_validated_result(c.acc, c.video, c.frame, tune_folds,
+                                                                au_thresholds=run.au_thresholds())
         if write:
             sm.save_windows(run.folder, windows, split=split, checkpoint=run.ckpt.name, scores=scores)
     else:
@@ -141,7 +149,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         c = collect(run, cfg.split, device=cfg.device, batch_size=cfg.batch_size, loader=cfg.loader,
                     max_steps=cfg.max_steps)
         extra = apply_smoothing(run, c, cfg.split, smooth=cfg.smooth, tune_smoothing=cfg.tune_smoothing,
-                                write=cfg.write)
+                                write=cfg.write, tune_folds=cfg.tune_folds)
+        if cfg.tune_folds and cfg.tune_au_thresholds:
+            from affpipe.train.bootstrap import cross_validated_au
+
+            extra["cross_validated"] = cross_validated_au(c.acc, c.video, cfg.tune_folds)
         extra["skipped"] = c.skipped  # bad samples skipped (--on-bad skip), by reason
         return report_evaluation(c.acc, c.frames, run.cfg, run.ckpt, run.state, cfg.split,
                                  tune_au_thresholds=cfg.tune_au_thresholds, write=cfg.write, extra=extra,

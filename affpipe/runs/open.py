@@ -114,13 +114,13 @@ class Run:
 
     def frames_of(self, row_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(video, frame)`` of each of ``row_id`` (the rows a model predicted)."""
-        rid = self.label_table.column("row_id").to_numpy()
-        order = np.argsort(rid, kind="stable")
-        pos = order[np.clip(np.searchsorted(rid[order], row_id), 0, max(len(rid) - 1, 0))]
-        if len(row_id) and not (rid[pos] == row_id).all():
-            missing = int((rid[pos] != row_id).sum())
-            raise ValueError(f"{self.source}: {missing} predicted rows have a row_id the label table of {self.index} "
-                             "lacks: the data was not made from this index")
+        from affpipe.index.build import row_positions
+
+        try:
+            pos = row_positions(self.label_table)(row_id)
+        except KeyError as exc:
+            raise ValueError(f"{self.source}: {exc.args[0]} predicted rows have a row_id the label table of "
+                             f"{self.index} lacks: the data was not made from this index") from None
         video = self.label_table.column("video").to_numpy(zero_copy_only=False)[pos]
         return video.astype(object), self.label_table.column("frame").to_numpy()[pos].astype(np.int64)
 

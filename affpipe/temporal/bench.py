@@ -152,6 +152,7 @@ def bench_epoch(feats: Path, out: Path, *, arch: str = "tcn", window: int = 64, 
     import torch
 
     from affpipe.temporal.train import TemporalData, train_temporal
+    from affpipe.train.checkpoint import read_metrics
     from affpipe.train.config import TemporalConfig, TrainConfig
 
     cfg = TrainConfig(task="mtl", features=Path(feats), out=Path(out), epochs=1, batch_size=batch_size, lr=1e-3,
@@ -166,8 +167,7 @@ def bench_epoch(feats: Path, out: Path, *, arch: str = "tcn", window: int = 64, 
         run = train_temporal(cfg)
     total = time.perf_counter() - t0
     probe.append(cpu_probe_gflops())
-    epoch = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line).get("kind") == "epoch"][-1]
+    epoch = [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "epoch"][-1]
     train_s = epoch["wall_time"] - epoch.get("val_time_s", 0.0)
     steps = epoch["step"]
     return {"steps_measured": steps, "steps_per_epoch": full_steps,

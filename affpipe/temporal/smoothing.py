@@ -90,6 +90,43 @@ def tune(acc: MetricAccumulator, video: np.ndarray, frame: np.ndarray, *, grid: 
     return chosen, scores
 
 
+def tune_cross_validated(acc: MetricAccumulator, video: np.ndarray, frame: np.ndarray, folds: int = 2, *,
+                         seed: int = 0, grid: Sequence[int] = WINDOW_GRID,
+                         au_thresholds: Sequence[float] | None = None) -> dict[str, Any]:
+    """Smoothing scored by cross-validation over videos: per fold, windows tuned on the other
+    folds' videos smooth this fold's videos; the held-out predictions of all folds are scored
+    together. ``scores`` (``acc.compute`` of the held-out predictions at ``au_thresholds``),
+    ``folds``, ``fold_windows`` and ``acc`` (the held-out smoothed accumulator)."""
+    from affpipe.train.metrics import video_folds
+
+    fold = video_folds(video, folds, seed=seed, n_rows=len(acc))
+    state = acc.state()
+    new = {SMOOTHED[t]: state[SMOOTHED[t]].astype(np.float32) for t in acc.tasks}
+    per_fold = []
+    for k in range(folds):
+        held = fold == k
+        windows, _ = tune(acc.subset(~held), video[~held], frame[~held], grid=grid, au_thresholds=au_thresholds)
+        for task, w in windows.items():
+            new[SMOOTHED[task]][held] = moving_average(state[SMOOTHED[task]][held], video[held], frame[held], w)
+        per_fold.append(windows)
+    out = acc.with_predictions(**new)
+    return {"scores": out.compute(au_thresholds=au_thresholds), "folds": folds, "fold_windows": per_fold, "acc": out}
+
+
+def cross_validated_result(acc: MetricAccumulator, video: np.ndarray, frame: np.ndarray, folds: int, *,
+                           au_thresholds: Sequence[float] | None = None, seed: int = 0) -> dict[str, Any]:
+    """The ``cross_validated`` entry of an evaluation with tuned smoothing: the held-out scores of
+    ``tune_cross_validated`` with their 95% intervals over videos."""
+    from affpipe.io import jsonable
+    from affpipe.train.bootstrap import bootstrap_ci, video_stats
+
+    cv = tune_cross_validated(acc, video, frame, folds, seed=seed, au_thresholds=au_thresholds)
+    keys = ("va_ccc", "valence_ccc", "arousal_ccc", "expr_f1", "au_f1", "p_mtl")
+    ci = bootstrap_ci(video_stats(cv["acc"].state(), video, au_thresholds), seed=seed)["ci"]
+    return jsonable({**{k: cv["scores"][k] for k in keys if k in cv["scores"]}, "folds": folds,
+                     "fold_windows": cv["fold_windows"], "ci": {k: ci[k] for k in keys if k in ci}})
+
+
 def save_windows(folder: Path, windows: Mapping[str, int], *, split: str, checkpoint: str,
                  scores: Mapping[str, Mapping[int, float]]) -> Path:
     """``folder/smoothing.json``: the tuned windows, where they were tuned and every candidate's score."""

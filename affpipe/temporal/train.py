@@ -76,6 +76,7 @@ def build_model_for(cfg: TrainConfig, dim: int, table: FeatureTable | None = Non
 def temporal_setup(cfg: TrainConfig, ctx: dist.DistContext):
     """``affpipe.train.loop.train``'s setup for a temporal head on ``cfg.features``: the model over
     feature windows, its loss, and window loaders."""
+    from affpipe.train.bootstrap import row_videos
     from affpipe.train.tasks import MultiTaskLoss, label_statistics
     from affpipe.train.trainer import Trainer
 
@@ -90,7 +91,9 @@ def temporal_setup(cfg: TrainConfig, ctx: dist.DistContext):
         return data.loader("train", cfg, train=True, **kw), data.loader("val", cfg, train=False, **kw)
 
     what = f"with a {cfg.temporal.arch} head over windows of {cfg.temporal.window} frames of {cfg.features}"
-    return Trainer(cfg, ctx, model, loss_fn), loaders, what
+    trainer = Trainer(cfg, ctx, model, loss_fn)
+    trainer.row_videos = row_videos(data.label_table)  # validation intervals by video
+    return trainer, loaders, what
 
 
 def temporal_lineage(cfg: TrainConfig, run: Path) -> dict:

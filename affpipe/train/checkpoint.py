@@ -138,7 +138,8 @@ def truncate_metrics(path: Path, *, step: int, epoch: int) -> int:
         except json.JSONDecodeError:  # a line cut short by the kill
             dropped += 1
             continue
-        late = rec.get("step", 0) > step if rec.get("kind") == "train" else rec.get("epoch", 0) >= epoch
+        by_step = rec.get("kind") in ("train", "start")  # "start": a temporal run's step-0 validation
+        late = rec.get("step", 0) > step if by_step else rec.get("epoch", 0) >= epoch
         if late:
             dropped += 1
         else:

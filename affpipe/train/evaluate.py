@@ -72,8 +72,11 @@ def report_evaluation(acc: Any, frames: int, cfg: TrainConfig, ckpt: Path, state
                       tune_au_thresholds: bool = False, write: bool = True,
                       extra: dict[str, Any] | None = None, videos: Any = None) -> dict[str, Any]:
     """The result of a filled ``MetricAccumulator``: metrics, optionally tuned AU thresholds
-    (saved beside ``ckpt``), ``extra`` keys; written as ``eval[_<split>].json``/``.md``.
-    ``videos``: the video of each of ``acc``'s rows. The one place an evaluation is reported."""
+    (saved beside ``ckpt``), ``extra`` keys; written as ``eval[_<split>].json``/``.md``. With
+    ``videos`` (the video of each of ``acc``'s rows) every metric gets its 95% interval by
+    bootstrap over videos and the predictions are kept as ``eval[_<split>]_predictions.npz``.
+    The one place an evaluation is reported."""
+    stem = "eval" if split == "val" else f"eval_{split}"
     result = _result(acc.compute(), cfg, ckpt, state, split, frames)
     result.update(extra or {})
     if videos is not None:
@@ -89,8 +92,12 @@ def report_evaluation(acc: Any, frames: int, cfg: TrainConfig, ckpt: Path, state
             atomic_write_text(ckpt.parent / THRESHOLDS_FILE, json.dumps(
                 {"au_thresholds": dict(zip(AU_NAMES, thresholds, strict=True)), "split": split,
                  "checkpoint": ckpt.name}, indent=2) + "\n")
+    if videos is not None:
+        from affpipe.train.bootstrap import evaluation_intervals
+
+        result.update(evaluation_intervals(acc, videos, ckpt.parent, stem, au_thresholds=result.get("au_thresholds"),
+                                           write=write))
     if write:
-        stem = "eval" if split == "val" else f"eval_{split}"
         write_eval(ckpt.parent, result, stem=stem)
     return result
 
@@ -116,6 +123,26 @@ def _f(value: Any) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _c(result: dict[str, Any], key: str, item: str | None = None, *, tuned: bool = False) -> str:
+    """``result[key]`` (``[item]``), with its 95% interval as ``0.412 [0.371, 0.455]`` when there is one."""
+    from affpipe.train.bootstrap import fmt_ci
+
+    src = result.get("tuned", {}) if tuned else result
+    value, ci = src.get(key), (result.get("tuned_ci" if tuned else "ci") or {}).get(key)
+    if item is not None:
+        value, ci = (value or {}).get(item), (ci or {}).get(item)
+    return fmt_ci(value, ci) if ci else _f(value)
+
+
+def _cross_validated(cv: dict[str, Any] | None, what: str) -> list[str]:
+    """Rows of a ``cross_validated`` entry: scores with ``what`` tuned on the other folds' videos."""
+    if not cv:
+        return []
+    return [f"| {label} ({what} cross-validated, {cv['folds']} folds of videos) | {_c(cv, key)} |"
+            for key, label in (("va_ccc", "VA CCC"), ("expr_f1", "EXPR macro F1"), ("au_f1", "AU macro F1"),
+                               ("p_mtl", "P_MTL")) if key in cv]
+
+
 def eval_markdown(result: dict[str, Any]) -> str:
     """Tables as in the research: CCC per dimension, F1 per emotion, F1 per AU."""
     lines = [f"# Evaluation: task {result.get('task')}, split {result.get('split')}",
@@ -126,38 +153,44 @@ def eval_markdown(result: dict[str, Any]) -> str:
     for key, label in (("va_ccc", "VA CCC (mean of valence, arousal)"), ("expr_f1", "EXPR macro F1"),
                        ("au_f1", "AU macro F1 (threshold 0.5)"), ("p_mtl", "P_MTL = CCC + F1_EXPR + F1_AU")):
         if key in result:
-            lines.append(f"| {label} | {_f(result[key])} |")
+            lines.append(f"| {label} | {_c(result, key)} |")
+    ci = result.get("ci_method")
+    if ci:  # where the intervals come from, said once under the table
+        how = ci.get("note") or f"bootstrap over the {ci['videos']} {ci['unit']}s, {ci['resamples']} resamples"
+        lines.append(f"| 95% interval | {how} |")
     smoothing = result.get("smoothing")
     if smoothing:
-        lines.append(f"| Smoothing windows (frames) | {', '.join(f'{t} {w}' for t, w in smoothing['windows'].items())} |")
+        where = f"; tuned on split `{smoothing['tuned_on']}`" if smoothing.get("tuned_on") else ""
+        lines.append(f"| Smoothing windows (frames{where}) | "
+                     f"{', '.join(f'{t} {w}' for t, w in smoothing['windows'].items())} |")
     tuned = result.get("tuned", {})
     if "au_f1" in tuned:
-        lines.append(f"| AU macro F1 (tuned thresholds) | {_f(tuned['au_f1'])} |")
+        lines.append(f"| AU macro F1 (thresholds tuned on the split) | {_c(result, 'au_f1', tuned=True)} |")
     if "p_mtl" in tuned:
-        lines.append(f"| P_MTL (tuned AU thresholds) | {_f(tuned['p_mtl'])} |")
+        lines.append(f"| P_MTL (AU thresholds tuned on the split) | {_c(result, 'p_mtl', tuned=True)} |")
+    lines += _cross_validated(result.get("cross_validated"), "AU thresholds")
+    lines += _cross_validated((smoothing or {}).get("cross_validated"), "smoothing")
     if "va_ccc" in result:
         lines += ["", "## CCC per dimension", "", "| Dimension | CCC |", "|---|---|",
-                  f"| Valence | {_f(result.get('valence_ccc'))} |", f"| Arousal | {_f(result.get('arousal_ccc'))} |",
-                  f"| **Mean** | **{_f(result['va_ccc'])}** |"]
+                  f"| Valence | {_c(result, 'valence_ccc')} |", f"| Arousal | {_c(result, 'arousal_ccc')} |",
+                  f"| **Mean** | **{_c(result, 'va_ccc')}** |"]
     if "expr_f1" in result:
-        per = result.get("expr_f1_per_class", {})
         lines += ["", "## F1 per emotion", "", "| Emotion | F1 |", "|---|---|"]
-        lines += [f"| {name} | {_f(per.get(name))} |" for name in EXPR_CLASSES]
-        lines.append(f"| **Macro** | **{_f(result['expr_f1'])}** |")
+        lines += [f"| {name} | {_c(result, 'expr_f1_per_class', name)} |" for name in EXPR_CLASSES]
+        lines.append(f"| **Macro** | **{_c(result, 'expr_f1')}** |")
     if "au_f1" in result:
-        per = result.get("au_f1_per_au", {})
         tuned_per = tuned.get("au_f1_per_au", {})
         thr = dict(zip(AU_NAMES, result.get("au_thresholds", []), strict=False))
         head = "| AU | F1 (0.5) |" + (" F1 (tuned) | threshold |" if tuned_per else "")
         lines += ["", "## F1 per AU", "", head, "|---|---|" + ("---|---|" if tuned_per else "")]
         for name in AU_NAMES:
-            row = f"| {name} | {_f(per.get(name))} |"
+            row = f"| {name} | {_c(result, 'au_f1_per_au', name)} |"
             if tuned_per:
-                row += f" {_f(tuned_per.get(name))} | {thr.get(name, 0.5):.2f} |"
+                row += f" {_c(result, 'au_f1_per_au', name, tuned=True)} | {thr.get(name, 0.5):.2f} |"
             lines.append(row)
-        row = f"| **Macro** | **{_f(result['au_f1'])}** |"
+        row = f"| **Macro** | **{_c(result, 'au_f1')}** |"
         if tuned_per:
-            row += f" **{_f(tuned.get('au_f1'))}** | |"
+            row += f" **{_c(result, 'au_f1', tuned=True)}** | |"
         lines.append(row)
         if tuned_per:
             lines += ["", f"Thresholds tuned on split `{result.get('split')}`; tuned figures on the "

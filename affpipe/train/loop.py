@@ -42,16 +42,14 @@ from affpipe.train.trainer import Trainer
 log = logging.getLogger(__name__)
 
 
-def label_statistics_for(shards: Path, index: Path | None = None) -> dict[str, Any]:
-    """Class statistics of the train split of the label table the shard manifest names
-    (``index`` overrides where that table is)."""
+def frame_label_table(shards: Path, index: Path | None = None):
+    """The label table the shard manifest names (``index`` overrides where that table is)."""
     from affpipe.index.build import load_index
     from affpipe.shards.format import checked_index, read_manifest
-    from affpipe.train.tasks import label_statistics
 
     manifest = read_manifest(shards, full=False)
     table, _ = load_index(checked_index(shards, manifest, index), table=manifest.get("table", "frames"))
-    return label_statistics(table)
+    return table
 
 
 def prepare_run_dir(cfg: TrainConfig, ctx: dist.DistContext, held: contextlib.ExitStack, *,
@@ -72,6 +70,8 @@ def resume(trainer: Trainer, run: Path) -> bool:
     if not last.exists():
         if trainer.ctx.main:
             log.warning("--resume: %s has no last.pt yet; starting from scratch", run)
+            # What was logged before the first last.pt (e.g. a temporal run's start validation) is redone.
+            truncate_metrics(run / "metrics.jsonl", step=-1, epoch=0)
         return False
     ckpt = load_checkpoint(last, map_location=trainer.ctx.device)
     diffs = config_differences(ckpt["config"], to_dict(trainer.cfg))
@@ -151,7 +151,12 @@ def frame_setup(cfg: TrainConfig, ctx: dist.DistContext) -> tuple[Trainer, Calla
     """A per-frame run on ``cfg.shards``: the image model and the shard loaders."""
     if cfg.shards is None:
         raise ValueError("train: no shards given (--shards)")
-    trainer = Trainer.build(cfg, ctx, label_statistics_for(cfg.shards, cfg.index))
+    from affpipe.train.bootstrap import row_videos
+    from affpipe.train.tasks import label_statistics
+
+    table = frame_label_table(cfg.shards, cfg.index)
+    trainer = Trainer.build(cfg, ctx, label_statistics(table))
+    trainer.row_videos = row_videos(table)
     return trainer, lambda: make_loaders(cfg, ctx), f"on {cfg.shards}"
 
 
@@ -201,6 +206,16 @@ def fit(trainer: Trainer, run: Path, train_loader, val_loader, steps: int, linea
         if ctx.main:
             save_checkpoint(run / name, {**trainer.state_dict(), "lineage": lineage})
 
+    if cfg.is_temporal and state.step == 0 and state.best_metrics is None:
+        # A temporal run starts at its source run's predictions (the skip path): that state is a
+        # best.pt candidate too, so training that makes things worse never ships a worse model.
+        summary = {"kind": "start", "epoch": 0, "step": 0}
+        improved = validate(trainer, val_loader, summary, schedule=False)
+        if ctx.main:
+            runlog.write(summary)
+            if improved:
+                keep_predictions(trainer, run)
+                checkpoint("best.pt")
     while trainer.state.epoch < cfg.epochs:
         state = trainer.state
         epoch = state.epoch
@@ -214,6 +229,8 @@ def fit(trainer: Trainer, run: Path, train_loader, val_loader, steps: int, linea
         summary["wall_time"] = clock[1] + time.perf_counter() - clock[0]
         if ctx.main:
             runlog.write(summary)
+            if improved:
+                keep_predictions(trainer, run)  # before the checkpoints that make this state the best
             checkpoint("last.pt")
             if improved:
                 checkpoint("best.pt")
@@ -222,9 +239,9 @@ def fit(trainer: Trainer, run: Path, train_loader, val_loader, steps: int, linea
         finish(run, cfg, trainer.state)
 
 
-def validate(trainer: Trainer, loader, summary: dict[str, Any]) -> bool:
-    """One validation pass: steps the plateau scheduler, updates the best score and fills
-    ``summary``; True when the score improved."""
+def validate(trainer: Trainer, loader, summary: dict[str, Any], *, schedule: bool = True) -> bool:
+    """One validation pass: steps the plateau scheduler (unless ``schedule`` is false), updates
+    the best score and fills ``summary``; True when the score improved."""
     cfg, ctx, state = trainer.cfg, trainer.ctx, trainer.state
     t0 = time.perf_counter()
     acc, frames = evaluate_model(trainer.eval_model, loader, cfg.heads, device=ctx.device, amp=trainer.amp,
@@ -233,17 +250,24 @@ def validate(trainer: Trainer, loader, summary: dict[str, Any]) -> bool:
     metrics = jsonable(acc.compute())
     score = metrics.get(cfg.score_key)
     score = -math.inf if score is None else float(score)
-    trainer.scheduler.step(score)
+    if schedule:
+        trainer.scheduler.step(score)
     improved = score > state.best_score
     if improved:
         state.best_score = score
         state.best_step = state.step
         state.best_metrics = {**metrics, "frames": frames, "epoch": state.epoch, "step": state.step}
+        if ctx.main and trainer.row_videos is not None:  # intervals by video: ~1 s at 1M frames
+            from affpipe.train.bootstrap import bootstrap_result
+
+            arrays = acc.state()
+            state.best_metrics.update(bootstrap_result(arrays, trainer.row_videos(arrays["row_id"])))
+            trainer.best_predictions = arrays
     summary.update(val={k: v for k, v in metrics.items() if not isinstance(v, dict)}, score_key=cfg.score_key,
                    score=score, best_score=state.best_score, val_frames=frames, val_time_s=time.perf_counter() - t0)
     if ctx.main:
-        log.info("epoch %d/%d: val %s %.4f (best %.4f)", state.epoch + 1, cfg.epochs, cfg.score_key, score,
-                 state.best_score)
+        when = "start (step 0)" if summary.get("kind") == "start" else f"epoch {state.epoch + 1}/{cfg.epochs}"
+        log.info("%s: val %s %.4f (best %.4f)", when, cfg.score_key, score, state.best_score)
     return improved
 
 
@@ -385,13 +409,28 @@ def plot(run: Path) -> None:
         log.warning("curves.png not drawn: %s", exc)
 
 
+PREDICTIONS = "eval_predictions.npz"
+
+
+def keep_predictions(trainer: Trainer, run: Path) -> None:
+    """The improving validation's predictions as ``eval_predictions.npz`` (for paired comparisons)."""
+    kept, trainer.best_predictions = trainer.best_predictions, None
+    if kept is not None and trainer.row_videos is not None:
+        from affpipe.train.bootstrap import save_predictions
+
+        save_predictions(run / PREDICTIONS, kept, trainer.row_videos(kept["row_id"]))
+
+
 def finish(run: Path, cfg: TrainConfig, state) -> None:
-    """``eval.json``/``eval.md`` from the validation pass that produced ``best.pt``."""
+    """``eval.json``/``eval.md`` from the validation pass that produced ``best.pt``, with its
+    intervals and its kept predictions."""
     if state.best_metrics is None:
         log.warning("no validation score was reached; eval.json not written")
         return
     result = dict(state.best_metrics)
     result.update(task=cfg.task, split="val", checkpoint="best.pt")
+    if "ci" in result and (run / PREDICTIONS).is_file():
+        result["predictions"] = PREDICTIONS
     if cfg.max_val_steps:
         result["note"] = f"validation limited to {cfg.max_val_steps} batches per pass"
     write_eval(run, result)

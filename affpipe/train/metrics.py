@@ -9,6 +9,9 @@ average="macro", zero_division=0)``), binary F1 per AU over that AU's valid entr
 ``MetricAccumulator`` collects a model's predictions batch by batch on the CPU (every row, with
 each head's mask, so the same store serves metrics and prediction files), computes the metrics
 at the end, tunes per-AU thresholds, and gathers the stores of all ranks under DDP.
+
+(A little over 400 lines: the accumulator's tuning and its cross-validation over video folds
+read the same stored arrays.)
 """
 
 from __future__ import annotations
@@ -201,6 +204,16 @@ class MetricAccumulator:
                     self._cache[key] = _empty(key)
         return self._cache
 
+    @classmethod
+    def from_state(cls, tasks: Sequence[str], arrays: Mapping[str, np.ndarray]) -> MetricAccumulator:
+        """An accumulator holding ``arrays`` (a ``state()``, e.g. read back from a predictions file)."""
+        out = cls(tasks)
+        missing = [k for k in out._chunks if k not in arrays]
+        if missing:
+            raise ValueError(f"MetricAccumulator.from_state: missing {missing} for tasks {out.tasks}")
+        out._chunks = {k: [np.asarray(arrays[k])] for k in out._chunks}
+        return out
+
     def state(self) -> dict[str, np.ndarray]:
         """The stored arrays (row_id, per-task predictions, targets, masks)."""
         return dict(self._arrays())
@@ -300,6 +313,37 @@ class MetricAccumulator:
             out.append(float(grid[int(np.argmax(_f1(tp, fp, fn)))]))
         return out
 
+    def subset(self, rows: np.ndarray) -> MetricAccumulator:
+        """A copy holding only ``rows`` (a boolean mask or indices into the stored rows)."""
+        out = MetricAccumulator(self.tasks)
+        out._chunks = {k: [v[rows]] for k, v in self._arrays().items() if k in out._chunks}
+        return out
+
+    def cross_validated_au(self, videos: ArrayLike, folds: int = 2, *, seed: int = 0,
+                           grid: Sequence[float] = DEFAULT_THRESHOLD_GRID) -> dict[str, Any]:
+        """AU F1 with thresholds tuned by cross-validation over videos: per fold, thresholds tuned
+        on the other folds' videos binarize this fold's frames; the held-out predictions of all
+        folds are scored together. ``au_f1``, ``au_f1_per_au``, ``p_mtl`` (when all heads are
+        present), ``folds``, ``fold_thresholds`` and ``au_pred`` (the held-out 0/1 predictions)."""
+        if "au" not in self.tasks:
+            raise ValueError("cross_validated_au: this accumulator has no 'au' task")
+        fold = video_folds(videos, folds, seed=seed, n_rows=len(self))
+        a = self._arrays()
+        pred = np.zeros(a["au_prob"].shape, bool)
+        per_fold = []
+        for k in range(folds):
+            held = fold == k
+            thr = np.asarray(self.subset(~held).tune_au_thresholds(grid))
+            pred[held] = a["au_prob"][held] >= thr
+            per_fold.append(thr.tolist())
+        f1, per = au_f1(pred, a["au_target"], a["au_mask"])
+        out: dict[str, Any] = {"au_f1": f1, "au_f1_per_au": dict(zip(AU_NAMES, per, strict=True)), "folds": folds,
+                               "fold_thresholds": per_fold, "au_pred": pred}
+        if all(t in self.tasks for t in TASKS):
+            plain = self.compute()
+            out["p_mtl"] = p_mtl(plain["va_ccc"], plain["expr_f1"], f1)
+        return out
+
     def all_reduce(self, dedupe: bool = True) -> None:
         """Gather every rank's store onto every rank (no-op unless torch.distributed is initialized).
 
@@ -339,6 +383,21 @@ class MetricAccumulator:
             out["au_prob"] = a["au_prob"]
             out["au"] = self._au_binary(au_thresholds).astype(np.int8)
         return out
+
+
+def video_folds(videos: ArrayLike, folds: int, *, seed: int = 0, n_rows: int | None = None) -> np.ndarray:
+    """The fold (0..folds-1) of each row: videos are shuffled (seeded) and dealt round-robin, so
+    every frame of a video lands in the same fold and fold sizes differ by at most one video."""
+    video = np.asarray(videos)
+    if n_rows is not None and len(video) != n_rows:
+        raise ValueError(f"video_folds: {len(video)} videos given for {n_rows} rows")
+    names, codes = np.unique(video, return_inverse=True)
+    if not 2 <= folds <= len(names):
+        raise ValueError(f"--tune-folds must be between 2 and the number of videos ({len(names)}), got {folds}")
+    order = np.random.default_rng([seed, 0xF01D]).permutation(len(names))
+    fold_of = np.empty(len(names), np.int64)
+    fold_of[order] = np.arange(len(names)) % folds
+    return fold_of[codes.reshape(-1)]
 
 
 def _empty(key: str) -> np.ndarray:

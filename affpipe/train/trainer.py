@@ -16,9 +16,11 @@ bf16 needs no scaler.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as tdist
 from torch import nn
@@ -74,6 +76,9 @@ class Trainer:
             self.optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         self.state = TrainState()
+        # The video of each row id (set by the run's setup): validation intervals by video.
+        self.row_videos: Callable[[np.ndarray], np.ndarray] | None = None
+        self.best_predictions: dict[str, np.ndarray] | None = None  # the best validation's, for eval_predictions.npz
         self.model = model  # wrapped by wrap() (compile, DDP); raw_model is what is saved
 
     @classmethod

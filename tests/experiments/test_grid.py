@@ -18,7 +18,11 @@ GRID = ex.DEFAULT_GRID
 def test_grid_parses_and_covers_the_questions():
     grid = ex.load_grid(GRID)
     runs = {r.name: r for r in grid.runs}
-    cfgs = {n: load_config(r.recipe, {"features": "feats"} if r.features_from else None) for n, r in runs.items()}
+    cfgs = {n: load_config(r.recipe, {**r.overrides, **({"features": "feats"} if r.features_from else {})})
+            for n, r in runs.items()}
+    # The per-frame cells are one base recipe plus one or two keys each.
+    frame = [r for r in grid.runs if not r.features_from]
+    assert len({r.recipe for r in frame}) == 1 and all(len(r.overrides) <= 2 for r in frame)
     kinds = {(c.task, c.model.init, c.loss.va_loss, c.loss.expr_class_weights, c.loss.au_pos_weight,
               c.loss.task_weighting) for c in cfgs.values()}
     for task in ("va", "expr", "au"):
@@ -59,7 +63,7 @@ def test_every_recipe_loads_with_the_run_overrides(tmp_path):
                 want = {**grid.synthetic_overrides, **run.synthetic_overrides}
                 assert all(getattr(cfg, k) == v for k, v in want.items())
             else:  # full scale: the recipe as written (but for the backbone of init_from runs)
-                plain = {"shards": ov.get("shards"), "out": str(cfg.out), "model.init": ov.get("model.init"),
+                plain = {**run.overrides, "shards": ov.get("shards"), "out": str(cfg.out), "model.init": ov.get("model.init"),
                          "features": ov.get("features")}
                 assert cfg == load_config(run.recipe, plain)
             if run.features_from:
@@ -96,7 +100,10 @@ class FakeTrainer:
         if cfg.out.name in self.fail:
             raise RuntimeError("boom")
         fake_run(cfg.out.parent, cfg.out.name, cfg.task, init=cfg.model.init, va_loss=cfg.loss.va_loss,
-                 weighting=cfg.loss.task_weighting, epochs=cfg.epochs, seed=len(self.calls), exist_ok=True)
+                 weighting=cfg.loss.task_weighting, epochs=cfg.epochs, seed=len(self.calls), exist_ok=True,
+                 predictions=True)
+        config = json.loads((cfg.out / "config.json").read_text())
+        (cfg.out / "config.json").write_text(json.dumps({**config, "seed": cfg.seed}))
         (cfg.out / "best.pt").write_bytes(b"fake")
         if cfg.is_temporal:  # what the report tells temporal runs by
             config = json.loads((cfg.out / "config.json").read_text())
@@ -162,11 +169,43 @@ def test_experiments_orchestration(tmp_path, monkeypatch, offline):
     assert trainer.calls == [] and again["runs"]["uni_va"] == "done"
 
 
+def test_experiments_seeds(tmp_path, monkeypatch, offline):
+    trainer = FakeTrainer()
+    monkeypatch.setattr(ex, "train_run", trainer)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "manifest.json").write_text('{"schema_version": 1, "splits": {}}')
+    only = ("uni_va", "uni_expr", "uni_au", "mtl_random", "mtl_from_uni_va")
+    cfg = ex.ExperimentsConfig(out=tmp_path / "e", shards=tmp_path / "s", only=only, seeds=2)
+    result = ex.run_experiments(cfg)
+    names = [n for n, _ in trainer.calls]
+    assert names == [*only, *(f"{n}-seed1" for n in only)]
+    calls = dict(trainer.calls)
+    assert calls["uni_va"]["seed"] == 0 and calls["uni_va-seed1"]["seed"] == 1
+    # A seed's cells start from the same seed's cells.
+    assert calls["mtl_from_uni_va-seed1"]["model.init"] == str(tmp_path / "e" / "runs" / "uni_va-seed1" / "best.pt")
+    assert all(s == "trained" for s in result["runs"].values())
+    md = (tmp_path / "e" / "report.md").read_text()
+    seeds = md.split("## Seeds")[1].split("\n## ")[0]
+    assert "| `mtl_random` | 2 |" in seeds and " ± " in seeds
+    assert "2 seeds per cell" in md.split("## Multi-task vs uni-task")[1].split("\n## ")[0]
+    # More seeds later: the cached cells of seeds 0 and 1 are reused, only seed 2 trains.
+    trainer.calls.clear()
+    again = ex.run_experiments(ex.ExperimentsConfig(out=tmp_path / "e", shards=tmp_path / "s", only=only, seeds=3))
+    assert [n for n, _ in trainer.calls] == [f"{n}-seed2" for n in only]
+    assert again["runs"]["uni_va-seed1"] == "done"
+
+
 def test_failed_run_skips_only_its_dependents(tmp_path, monkeypatch, offline):
     trainer = FakeTrainer(fail=("uni_expr",))
     monkeypatch.setattr(ex, "train_run", trainer)
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "manifest.json").write_text('{"schema_version": 1, "splits": {}}')
+    monkeypatch.setattr(ex, "train_run", FakeTrainer())
+    ex.run_experiments(ex.ExperimentsConfig(out=tmp_path / "exp", shards=tmp_path / "s", only=("uni_va",)))
+    import shutil
+
+    shutil.rmtree(tmp_path / "exp" / "runs" / "uni_va")  # the grid's folder, with nothing trained yet
+    monkeypatch.setattr(ex, "train_run", trainer)
     killed = tmp_path / "exp" / "runs" / "uni_au"
     killed.mkdir(parents=True)
     (killed / "last.pt").write_bytes(b"half")  # a killed run resumes
@@ -201,19 +240,23 @@ def test_cli_experiments_only(tmp_path, monkeypatch, offline):
 @pytest.mark.slow
 def test_one_real_tiny_run(tmp_path):
     """No mocks: a tiny twin → index → shards → one real uni-task run → the report."""
-    recipe = (GRID.parent / "exp_uni_va.toml").as_posix()
+    recipe = (GRID.parent / "exp_frame.toml").as_posix()
     grid = tmp_path / "grid.toml"
     grid.write_text(f"""[synthetic]\nvideos = 4\nframes = 24\nseed = 1\n
 [synthetic.overrides]\nepochs = 2\nbatch_size = 8\nimage_size = 32\nmax_steps_per_epoch = 2
 max_val_steps = 2\ndevice = "cpu"\n"loader.backend" = "torch"\nlog_every = 1\n
-[[run]]\nname = "uni_va"\nrecipe = "{recipe}"\n""")
+[[run]]\nname = "uni_va"\nrecipe = "{recipe}"\noverrides = {{ task = "va" }}\n""")
     result = ex.run_experiments(ex.ExperimentsConfig(out=tmp_path / "e", grid=grid, workers=1))
     assert result["runs"] == {"uni_va": "trained"}
     assert (tmp_path / "e" / "data" / "shards" / "manifest.json").exists()
     run = tmp_path / "e" / "runs" / "uni_va"
     ev = json.loads((run / "eval.json").read_text())
     md = (tmp_path / "e" / "report.md").read_text()
-    assert f"{ev['va_ccc']:.4f}" in md and "synthetic twin" in md
+    from affpipe.train.bootstrap import fmt_ci
+
+    # Evaluated once more after training: the interval over the twin's validation videos, kept predictions.
+    assert fmt_ci(ev["va_ccc"], ev["ci"].get("va_ccc")) in md and "synthetic twin" in md
+    assert ev["ci_method"]["unit"] == "video" and (run / "eval_predictions.npz").is_file()
     from affpipe.experiments.report import load_run
 
     assert [p["epoch"] for p in load_run(run).curve] == [0, 1]
@@ -238,3 +281,37 @@ def test_wheel_ships_the_grid_and_its_recipes(tmp_path):
         rel = Path(run.recipe).resolve().relative_to(GRID.parent.resolve())
         assert f"affpipe/experiments/recipes/{rel.as_posix()}" in names, rel
     assert GRID.is_relative_to(Path(ex.__file__).resolve().parent)
+
+
+def test_experiments_and_report_refuse_folders_they_did_not_write(tmp_path, monkeypatch, offline):
+    from affpipe.cli import main
+
+    monkeypatch.setattr(ex, "train_run", FakeTrainer())
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "manifest.json").write_text('{"schema_version": 1, "splits": {}}')
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("x")
+    args = ["experiments", "--shards", str(tmp_path / "s"), "-o", str(mine), "--only", "uni_va"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and "not written by `affpipe experiments`" in res.output and "chapter1.tex" in res.output
+    assert sorted(p.name for p in mine.iterdir()) == ["chapter1.tex"]
+    out = tmp_path / "e"
+    assert CliRunner().invoke(main, [*args[:4], str(out), *args[5:]]).exit_code == 0
+    (out / "runs" / "notes.txt").write_text("mine")  # inside runs/: the grid's, so allowed
+    (out / "todo.txt").write_text("mine")
+    res = CliRunner().invoke(main, [*args[:4], str(out), *args[5:]])
+    assert res.exit_code == 1 and "todo.txt" in res.output
+    # The report refuses a folder of someone else's, and the experiments folder itself.
+    run = out / "runs" / "uni_va"
+    for target in (mine, out):
+        res = CliRunner().invoke(main, ["report", str(run), "-o", str(target)])
+        assert res.exit_code == 1 and res.output.startswith("Error:"), res.output
+    assert CliRunner().invoke(main, ["report", str(run), "-o", str(tmp_path / "r")]).exit_code == 0
+    assert CliRunner().invoke(main, ["report", str(run), "-o", str(tmp_path / "r")]).exit_code == 0  # rerun: ours
+    # Other data into the same folder: refused, naming both sides.
+    (tmp_path / "s2").mkdir()
+    (tmp_path / "s2" / "manifest.json").write_text('{"schema_version": 1, "splits": {}}')
+    (out / "todo.txt").unlink()
+    res = CliRunner().invoke(main, ["experiments", "--shards", str(tmp_path / "s2"), "-o", str(out), "--only", "uni_va"])
+    assert res.exit_code == 1 and "from other inputs" in res.output and "s2" in res.output

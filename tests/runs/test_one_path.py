@@ -92,6 +92,11 @@ def test_evaluate_and_predict_every_kind_through_one_path(world, tmp_path, kind,
     ev = json.loads((run / "eval.json").read_text())
     assert ev["skipped"] == {} and ev["frames"] > 0 and ev["videos"] > 0 and "p_mtl" in ev
     assert ("smoothing" in ev) == (kind == "smoothed")
+    # Every kind of run: 95% intervals by video for every metric, predictions kept for `report`.
+    assert ev["ci_method"]["unit"] == "video" and ev["predictions"] == "eval_predictions.npz"
+    if ev["videos"] >= 2:
+        assert set(ev["ci"]) >= {"va_ccc", "valence_ccc", "arousal_ccc", "expr_f1", "au_f1", "p_mtl",
+                                 "expr_f1_per_class", "au_f1_per_au"}
     code, out = cli("predict", run, "-o", tmp_path / "p", "--format", "abaw-single",
                     *(["--smooth"] if kind == "smoothed" else []), *FAST)
     assert code == 0, out
@@ -318,3 +323,19 @@ def test_evaluate_never_writes_through_a_symlink(tmp_path):
     with pytest.raises(FileExistsError, match=r"eval\.json \(symlink\)"), run_folder_for_writing(tmp_path / "run"):
         pass
     assert (tmp_path / "target.json").read_text() == "mine\n"
+
+
+def test_tune_folds_reports_a_cross_validated_score_beside_the_in_split_one(world):
+    run = world / "runs" / "frame"
+    code, out = cli("evaluate", run, "--tune-au-thresholds", "--tune-smoothing", "--tune-folds", "2", *FAST)
+    assert code == 0, out
+    ev = json.loads((run / "eval.json").read_text())
+    cv, scv = ev["cross_validated"], ev["smoothing"]["cross_validated"]
+    assert cv["folds"] == 2 and len(cv["fold_thresholds"]) == 2 and "au_f1" in cv and "p_mtl" in cv
+    assert scv["folds"] == 2 and len(scv["fold_windows"]) == 2 and "p_mtl" in scv
+    assert "AU thresholds tuned on the split" in out and "AU thresholds cross-validated, 2 folds of videos" in out
+    assert "smoothing cross-validated, 2 folds of videos" in out
+    # The stored thresholds and windows still come from the whole split.
+    assert json.loads((run / "au_thresholds.json").read_text())["split"] == "val"
+    assert _error(*cli("evaluate", run, "--tune-folds", "2", *FAST)).endswith(
+        "give --tune-au-thresholds or --tune-smoothing with it")

@@ -1,0 +1,263 @@
+"""Paired comparisons for the report: every research question answered with a difference and its
+95% interval by bootstrap over the same resampled validation videos.
+
+Each run's evaluation keeps its per-frame predictions (``eval_predictions.npz``; the grid's
+smoothed evaluations ``eval_smoothed[_cv]_predictions.npz``). ``Resampler`` reduces each file to
+per-video statistics (``train.bootstrap``), checks that every run was scored on the same rows
+with the same labels, and draws one set of video resamples for the whole report. A grid cell
+trained with several seeds is the mean of its seeds' metrics, per resample (pooled over seeds);
+the spread across seeds is shown beside it. Runs without predictions (older run folders) are
+compared on point values only, and the report says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from affpipe.experiments.runs import METRIC_LABEL, TASK_METRIC, Run, RunKind
+from affpipe.train import bootstrap as bs
+
+log = logging.getLogger(__name__)
+
+MAIN_METRICS = ("va_ccc", "expr_f1", "au_f1", "p_mtl")
+VARIANT_LABEL = {"eval": "", "smoothed": " + smoothing (tuned on val)", "smoothed_cv": " + smoothing (cross-validated)"}
+
+
+@dataclass
+class Cell:
+    """One grid cell: the runs of one recipe and overrides, one per seed."""
+
+    name: str
+    kind: RunKind
+    runs: list[Run]
+
+    def values(self, metric: str, variant: str = "eval") -> list[float]:
+        """The metric of each seed's evaluation (``variant``), where present."""
+        out = []
+        for r in self.runs:
+            ev = {"eval": r.eval, "smoothed": r.smoothed, "smoothed_cv": (r.smoothed or {}).get("cross_validated")}[variant]
+            v = (ev or {}).get(metric)
+            if isinstance(v, int | float) and np.isfinite(v):
+                out.append(float(v))
+        return out
+
+    def mean(self, metric: str, variant: str = "eval") -> float | None:
+        vals = self.values(metric, variant)
+        return float(np.mean(vals)) if len(vals) == len(self.runs) and vals else None
+
+
+def group_cells(runs: Sequence[Run]) -> list[Cell]:
+    """Runs grouped by grid cell (``<name>-seed<k>`` with ``<name>``), in first-seen order."""
+    cells: dict[tuple[str, RunKind], Cell] = {}
+    for r in runs:
+        key = (r.cell, r.kind)
+        cells.setdefault(key, Cell(r.cell, r.kind, []))
+        cells[key].runs.append(r)
+    names = [c.name for c in cells.values()]
+    for c in cells.values():  # the same name with two kinds: keep them apart by run name
+        if names.count(c.name) > 1:
+            c.name = c.runs[0].name
+        c.runs.sort(key=lambda r: r.seed)
+    return list(cells.values())
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+class Resampler:
+    """Per-resample metrics of runs' evaluations over one set of resampled validation videos."""
+
+    def __init__(self, runs: Sequence[Run], *, resamples: int = bs.DEFAULT_RESAMPLES, seed: int = 0,
+                 strict: bool = False) -> None:
+        self.stats: dict[tuple[str, str], bs.VideoStats] = {}
+        self.notes: list[str] = []
+        refs: dict[str, tuple[str, str]] = {}  # "rows" and each label array → (first file, digest)
+        for r in runs:
+            for variant in VARIANT_LABEL:
+                path = r.predictions(variant)
+                if path is None:
+                    continue
+                arrays, videos = bs.load_predictions(path)
+                digests = {"rows": _digest(arrays["row_id"], videos.astype(str)),
+                           **{k: _digest(v) for k, v in arrays.items() if k.endswith(("_target", "_mask"))}}
+                where = f"{r.name}/{path.name}"
+                bad = [k for k, d in digests.items() if refs.setdefault(k, (where, d))[1] != d]
+                if bad:
+                    what = "row ids or videos" if "rows" in bad else "labels"
+                    other = refs[bad[0]][0]
+                    if strict:
+                        raise ValueError(f"{r.path / path.name} and {other} were not evaluated on the same split ({what} "
+                                         "differ); paired comparisons need runs evaluated on the same validation split")
+                    self.notes.append(f"`{r.name}` left out of the paired comparisons: {what} differ from `{other}`")
+                    break
+                self.stats[(r.name, variant)] = bs.video_stats(arrays, videos)
+        first = next(iter(self.stats.values()), None)
+        self.videos = 0 if first is None else len(first.videos)
+        # One video resamples to itself: no interval rather than a falsely certain one.
+        self.weights = bs.point_and_resamples(self.videos, resamples, seed) if self.videos >= 2 else None
+        self.resamples, self.seed = resamples, seed
+        self._cache: dict[tuple, dict[str, np.ndarray] | None] = {}
+
+    def side(self, runs: Sequence[Run], variant: str = "eval") -> dict[str, np.ndarray] | None:
+        """``[1 + B]`` arrays per metric (row 0: the full split), mean over ``runs``; None when a
+        run has no predictions for ``variant``."""
+        key = (tuple(r.name for r in runs), variant)
+        if key not in self._cache:
+            stats = [self.stats.get((r.name, variant)) for r in runs]
+            ok = runs and self.weights is not None and all(s is not None for s in stats)
+            self._cache[key] = bs.side_metrics(stats, self.weights) if ok else None
+        return self._cache[key]
+
+    def method(self) -> str:
+        return (f"95% intervals: paired bootstrap over the same {self.videos} validation videos "
+                f"({self.resamples} resamples, seed {self.seed}); a cell trained with several seeds counts "
+                "as the mean of its seeds in every resample")
+
+
+def compare(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray] | None, metric: str,
+            point_a: float | None, point_b: float | None) -> dict[str, Any]:
+    """The difference ``a − b`` of one metric: with its interval when both sides resample."""
+    if a is not None and b is not None and metric in a and metric in b:
+        return bs.difference(a[metric], b[metric])
+    diff = point_a - point_b if point_a is not None and point_b is not None else None
+    return {"a": point_a, "b": point_b, "diff": diff, "ci": None, "excludes_zero": False}
+
+
+def uni_side(rs: Resampler, uni: dict[str, Cell | None]) -> tuple[dict[str, np.ndarray] | None, dict[str, float | None]]:
+    """Three uni-task models as one: each task's metric from its own model, P_MTL their sum."""
+    points = {TASK_METRIC[t]: (c.mean(TASK_METRIC[t]) if c else None) for t, c in uni.items()}
+    parts = list(points.values())
+    points["p_mtl"] = sum(parts) if all(v is not None for v in parts) else None
+    sides = {t: rs.side(c.runs) if c else None for t, c in uni.items()}
+    if any(s is None for s in sides.values()):
+        return None, points
+    out = {TASK_METRIC[t]: s[TASK_METRIC[t]] for t, s in sides.items()}
+    out["p_mtl"] = out["va_ccc"] + out["expr_f1"] + out["au_f1"]
+    return out, points
+
+
+def best_uni(cells: Sequence[Cell]) -> dict[str, Cell | None]:
+    """Per task, the uni-task cell with the best mean score (the strongest baseline)."""
+    out: dict[str, Cell | None] = {}
+    for task in ("va", "expr", "au"):
+        cands = [c for c in cells if c.kind.task == task and not c.kind.temporal and c.mean(TASK_METRIC[task]) is not None]
+        out[task] = max(cands, key=lambda c: c.mean(TASK_METRIC[task])) if cands else None
+    return out
+
+
+# Reference value of each setting a grid cell can change; a cell that differs from another in
+# exactly one of them, where the other holds the reference, is compared with it.
+REFERENCE = {"init": "random", "va_loss": "ccc", "expr_weighted": True, "au_weighted": True, "task_weighting": "fixed"}
+QUESTION = {"init": "init", "va_loss": "loss", "expr_weighted": "loss", "au_weighted": "loss", "task_weighting": "loss"}
+
+
+def variant_pairs(cells: Sequence[Cell]) -> list[tuple[str, Cell, Cell]]:
+    """``(question, cell, reference cell)`` for per-frame cells one setting away from a reference."""
+    out = []
+    frame = [c for c in cells if not c.kind.temporal]
+    for c in frame:
+        for ref in frame:
+            diffs = [f for f in REFERENCE if getattr(c.kind, f) != getattr(ref.kind, f)]
+            if c.kind.task == ref.kind.task and len(diffs) == 1 and getattr(ref.kind, diffs[0]) == REFERENCE[diffs[0]]:
+                out.append((QUESTION[diffs[0]], c, ref))
+    return out
+
+
+def metrics_of(kind: RunKind) -> tuple[str, ...]:
+    return MAIN_METRICS if kind.mtl else (TASK_METRIC[kind.task],)
+
+
+def seeds_of(cells: Sequence[Cell]) -> int:
+    return max((len(c.runs) for c in cells), default=1)
+
+
+def sentence(topic: str, rows: Sequence[dict[str, Any]], seeds: int, videos: int) -> str:
+    """One sentence the numbers support: the differences whose interval excludes 0, or none."""
+    if not rows:
+        return f"**{topic}:** nothing to compare among these runs."
+    if not any(r["ci"] for r in rows):
+        return (f"**{topic}:** no intervals (the runs kept no predictions: rerun `affpipe evaluate` on them); "
+                "point differences only, which cannot tell an effect from noise.")
+    size = f"{videos} validation videos, {seeds} seed{'s' if seeds != 1 else ''} per cell"
+    pairs: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        if r["excludes_zero"] and not r.get("optimistic"):  # an in-split tuned figure is no finding
+            pairs.setdefault((r["who"], r["ref"]), []).append(
+                f"{METRIC_LABEL[r['metric']]} {bs.fmt_ci(r['diff'], r['ci'], signed=True)}")
+    found = [f"{who}: " + ", ".join(diffs) + f" over {ref}" for (who, ref), diffs in pairs.items()]
+    optimistic = " (rows tuned on the split they are scored on are left out: optimistic)" if any(
+        r.get("optimistic") for r in rows) else ""
+    if not found:
+        return (f"**{topic}:** no difference detected at this size ({size}): every 95% interval includes 0"
+                f"{optimistic}.")
+    return f"**{topic}:** " + "; ".join(found) + f" ({size}; every other interval includes 0){optimistic}."
+
+
+def spread(cell: Cell, metric: str, variant: str = "eval") -> str:
+    """``mean ± sd`` over seeds (sd with n − 1), or the single value."""
+    vals = cell.values(metric, variant)
+    if not vals:
+        return "—"
+    if len(vals) == 1:
+        return f"{vals[0]:.3f}"
+    return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}"
+
+
+def _row(who: str, ref: str, metric: str, diff: dict[str, Any]) -> dict[str, Any]:
+    return {"who": who, "ref": ref, "metric": metric, **diff}
+
+
+def uni_vs_mtl_rows(cells: Sequence[Cell], rs: Resampler) -> list[dict[str, Any]]:
+    """Every per-frame multi-task cell against the best uni-task model of each task (P_MTL: the
+    three uni-task models' scores summed, three networks against one)."""
+    uni = best_uni(cells)
+    side_u, point_u = uni_side(rs, uni)
+    rows = []
+    for c in cells:
+        if c.kind.mtl and not c.kind.temporal:
+            side = rs.side(c.runs)
+            for m in MAIN_METRICS:
+                rows.append(_row(f"`{c.name}`", "uni-task", m, compare(side, side_u, m, c.mean(m), point_u[m])))
+    return rows
+
+
+def variant_rows(cells: Sequence[Cell], rs: Resampler, question: str) -> list[dict[str, Any]]:
+    """Cells one setting away from a reference cell (``question``: ``init`` or ``loss``)."""
+    rows = []
+    for q, c, ref in variant_pairs(cells):
+        if q == question:
+            a, b = rs.side(c.runs), rs.side(ref.runs)
+            rows += [_row(f"`{c.name}`", f"`{ref.name}`", m, compare(a, b, m, c.mean(m), ref.mean(m)))
+                     for m in metrics_of(c.kind)]
+    return rows
+
+
+def temporal_rows(cells: Sequence[Cell], rs: Resampler) -> list[dict[str, Any]]:
+    """Per per-frame source cell: smoothing (tuned on val, cross-validated) and each temporal head
+    on its features (and with smoothing), against the per-frame model itself."""
+    rows = []
+    for src in cells:
+        heads = [t for t in cells if t.kind.temporal and t.kind.init == src.name]
+        if src.kind.temporal or not (heads or any(r.smoothed for r in src.runs)):
+            continue
+        base = rs.side(src.runs)
+        for cell, label in ((src, "per-frame"), *((t, t.kind.temporal) for t in heads)):
+            for variant, suffix in VARIANT_LABEL.items():
+                if cell is src and variant == "eval" or not cell.values(MAIN_METRICS[-1], variant):
+                    continue
+                side = rs.side(cell.runs, variant)
+                for m in MAIN_METRICS:
+                    row = _row(f"`{cell.name}` {label}{suffix}", f"`{src.name}` per-frame", m,
+                               compare(side, base, m, cell.mean(m, variant), src.mean(m)))
+                    rows.append({**row, "optimistic": variant == "smoothed"})  # tuned on the split it is scored on
+    return rows

@@ -1,0 +1,246 @@
+"""Run folders as the report reads them: what kind of run each is, its metrics, curve and predictions.
+
+``load_run`` reads a run folder's ``config.json`` (what kind of run it is), ``eval.json`` (the
+final metrics, with their intervals), ``eval_smoothed.json`` when the grid smoothed it, and
+``metrics.jsonl`` (validation curves, via ``train.checkpoint.read_metrics``). Runs of one grid
+cell trained with several seeds (``<name>-seed<k>``) share a ``cell``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from affpipe.train.checkpoint import read_metrics
+from affpipe.train.config import SCORE_KEY
+
+log = logging.getLogger(__name__)
+
+# The score each kind of run is selected and judged by.
+TASK_METRIC = SCORE_KEY  # the validation score of each task (train.config owns it)
+METRIC_LABEL = {
+    "va_ccc": "VA CCC", "valence_ccc": "Valence CCC", "arousal_ccc": "Arousal CCC",
+    "expr_f1": "EXPR F1", "au_f1": "AU F1", "p_mtl": "P_MTL",
+}
+TASK_NAME = {"va": "VA", "expr": "EXPR", "au": "AU", "mtl": "MTL"}
+_SEED = re.compile(r"-seed(\d+)$")
+
+
+def cell_name(run_name: str) -> str:
+    """The grid cell of a run folder name (``mtl_random-seed2`` → ``mtl_random``)."""
+    return _SEED.sub("", run_name)
+
+
+@dataclass(frozen=True)
+class RunKind:
+    """What a run is, derived from its resolved ``config.json``."""
+
+    task: str  # va | expr | au | mtl
+    init: str  # random | imagenet | the source run's name (checkpoint init) | a path
+    va_loss: str | None = None
+    expr_weighted: bool | None = None
+    au_weighted: bool | None = None
+    task_weighting: str | None = None
+    temporal: str | None = None  # the temporal head's arch (tcn | transformer); None: per-frame
+
+    @property
+    def mtl(self) -> bool:
+        return self.task == "mtl"
+
+    def label(self) -> str:
+        """Short human label, e.g. ``MTL · init uni_va · CCC · weighted · fixed``."""
+        parts = ["MTL" if self.mtl else f"uni {TASK_NAME.get(self.task, self.task)}", f"init {self.init}"]
+        if self.temporal:  # init names the run whose frame features the head reads
+            parts = [parts[0], f"{self.temporal} head on {self.init}'s features"]
+        if self.va_loss:
+            parts.append(self.va_loss.upper())
+        if self.expr_weighted is not None:
+            parts.append("EXPR " + ("weighted" if self.expr_weighted else "unweighted"))
+        if self.au_weighted is not None:
+            parts.append("AU " + ("weighted" if self.au_weighted else "unweighted"))
+        if self.mtl and self.task_weighting:
+            parts.append(f"{self.task_weighting} task weights")
+        return " · ".join(parts)
+
+    def short(self) -> str:
+        """Only what sets the run apart from the defaults, e.g. ``init uni_va · uncertainty``."""
+        parts = [f"{self.temporal} head on {self.init}" if self.temporal else f"init {self.init}"]
+        if self.va_loss == "mse":
+            parts.append("VA MSE")
+        if self.expr_weighted is False:
+            parts.append("EXPR unweighted")
+        if self.au_weighted is False:
+            parts.append("AU unweighted")
+        if self.task_weighting not in (None, "fixed"):
+            parts.append(f"{self.task_weighting} task weights")
+        return " · ".join(parts)
+
+
+@dataclass
+class Run:
+    """One run folder's contents as the report needs them."""
+
+    name: str
+    path: Path
+    kind: RunKind
+    config: dict
+    eval: dict
+    curve: list[dict] = field(default_factory=list)  # per epoch: epoch, wall_time, metric → value
+    smoothed: dict | None = None  # eval_smoothed.json: the same checkpoint with tuned smoothing
+
+    @property
+    def score_metric(self) -> str:
+        return TASK_METRIC.get(self.kind.task, "p_mtl")
+
+    @property
+    def cell(self) -> str:
+        return cell_name(self.name)
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    def predictions(self, variant: str = "eval") -> Path | None:
+        """The predictions file kept by an evaluation: ``eval`` (eval.json), ``smoothed``
+        (smoothing tuned on the split) or ``smoothed_cv`` (cross-validated smoothing); None if absent."""
+        record = {"eval": self.eval, "smoothed": self.smoothed,
+                  "smoothed_cv": (self.smoothed or {}).get("cross_validated")}[variant]
+        name = (record or {}).get("predictions")
+        return self.path / name if isinstance(name, str) and (self.path / name).is_file() else None
+
+
+def _tasks_of(config: dict) -> tuple[str, ...]:
+    task = config.get("task")
+    if task in ("va", "expr", "au"):
+        return (task,)
+    tasks = (config.get("model") or {}).get("tasks")
+    return tuple(tasks) if tasks else ("va", "expr", "au")
+
+
+def run_kind(config: dict) -> RunKind:
+    """Classify a run from its resolved config (task, model.init, loss settings)."""
+    tasks = _tasks_of(config)
+    task = config.get("task") or (tasks[0] if len(tasks) == 1 else "mtl")
+    model, loss = config.get("model") or {}, config.get("loss") or {}
+    init = str(model.get("init", "random"))
+    if init not in ("random", "imagenet"):
+        # A checkpoint: name it by its run folder (runs/<name>/best.pt), which is what people know.
+        p = Path(init)
+        init = cell_name(p.parent.name if p.suffix in (".pt", ".pth") and p.parent.name else p.name)
+    if config.get("features"):
+        init = cell_name(source_run_name(Path(config["features"])))  # seeds of a cell: one kind
+    return RunKind(
+        task=task,
+        init=init,
+        temporal=(config.get("temporal") or {}).get("arch", "tcn") if config.get("features") else None,
+        va_loss=loss.get("va_loss", "ccc") if "va" in tasks else None,
+        expr_weighted=bool(loss.get("expr_class_weights", True)) if "expr" in tasks else None,
+        au_weighted=bool(loss.get("au_pos_weight", True)) if "au" in tasks else None,
+        task_weighting=loss.get("task_weighting", "fixed") if len(tasks) > 1 else None,
+    )
+
+
+def source_run_name(features: Path) -> str:
+    """The run whose checkpoint a feature table was embedded from (else the table's folder name)."""
+    try:
+        source = json.loads((Path(features) / "manifest.json").read_text()).get("source_checkpoint")
+    except (OSError, ValueError):
+        source = None
+    return Path(source).parent.name if source and source.endswith(".pt") else Path(features).name
+
+
+def _num(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def read_curve(metrics_jsonl: Path) -> list[dict]:
+    """Per-epoch validation points from ``metrics.jsonl`` (read by ``train.checkpoint.read_metrics``).
+
+    A validation point is a trainer ``"kind": "epoch"`` line with its nested ``"val": {...}``
+    metrics (epochs numbered from 0). Step lines and epochs without validation are ignored; a
+    repeated epoch (a resumed run) keeps the last line. ``wall_time`` is seconds since the run
+    started. Returns ``[{"epoch", "wall_time", <metric>: value, ...}]`` sorted by epoch.
+    """
+    if not metrics_jsonl.exists():
+        return []
+    points: dict[int, dict] = {}
+    for rec in read_metrics(metrics_jsonl):
+        if not isinstance(rec, dict) or rec.get("kind") != "epoch" or _num(rec.get("epoch")) is None:
+            continue
+        nested = rec.get("val")
+        vals = {k: v for k, v in nested.items() if _num(v) is not None} if isinstance(nested, dict) else {}
+        if not vals:
+            continue
+        point = {"epoch": int(rec["epoch"]), "wall_time": _num(rec.get("wall_time")), **{k: float(v) for k, v in vals.items()}}
+        points[point["epoch"]] = point
+    return [points[e] for e in sorted(points)]
+
+
+def load_run(path: Path) -> Run:
+    """Read one run folder (needs ``config.json`` and ``eval.json``)."""
+    path = Path(path)
+    for need in ("config.json", "eval.json"):
+        if not (path / need).exists():
+            raise ValueError(f"{path / need}: missing — not a finished run folder")
+    config = json.loads((path / "config.json").read_text())
+    smoothed = path / "eval_smoothed.json"
+    return Run(
+        name=path.name, path=path, kind=run_kind(config), config=config,
+        eval=json.loads((path / "eval.json").read_text()), curve=read_curve(path / "metrics.jsonl"),
+        smoothed=json.loads(smoothed.read_text()) if smoothed.is_file() else None,
+    )
+
+
+def expand_runs(paths: Sequence[Path]) -> list[Path]:
+    """Run folders from the arguments: a folder without ``config.json`` stands for its sub-runs."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "config.json").exists() or not p.is_dir():
+            found.append(p)
+        else:
+            found.extend(sorted(c.parent for c in p.glob("*/config.json")))
+    return found
+
+
+def convergence(curve: list[dict], metric: str, frac: float = 0.9) -> dict:
+    """Epochs and wall time until the validation ``metric`` first reaches ``frac`` of its best.
+
+    ``epochs`` and ``best_epoch`` count epochs trained (the 0-based logged epoch + 1). When
+    the best score is not positive, "90% of it" means nothing and the result holds ``None``.
+    """
+    pts = [p for p in curve if _num(p.get(metric)) is not None]
+    out = {"metric": metric, "best": None, "best_epoch": None, "target": None, "epochs": None,
+           "wall_time": None, "total_epochs": len(pts), "total_wall_time": None}
+    if not pts:
+        return out
+    best = max(pts, key=lambda p: p[metric])
+    out.update(best=best[metric], best_epoch=best["epoch"] + 1, total_epochs=pts[-1]["epoch"] + 1,
+               total_wall_time=pts[-1].get("wall_time"))
+    if best[metric] <= 0:
+        return out
+    out["target"] = frac * best[metric]
+    for p in pts:
+        if p[metric] >= out["target"]:
+            out.update(epochs=p["epoch"] + 1, wall_time=p.get("wall_time"))
+            break
+    return out
+
+
+def fmt(v: float | None, signed: bool = False) -> str:
+    """Four decimals (``+`` sign for differences); ``—`` for a missing value."""
+    if v is None:
+        return "—"
+    return f"{v:+.4f}" if signed else f"{v:.4f}"
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
+    align = ["---"] * left + ["---:"] * (len(header) - left)
+    return ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |",
+            *("| " + " | ".join(r) + " |" for r in rows), ""]
+
+
