@@ -185,7 +185,6 @@ def bench_embed(source: str, shards: Path, out: Path, *, batch_size: int = 256, 
 
     from affpipe.dist import pick_device
     from affpipe.temporal.embed import EmbedConfig, embed, load_encoder
-    from affpipe.train.models import normalize_input
 
     extra = {"loader": loader} if loader is not None else {}
     cfg = EmbedConfig(source=source, shards=Path(shards), out=Path(out), batch_size=batch_size, device=device,
@@ -194,10 +193,10 @@ def bench_embed(source: str, shards: Path, out: Path, *, batch_size: int = 256, 
     enc = load_encoder(cfg, dev)
     images = torch.randint(0, 256, (batch_size, 3, enc.image_size, enc.image_size), dtype=torch.uint8, device=dev)
     with torch.inference_mode():
-        enc.backbone(normalize_input(images))  # warm-up
+        enc.backbone(images)  # warm-up
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < forward_seconds:
-            enc.backbone(normalize_input(images))
+            enc.backbone(images)
             n += batch_size
     forward_fps = n / (time.perf_counter() - t0)
     shutil.rmtree(out, ignore_errors=True)

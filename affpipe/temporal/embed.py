@@ -1,8 +1,10 @@
 """``affpipe embed``: a frozen backbone over every frame of some splits → the feature table.
 
-SOURCE is a per-frame run folder or checkpoint (its backbone, image size) or ``imagenet``
-(torchvision's weights for ``--backbone`` from the local cache, with the same offline error as
-``--init imagenet``). Frames stream through the ordinary loaders, unaugmented and in shard order.
+SOURCE is a per-frame run folder or checkpoint (its backbone, image size), ``imagenet`` (the
+published weights of ``--backbone``, torchvision's or ``timm/NAME``'s, from the local cache, with
+the same offline error as ``--init imagenet``), or ``--weights FILE`` (a ``.safetensors`` or
+state-dict file for ``--backbone``). The backbone's own input op resizes and normalizes on the
+device (a ViT at 224 px from 112 px frames). Frames stream through the ordinary loaders, unaugmented and in shard order.
 
 Resumable per shard: each shard's features go to ``FEATS/parts/<split>-<n>.arrow`` (written
 atomically) as soon as its last sample has passed; a rerun skips the shards whose part exists
@@ -50,6 +52,7 @@ class EmbedConfig:
     split: str = "all"
     backbone: str | None = None
     image_size: int | None = None
+    weights: Path | None = None  # a weight file for `backbone` (then SOURCE is "weights")
     batch_size: int = 256
     device: str = "auto"
     amp: str = "bf16"  # GPU only
@@ -74,18 +77,21 @@ class Encoder:
     source: str
     checkpoint: Path
     sha256: str
+    input: dict[str, Any] = field(default_factory=dict)  # what the backbone's input op does
 
 
 def load_encoder(cfg: EmbedConfig, device: torch.device) -> Encoder:
     """The backbone SOURCE names, in eval mode on ``device``."""
     from affpipe.train.checkpoint import resolve_checkpoint
     from affpipe.train.evaluate import load_model
-    from affpipe.train.models import ModelConfig, build_model, imagenet_cache_file
+    from affpipe.train.models import ModelConfig, build_model, resolve_input
 
-    if cfg.source == "imagenet":
+    if cfg.weights is not None or cfg.source in ("imagenet", "pretrained"):
         arch = cfg.backbone or "resnet18"
-        model = build_model(ModelConfig(arch=arch, tasks=("va",), init="imagenet"))  # the offline error lives there
-        ckpt = imagenet_cache_file(arch)
+        init = str(cfg.weights) if cfg.weights is not None else "imagenet"
+        mcfg = resolve_input(ModelConfig(arch=arch, tasks=("va",), init=init), cfg.image_size or 112)
+        model = build_model(mcfg)  # the offline error and the weight-file checks live there
+        ckpt = Path(model.init_report["file"])
         size = cfg.image_size or 112
     else:
         ckpt = resolve_checkpoint(Path(cfg.source))
@@ -96,10 +102,15 @@ def load_encoder(cfg: EmbedConfig, device: torch.device) -> Encoder:
         if cfg.backbone is not None and cfg.backbone != arch:
             raise ValueError(f"--backbone {cfg.backbone}: {ckpt} holds a {arch} backbone")
         size = cfg.image_size or run_cfg.image_size
-    backbone = model.backbone.to(device).eval()
+    # The model's input op first: it resizes and normalizes the loader's uint8 frames as the backbone expects.
+    backbone = torch.nn.Sequential(model.input, model.backbone).to(device).eval()
     if device.type == "cuda":
         backbone = backbone.to(memory_format=torch.channels_last)
-    return Encoder(backbone, arch, size, cfg.source, ckpt.resolve(), sha256_file(ckpt) if ckpt.is_file() else "")
+    source = str(cfg.weights) if cfg.weights is not None else cfg.source
+    norm = model.input
+    spec = {"size": norm.size or size, "mean": norm.mean255.flatten().div(255).tolist(),
+            "std": norm.inv255.flatten().reciprocal().div(255).tolist(), "interpolation": norm.interpolation}
+    return Encoder(backbone, arch, size, source, ckpt.resolve(), sha256_file(ckpt) if ckpt.is_file() else "", spec)
 
 
 def _splits(cfg: EmbedConfig, manifest: dict) -> list[str]:
@@ -133,7 +144,6 @@ def _embed_split(cfg: EmbedConfig, enc: Encoder, split: str, parts: Path, device
     from affpipe.loaders import make_loader
     from affpipe.loaders.base import find_shards
     from affpipe.shards.format import read_idx_header
-    from affpipe.train.models import normalize_input
 
     shards = find_shards(cfg.shards, split)
     todo = [(k, tar, idx) for k, (tar, idx) in enumerate(shards) if not (parts / f"{split}-{k:06d}.arrow").is_file()]
@@ -155,7 +165,7 @@ def _embed_split(cfg: EmbedConfig, enc: Encoder, split: str, parts: Path, device
             stats.wait += time.perf_counter() - t_wait
             images = batch.images
             with autocast(device, amp):
-                out = enc.backbone(normalize_input(images))
+                out = enc.backbone(images)
             feats.append(out.float().cpu().numpy().astype(np.float16))
             ids.append(batch.row_id.cpu().numpy())
             pending += len(batch)
@@ -198,7 +208,7 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     rows = merge_parts(files, out, lookup)
     manifest = {
         "schema_version": FEATURE_SCHEMA_VERSION, "source": cfg.source, "source_checkpoint": str(enc.checkpoint),
-        "source_sha256": enc.sha256, "backbone": enc.arch, "image_size": enc.image_size,
+        "source_sha256": enc.sha256, "backbone": enc.arch, "image_size": enc.image_size, "input": enc.input,
         "feature_dim": _width(enc, device), "dtype": "float16", "index": str(index),
         "table": table, "shards": str(Path(cfg.shards).resolve()), "splits": splits, "rows": rows,
         "throughput": {"frames": stats.frames, "seconds": stats.time, "device": str(device),
@@ -213,7 +223,7 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
 
 def _width(enc: Encoder, device: torch.device) -> int:
     with torch.inference_mode():
-        x = torch.zeros(1, 3, enc.image_size, enc.image_size, device=device)
+        x = torch.zeros(1, 3, enc.image_size, enc.image_size, dtype=torch.uint8, device=device)
         return int(enc.backbone.eval()(x).shape[1])
 
 

@@ -1,6 +1,7 @@
 """Training configuration: the frozen ``TrainConfig``, recipe TOML loading, JSON round trip.
 
-A run is described by a recipe (``pipelines/*.toml``; sections ``[model]``, ``[loss]``, ``[loader]``), command-line flags that override it,
+A run is described by a recipe (``pipelines/*.toml``; sections ``[model]``, ``[loss]``, ``[loader]``,
+``[temporal]``, ``[logging]``), command-line flags that override it,
 and the resolved result, which is saved as ``config.json`` in the run folder and inside every
 checkpoint. ``to_dict``/``from_dict`` round-trip it exactly; unknown keys are an error that
 names the key and the file (with the line when it can be found), never silently ignored.
@@ -34,11 +35,20 @@ AMP_MODES = ("bf16", "fp16", "none")
 DEVICES = ("auto", "cpu", "cuda")
 # Keys that may differ between a killed run and its --resume (out, index: folders may be moved;
 # the loader's backend, workers and on_bad: what a loader error tells the user to change, and
-# both backends read the same epoch plan).
-RESUME_MUTABLE = ("resume", "epochs", "out", "index", "loader.backend", "loader.num_workers", "loader.on_bad")
+# both backends read the same epoch plan; logging: what else is written besides metrics.jsonl).
+RESUME_MUTABLE = ("resume", "epochs", "out", "index", "loader.backend", "loader.num_workers", "loader.on_bad",
+                  "logging")
 
 
 TEMPORAL_ARCHS = ("tcn", "transformer")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """What a run logs besides ``metrics.jsonl`` (always written, the source of truth).
+    ``tensorboard``: event files in the run folder (``pip install 'affpipe[tensorboard]'``)."""
+
+    tensorboard: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,7 @@ class TrainConfig:
     resume: bool = False
     features: Path | None = None  # a feature table (`affpipe embed`): train a temporal head on it
     temporal: TemporalConfig = field(default_factory=TemporalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
         if self.task not in TASK_HEADS:
