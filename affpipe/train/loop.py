@@ -307,7 +307,8 @@ class RunLog:
         if tensorboard and ctx.main:  # fed from write(): the event files hold what metrics.jsonl holds
             from affpipe.train.tracking import TensorBoardSink
 
-            self.tb = TensorBoardSink(run, purge_step=start_step)
+            # a resumed run logs again from start_step + 1: what a killed process logged from there on goes
+            self.tb = TensorBoardSink(run, purge_step=start_step + 1 if start_step else None)
 
     def now(self) -> float:
         if self.sync:  # only on request: a sync per step costs GPU overlap

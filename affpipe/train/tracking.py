@@ -6,8 +6,9 @@ a ``train`` record (total and per-task loss, learned task weights, lr, frames/s,
 share), ``epoch/<key>`` for an ``epoch`` record's numbers and ``val/<metric>`` for its
 validation metrics. Nothing is read from the device: records are host numbers already, so no
 host sync is added. ``first_batch`` draws a grid of a first batch's images with their labels
-(once per run, a copy to the host). A resumed run passes ``purge_step``: TensorBoard then drops
-what a killed process had logged past the checkpoint, as ``metrics.jsonl`` is truncated.
+(once per run, a copy to the host). A resumed run passes ``purge_step`` (the first step it logs
+again): TensorBoard then hides what a killed process had logged from there on, as
+``metrics.jsonl`` is truncated.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class TensorBoardSink:
         from affpipe._optional import import_summary_writer
 
         writer = import_summary_writer()
-        self.writer = writer(log_dir=str(run), purge_step=purge_step or None, flush_secs=30)
+        self.writer = writer(log_dir=str(run), purge_step=purge_step, flush_secs=30)
         log.info("TensorBoard event files in %s (tensorboard --logdir %s)", run, run.parent)
 
     def record(self, rec: Mapping[str, Any]) -> None:

@@ -16,6 +16,7 @@ backbone's tensors matching, or a shape that differs is an error naming the file
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shlex
@@ -40,10 +41,10 @@ def conversion_command(path: Path) -> str:
     """The command that turns a pickled model (or checkpoint) into a safetensors state dict.
     It unpickles the file, which runs whatever code it holds: for files the user trusts."""
     out = path.with_suffix(".safetensors")
-    code = (f"import torch, safetensors.torch as st; m = torch.load({str(path)!r}, map_location='cpu', "
-            "weights_only=False); sd = m.state_dict() if hasattr(m, 'state_dict') else m.get('state_dict', m); "
-            "st.save_file({k: v.detach().clone().contiguous() for k, v in sd.items() if torch.is_tensor(v)}, "
-            f"{str(out)!r})")
+    code = (f'import torch, safetensors.torch as st; m = torch.load({json.dumps(str(path))}, map_location="cpu", '
+            'weights_only=False); sd = m.state_dict() if hasattr(m, "state_dict") else m.get("state_dict", m); '
+            'st.save_file({k: v.detach().clone().contiguous() for k, v in sd.items() if torch.is_tensor(v)}, '
+            f'{json.dumps(str(out))})')
     return f"python -c {shlex.quote(code)}"
 
 
@@ -123,14 +124,14 @@ def match_state(state: Mapping[str, torch.Tensor], target: nn.Module, *, drop: t
         sample = ", ".join(list(state)[:5])
         raise ValueError(f"{source}: no backbone weights found for this backbone (the file has {len(state)} "
                          f"keys such as {sample}; the backbone's are like {', '.join(counted[:3])})")
-    bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in src.items() if v.shape != own[k].shape]
-    if bad:
-        raise ValueError(f"{source}: backbone shape mismatch (file vs model): {'; '.join(bad[:5])}")
     matched = sum(1 for k in counted if k in src)
     if matched < MIN_MATCHED * len(counted):
         raise ValueError(f"{source}: only {matched} of the backbone's {len(counted)} tensors are in the file "
                          f"({len(unexpected)} unexpected keys such as {', '.join(unexpected[:3])}): "
                          "is it another architecture?")
+    bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in src.items() if v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f"{source}: backbone shape mismatch (file vs model): {'; '.join(bad[:5])}")
     summary = {"loaded": sorted(src), "missing": sorted(k for k in counted if k not in src),
                "unexpected": sorted(unexpected), "ignored": sorted(ignored)}
     return src, summary
