@@ -285,3 +285,26 @@ def test_load_backbone_keeps_its_summary_keys(tmp_path):
     info = load_backbone(dst, tmp_path / "ckpt.pt")
     assert set(info) >= {"loaded", "missing", "unexpected", "ignored", "file", "sha256"}
     assert "heads.va.weight" in info["ignored"] and not info["missing"]
+
+
+def test_cli_embed_with_a_weight_file_and_flag_conflicts(shard_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from affpipe.temporal.features import read_table
+
+    state = _timm_state()
+    w = tmp_path / "face.safetensors"
+    save_file({f"backbone.{k}": v.contiguous() for k, v in state.items()}, str(w))
+    res = _cli("embed", "--weights", str(w), "--backbone", TIMM, "--shards", str(shard_dir), "-o", str(tmp_path / "f"),
+               "--split", "val", "--image-size", "32", "--batch-size", "64", "--backend", "torch", "--device", "cpu",
+               "--num-workers", "0", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    m = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert m["backbone"] == TIMM and m["source_checkpoint"] == str(w.resolve()) and m["feature_dim"] == 1024
+    assert read_table(tmp_path / "f").dim == 1024
+    both = _cli("embed", "imagenet", "--weights", str(w), "--shards", str(shard_dir), "-o", str(tmp_path / "g"),
+                cwd=tmp_path)
+    assert both.returncode != 0 and "one of the two" in both.stderr
+    clash = _cli("train", "--task", "va", "--shards", str(shard_dir), "-o", str(tmp_path / "r"), "--init", "imagenet",
+                 "--weights", str(w), cwd=tmp_path)
+    assert clash.returncode != 0 and "not both" in clash.stderr
