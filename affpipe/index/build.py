@@ -41,6 +41,7 @@ from affpipe.labels import (
     TABLE_SCHEMA_VERSION,
     TASKS,
 )
+from affpipe.lineage import table_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -403,9 +404,11 @@ def build_index(cfg: IndexConfig) -> dict:
         "au_headers": _header_kinds(results, "au"),
         **release_report(layout, [r.unused_columns for r in results], split_info["test"], not_lists),
     }
+    fingerprints = {"frames": table_fingerprint(frames)}
     if mtl is not None:
         mtl_table, counts["mtl"] = _mtl_table(mtl, results, split_info["val_videos"], split_info["test_videos"])
         write_parquet(mtl_table, out / TABLE_FILES["mtl"], compression="zstd")
+        fingerprints["mtl"] = table_fingerprint(mtl_table)
     counts["seconds"] = round(time.perf_counter() - t0, 3)
     meta = {
         "schema_version": TABLE_SCHEMA_VERSION,
@@ -415,6 +418,7 @@ def build_index(cfg: IndexConfig) -> dict:
         "options": {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, tuple) else v)
                     for k, v in asdict(cfg).items()},
         "split_conflict_videos": split_info["split_conflict_videos"],
+        "fingerprint": fingerprints,  # what shards, feature tables and runs record (affpipe.lineage)
     }
     atomic_write_text(out / "index.json", json.dumps(meta, indent=2) + "\n")
     log.info("indexed %d frames of %d videos in %.1f s", counts["frames"], counts["videos"], counts["seconds"])
@@ -471,6 +475,15 @@ def load_index(path: Path, *, table: str = "frames") -> tuple[pa.Table, dict]:
         raise ValueError(f"{meta_path}: schema version {meta.get('schema_version')} != {TABLE_SCHEMA_VERSION}; "
                          "re-run `affpipe index`")
     return pq.read_table(path / name, schema=FRAMES_SCHEMA), meta
+
+
+def index_fingerprint(path: Path, table: str = "frames") -> str:
+    """The fingerprint of an index's ``table`` (``frames`` or ``mtl``): its rows' identity and
+    labels, as ``index.json`` records it (computed from the table for an index written before
+    fingerprints). Shards, feature tables and runs record it and check it on open."""
+    rows, meta = load_index(path, table=table)
+    recorded = (meta.get("fingerprint") or {}).get(table)
+    return recorded if isinstance(recorded, str) else table_fingerprint(rows)
 
 
 def image_path(index_meta: dict, image_root: int, image: str) -> Path:

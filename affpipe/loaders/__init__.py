@@ -1,8 +1,8 @@
 """Loaders: WebDataset shards → ``Batch``, through DALI or a PyTorch fallback.
 
-``make_loader`` (``affpipe.loaders.base``) picks the backend and applies the epoch plan of
-``affpipe.loaders.plan``; ``affpipe.loaders.augment`` holds the train-time augmentation both
-backends share.
+``make_loader`` (``affpipe.loaders.factory``) picks the backend; both backends build on
+``affpipe.loaders.base`` and apply the epoch plan of ``affpipe.loaders.plan``;
+``affpipe.loaders.augment`` holds the train-time augmentation both backends share.
 """
 
 from affpipe.loaders.augment import AugmentConfig
@@ -15,8 +15,8 @@ from affpipe.loaders.base import (
     Shard,
     check_shard,
     find_shards,
-    make_loader,
 )
+from affpipe.loaders.factory import make_loader
 from affpipe.loaders.plan import EpochPlan, epoch_samples, epoch_seed, rank_range, shard_order
 
 __all__ = [

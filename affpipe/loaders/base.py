@@ -1,7 +1,7 @@
 """Loaders: WebDataset shards → ``Batch``, through DALI or a PyTorch fallback.
 
-``make_loader`` picks the backend (``auto``: DALI on a CUDA device when importable, else torch),
-validates the shards and returns a ``Loader``: iterable of ``Batch`` (float normalized images on
+``make_loader`` (``affpipe.loaders.factory``) picks the backend (``auto``: DALI on a CUDA device
+when importable, else torch), validates the shards and returns a ``Loader``: iterable of ``Batch`` (float normalized images on
 ``device``), ``len()`` = batches per epoch on this rank, ``set_epoch(e, start_batch=0)`` to
 reshuffle (and start mid-epoch without decoding the batches before), ``samples_per_epoch``
 (samples this rank yields per epoch), ``backend``, ``skipped`` (bad samples skipped, by reason)
@@ -48,7 +48,6 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from affpipe.batch import Batch
-from affpipe.dist import default_workers, dist_env
 from affpipe.loaders.checks import empty_jpegs
 from affpipe.loaders.plan import EpochPlan, rank_range
 from affpipe.shards.format import (
@@ -198,80 +197,6 @@ def find_shards(shards: Path, split: str) -> list[tuple[Path, Path]]:
     if not tars:
         raise ValueError(f"{shards}: no manifest.json and no {split}/*.tar shards")
     return [(t, t.with_suffix(".idx")) for t in tars]
-
-
-
-
-# ---- the loader factory --------------------------------------------------------------------
-
-
-def make_loader(
-    shards: Path,
-    split: str,
-    *,
-    batch_size: int,
-    train: bool,
-    backend: str = "auto",
-    device: str | torch.device = "cpu",
-    image_size: int = 112,
-    seed: int = 0,
-    rank: int | None = None,
-    world_size: int | None = None,
-    num_workers: int | None = None,
-    flip_p: float = 0.5,
-    max_rotation: float = 10.0,
-    on_bad: str = "error",
-    normalize: bool = True,
-    parallel: str = "threads",
-) -> Loader:
-    """A loader over ``shards/<split>`` (see the module docstring for the epoch plan).
-
-    ``train`` turns on shuffling, drop-last and the augmentation (``flip_p``,
-    ``max_rotation`` degrees, nearest-neighbour). ``num_workers``: DALI threads or DataLoader
-    worker processes (default: this rank's share of the cores; ``0`` decodes in this process).
-    ``normalize=False`` yields ``Batch.images`` as uint8 ``[N,3,H,W]`` (a channels_last view):
-    the models normalize uint8 input themselves (``affpipe.train.models``), which keeps a 4x larger
-    float copy out of the loader — the trainers use it. ``backend="auto"``: DALI on a CUDA
-    device when it is importable (nvJPEG), else the torch backend, whose thread pool needs less
-    CPU per frame than DALI's CPU decoder (``affpipe.loaders.threads``). ``parallel``: how the
-    torch backend decodes with ``num_workers > 0``: ``"threads"`` or ``"processes"``.
-
-    (A little over 60 lines: the argument checks every caller relies on, then one branch per
-    backend.)
-    """
-    from affpipe._optional import dali_available
-    from affpipe.loaders.augment import AugmentConfig
-
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if on_bad not in ON_BAD:
-        raise ValueError(f"on_bad must be one of {ON_BAD}, got {on_bad!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if backend == "auto":
-        gpu = torch.device(device).type == "cuda"
-        backend = "dali" if gpu and dali_available() else "torch"
-        log.info("loader backend: %s (%s)", backend, "CUDA device, DALI importable" if backend == "dali"
-                 else "DALI not importable" if gpu else "CPU device: the torch backend's decode threads")
-    aug = AugmentConfig(image_size=image_size, train=train, flip_p=flip_p, max_rotation=max_rotation)
-    rank, world = dist_env(rank, world_size)
-    if num_workers is not None and num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    workers = default_workers() if num_workers is None else int(num_workers)  # 0: in-process
-    kwargs = dict(
-        shards=Path(shards), split=split, batch_size=batch_size, aug=aug, device=torch.device(device),
-        seed=seed, rank=rank, world=world, num_workers=workers, on_bad=on_bad, normalize=normalize,
-    )
-    if backend == "dali":
-        from affpipe._optional import import_dali
-
-        import_dali()  # a clear ImportError when it is missing
-        from affpipe.loaders.dali_backend import DaliLoader
-
-        return DaliLoader(**kwargs)
-    from affpipe.loaders.torch_backend import TorchLoader
-
-    return TorchLoader(parallel=parallel, **kwargs)
 
 
 class BaseLoader:

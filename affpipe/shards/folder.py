@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 from affpipe.labels import SPLITS
+from affpipe.outdir import folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -65,30 +64,10 @@ def check_output_folder(out: Path) -> None:
                               "move them away or choose another folder")
 
 
-@contextlib.contextmanager
-def writer_lock(out: Path) -> Iterator[None]:
-    """One ``affpipe shard`` per folder: an exclusive ``flock`` on ``out/.lock``. The kernel drops
-    it when the holder dies (kill -9 included), so a stale lock file never blocks a rerun."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; concurrent runs stay unsupported there
-        yield
-        return
-    with open(out / ".lock", "a+") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "?"
-            raise FileExistsError(f"{out}: busy: another `affpipe shard` (pid {holder}) is writing into it") from None
-        try:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"{os.getpid()}\n")
-            fh.flush()
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+def writer_lock(out: Path) -> contextlib.AbstractContextManager[None]:
+    """One ``affpipe shard`` per folder (an exclusive ``flock`` on ``out/.lock``; see
+    :func:`affpipe.outdir.folder_lock`)."""
+    return folder_lock(out, ".lock", "affpipe shard")
 
 
 def remove_stale(out: Path, split: str, planned: set[str]) -> None:

@@ -12,8 +12,9 @@ per-frame latent state the labels come from (``affpipe.synth.faces``), so models
 comes from ``np.random.default_rng([seed, video_idx, stream])``, so one seed gives one
 byte-identical tree, and a video can be skipped on resume without shifting the others.
 
-(A little over 400 lines: the plan of the tree and the loop that writes it, resumably; the
-editions, the annotation text and the face images are in their own modules.)
+The plan of the tree and the loop that writes it, resumably, are here; the types they share
+(``affpipe.synth.config``), the editions, the annotation text and the face images are in their
+own modules.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from affpipe.io import write_parquet
 from affpipe.labels import AU_NAMES, EXPR_INVALID, TASKS
+from affpipe.synth.config import SynthConfig, VideoPlan
 from affpipe.synth.editions import HEADERS, IMAGE_ROOTS, LAYOUTS, Edition  # noqa: F401  (re-exported)
 from affpipe.synth.faces import FaceRenderer, Latent, run_mask, simulate
 from affpipe.synth.images import _POOL_DIR, _Images, _pool_latents, _pool_walk
@@ -52,41 +54,6 @@ FULL_SCALE_FRAMES = 5200
 TRUTH_FILE = "synth_truth.parquet"
 TRUTH_MTL_FILE = "synth_truth_mtl.parquet"
 CONFIG_FILE = "synth_config.json"
-@dataclass(frozen=True)
-class SynthConfig:
-    """What to generate. ``frames`` is the mean number of frames per video; with
-    ``full_scale`` a small pool of faces is rendered and hard-linked into every frame
-    (pass ``videos=FULL_SCALE_VIDEOS, frames=FULL_SCALE_FRAMES`` for Aff-Wild2's size)."""
-
-    out: Path
-    layout: str = "abaw6"
-    videos: int = 24
-    frames: int = 300
-    seed: int = 0
-    mtl: bool = False
-    full_scale: bool = False
-    test_videos: int = 0  # extra videos with crops and no annotation, named by the test lists
-
-
-@dataclass
-class VideoPlan:
-    """One video's place in the tree."""
-
-    idx: int
-    name: str
-    length: int  # frames on the timeline (rows of the truth)
-    tasks: dict[str, str] = field(default_factory=dict)  # task -> "train" | "val" (its set folder)
-    root: int = 0  # image root index
-    lines: int = 0  # annotation lines per task file
-    images_upto: int = 0  # frames after this have no image
-    role: str = ""
-    test_tasks: tuple[str, ...] = ()  # role "test": the challenges whose test lists name it
-
-    @property
-    def split(self) -> str:
-        if self.role == "test":
-            return "test"
-        return "val" if "val" in self.tasks.values() else "train"
 
 
 # --- the plan -------------------------------------------------------------------------------

@@ -9,16 +9,13 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
+from affpipe.synth.config import SynthConfig
 from affpipe.synth.faces import FaceRenderer, Latent, encode_jpeg, simulate
 from affpipe.synth.text import _write_file
-
-if TYPE_CHECKING:
-    from affpipe.synth.generate import SynthConfig
 
 _POOL_DIR = ".synth_pool"
 _POOL_IDS, _POOL_FRAMES = 64, 128  # full scale: 64 identities x 128 rendered frames, hard-linked

@@ -6,16 +6,13 @@ Lines come from lookup tables (one string per value), which is what makes writin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from affpipe.io import atomic_write_bytes
 from affpipe.labels import AU_NAMES, NUM_AU
+from affpipe.synth.config import VideoPlan
 from affpipe.synth.editions import HEADERS, Edition
-
-if TYPE_CHECKING:
-    from affpipe.synth.generate import VideoPlan
 
 _VA_TAB = np.array([str(k / 1000) for k in range(-1000, 1001)] + ["-5"], dtype=object)
 _AU_TAB = np.array([",".join(str((c >> (NUM_AU - 1 - b)) & 1) for b in range(NUM_AU)) for c in range(2**NUM_AU)]

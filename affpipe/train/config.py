@@ -33,11 +33,6 @@ SCORE_KEY: dict[str, str] = {"va": "va_ccc", "expr": "expr_f1", "au": "au_f1", "
 OPTIMIZERS = ("adam", "adamw", "sgd")
 AMP_MODES = ("bf16", "fp16", "none")
 DEVICES = ("auto", "cpu", "cuda")
-# Keys that may differ between a killed run and its --resume (out, index: folders may be moved;
-# the loader's backend, workers and on_bad: what a loader error tells the user to change, and
-# both backends read the same epoch plan; logging: what else is written besides metrics.jsonl).
-RESUME_MUTABLE = ("resume", "epochs", "out", "index", "loader.backend", "loader.num_workers", "loader.on_bad",
-                  "logging")
 
 
 TEMPORAL_ARCHS = ("tcn", "transformer")
