@@ -34,8 +34,9 @@ def _csv_floats(value: str | None) -> tuple[float, ...] | None:
               help="Recipe TOML (pipelines/*.toml); the flags below override it.")
 @click.option("--task", type=click.Choice(["va", "expr", "au", "mtl"]), default=None)
 @click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
-@click.option("--features", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="A feature table (`affpipe embed`): train a temporal head on it instead of a model on shards.")
+@click.option("--features", type=click.Path(exists=True, file_okay=False, path_type=Path), multiple=True,
+              help="A feature table (`affpipe embed`): train a temporal head on it instead of a model on shards; "
+                   "repeated: the tables (of the same index) are joined row for row and concatenated.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Run folder.")
 @click.option("--epochs", type=int, default=None)
 @click.option("--batch-size", type=int, default=None, help="Per process (per GPU).")
@@ -78,7 +79,7 @@ def _csv_floats(value: str | None) -> tuple[float, ...] | None:
 @click.option("--index", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Label index, when it is not where the shard manifest says (moved shards).")
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last.pt.")
-def train(recipe: Path | None, task: str | None, shards: Path | None, features: Path | None, out: Path | None,
+def train(recipe: Path | None, task: str | None, shards: Path | None, features: tuple[Path, ...], out: Path | None,
           resume: bool, weights: Path | None,
           compile_: bool | None, task_weights: str | None, **flags) -> None:
     """Train a uni-task (va|expr|au) or multi-task (mtl) model on shards (or, with --features, a
@@ -101,7 +102,7 @@ def train(recipe: Path | None, task: str | None, shards: Path | None, features: 
             raise click.UsageError("give --weights FILE or --init, not both")
         flags["init"] = str(weights)  # a weight file is the backbone's initialization
     overrides = {nested.get(k, k): v for k, v in flags.items()}
-    overrides.update({"task": task, "shards": shards, "features": features, "out": out, "compile": compile_,
+    overrides.update({"task": task, "shards": shards, "features": list(features) or None, "out": out, "compile": compile_,
                       "loss.task_weights": _csv_floats(task_weights), "resume": resume or None})
     cfg = load_config(recipe, overrides)
     if (cfg.shards is None and cfg.features is None) or cfg.out is None:
