@@ -9,7 +9,8 @@ process's memory (private and file-backed: the features are memory-mapped, not l
     python -m affpipe.temporal.bench --out /tmp/tbench [--rows 2900000] [--arch tcn] [--max-steps N]
     python -m affpipe.temporal.bench --out /tmp/tbench --embed-source RUN --shards SHARDS
 
-The second form times ``affpipe embed`` beside the backbone's bare forward pass (``bench_embed``).
+The second form times ``affpipe embed`` beside the backbone's bare forward pass (``bench_embed``);
+``--backbones a,b --shards SHARDS`` does it for each backbone (``bench_backbones``).
 """
 
 from __future__ import annotations
@@ -176,7 +177,8 @@ def bench_epoch(feats: Path, out: Path, *, arch: str = "tcn", window: int = 64, 
 
 
 def bench_embed(source: str, shards: Path, out: Path, *, batch_size: int = 256, device: str = "cpu",
-                forward_seconds: float = 20.0, loader: Any = None, image_size: int | None = None) -> dict[str, Any]:
+                forward_seconds: float = 20.0, loader: Any = None, image_size: int | None = None,
+                backbone: str | None = None, weights: Path | None = None) -> dict[str, Any]:
     """``affpipe embed`` frames/s and data-wait share beside the same backbone's forward pass on
     ready uint8 batches (no loader), measured in one run: the loader's cost is the difference."""
     import shutil
@@ -188,7 +190,7 @@ def bench_embed(source: str, shards: Path, out: Path, *, batch_size: int = 256, 
 
     extra = {"loader": loader} if loader is not None else {}
     cfg = EmbedConfig(source=source, shards=Path(shards), out=Path(out), batch_size=batch_size, device=device,
-                      image_size=image_size, **extra)
+                      image_size=image_size, backbone=backbone, weights=weights, **extra)
     dev = pick_device(device)
     enc = load_encoder(cfg, dev)
     images = torch.randint(0, 256, (batch_size, 3, enc.image_size, enc.image_size), dtype=torch.uint8, device=dev)
@@ -204,7 +206,30 @@ def bench_embed(source: str, shards: Path, out: Path, *, batch_size: int = 256, 
     return {"backbone": enc.arch, "image_size": enc.image_size, "batch_size": batch_size, "device": str(dev),
             "forward_only_frames_per_s": forward_fps, "embed_frames_per_s": tp["frames_per_s"],
             "embed_vs_forward": tp["frames_per_s"] / forward_fps, "data_wait_share": tp["data_wait_share"],
-            "frames": tp["frames"], "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
+            "frames": tp["frames"], "backbone_input_size": enc.input.get("size"),
+            "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
+
+
+def bench_backbones(shards: Path, out: Path, backbones: list[str], *, image_size: int = 112, batch_size: int = 64,
+                    forward_seconds: float = 10.0, loader: Any = None) -> list[dict[str, Any]]:
+    """``bench_embed`` for each of ``backbones`` (random weights: speed does not depend on them),
+    each through a weight file (``--weights``), as a user would embed a face-pretrained one."""
+    from safetensors.torch import save_file
+
+    from affpipe.train.models import ModelConfig, backbone_state_dict, build_model
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for arch in backbones:
+        slug = arch.replace("/", "_")
+        weights = out / f"{slug}.safetensors"
+        save_file({k: v.contiguous() for k, v in backbone_state_dict(build_model(ModelConfig(arch=arch, tasks=("va",)))).items()},
+                  str(weights))
+        rows.append(bench_embed("weights", shards, out / slug, batch_size=batch_size, forward_seconds=forward_seconds,
+                                loader=loader, image_size=image_size, backbone=arch, weights=weights))
+        log.info("bench_backbones: %s", rows[-1])
+    return rows
 
 
 def main() -> None:
@@ -222,8 +247,16 @@ def main() -> None:
     p.add_argument("--embed-source", default=None, help="Instead: time `affpipe embed` of this run/checkpoint ...")
     p.add_argument("--shards", type=Path, default=None, help="... over these shards.")
     p.add_argument("--image-size", type=int, default=None, help="With --embed-source (default: the run's).")
+    p.add_argument("--backbones", default=None, help="Instead: embed frames/s of these backbones (comma-separated, "
+                   "random weights through a weight file) over --shards, at --image-size (112).")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.backbones:
+        if args.shards is None:
+            p.error("--backbones needs --shards")
+        print(json.dumps(bench_backbones(args.shards, args.out, args.backbones.split(","),
+                                         image_size=args.image_size or 112), indent=2))
+        return
     if args.embed_source:
         if args.shards is None:
             p.error("--embed-source needs --shards")
