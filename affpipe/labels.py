@@ -24,6 +24,25 @@ NUM_EXPR = len(EXPR_CLASSES)
 NUM_AU = len(AU_NAMES)
 TASKS: tuple[str, ...] = ("va", "expr", "au")
 
+# The header columns of each ABAW edition's annotation and submission files (ABAW3 onward use
+# abaw3's): the one table synth writes and predict follows.
+ABAW1_AUS: tuple[str, ...] = ("AU1", "AU2", "AU4", "AU6", "AU12", "AU15", "AU20", "AU25")
+EDITION_COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {
+    "abaw1": {"va": VA_NAMES, "expr": EXPR_CLASSES[:7], "au": ABAW1_AUS},
+    "abaw2": {"va": VA_NAMES, "expr": EXPR_CLASSES[:7], "au": AU_NAMES},
+    "abaw3": {"va": VA_NAMES, "expr": EXPR_CLASSES, "au": AU_NAMES},
+}
+EDITIONS: tuple[str, ...] = tuple(EDITION_COLUMNS)
+MTL_HEADER = "image,valence,arousal,expression,aus"  # the MTL files' header (s-Aff-Wild2)
+
+
+def edition_header(task: str, edition: str = "abaw3") -> str:
+    """The header line of ``task``'s (va | expr | au) files in ``edition`` (abaw1 | abaw2 | abaw3)."""
+    if edition not in EDITION_COLUMNS:
+        raise ValueError(f"edition must be one of {EDITIONS}, got {edition!r}")
+    return ",".join(EDITION_COLUMNS[edition][task])
+
+
 # Invalid markers as written in the annotation files.
 VA_INVALID = -5.0
 EXPR_INVALID = -1  # (and AU: -1 in every column of a row)

@@ -114,41 +114,53 @@ def train(recipe: Path | None, task: str | None, shards: Path | None, features: 
         click.echo(f"run folder: {run}")
 
 
+def _data_options(fn):
+    """The flags evaluate and predict share to point a run at its data (each overrides what the
+    run recorded: runs moved without their data, or data moved since)."""
+    for opt in reversed([
+        click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="A per-frame run's shards (default: those it trained on)."),
+        click.option("--features", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="A temporal run's feature table (default: the one it trained on)."),
+        click.option("--index", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="The label index (default: the one the run trained on)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _inputs(run: Path, shards: Path | None, features: tuple[Path, ...], index: Path | None) -> dict:
+    return {"run": run, "shards": shards, "features": tuple(features), "index": index}
+
+
 @main.command()
 @click.argument("run_or_ckpt", type=click.Path(exists=True, path_type=Path))
-@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Required for per-frame runs; a temporal run reads its feature table.")
+@_data_options
 @click.option("--split", type=click.Choice(["train", "val"]), default="val")
 @click.option("--tune-au-thresholds", is_flag=True, help="Tune per-AU thresholds on this split and store them.")
 @click.option("--smooth", is_flag=True, help="Per-video moving average of the predictions (windows of smoothing.json).")
 @click.option("--tune-smoothing", is_flag=True, help="Pick the smoothing window per task on this split, store it, apply it.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @_loader_options
-def evaluate(run_or_ckpt: Path, shards: Path | None, split: str, tune_au_thresholds: bool, smooth: bool,
-             tune_smoothing: bool, batch_size: int | None, backend: str, device: str, num_workers: int | None,
-             on_bad: str) -> None:
-    """Evaluate a run's best.pt (or a checkpoint) on SHARDS: eval.json + eval.md beside it."""
+def evaluate(run_or_ckpt: Path, shards: Path | None, features: tuple[Path, ...], index: Path | None, split: str,
+             tune_au_thresholds: bool, smooth: bool, tune_smoothing: bool, batch_size: int | None, backend: str,
+             device: str, num_workers: int | None, on_bad: str) -> None:
+    """Evaluate a run's best.pt (or a checkpoint), per-frame or temporal: eval.json + eval.md beside it."""
     from affpipe.loaders import LoaderConfig
-    from affpipe.temporal.evaluate import evaluate_run, is_temporal_run
+    from affpipe.runs import EvalConfig
+    from affpipe.runs import evaluate as run_evaluate
     from affpipe.train.evaluate import eval_markdown
-    from affpipe.train.evaluate import evaluate as run_evaluate
 
-    loader = LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad)
-    if smooth or tune_smoothing or is_temporal_run(run_or_ckpt):
-        result = evaluate_run(run_or_ckpt, shards, split=split, tune_au_thresholds=tune_au_thresholds, smooth=smooth,
-                              tune_smoothing=tune_smoothing, batch_size=batch_size, device=device, loader=loader)
-    elif shards is None:
-        raise click.UsageError("--shards is required for a per-frame run")
-    else:
-        result = run_evaluate(run_or_ckpt, shards, split=split, tune_au_thresholds=tune_au_thresholds,
-                              batch_size=batch_size, device=device, loader=loader)
+    result = run_evaluate(EvalConfig(
+        **_inputs(run_or_ckpt, shards, features, index), split=split, tune_au_thresholds=tune_au_thresholds,
+        smooth=smooth, tune_smoothing=tune_smoothing, batch_size=batch_size, device=device,
+        loader=LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad)))
     click.echo(eval_markdown(result))
 
 
 @main.command()
 @click.argument("ckpt", type=click.Path(exists=True, path_type=Path))
-@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Required for per-frame runs; a temporal run reads its feature table.")
+@_data_options
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["abaw-per-video", "abaw-single", "mtl"]), default="abaw-per-video")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val")
@@ -158,31 +170,25 @@ def evaluate(run_or_ckpt: Path, shards: Path | None, split: str, tune_au_thresho
 @click.option("--fill-missing", is_flag=True,
               help="Template rows of videos not in the split get a default prediction instead of an error.")
 @click.option("--edition", type=click.Choice(["abaw1", "abaw2", "abaw3"]), default="abaw3",
-              help="abaw-per-video headers: abaw1 (7 classes; AU1,AU2,AU4,AU6,AU12,AU15,AU20,AU25), "
-                   "abaw2 (7 classes, 12 AUs), abaw3 (ABAW3-4: 8 classes, 12 AUs).")
+              help="Headers without a template: abaw1 (7 classes; AU1,AU2,AU4,AU6,AU12,AU15,AU20,AU25), "
+                   "abaw2 (7 classes, 12 AUs), abaw3 (ABAW3 on: 8 classes, 12 AUs).")
 @click.option("--smooth", is_flag=True, help="Smooth with the windows `evaluate --tune-smoothing` stored.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--overwrite", is_flag=True, help="Replace predict's earlier files in -o (deletes only those).")
 @_loader_options
-@click.option("--index", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Label index, when it is not where the shard manifest says (moved shards).")
-def predict(ckpt: Path, shards: Path | None, out: Path, fmt: str, split: str, templates: tuple[Path, ...],
-            fill_missing: bool, edition: str, smooth: bool, batch_size: int | None, backend: str, device: str,
-            num_workers: int | None, on_bad: str, index: Path | None) -> None:
-    """Write CKPT's predictions on SHARDS in an ABAW submission format under OUT."""
+def predict(ckpt: Path, shards: Path | None, features: tuple[Path, ...], index: Path | None, out: Path, fmt: str,
+            split: str, templates: tuple[Path, ...], fill_missing: bool, edition: str, smooth: bool,
+            batch_size: int | None, overwrite: bool, backend: str, device: str, num_workers: int | None,
+            on_bad: str) -> None:
+    """Write CKPT's predictions (a per-frame or temporal run) in an ABAW submission format under OUT."""
     from affpipe.loaders import LoaderConfig
-    from affpipe.temporal.evaluate import is_temporal_run, predict_run
-    from affpipe.train.predict import predict as run_predict
+    from affpipe.runs import PredictConfig
+    from affpipe.runs import predict as run_predict
 
-    loader = LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad)
-    submission = dict(templates=tuple(templates), fill_missing=fill_missing, edition=edition)
-    if smooth or is_temporal_run(ckpt):
-        summary = predict_run(ckpt, shards, out, fmt, split=split, smooth=smooth, batch_size=batch_size,
-                              device=device, loader=loader, **submission)
-    elif shards is None:
-        raise click.UsageError("--shards is required for a per-frame run")
-    else:
-        summary = run_predict(ckpt, shards, out, fmt, split=split, batch_size=batch_size, device=device,
-                              loader=loader, index=index, **submission)
+    summary = run_predict(PredictConfig(
+        **_inputs(ckpt, shards, features, index), out=out, format=fmt, split=split, templates=tuple(templates),
+        fill_missing=fill_missing, edition=edition, smooth=smooth, batch_size=batch_size, device=device,
+        overwrite=overwrite, loader=LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad)))
     click.echo(f"{len(summary['files'])} file(s), {summary['videos']} videos, "
                f"{summary['filled_from_neighbour']} frame(s) filled from a neighbour → {out}")
     if templates:

@@ -43,17 +43,22 @@ def smoothed_eval(run_dir: Path, shards: Path) -> dict[str, Any]:
     import json
 
     from affpipe.loaders import LoaderConfig
-    from affpipe.temporal.evaluate import apply_smoothing, collect
+    from affpipe.runs.evaluate import apply_smoothing, collect, run_folder_for_writing
+    from affpipe.runs.open import RunInputs, open_run
     from affpipe.train.evaluate import report_evaluation, write_eval
 
     path = Path(run_dir) / f"{SMOOTHED_STEM}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    c = collect(Path(run_dir), Path(shards), "val", loader=LoaderConfig(num_workers=0))
-    extra = apply_smoothing(c, "val", smooth=False, tune_smoothing=True, write=True)
-    result = report_evaluation(c.acc, c.frames, c.cfg, c.ckpt, c.state, "val", write=False, extra=extra)
-    result["note"] = "smoothing windows tuned on this split (val): optimistic, as tuned AU thresholds are"
-    write_eval(Path(run_dir), result, stem=SMOOTHED_STEM)
+    temporal = bool(json.loads((Path(run_dir) / "config.json").read_text()).get("features"))
+    run = open_run(RunInputs(run=Path(run_dir), shards=None if temporal else Path(shards)))
+    with run_folder_for_writing(run.folder):
+        c = collect(run, "val", loader=LoaderConfig(num_workers=0))
+        extra = apply_smoothing(run, c, "val", smooth=False, tune_smoothing=True, write=True)
+        result = report_evaluation(c.acc, c.frames, run.cfg, run.ckpt, run.state, "val", write=False, extra=extra,
+                                   videos=c.video)
+        result["note"] = "smoothing windows tuned on this split (val): optimistic, as tuned AU thresholds are"
+        write_eval(run.folder, result, stem=SMOOTHED_STEM)
     return result
 
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from affpipe.labels import AU_NAMES
+from affpipe.labels import ABAW1_AUS, AU_NAMES, MTL_HEADER, edition_header
 
 IMAGE_ROOTS = ("cropped_aligned", "cropped_aligned_new_50_vids")
+# The header lines the twin writes: the same table predict's submission files follow.
 HEADERS = {
-    "va": "valence,arousal",
-    "expr8": "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other",
-    "expr7": "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise",
-    "au": ",".join(AU_NAMES),
-    "mtl": "image,valence,arousal,expression,aus",
+    "va": edition_header("va"),
+    "expr8": edition_header("expr", "abaw3"),
+    "expr7": edition_header("expr", "abaw2"),
+    "au": edition_header("au"),
+    "mtl": MTL_HEADER,
 }
 
 
@@ -31,7 +32,6 @@ class Edition:
 
 _MTL_OLD = ("training_set_annotations.txt", "validation_set_annotations.txt")
 _MTL_NEW = ("MTL_Challenge/train_set.txt", "MTL_Challenge/validation_set.txt")
-ABAW1_AUS = ("AU1", "AU2", "AU4", "AU6", "AU12", "AU15", "AU20", "AU25")
 LAYOUTS: dict[str, Edition] = {
     "abaw1": Edition("annotations", {"va": "VA_Set", "expr": "EXPR_Set", "au": "AU_Set"}, 7, _MTL_OLD, 1,
                      ("Training_Set", "Validation_Set"), ABAW1_AUS),

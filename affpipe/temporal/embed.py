@@ -82,8 +82,9 @@ class Encoder:
 
 def load_encoder(cfg: EmbedConfig, device: torch.device) -> Encoder:
     """The backbone SOURCE names, in eval mode on ``device``."""
-    from affpipe.train.checkpoint import resolve_checkpoint
-    from affpipe.train.evaluate import load_model
+    from affpipe.temporal.heads import restore_model
+    from affpipe.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from affpipe.train.config import from_dict
     from affpipe.train.models import ModelConfig, build_model, resolve_input
 
     if cfg.weights is not None or cfg.source in ("imagenet", "pretrained"):
@@ -95,9 +96,11 @@ def load_encoder(cfg: EmbedConfig, device: torch.device) -> Encoder:
         size = cfg.image_size or 112
     else:
         ckpt = resolve_checkpoint(Path(cfg.source))
-        model, run_cfg, _ = load_model(ckpt, torch.device("cpu"))
-        if getattr(run_cfg, "is_temporal", False):
+        state = load_checkpoint(ckpt, map_location="cpu")
+        run_cfg = from_dict(state["config"], source=f"{ckpt} (config)")
+        if run_cfg.is_temporal:
             raise ValueError(f"{ckpt}: a temporal run has no frame encoder; embed the per-frame run its features came from")
+        model = restore_model(run_cfg, state, source=str(ckpt))
         arch = run_cfg.model.arch
         if cfg.backbone is not None and cfg.backbone != arch:
             raise ValueError(f"--backbone {cfg.backbone}: {ckpt} holds a {arch} backbone")

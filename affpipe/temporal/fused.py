@@ -76,5 +76,6 @@ def fuse_tables(tables: Sequence[FeatureTable]) -> FeatureTable:
     # per-frame heads of one source cannot start a skip path over the fused width: none is named
     manifest.update(feature_dim=sum(t.dim for t in tables), source_checkpoint=None, fused=[
         {"path": str(Path(t.path).parent), "backbone": t.manifest.get("backbone"),
-         "source_sha256": t.manifest.get("source_sha256"), "feature_dim": t.dim} for t in tables])
+         "source_sha256": t.manifest.get("source_sha256"), "feature_dim": t.dim,
+         "fingerprint": t.manifest.get("fingerprint")} for t in tables])
     return dataclasses.replace(first, features=FusedMatrix([t.features for t in tables]), manifest=manifest)

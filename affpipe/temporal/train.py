@@ -10,6 +10,7 @@ label index, so the features are the only input.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,16 +37,21 @@ class TemporalData:
     index: Path  # the label index, resolved (a relative path in the manifest is from the features folder)
 
     @classmethod
-    def open(cls, features: Path) -> TemporalData:
-        """Read ``features`` and the label index its manifest names."""
+    def open(cls, features: Path | Sequence[Path], index: Path | None = None) -> TemporalData:
+        """Read ``features`` (several: fused, :mod:`affpipe.temporal.fused`) and the label index
+        its manifest names (``index`` overrides it)."""
         from affpipe.index.build import load_index
+        from affpipe.temporal.fused import fuse_tables
 
-        table = read_table(features)
-        if not table.manifest.get("index"):
-            raise ValueError(f"{Path(features) / 'manifest.json'}: no 'index' key (not written by `affpipe embed`)")
-        index = Path(table.manifest["index"])
-        if not index.is_absolute():
-            index = Path(features) / index
+        paths = [features] if isinstance(features, str | Path) else list(features)
+        table = fuse_tables([read_table(p) for p in paths])
+        features = paths[0]
+        if index is None:
+            if not table.manifest.get("index"):
+                raise ValueError(f"{Path(features) / 'manifest.json'}: no 'index' key (not written by `affpipe embed`)")
+            index = Path(table.manifest["index"])
+            if not index.is_absolute():
+                index = Path(features) / index
         label_table, _ = load_index(index, table=table.manifest.get("table", "frames"))
         return cls(table, align_labels(label_table, table.row_id), label_table, index)
 
@@ -95,7 +101,7 @@ def temporal_setup(cfg: TrainConfig, ctx: dist.DistContext):
         kw = dict(device=ctx.device, rank=ctx.rank, world=ctx.world)
         return data.loader("train", cfg, train=True, **kw), data.loader("val", cfg, train=False, **kw)
 
-    what = f"with a {cfg.temporal.arch} head over windows of {cfg.temporal.window} frames of {cfg.features}"
+    what = f"with a {cfg.temporal.arch} head over windows of {cfg.temporal.window} frames of {' + '.join(map(str, cfg.feature_tables))}"
     return Trainer(cfg, ctx, model, loss_fn), loaders, what
 
 

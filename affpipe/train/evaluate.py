@@ -1,7 +1,7 @@
-"""Evaluation: run a model over a shard split, ABAW metrics, ``eval.json`` and ``eval.md``.
+"""Evaluation: a model's pass over a split, the ABAW metrics' report, ``eval.json`` and ``eval.md``.
 
-Also home of the inference helpers the trainer and ``predict`` share (model restore from a
-checkpoint, autocast, the validation pass).
+The inference helpers the trainer and ``affpipe.runs`` (``evaluate``/``predict`` of every kind of
+run) share: autocast, the validation pass, and the one reporting function.
 """
 
 from __future__ import annotations
@@ -9,40 +9,21 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from affpipe.dist import autocast, pick_device
+from affpipe.dist import autocast
 from affpipe.io import atomic_write_text, jsonable
 from affpipe.labels import AU_NAMES, EXPR_CLASSES
-from affpipe.loaders.base import LoaderConfig
-from affpipe.train.checkpoint import load_checkpoint, resolve_checkpoint
-from affpipe.train.config import TrainConfig, from_dict
+from affpipe.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-THRESHOLDS_FILE = "au_thresholds.json"
-
-
-
-
-def load_model(ckpt: Path, device: torch.device) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
-    """Rebuild the model a checkpoint holds; returns (model in eval mode, its config, state)."""
-    from affpipe.train.models import build_model
-
-    state = load_checkpoint(ckpt, map_location="cpu")
-    cfg = from_dict(state["config"], source=f"{ckpt} (config)")
-    if cfg.is_temporal:
-        raise ValueError(f"{ckpt} is a temporal head over {cfg.features}, not a per-frame model: "
-                         "load it with affpipe.temporal (the CLI's evaluate/predict do)")
-    # The weights come from the checkpoint: never fetch ImageNet or another init here.
-    model = build_model(replace(cfg.model, init="random"))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg, state
+THRESHOLDS_FILE = "au_thresholds.json"  # written by report_evaluation, read by affpipe.runs
 
 
 def iterate_outputs(model: nn.Module, loader: Iterable, *, device: torch.device, amp: str = "none",
@@ -87,47 +68,16 @@ def evaluate_model(model: nn.Module, loader: Iterable, heads: tuple[str, ...], *
     return acc, frames
 
 
-
-def eval_loader(shards: Path, split: str, cfg: TrainConfig, device: torch.device, *, batch_size: int | None = None,
-                loader: LoaderConfig | None = None):
-    """An unaugmented, unshuffled loader over every sample of ``split`` for a model trained with
-    ``cfg`` (its image size and seed); ``loader`` overrides the run's own loader settings."""
-    from affpipe.loaders import make_loader
-
-    settings = loader if loader is not None else cfg.loader
-    return make_loader(Path(shards), split, batch_size=cfg.batch_size if batch_size is None else batch_size,
-                       train=False, device=device,
-                       image_size=cfg.image_size, seed=cfg.seed, rank=0, world_size=1, normalize=False,
-                       **settings.kwargs(train=False))
-
-
-def evaluate(run_or_ckpt: Path, shards: Path, *, split: str = "val", tune_au_thresholds: bool = False,
-             batch_size: int | None = None, device: str = "auto", loader: LoaderConfig | None = None,
-             max_steps: int | None = None, write: bool = True) -> dict[str, Any]:
-    """Evaluate a run's ``best.pt`` (or a given checkpoint) on ``split`` of ``shards``.
-
-    Writes ``eval.json``/``eval.md`` (``eval_<split>.*`` for another split) beside the
-    checkpoint. With ``tune_au_thresholds`` the per-AU thresholds that maximise F1 on this
-    split are stored in ``au_thresholds.json`` (``predict`` uses them) and both the 0.5 and
-    the tuned figures are reported; tuned figures on the tuning split are optimistic.
-    """
-    ckpt = resolve_checkpoint(Path(run_or_ckpt))
-    dev = pick_device(device)
-    model, cfg, state = load_model(ckpt, dev)
-    loader = eval_loader(shards, split, cfg, dev, batch_size=batch_size, loader=loader)
-    acc, frames = evaluate_model(model, loader, cfg.heads, device=dev, amp=cfg.amp, max_steps=max_steps)
-    # bad samples skipped (on_bad="skip"), by reason
-    return report_evaluation(acc, frames, cfg, ckpt, state, split, tune_au_thresholds=tune_au_thresholds, write=write,
-                             extra={"skipped": dict(getattr(loader, "skipped", {}))})
-
-
 def report_evaluation(acc: Any, frames: int, cfg: TrainConfig, ckpt: Path, state: dict, split: str, *,
                       tune_au_thresholds: bool = False, write: bool = True,
-                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                      extra: dict[str, Any] | None = None, videos: Any = None) -> dict[str, Any]:
     """The result of a filled ``MetricAccumulator``: metrics, optionally tuned AU thresholds
-    (saved beside ``ckpt``), ``extra`` keys; written as ``eval[_<split>].json``/``.md``."""
+    (saved beside ``ckpt``), ``extra`` keys; written as ``eval[_<split>].json``/``.md``.
+    ``videos``: the video of each of ``acc``'s rows. The one place an evaluation is reported."""
     result = _result(acc.compute(), cfg, ckpt, state, split, frames)
     result.update(extra or {})
+    if videos is not None:
+        result["videos"] = int(len(set(np.asarray(videos).tolist())))
     if tune_au_thresholds:
         if "au" not in cfg.heads:
             raise ValueError(f"--tune-au-thresholds: {ckpt} has no AU head (task {cfg.task})")

@@ -205,6 +205,15 @@ class MetricAccumulator:
         """The stored arrays (row_id, per-task predictions, targets, masks)."""
         return dict(self._arrays())
 
+    def nonfinite_rows(self) -> np.ndarray:
+        """Boolean mask of the stored rows whose predictions hold a NaN or an infinity."""
+        a = self._arrays()
+        bad = np.zeros(len(a["row_id"]), bool)
+        for key in ("va_pred", "expr_prob", "au_prob"):
+            if key in a and len(a[key]):
+                bad |= ~np.isfinite(a[key]).all(axis=1)
+        return bad
+
     def with_predictions(self, **arrays: np.ndarray) -> MetricAccumulator:
         """A copy whose stored predictions (``va_pred``, ``expr_prob``, ``au_prob``) are replaced,
         e.g. by temporally smoothed ones; ``expr_pred`` follows a new ``expr_prob``."""
@@ -257,9 +266,12 @@ class MetricAccumulator:
             out["n_au"] = int(m.any(axis=1).sum())
         if all(t in self.tasks for t in TASKS):
             out["p_mtl"] = p_mtl(out["va_ccc"], out["expr_f1"], out["au_f1"])
+        bad = int(self.nonfinite_rows().sum())
         for key in ("va_ccc", "expr_f1", "au_f1"):
             if key in out and isinstance(out[key], float) and math.isnan(out[key]):
-                log.warning("%s is NaN: no valid labels were stored", key)
+                # NaN predictions, not missing labels, are the likelier cause when there are any
+                why = f"{bad} of {len(self)} rows have non-finite predictions" if bad else "no valid labels were stored"
+                log.warning("%s is NaN: %s", key, why)
         return out
 
     def tune_au_thresholds(self, grid: Sequence[float] = DEFAULT_THRESHOLD_GRID) -> list[float]:

@@ -106,22 +106,22 @@ def test_temporal_run_folder_like_a_per_frame_run(feats, tmp_path, arch):
 
 
 def test_evaluate_predict_and_smoothing_on_a_temporal_run(feats, tmp_path):
-    from affpipe.temporal.evaluate import evaluate_run, is_temporal_run, predict_run
+    from affpipe.runs import EvalConfig, PredictConfig, RunInputs, evaluate, open_run, predict
     from affpipe.temporal.train import train_temporal
 
     run = train_temporal(_temporal_cfg(feats, tmp_path / "run"))
-    assert is_temporal_run(run)
-    plain = evaluate_run(run, split="val", write=False)
+    assert open_run(RunInputs(run=run)).kind == "temporal"
+    plain = evaluate(EvalConfig(run=run, write=False))
     best = json.loads((run / "eval.json").read_text())
     for key in ("va_ccc", "expr_f1", "au_f1"):  # evaluate reproduces the trainer's validation pass
         assert plain[key] == pytest.approx(best[key], abs=1e-4)
-    tuned = evaluate_run(run, split="val", tune_smoothing=True)
+    tuned = evaluate(EvalConfig(run=run, tune_smoothing=True))
     for key in ("va_ccc", "expr_f1", "au_f1"):
         assert tuned[key] >= plain[key] - 1e-9  # window 1 is a candidate: tuning never lowers a score
     assert (run / "smoothing.json").is_file() and set(tuned["smoothing"]["windows"]) == {"va", "expr", "au"}
-    again = evaluate_run(run, split="val", smooth=True, write=False)
+    again = evaluate(EvalConfig(run=run, smooth=True, write=False))
     assert again["va_ccc"] == pytest.approx(tuned["va_ccc"])
-    summary = predict_run(run, None, tmp_path / "pred", "abaw-single", split="val", smooth=True)
+    summary = predict(PredictConfig(run=run, out=tmp_path / "pred", format="abaw-single", smooth=True))
     lines = (tmp_path / "pred" / "VA.txt").read_text().splitlines()
     assert lines[0] == "image_location,valence,arousal" and len(lines) - 1 == summary["lines"] > 0
     assert summary["smoothing"]["windows"] == tuned["smoothing"]["windows"]

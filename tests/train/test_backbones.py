@@ -55,7 +55,7 @@ def test_timm_train_embed_evaluate(shard_dir, tmp_path):
     from affpipe.loaders import LoaderConfig
     from affpipe.temporal.embed import EmbedConfig, embed
     from affpipe.temporal.features import read_table
-    from affpipe.train.evaluate import evaluate
+    from affpipe.runs.evaluate import EvalConfig, evaluate
     from affpipe.train.loop import train
 
     run = train(load_config(None, {"task": "mtl", "shards": shard_dir, "out": tmp_path / "run",
@@ -65,7 +65,8 @@ def test_timm_train_embed_evaluate(shard_dir, tmp_path):
     assert cfg.model.arch == TIMM and cfg.model.input_size == 32 and cfg.model.interpolation == "bicubic"
     assert cfg.model.mean == pytest.approx((0.485, 0.456, 0.406))
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"] == [1, 2]
-    result = evaluate(run, shard_dir, split="val", device="cpu", loader=LoaderConfig(backend="torch", num_workers=0))
+    result = evaluate(EvalConfig(run=run, shards=shard_dir, split="val", device="cpu",
+                                 loader=LoaderConfig(backend="torch", num_workers=0)))
     assert {"va_ccc", "expr_f1", "au_f1"} <= set(result)
     m = embed(EmbedConfig(source=str(run), shards=shard_dir, out=tmp_path / "feats", split="val", batch_size=32,
                           device="cpu", loader=LoaderConfig(backend="torch", num_workers=0)))

@@ -26,15 +26,15 @@ def run(shard_dir, tmp_path_factory) -> Path:
 
 
 def test_evaluate_matches_training_and_tunes_thresholds(run, shard_dir):
-    from affpipe.train.evaluate import evaluate
+    from affpipe.runs import EvalConfig, evaluate
 
     trained = json.loads((run / "eval.json").read_text())
     # Same weights, same deterministic val batches as the trainer's last validation pass.
-    same = evaluate(run, shard_dir, max_steps=2, write=False, loader=TORCH)
+    same = evaluate(EvalConfig(run=run, shards=shard_dir, max_steps=2, write=False, loader=TORCH))
     for key in ("va_ccc", "expr_f1", "au_f1", "p_mtl"):
         assert same[key] == pytest.approx(trained[key], abs=1e-5), key
 
-    result = evaluate(run, shard_dir, tune_au_thresholds=True, loader=TORCH)
+    result = evaluate(EvalConfig(run=run, shards=shard_dir, tune_au_thresholds=True, loader=TORCH))
     assert {"va_ccc", "valence_ccc", "arousal_ccc", "expr_f1", "au_f1", "p_mtl"} <= set(result)
     assert set(result["expr_f1_per_class"]) == set(EXPR_CLASSES)
     assert set(result["au_f1_per_au"]) == set(AU_NAMES)

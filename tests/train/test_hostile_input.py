@@ -62,6 +62,12 @@ def test_on_bad_backend_and_index_may_change_on_resume():
     assert config_differences(old, a) == []
 
 
+def _predict(run, shards, out, fmt, **kw):
+    from affpipe.runs import PredictConfig, predict
+
+    return predict(PredictConfig(run=run, shards=shards, out=out, format=fmt, device="cpu", **kw))
+
+
 @pytest.fixture(scope="module")
 def mtl_run(shard_dir, tmp_path_factory) -> Path:
     from affpipe.train.loop import train
@@ -71,7 +77,6 @@ def mtl_run(shard_dir, tmp_path_factory) -> Path:
 
 def test_predict_refuses_a_video_name_that_leaves_out(mtl_run, shard_dir, tmp_path):
     from affpipe.shards import manifest_index
-    from affpipe.train.predict import predict
 
     index = tmp_path / "crafted"
     shutil.copytree(manifest_index(shard_dir), index)
@@ -82,7 +87,7 @@ def test_predict_refuses_a_video_name_that_leaves_out(mtl_run, shard_dir, tmp_pa
     pq.write_table(tbl.set_column(tbl.schema.get_field_index("video"), "video", pa.array(evil)), index / "frames.parquet")
     out = tmp_path / "sub" / "out"
     with pytest.raises(ValueError, match=r"name '\.\./\.\./escaped' contains a path separator"):
-        predict(mtl_run / "best.pt", shard_dir, out, "abaw-per-video", index=index, loader=TORCH)
+        _predict(mtl_run / "best.pt", shard_dir, out, "abaw-per-video", index=index, loader=TORCH)
     assert not (tmp_path / "escaped.txt").exists() and not list(tmp_path.rglob("escaped*"))
     assert not out.exists()
 
@@ -90,7 +95,6 @@ def test_predict_refuses_a_video_name_that_leaves_out(mtl_run, shard_dir, tmp_pa
 def test_train_and_predict_after_moving_shards_and_index(mtl_run, shard_dir, tmp_path):
     from affpipe.shards import ShardConfig, manifest_index, write_shards
     from affpipe.train.loop import train
-    from affpipe.train.predict import predict
 
     data = tmp_path / "data"
     shutil.copytree(manifest_index(shard_dir), data / "index")
@@ -99,11 +103,11 @@ def test_train_and_predict_after_moving_shards_and_index(mtl_run, shard_dir, tmp
     shutil.move(data, moved)
     shards = moved / "shards" / "s"
     train(load_config(None, {**TINY, "shards": shards, "out": tmp_path / "run"}))
-    summary = predict(mtl_run / "best.pt", shards, tmp_path / "pred", "abaw-single", loader=TORCH)
+    summary = _predict(mtl_run / "best.pt", shards, tmp_path / "pred", "abaw-single", loader=TORCH)
     assert summary["videos"] > 0 and summary["skipped"] == {}
     # An index elsewhere is given with --index.
     shutil.move(moved / "index", tmp_path / "idx-elsewhere")
     with pytest.raises(FileNotFoundError, match="--index"):
-        predict(mtl_run / "best.pt", shards, tmp_path / "pred2", "abaw-single", loader=TORCH)
-    predict(mtl_run / "best.pt", shards, tmp_path / "pred2", "abaw-single", loader=TORCH,
+        _predict(mtl_run / "best.pt", shards, tmp_path / "pred2", "abaw-single", loader=TORCH)
+    _predict(mtl_run / "best.pt", shards, tmp_path / "pred2", "abaw-single", loader=TORCH,
             index=tmp_path / "idx-elsewhere")

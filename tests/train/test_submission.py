@@ -34,10 +34,10 @@ def release(tmp_path_factory) -> dict:
 
 
 def _predict(release, out, fmt, templates, **kw):
-    from affpipe.train.predict import predict
+    from affpipe.runs import PredictConfig, predict
 
-    return predict(release["ckpt"], release["shards"], out, fmt, split="test", loader=TORCH,
-                   templates=tuple(templates), **kw)
+    return predict(PredictConfig(run=release["ckpt"], shards=release["shards"], out=out, format=fmt, split="test",
+                                 loader=TORCH, device="cpu", templates=tuple(templates), **kw))
 
 
 def _lines(path: Path) -> list[str]:
@@ -88,7 +88,7 @@ def fake(release):
     import pyarrow.compute as pc
 
     from affpipe.index.build import load_index
-    from affpipe.train.submission import index_predictions
+    from affpipe.runs.submission import index_predictions
 
     table, _ = load_index(release["base"] / "index")
     table = table.filter(pc.equal(table["split"], "test")).sort_by([("video", "ascending"), ("frame", "ascending")])
@@ -105,9 +105,11 @@ def fake(release):
 
 
 def _write(fake, templates, out, fmt="abaw-single", **kw):
-    from affpipe.train.submission import write_from_templates
+    from affpipe.outdir import claim
+    from affpipe.runs.submission import PREDICT_OWNER, write_submission
 
-    return write_from_templates(tuple(templates), fmt, fake, out, **kw)
+    with claim(out, PREDICT_OWNER, {}) as folder:
+        return write_submission(fake, folder, fmt, templates=tuple(templates), **kw)
 
 
 def test_hand_made_sample_crlf_7_classes_gaps_and_past_the_end(release, fake, tmp_path):

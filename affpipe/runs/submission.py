@@ -1,19 +1,35 @@
-"""Submission files that follow an official test-set file row for row (``predict --template``).
+"""Submission files in the ABAW formats: the one writer of prediction files (``affpipe predict``).
 
-A template is any file :func:`affpipe.index.testsets.read_test_list` reads:
+Formats:
+
+- ``abaw-per-video``: one ``<video>.txt`` per video and task under ``OUT/VA``, ``OUT/EXPR``,
+  ``OUT/AU`` (ABAW1-4): the edition's header, then one line per frame of the video.
+- ``abaw-single``: one file per task (ABAW5+), ``OUT/VA.txt`` etc., header
+  ``image_location,<columns>``, one row ``video/00001.jpg,...`` per frame.
+- ``mtl``: ``OUT/MTL.txt``, header ``image,valence,arousal,expression,aus``, one row
+  ``video/00001.jpg,v,a,e,au1,...,au12`` per image.
+
+Rows: without a template, every frame 1..last of every video of the predicted split (MTL: the
+frames with a crop); with a template (any file :func:`affpipe.index.testsets.read_test_list`
+reads), the template's rows:
 
 - a frame list (the ABAW5+ ``*_test_set_sample.txt`` / ``*_example.txt``, the ABAW3-4
   ``MTL_Challenge_test_set_release.txt``): the output keeps the template's header line, its rows'
-  image paths as written and their order, and its line ending; each row gets the values of its
-  frame. A frame without a crop takes the nearest frame's prediction (the earlier one on a tie).
+  image paths as written and their order, and its line ending.
 - a video list (``names_of_videos_in_each_test_set/*.txt``, ABAW1-2 ``*_test_set.txt``): the
   output covers exactly those videos, in the list's order, frames 1..the last one indexed.
 
-Columns follow the header by name: an EXPR header of 7 classes (ABAW1-2) gets the most likely of
-those 7; an AU header maps each AU by name, and an AU no model predicts (ABAW1's AU20) is written
-as 0 and reported. A row whose video is not in the predicted split is an error naming the file
-and line, unless ``fill_missing`` is set: then it gets the default prediction (valence 0, arousal
-0, Neutral, no AU) and is counted.
+A frame without a prediction (no crop, or not in the data) takes the nearest frame's prediction
+(the earlier one on a tie), as ABAW participants did. Columns follow the header by name, and the
+headers of each edition come from one table (``affpipe.labels.EDITION_COLUMNS``): an EXPR header
+of 7 classes (ABAW1-2) gets the most likely of those 7; an AU header maps each AU by name, and an
+AU no model predicts (ABAW1's AU20) is written as 0 and reported. A template row whose video is
+not in the predicted split is an error naming the file and line, unless ``fill_missing``: then it
+gets the default prediction (valence 0, arousal 0, Neutral, no AU) and is counted. A template of
+another task or format than asked for is one error naming the template and what it is.
+
+Every file is written atomically through the output folder's ``Claim`` (``affpipe.outdir``):
+only names ``predict`` writes, never through a symlink, never outside ``-o``.
 """
 
 from __future__ import annotations
@@ -25,21 +41,23 @@ from pathlib import Path
 import numpy as np
 
 from affpipe.index.testsets import TestList, read_test_list
-from affpipe.io import atomic_write_text, confined_path, safe_name
-from affpipe.labels import AU_NAMES, EXPR_CLASSES, VA_NAMES
-from affpipe.train.predict import _fill_nearest  # one owner of the nearest-frame rule
+from affpipe.io import atomic_write_text, safe_name
+from affpipe.labels import AU_NAMES, EDITIONS, EXPR_CLASSES, MTL_HEADER, VA_NAMES, edition_header
+from affpipe.outdir import Claim, Owner
 
 log = logging.getLogger(__name__)
 
+FORMATS = ("abaw-per-video", "abaw-single", "mtl")
 DIRS = {"va": "VA", "expr": "EXPR", "au": "AU"}
-HEADERS = {"va": "valence,arousal", "expr": ",".join(EXPR_CLASSES), "au": ",".join(AU_NAMES)}
-# per-video headers of each edition's submission (ABAW1: 7 classes, 8 AUs; ABAW2: 7 classes)
-EDITION_HEADERS = {
-    "abaw1": {**HEADERS, "expr": ",".join(EXPR_CLASSES[:7]), "au": "AU1,AU2,AU4,AU6,AU12,AU15,AU20,AU25"},
-    "abaw2": {**HEADERS, "expr": ",".join(EXPR_CLASSES[:7])},
-    "abaw3": HEADERS,
-}
-MTL_HEADER = "image,valence,arousal,expression,aus"
+PREDICT_OWNER = Owner("predict", ("VA/*.txt", "EXPR/*.txt", "AU/*.txt", "VA.txt", "EXPR.txt", "AU.txt", "MTL.txt"))
+
+
+def _fill_nearest(frames: np.ndarray, known_frames: np.ndarray) -> np.ndarray:
+    """For each of ``frames``, the index into sorted ``known_frames`` of the nearest one (earlier on a tie)."""
+    right = np.clip(np.searchsorted(known_frames, frames), 0, len(known_frames) - 1)
+    left = np.clip(right - 1, 0, len(known_frames) - 1)
+    use_left = np.abs(frames - known_frames[left]) <= np.abs(known_frames[right] - frames)
+    return np.where(use_left, left, right)
 
 
 @dataclass
@@ -89,7 +107,7 @@ def _lookup(p: Predictions, tl: TestList, fill_missing: bool, tally: _Tally) -> 
     for name, a, b in _runs(tl.row_video):
         kf, kp = p.known.get(name, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
         if not len(kf):
-            where = f"{tl.path}:{int(tl.lines[a])}" if len(tl.lines) else str(tl.path)
+            where = f"{tl.path}:{int(tl.lines[a])}" if len(tl.lines) and tl.lines[a] > 0 else str(tl.path)
             if not fill_missing:
                 why = "has no frame with a prediction" if name in p.known else "is not in the predicted split"
                 raise ValueError(f"{where}: video {name!r} {why}; pass --fill-missing to write the default "
@@ -153,29 +171,59 @@ def _values(task: str, p: Predictions, idx: np.ndarray, names: list[str], tally:
     return [",".join(x) for x in zip(*parts, strict=True)]
 
 
+_TASK_WORDS = {"va": "VA", "expr": "EXPR", "au": "AU", "mtl": "MTL"}
+
+
+def _what(tl: TestList) -> str:
+    """How a template reads, for messages: ``an AU frame list (header 'image_location,AU1,...')``."""
+    task = _TASK_WORDS.get(tl.task or "", "")
+    head = f" (header {tl.header!r})" if tl.header else ""
+    article = "an" if task in ("AU", "MTL", "EXPR") else "a"
+    return f"{article} {task} {'frame' if tl.kind == 'frames' else 'video'} list{head}".replace("  ", " ")
+
+
 def _task(tl: TestList, fmt: str, heads: tuple[str, ...]) -> str:
+    """The task a template stands for under ``fmt``; one error naming it when they do not fit."""
     if fmt == "mtl":
+        if tl.task not in (None, "mtl"):
+            raise ValueError(f"{tl.path}: {_what(tl)}, not an MTL test-set file; --format mtl follows the MTL "
+                             f"release (header {MTL_HEADER!r}); use --format abaw-single with this one")
         return "mtl"
-    task = tl.task if tl.task != "mtl" else None
+    if tl.task == "mtl":
+        raise ValueError(f"{tl.path}: {_what(tl)}, an MTL test-set file; use --format mtl with it")
+    task = tl.task
     if task is None:
         if len(heads) != 1:
             raise ValueError(f"{tl.path}: cannot tell the task from its name or header; rename it "
                              "(VA/Expr/AU in the name) or use a single-task model")
         task = heads[0]
     if task not in heads:
-        raise ValueError(f"{tl.path}: a {task.upper()} template, but the model has heads {list(heads)}")
+        raise ValueError(f"{tl.path}: {_what(tl)}, but the model has heads {list(heads)}")
     return task
+
+
+def _template_task(tl: TestList, fmt: str, heads: tuple[str, ...]) -> str | None:
+    """``_task``; None for a per-video output of every head (a template that names no task)."""
+    return _task(tl, fmt, heads) if fmt != "abaw-per-video" or tl.task is not None else None
+
+
+def check_templates(templates: tuple[Path, ...], fmt: str, heads: tuple[str, ...]) -> list[TestList]:
+    """Read every template and check it fits ``fmt`` and the model's heads (one error naming it)."""
+    lists = [read_test_list(Path(t)) for t in templates]
+    for tl in lists:
+        _template_task(tl, fmt, heads)
+    return lists
 
 
 def _frames_of_videos(p: Predictions, tl: TestList, fmt: str, fill_missing: bool, tally: _Tally) -> TestList:
     """A video list as the frame list it stands for (frames 1..last; MTL: the frames with a crop)."""
     images, row_video, frames = [], [], []
     for name in tl.videos:
-        if name not in p.known or not len(p.known[name][0]):
+        if name not in p.last:
             if not fill_missing:
-                raise ValueError(f"{tl.path}: video {name!r} is not in the predicted split (or has no crop); "
+                raise ValueError(f"{tl.path}: video {name!r} is not in the predicted split; "
                                  "pass --fill-missing to skip it")
-            tally.missing.append(f"{tl.path} {name} (skipped: no frames known)")
+            tally.missing.append(f"{tl.path} {name} (skipped: not in the split)")
             continue
         f = p.crops[name] if fmt == "mtl" else np.arange(1, p.last[name] + 1)
         images += [f"{name}/{int(x):05d}.jpg" for x in f]
@@ -186,70 +234,65 @@ def _frames_of_videos(p: Predictions, tl: TestList, fmt: str, fill_missing: bool
                     tuple(row_video), fr, np.zeros(len(fr), np.int64), tl.newline)
 
 
-def _write_rows(path: Path, header: str, images: tuple[str, ...], values: list[str], nl: str) -> None:
-    body = "".join(f"{img},{v}{nl}" for img, v in zip(images, values, strict=True))
-    atomic_write_text(path, header + nl + body)
-
-
-def _per_video(p: Predictions, tl: TestList, task_list: list[str], out: Path, tally: _Tally,
-               headers: dict[str, str] = HEADERS) -> list[Path]:
+def _per_video(p: Predictions, tl: TestList, task_list: list[str], out: Claim, tally: _Tally,
+               edition: str, fill_missing: bool) -> list[Path]:
     files = []
     for name, a, b in _runs(tl.row_video):
         sub = TestList(tl.path, "frames", None, None, (name,), (), (name,) * (b - a), tl.frames[a:b],
                        tl.lines[a:b], tl.newline)
-        idx = _lookup(p, sub, True, tally)
+        idx = _lookup(p, sub, fill_missing, tally)
         for task in task_list:
-            # The name comes from a template (data): it becomes a path only if it stays under OUT.
-            path = confined_path(out, f"{DIRS[task]}/{safe_name(name, f'{tl.path}: video')}.txt", f"predict -o {out}")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            values = _values(task, p, idx, headers[task].split(","), tally)
-            atomic_write_text(path, headers[task] + tl.newline + "".join(v + tl.newline for v in values))
+            # The name comes from data: it becomes a path only as a name predict writes under OUT.
+            path = out.path(f"{DIRS[task]}/{safe_name(name, f'{tl.path}: video')}.txt")
+            header = edition_header(task, edition)
+            values = _values(task, p, idx, header.split(","), tally)
+            atomic_write_text(path, header + tl.newline + "".join(v + tl.newline for v in values))
             files.append(path)
     return files
 
 
-def write_from_templates(templates: tuple[Path, ...], fmt: str, p: Predictions, out: Path, *,
-                         fill_missing: bool = False, edition: str = "abaw3") -> dict:
-    """Write one output per template under ``out``; returns what was written and filled.
-
-    No template with ``abaw-per-video``: every video of the split, with ``edition``'s headers.
-    """
-    if edition not in EDITION_HEADERS:
-        raise ValueError(f"edition must be one of {tuple(EDITION_HEADERS)}, got {edition!r}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def write_submission(p: Predictions, out: Claim, fmt: str, *, templates: tuple[Path, ...] = (),
+                     fill_missing: bool = False, edition: str = "abaw3") -> dict:
+    """Write ``p`` in ``fmt`` into the claimed folder ``out``: one output per template, or (no
+    template) every video of the split with ``edition``'s headers; returns what was written and filled."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if edition not in EDITIONS:
+        raise ValueError(f"edition must be one of {EDITIONS}, got {edition!r}")
     tally, files, targets = _Tally(), [], {}
-    lists = [read_test_list(Path(t)) for t in templates]
-    if not lists and fmt == "abaw-per-video":
-        lists = [TestList(out, "videos", None, None, tuple(sorted(p.known)), (), (), np.zeros(0, np.int64),
-                          np.zeros(0, np.int64), "\n")]
-    for path, tl in zip(templates or [out], lists, strict=True):
+    lists = check_templates(templates, fmt, p.heads)
+    implicit = not lists  # the split itself: a video without any prediction gets the default
+    if implicit:  # one list of every video per output: all heads per video, one file per head, or MTL
+        tasks = [None] if fmt == "abaw-per-video" else ["mtl"] if fmt == "mtl" else list(p.heads)
+        lists = [TestList(Path("the split"), "videos", t, None, tuple(p.last), (), (), np.zeros(0, np.int64),
+                          np.zeros(0, np.int64), "\n") for t in tasks]
+    for tl in lists:
+        task = _template_task(tl, fmt, p.heads)
         if tl.kind == "videos":
             tl = _frames_of_videos(p, tl, fmt, fill_missing, tally)
         if fmt == "abaw-per-video":
-            tasks = [tl.task] if tl.task in p.heads else list(p.heads)
-            files += _per_video(p, tl, tasks, out, tally, EDITION_HEADERS[edition])
+            files += _per_video(p, tl, [task] if task else list(p.heads), out, tally, edition, fill_missing or implicit)
             continue
-        task = _task(tl, fmt, p.heads)
-        if fmt == "mtl" and set(p.heads) != {"va", "expr", "au"}:
-            raise ValueError(f"--format mtl needs a multi-task model; this one has heads {list(p.heads)}")
         name = "MTL.txt" if task == "mtl" else f"{DIRS[task]}.txt"
         if name in targets:
-            raise ValueError(f"{path} and {targets[name]} both write {out / name}")
-        targets[name] = path
+            raise ValueError(f"{tl.path} and {targets[name]} both write {out.out / name}")
+        targets[name] = tl.path
         header = tl.header if tl.header is not None else (
-            MTL_HEADER if task == "mtl" else f"image_location,{HEADERS[task]}")
-        idx = _lookup(p, tl, fill_missing, tally)
+            MTL_HEADER if task == "mtl" else f"image_location,{edition_header(task, edition)}")
+        idx = _lookup(p, tl, fill_missing or implicit, tally)
         names = [h.strip() for h in header.split(",")[1:] if h.strip()]  # a trailing comma names nothing
         values = _values(task, p, idx, names, tally)
-        _write_rows(out / name, header, tl.images, values, tl.newline)
-        files.append(out / name)
+        path = out.path(name)
+        atomic_write_text(path, header + tl.newline + "".join(f"{img},{v}{tl.newline}"
+                                                             for img, v in zip(tl.images, values, strict=True)))
+        files.append(path)
     if tally.unpredicted_columns:
         log.warning("no model output for column(s) %s: written as 0", sorted(tally.unpredicted_columns))
     if tally.missing:
-        log.warning("%d template row(s) got the default prediction (--fill-missing), first: %s",
+        log.warning("%d row(s) got the default prediction (no prediction for their video), first: %s",
                     len(tally.missing), tally.missing[0])
-    return {"format": fmt, "templates": [str(t) for t in templates], "files": [str(f) for f in files],
-            "lines": tally.rows, "filled_from_neighbour": tally.filled_from_neighbour,
+    return {"format": fmt, "edition": edition, "templates": [str(t) for t in templates],
+            # rows per file without a template (each head's file has the same rows), else template rows
+            "files": [str(f) for f in files], "lines": tally.rows // len(lists) if implicit else tally.rows, "filled_from_neighbour": tally.filled_from_neighbour,
             "past_last_frame": tally.past_last_frame, "filled_missing": len(tally.missing),
             "unpredicted_columns": sorted(tally.unpredicted_columns)}
