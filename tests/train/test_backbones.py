@@ -53,9 +53,9 @@ def test_timm_backbone_features_are_timms_pooled_width():
 def test_timm_train_embed_evaluate(shard_dir, tmp_path):
     """A tiny timm model trains a few steps, embeds, and evaluates (random init)."""
     from affpipe.loaders import LoaderConfig
+    from affpipe.runs.evaluate import EvalConfig, evaluate
     from affpipe.temporal.embed import EmbedConfig, embed
     from affpipe.temporal.features import read_table
-    from affpipe.runs.evaluate import EvalConfig, evaluate
     from affpipe.train.loop import train
 
     run = train(load_config(None, {"task": "mtl", "shards": shard_dir, "out": tmp_path / "run",
