@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from affpipe.labels import RECORD_SIZE, encode_records
 from affpipe.temporal.data import RowLabels
 from affpipe.temporal.features import (
     FEATURE_SCHEMA_VERSION,
@@ -36,7 +38,9 @@ def toy_table(folder: Path, n_videos: int = 3, n: int = 20, dim: int = 8):
 
 
 def labels(n: int) -> RowLabels:
+    """Random valid labels for ``n`` rows, as the records the shards would carry."""
     rng = np.random.default_rng(1)
-    return RowLabels(va=rng.uniform(-1, 1, (n, 2)).astype(np.float32), va_mask=np.ones(n, bool),
-                     expr=rng.integers(0, 8, n), expr_mask=np.ones(n, bool),
-                     au=(rng.random((n, 12)) < 0.3).astype(np.float32), au_mask=np.ones((n, 12), bool))
+    ones = np.ones(n, bool)
+    rec = encode_records(np.arange(n), rng.uniform(-1, 1, n), rng.uniform(-1, 1, n), rng.integers(0, 8, n),
+                         (rng.random((n, 12)) < 0.3).astype(np.int8), ones, ones, ones)
+    return RowLabels(torch.from_numpy(rec.view(np.uint8).reshape(n, RECORD_SIZE).copy()))

@@ -77,7 +77,7 @@ def _csv_floats(value: str | None) -> tuple[float, ...] | None:
               help="TensorBoard event files in the run folder (pip install 'affpipe[tensorboard]').")
 @click.option("--seed", type=click.IntRange(min=0), default=None)
 @click.option("--index", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Label index, when it is not where the shard manifest says (moved shards).")
+              help="Label index, when it is not where the shard (or feature) manifest says; checked against it.")
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last.pt.")
 def train(recipe: Path | None, task: str | None, shards: Path | None, features: tuple[Path, ...], out: Path | None,
           resume: bool, weights: Path | None,

@@ -158,6 +158,7 @@ def run_overrides(grid: Grid, run: GridRun, *, scale: str, shards: Path, runs_di
         from affpipe.experiments.temporal import features_dir
 
         ov["features"] = str(features_dir(runs_dir, run.features_from))
+        del ov["shards"]  # a temporal run reads its feature table (which records its shards)
     if run.init_from:
         ov["model.init"] = str(runs_dir / run.init_from / "best.pt")
     if (out / "last.pt").exists():

@@ -482,6 +482,11 @@ def index_fingerprint(path: Path, table: str = "frames") -> str:
     labels, as ``index.json`` records it (computed from the table for an index written before
     fingerprints). Shards, feature tables and runs record it and check it on open."""
     rows, meta = load_index(path, table=table)
+    return fingerprint_of(rows, meta, table)
+
+
+def fingerprint_of(rows: pa.Table, meta: dict, table: str = "frames") -> str:
+    """:func:`index_fingerprint` of an index already read with ``load_index`` (``rows``, ``meta``)."""
     recorded = (meta.get("fingerprint") or {}).get(table)
     return recorded if isinstance(recorded, str) else table_fingerprint(rows)
 

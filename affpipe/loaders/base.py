@@ -49,7 +49,7 @@ import torch
 
 from affpipe.batch import Batch
 from affpipe.loaders.checks import empty_jpegs
-from affpipe.loaders.plan import EpochPlan, rank_range
+from affpipe.loaders.plan import EpochCursor, EpochPlan, rank_range
 from affpipe.shards.format import (
     MANIFEST,
     idx_last_end,
@@ -199,8 +199,9 @@ def find_shards(shards: Path, split: str) -> list[tuple[Path, Path]]:
     return [(t, t.with_suffix(".idx")) for t in tars]
 
 
-class BaseLoader:
-    """Shard validation, the epoch plan and the bookkeeping both backends share."""
+class BaseLoader(EpochCursor):
+    """Shard validation, the epoch plan and the bookkeeping both backends share (epochs and
+    mid-epoch starts: ``EpochCursor``)."""
 
     backend = "base"
 
@@ -262,19 +263,6 @@ class BaseLoader:
     def __len__(self) -> int:
         return self.num_batches
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Use epoch ``epoch``'s shuffle (shard order, sample order, augmentation draws).
-
-        ``start_batch=k``: the next iteration starts at batch ``k`` of the epoch and yields the
-        same samples with the same augmentation draws as batches ``k, k+1, …`` of an uninterrupted
-        pass, without reading or decoding batches ``0..k-1`` (a resumed run's rest of an epoch).
-        Later iterations start at batch 0 again.
-        """
-        if not 0 <= int(start_batch) <= self.num_batches:
-            raise ValueError(f"start_batch must be in [0, {self.num_batches}], got {start_batch}")
-        self.epoch = int(epoch)
-        self._start_batch = int(start_batch)
-
     def shard_index(self, shard_i: int) -> list:
         """The parsed ``.idx`` of shard ``shard_i`` (parsed once, for naming bad samples)."""
         if shard_i not in self._index_cache:
@@ -284,11 +272,6 @@ class BaseLoader:
     def sample_name(self, shard_i: int, j: int) -> str:
         """The key of sample ``j`` of shard ``shard_i`` (for messages)."""
         return sample_key(self.shard_index(shard_i)[j])
-
-    def take_start_batch(self) -> int:
-        """The batch the iteration beginning now starts at (consumed: the next one starts at 0)."""
-        start, self._start_batch = self._start_batch, 0
-        return start
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(split={self.split!r}, shards={len(self.shards)}, samples={self.total}, "

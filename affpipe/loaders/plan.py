@@ -84,3 +84,31 @@ class EpochPlan:
             samples = samples[block_shuffle(len(samples), np.random.default_rng([seed, 1]))]
             samples = samples[: self.num_batches * self.batch_size]
         return samples, seed
+
+
+class EpochCursor:
+    """Which epoch a loader plays and the batch its next pass starts at: the one mechanism the
+    shard loaders and the feature-window loader share (``set_epoch(e, start_batch=k)``; a
+    resumed run's rest of an epoch). Subclasses set ``num_batches`` and call
+    ``take_start_batch()`` when a pass begins."""
+
+    epoch: int = 0
+    num_batches: int = 0
+    _start_batch: int = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Use epoch ``epoch``'s order (shuffle and augmentation draws).
+
+        ``start_batch=k``: the next iteration starts at batch ``k`` of the epoch and yields the
+        same batches as batches ``k, k+1, …`` of an uninterrupted pass, without reading or
+        building batches ``0..k-1``. Later iterations start at batch 0 again.
+        """
+        if not 0 <= int(start_batch) <= self.num_batches:
+            raise ValueError(f"start_batch must be in [0, {self.num_batches}], got {start_batch}")
+        self.epoch = int(epoch)
+        self._start_batch = int(start_batch)
+
+    def take_start_batch(self) -> int:
+        """The batch the iteration beginning now starts at (consumed: the next one starts at 0)."""
+        start, self._start_batch = self._start_batch, 0
+        return start

@@ -192,7 +192,7 @@ def _check_index(rec: dict | None, index: Path, table_name: str, ckpt: Path) -> 
 def _open_frames(ckpt: Path, state: dict, cfg: TrainConfig, rec: dict | None, shards: Path, index: Path | None,
                  *, override: bool) -> Run:
     from affpipe.index.build import load_index
-    from affpipe.shards.format import manifest_index, read_manifest
+    from affpipe.shards.format import checked_index, read_manifest
 
     manifest = read_manifest(shards, full=False)
     # Other shards of the same label table (another sharding, the test split) are fine: what must
@@ -202,7 +202,7 @@ def _open_frames(ckpt: Path, state: dict, cfg: TrainConfig, rec: dict | None, sh
     # An index the run recorded but that is gone falls back to the one the shards name.
     if index is not None and not override and not Path(index).exists():
         index = None
-    index = manifest_index(shards, manifest, index)
+    index = checked_index(shards, manifest, index)
     table_name = manifest.get("table", "frames")
     if not override:  # a flag's index was checked already
         _check_index(rec, index, table_name, ckpt)
@@ -212,6 +212,7 @@ def _open_frames(ckpt: Path, state: dict, cfg: TrainConfig, rec: dict | None, sh
 
 def _open_temporal(ckpt: Path, state: dict, cfg: TrainConfig, rec: dict | None, features: Sequence[Path],
                    index: Path | None, *, override: bool) -> Run:
+    from affpipe.temporal.features import features_fingerprint
     from affpipe.temporal.train import TemporalData
 
     if len(features) != len(cfg.feature_tables):
@@ -220,9 +221,10 @@ def _open_temporal(ckpt: Path, state: dict, cfg: TrainConfig, rec: dict | None, 
     if index is not None and not Path(index).exists():
         index = None  # the recorded one is gone: the feature table names its own
     data = TemporalData.open(features, index)
-    tables = data.table.manifest.get("fused") or [data.table.manifest]  # one entry per table, in order
-    for i, (fp, f, m) in enumerate(zip((rec or {}).get("features_fingerprint") or [], features, tables, strict=False)):
-        lineage.check(f"feature table #{i + 1}", fp, m.get("fingerprint"), f"{ckpt} (what it trained on)", str(f))
+    fused = data.table.manifest.get("fused")  # one entry per table, in order
+    actual = [e["fingerprint"] for e in fused] if fused else [features_fingerprint(data.table.manifest)]
+    for i, (fp, f, now) in enumerate(zip((rec or {}).get("features_fingerprint") or [], features, actual, strict=False)):
+        lineage.check(f"feature table #{i + 1}", fp, now, f"{ckpt} (what it trained on)", str(f))
     table_name = data.table.manifest.get("table", "frames")
     if not override:  # a flag's index was checked already
         _check_index(rec, data.index, table_name, ckpt)

@@ -326,6 +326,32 @@ def manifest_index(out: Path, manifest: dict | None = None, override: Path | Non
     )
 
 
+def shards_fingerprint(manifest: dict) -> str:
+    """The shards' lineage fingerprint: their index's fingerprint and every shard's sha256 (what
+    feature tables and runs record of the shards they were made from)."""
+    from affpipe.lineage import fingerprint
+
+    shas = {split: [s.get("sha256") for s in info.get("shards", [])]
+            for split, info in sorted((manifest.get("splits") or {}).items())}
+    return fingerprint({"index": manifest.get("index_fingerprint"), "shards": shas})
+
+
+def checked_index(out: Path, manifest: dict | None = None, override: Path | None = None) -> Path:
+    """:func:`manifest_index`, checked against the index fingerprint the manifest records: an
+    index moved or passed with ``--index`` must be the one the shards were written from (one
+    error naming both; shards from before fingerprints are not checked)."""
+    from affpipe.index.build import index_fingerprint
+    from affpipe.lineage import check
+
+    manifest = read_manifest(out, full=False) if manifest is None else manifest
+    index = manifest_index(out, manifest, override)
+    recorded = manifest.get("index_fingerprint")
+    if isinstance(recorded, str):
+        check("the index", recorded, index_fingerprint(index, manifest.get("table", "frames")),
+              f"the shards {Path(out)}", f"the index {index}")
+    return index
+
+
 def shard_paths(out: Path, split: str, manifest: dict | None = None) -> list[tuple[Path, Path]]:
     """``(tar, idx)`` path pairs of ``split``, in manifest order (confined to ``out``)."""
     manifest = read_manifest(out, full=False) if manifest is None else manifest

@@ -53,7 +53,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from affpipe.index.build import TABLE_FILES, load_index
+from affpipe.index.build import TABLE_FILES, index_fingerprint, load_index
 from affpipe.io import atomic_write_text, fsync_dir, sha256_file
 from affpipe.labels import RECORD_SIZE, RECORD_VERSION, SPLITS, TASKS, records_from_table
 from affpipe.shards.checks import (
@@ -70,6 +70,7 @@ from affpipe.shards.format import (
     MANIFEST_SCHEMA_VERSION,
     index_reference,
     remove_manifest,
+    shards_fingerprint,
     tar_end_padding,
     tar_header,
     write_idx_lines,
@@ -396,6 +397,7 @@ def _write_locked(cfg: ShardConfig, out: Path, tbl: pa.Table, meta: dict) -> dic
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "index": index_reference(cfg.index, out),
         "index_absolute": str(Path(cfg.index).resolve()),
+        "index_fingerprint": index_fingerprint(cfg.index, cfg.table),
         "table": cfg.table,
         "options": cfg.options(),
         "record_version": RECORD_VERSION,
@@ -417,6 +419,7 @@ def _write_locked(cfg: ShardConfig, out: Path, tbl: pa.Table, meta: dict) -> dic
             "resized": sum(st.get("resized", 0) for st in states),
             "frame_size": [size, size],
         }
+    manifest["fingerprint"] = shards_fingerprint(manifest)
     write_manifest(out, manifest)
     return manifest
 

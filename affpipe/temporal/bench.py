@@ -11,6 +11,7 @@ process's memory (private and file-backed: the features are memory-mapped, not l
 
 The second form times ``affpipe embed`` beside the backbone's bare forward pass (``bench_embed``);
 ``--backbones a,b --shards SHARDS`` does it for each backbone (``bench_backbones``).
+``--open-only`` times the checks a feature table gets when it is opened (``bench_open``).
 """
 
 from __future__ import annotations
@@ -61,9 +62,11 @@ def make_random_table(out: Path, *, rows: int = FULL_ROWS, videos: int = FULL_VI
     """``out/index`` (label table) and ``out/feats`` (random float16 features of the rows with a
     crop), unless already there; returns the feature folder."""
     from affpipe.io import atomic_write_text, write_parquet
+    from affpipe.lineage import table_fingerprint
     from affpipe.temporal.features import (
         FEATURE_SCHEMA_VERSION,
         TABLE_FILE,
+        features_fingerprint,
         write_manifest,
         write_table,
     )
@@ -76,7 +79,9 @@ def make_random_table(out: Path, *, rows: int = FULL_ROWS, videos: int = FULL_VI
     table = _label_table(_lengths(rows, videos, rng), rng)
     (out / "index").mkdir(parents=True, exist_ok=True)
     write_parquet(table, out / "index" / "frames.parquet")
-    atomic_write_text(out / "index" / "index.json", json.dumps({"schema_version": TABLE_SCHEMA_VERSION}) + "\n")
+    index_fp = table_fingerprint(table)
+    atomic_write_text(out / "index" / "index.json", json.dumps({"schema_version": TABLE_SCHEMA_VERSION,
+                                                                "fingerprint": {"frames": index_fp}}) + "\n")
     keep = table.column("has_image").to_numpy(zero_copy_only=False)
     n = int(keep.sum())
     feats.mkdir(parents=True, exist_ok=True)
@@ -88,8 +93,9 @@ def make_random_table(out: Path, *, rows: int = FULL_ROWS, videos: int = FULL_VI
                 features=scratch)
     del scratch
     (out / "scratch.npy").unlink()
-    write_manifest(feats, {"schema_version": FEATURE_SCHEMA_VERSION, "source": "random", "backbone": "random",
-                           "feature_dim": dim, "index": str((out / "index").resolve()), "table": "frames", "rows": n})
+    manifest = {"schema_version": FEATURE_SCHEMA_VERSION, "source": "random", "backbone": "random",
+                "feature_dim": dim, "index": "../index", "index_fingerprint": index_fp, "table": "frames", "rows": n}
+    write_manifest(feats, {**manifest, "fingerprint": features_fingerprint(manifest)})
     return feats
 
 
@@ -176,6 +182,46 @@ def bench_epoch(feats: Path, out: Path, *, arch: str = "tcn", window: int = 64, 
             "peak_rss_file_gib": mem.peak["RssFile"] / 2**30}
 
 
+def bench_open(feats: Path, repeats: int = 2) -> dict[str, Any]:
+    """Seconds of each check ``open_features`` makes (over the mapped table; the best of
+    ``repeats``, the page cache warm after the first) and the whole open, with peak memory."""
+    from affpipe.index.build import fingerprint_of, load_index
+    from affpipe.temporal.features import (
+        check_rows,
+        check_table,
+        manifest_index_path,
+        nonfinite_rows,
+        open_features,
+        read_table,
+    )
+
+    feats = Path(feats)
+    stages: dict[str, list[float]] = {}
+
+    def timed(name: str, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        stages.setdefault(name, []).append(time.perf_counter() - t0)
+        return out
+
+    with _MemoryPeak() as mem:
+        for _ in range(repeats):
+            t = timed("map + columns + sorted check", lambda: read_table(feats))
+            index = manifest_index_path(feats, t.manifest)
+            timed("finiteness scan", lambda t=t: nonfinite_rows(t.features))
+            timed("width + rows + finiteness (check_table)", lambda t=t: check_table(t))
+            labels, meta = timed("label table read", lambda index=index: load_index(index))
+            timed("index fingerprint", lambda labels=labels, meta=meta: fingerprint_of(labels, meta))
+            timed("row ids vs (video, frame)", lambda t=t, labels=labels, index=index: check_rows(t, labels, index))
+            timed("open_features total", lambda: open_features(feats))
+            del t, labels, meta
+    t = read_table(feats)
+    return {"rows": len(t), "dim": t.dim, "table_gib": (feats / "features.arrow").stat().st_size / 2**30,
+            "seconds_best": {k: min(v) for k, v in stages.items()}, "seconds_first": {k: v[0] for k, v in stages.items()},
+            "peak_rss_anon_gib": mem.peak["RssAnon"] / 2**30, "peak_rss_file_gib": mem.peak["RssFile"] / 2**30,
+            "loadavg": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").is_file() else None}
+
+
 def bench_embed(source: str, shards: Path, out: Path, *, batch_size: int = 256, device: str = "cpu",
                 forward_seconds: float = 20.0, loader: Any = None, image_size: int | None = None,
                 backbone: str | None = None, weights: Path | None = None) -> dict[str, Any]:
@@ -249,6 +295,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=None, help="With --embed-source (default: the run's).")
     p.add_argument("--backbones", default=None, help="Instead: embed frames/s of these backbones (comma-separated, "
                    "random weights through a weight file) over --shards, at --image-size (112).")
+    p.add_argument("--open-only", action="store_true", help="Instead: time the checks of opening the table.")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.backbones:
@@ -266,6 +313,9 @@ def main() -> None:
     t0 = time.perf_counter()
     feats = make_random_table(args.out / "data", rows=args.rows, videos=args.videos)
     made = time.perf_counter() - t0
+    if args.open_only:
+        print(json.dumps(bench_open(feats), indent=2))
+        return
     import shutil
 
     run = args.out / f"run-{args.arch}"

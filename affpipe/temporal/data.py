@@ -21,7 +21,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from affpipe.labels import AU_NAMES, NUM_EXPR
+from affpipe.batch import Batch, decode_label_tensor
+from affpipe.labels import RECORD_SIZE, record_problems, records_from_table
+from affpipe.loaders.plan import EpochCursor
 from affpipe.temporal.windows import GAP, WindowPlan, epoch_order
 
 
@@ -41,18 +43,13 @@ class WindowInput:
 
 
 @dataclass
-class WindowBatch:
-    """Same fields as ``affpipe.batch.Batch``; ``images`` is a ``WindowInput``."""
+class WindowBatch(Batch):
+    """A ``Batch`` whose ``images`` is a ``WindowInput`` (the one difference that matters to the
+    trainer: the model takes windows of features) and whose ``len()`` counts the frames with a
+    crop it holds (``frames``; what frames/s count), not its label rows. ``row_id`` is -1 at
+    training positions without a frame."""
 
-    images: WindowInput
-    va: torch.Tensor
-    expr: torch.Tensor
-    au: torch.Tensor
-    va_mask: torch.Tensor
-    expr_mask: torch.Tensor
-    au_mask: torch.Tensor
-    row_id: torch.Tensor  # -1 at training positions without a frame
-    frames: int = 0  # frames with a crop the batch holds (what len() and frames/s count)
+    frames: int = 0
 
     def __len__(self) -> int:
         return self.frames
@@ -65,42 +62,41 @@ class WindowBatch:
 
 @dataclass(frozen=True)
 class RowLabels:
-    """Per feature-table row: labels and masks (numpy), in the table's row order."""
+    """Per feature-table row, in the table's row order: the ``.lbl`` records the shards would
+    carry (``affpipe.labels.records_from_table``: test rows unlabelled, out-of-range values
+    refused), decoded per batch by ``affpipe.batch.decode_label_tensor``, the loaders' decoder."""
 
-    va: np.ndarray  # float32 [N,2]
-    va_mask: np.ndarray  # bool [N]
-    expr: np.ndarray  # int64 [N]
-    expr_mask: np.ndarray  # bool [N]
-    au: np.ndarray  # float32 [N,12]
-    au_mask: np.ndarray  # bool [N,12]
+    records: torch.Tensor  # uint8 [N, RECORD_SIZE]
+
+    def __len__(self) -> int:
+        return int(self.records.shape[0])
 
     def take(self, rows: np.ndarray, present: np.ndarray) -> dict[str, torch.Tensor]:
         """Label tensors of ``rows`` (flat), masks false where ``present`` is false."""
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-        return {"va": t(self.va[rows]), "va_mask": t(self.va_mask[rows] & present),
-                "expr": t(self.expr[rows]), "expr_mask": t(self.expr_mask[rows] & present),
-                "au": t(self.au[rows]), "au_mask": t(self.au_mask[rows] & present[:, None])}
+        out = decode_label_tensor(self.records[torch.from_numpy(np.asarray(rows, np.int64))])
+        out.pop("row_id")
+        keep = torch.from_numpy(np.asarray(present, bool))
+        for k in ("va_mask", "expr_mask"):
+            out[k] = out[k] & keep
+        out["au_mask"] = out["au_mask"] & keep[:, None]
+        return out
 
 
-def align_labels(table: pa.Table, row_id: np.ndarray) -> RowLabels:
-    """Labels of the label-table rows ``row_id`` (a ``FRAMES_SCHEMA`` table), in that order."""
+def align_labels(table: pa.Table, row_id: np.ndarray, source: str = "the label table") -> RowLabels:
+    """Labels of the label-table rows ``row_id`` (a ``FRAMES_SCHEMA`` table, read from
+    ``source``), in that order, through the same records and checks as the shards' labels."""
     ids = table.column("row_id").to_numpy()
     order = np.argsort(ids, kind="stable")
     pos = np.clip(np.searchsorted(ids[order], row_id), 0, max(len(ids) - 1, 0))
     found = (ids[order][pos] == row_id) if len(ids) else np.zeros(len(row_id), bool)
     if not found.all():
-        raise ValueError(f"{int((~found).sum())} feature rows have a row_id the label table lacks "
+        raise ValueError(f"{int((~found).sum())} feature rows have a row_id {source} lacks "
                          f"(first: {int(row_id[~found][0])}): was the feature table made from another index?")
-    t = table.take(pa.array(order[pos]))
-    col = lambda name: t.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
-    va = np.stack([col("valence"), col("arousal")], 1).astype(np.float32)
-    va_mask = col("va_valid").astype(bool) & np.isfinite(va).all(1)
-    expr = col("expr").astype(np.int64)
-    expr_mask = col("expr_valid").astype(bool) & (expr >= 0) & (expr < NUM_EXPR)
-    au = np.stack([col(a) for a in AU_NAMES], 1).astype(np.int64) if len(t) else np.zeros((0, len(AU_NAMES)), np.int64)
-    au_mask = col("au_valid").astype(bool)[:, None] & (au >= 0)
-    return RowLabels(va=np.nan_to_num(va), va_mask=va_mask, expr=np.where(expr_mask, expr, 0), expr_mask=expr_mask,
-                     au=(au == 1).astype(np.float32), au_mask=au_mask)
+    raw = records_from_table(table.take(pa.array(order[pos]))).view(np.uint8).reshape(-1, RECORD_SIZE)
+    problems = record_problems(raw)
+    if problems:
+        raise ValueError(f"{source}: {len(problems)} rows hold labels out of range; first: {problems[0][1]}")
+    return RowLabels(torch.from_numpy(np.ascontiguousarray(raw)))
 
 
 def _features(features: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,8 +108,11 @@ def _features(features: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor, tor
     return x * m.unsqueeze(-1), m
 
 
-class WindowLoader:
-    """Window batches over one split of a feature table (see the module docstring)."""
+class WindowLoader(EpochCursor):
+    """Window batches over one split of a feature table (see the module docstring). Epochs and
+    mid-epoch starts follow the shard loaders' mechanism (``EpochCursor``): ``set_epoch(e,
+    start_batch=k)`` makes the next pass yield batches ``k, k+1, ...`` of epoch ``e``'s order,
+    without building the ones before."""
 
     backend = "windows"
 
@@ -123,11 +122,11 @@ class WindowLoader:
         self.features, self.row_id, self.labels, self.plan = features, row_id, labels, plan
         self.device = torch.device(device)
         self.batch_size, self.train, self.seed, self.rank, self.world = batch_size, train, seed, rank, world
-        self.epoch = 0
         if train:
             self.num_batches = (len(plan) // world) // batch_size
             if self.num_batches == 0:
-                raise ValueError(f"{len(plan)} training windows over {world} rank(s) do not fill one batch of {batch_size}")
+                raise ValueError(f"{len(plan)} training windows over {world} rank(s) do not fill one batch of "
+                                 f"{batch_size}; pass a smaller --batch-size (at most {len(plan) // world})")
         else:
             self._lookup = np.full(len(row_id), -1, np.int64)  # row position → output row, per batch
             self.chunks = self._eval_chunks()
@@ -137,18 +136,16 @@ class WindowLoader:
     def __len__(self) -> int:
         return self.num_batches
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def __iter__(self) -> Iterator[WindowBatch]:
+        start = self.take_start_batch()
         if self.train:
             order = epoch_order(len(self.plan), self.seed, self.epoch)
             per_rank = len(order) // self.world
             order = order[self.rank * per_rank:(self.rank + 1) * per_rank]
-            for b in range(self.num_batches):
+            for b in range(start, self.num_batches):
                 yield self._train_batch(order[b * self.batch_size:(b + 1) * self.batch_size]).to(self.device)
         else:
-            for windows, owned in self.chunks:
+            for windows, owned in self.chunks[start:]:
                 yield self._eval_batch(windows, owned).to(self.device)
 
     def _train_batch(self, windows: np.ndarray) -> WindowBatch:

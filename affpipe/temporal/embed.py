@@ -4,18 +4,34 @@ SOURCE is a per-frame run folder or checkpoint (its backbone, image size), ``ima
 published weights of ``--backbone``, torchvision's or ``timm/NAME``'s, from the local cache, with
 the same offline error as ``--init imagenet``), or ``--weights FILE`` (a ``.safetensors`` or
 state-dict file for ``--backbone``). The backbone's own input op resizes and normalizes on the
-device (a ViT at 224 px from 112 px frames). Frames stream through the ordinary loaders, unaugmented and in shard order.
+device (a ViT at 224 px from 112 px frames). Frames stream through the ordinary loaders,
+unaugmented and in shard order.
+
+Several backbones (``--backbone`` repeated, with ``imagenet`` or one ``--weights`` each) are
+embedded in one pass over the frames: every JPEG is decoded once and goes through each backbone,
+and each backbone gets its own table, ``OUT/<name>/`` (``name``: the weight file's stem, else the
+backbone's name with ``/`` as ``_``). Separate tables rather than one concatenated table: each
+stays a table of its own (lineage, width, resumable parts) and any of them can be fused with any
+other of the same index later (``affpipe train --features A --features B``).
+
+The folder is claimed (``affpipe.outdir``): a folder holding anything else is refused, nothing
+is written through a link, and a folder started from other inputs (another SOURCE, shards,
+backbone, image size, batch size) is refused naming both, or emptied of our files with
+``--overwrite``: a table never mixes two sources.
 
 Resumable per shard: each shard's features go to ``FEATS/parts/<split>-<n>.arrow`` (written
 atomically) as soon as its last sample has passed; a rerun skips the shards whose part exists
-and streams the others through one loader. When every part is there they are merged into
-``features.arrow`` sorted by (video, frame) and ``manifest.json`` is written.
+and streams the others through one loader. A shard's frames go through the backbone in chunks
+counted from its first frame (``_Chunker``), so a resumed table has the same bytes as an
+uninterrupted one. When every part is there they are merged into ``features.arrow`` sorted by
+(video, frame) and ``manifest.json`` records the lineage (index and shards fingerprints, source
+sha256, backbone, image size, width, rows; paths relative to the folder) and the loader used.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +43,19 @@ from tqdm import tqdm
 
 from affpipe.io import sha256_file
 from affpipe.loaders.base import LoaderConfig
+from affpipe.outdir import Claim, Owner, claim
 from affpipe.temporal.features import (
     FEATURE_SCHEMA_VERSION,
+    MANIFEST_FILE,
     PARTS_DIR,
+    SCRATCH_FILE,
     TABLE_FILE,
+    features_fingerprint,
     merge_parts,
     write_manifest,
     write_part,
 )
+from affpipe.temporal.features import read_manifest as read_manifest_of
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +71,14 @@ class EmbedConfig:
     shards: Path
     out: Path
     split: str = "all"
-    backbone: str | None = None
+    backbone: str | tuple[str, ...] | None = None  # several: one table each, in one pass over the frames
     image_size: int | None = None
-    weights: Path | None = None  # a weight file for `backbone` (then SOURCE is "weights")
+    weights: Path | tuple[Path, ...] | None = None  # weight files for `backbone` (then SOURCE is "weights")
     batch_size: int = 256
     device: str = "auto"
     amp: str = "bf16"  # GPU only
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    overwrite: bool = False  # a folder started from other inputs: delete our files and start afresh
 
     def __post_init__(self) -> None:
         if self.split not in SPLIT_CHOICES:
@@ -65,6 +87,31 @@ class EmbedConfig:
             raise ValueError("batch_size and image_size must be >= 1")
         if self.loader.on_bad != "error":
             raise ValueError("embed: on_bad must be 'error' (a skipped sample would shift the per-shard parts)")
+        for name in ("backbone", "weights"):  # one value or a list of them, kept as a tuple
+            value = getattr(self, name)
+            if value is not None:
+                value = tuple(value) if isinstance(value, list | tuple) else (value,)
+                object.__setattr__(self, name, tuple(Path(v) for v in value) if name == "weights" else value)
+        n, w = len(self.backbone or ()), len(self.weights or ())
+        if w and n and w != n:
+            raise ValueError(f"embed: {n} --backbone and {w} --weights: give one weight file per backbone")
+        if max(n, w) > 1 and self.source not in ("imagenet", "pretrained", "weights"):
+            raise ValueError(f"embed: several backbones need SOURCE imagenet or --weights; {self.source} holds one")
+
+    def encoders(self) -> list[tuple[str | None, Path | None]]:
+        """``(backbone, weight file)`` of each table to write."""
+        n = max(len(self.backbone or ()), len(self.weights or ()), 1)
+        return [((self.backbone or (None,) * n)[k], (self.weights or (None,) * n)[k]) for k in range(n)]
+
+    def folders(self) -> list[Path]:
+        """Each table's folder: OUT itself for one, ``OUT/<name>`` for several."""
+        specs = self.encoders()
+        if len(specs) == 1:
+            return [Path(self.out)]
+        names = [w.stem if w is not None else str(b or "resnet18").replace("/", "_") for b, w in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"embed: two tables would share a folder under {self.out}: {names}")
+        return [Path(self.out) / name for name in names]
 
 
 @dataclass
@@ -77,22 +124,23 @@ class Encoder:
     source: str
     checkpoint: Path
     sha256: str
+    width: int = 0  # features per frame
     input: dict[str, Any] = field(default_factory=dict)  # what the backbone's input op does
 
 
-def load_encoder(cfg: EmbedConfig, device: torch.device) -> Encoder:
-    """The backbone SOURCE names, in eval mode on ``device``."""
+def load_encoder(cfg: EmbedConfig, device: torch.device, which: int = 0) -> Encoder:
+    """The backbone SOURCE names (the ``which``-th of several), in eval mode on ``device``."""
     from affpipe.temporal.heads import restore_model
     from affpipe.train.checkpoint import load_checkpoint, resolve_checkpoint
     from affpipe.train.config import from_dict
     from affpipe.train.models import ModelConfig, build_model, resolve_input
 
-    if cfg.weights is not None or cfg.source in ("imagenet", "pretrained"):
-        arch = cfg.backbone or "resnet18"
-        init = str(cfg.weights) if cfg.weights is not None else "imagenet"
-        mcfg = resolve_input(ModelConfig(arch=arch, tasks=("va",), init=init), cfg.image_size or 112)
-        model = build_model(mcfg)  # the offline error and the weight-file checks live there
-        ckpt = Path(model.init_report["file"])
+    backbone, weights = cfg.encoders()[which]
+    if weights is not None or cfg.source in ("imagenet", "pretrained"):
+        arch = backbone or "resnet18"
+        init = str(weights) if weights is not None else "imagenet"
+        model = build_model(resolve_input(ModelConfig(arch=arch, tasks=("va",), init=init), cfg.image_size or 112))
+        ckpt = Path(model.init_report["file"])  # the offline error and the weight-file checks live in build_model
         size = cfg.image_size or 112
     else:
         ckpt = resolve_checkpoint(Path(cfg.source))
@@ -102,18 +150,20 @@ def load_encoder(cfg: EmbedConfig, device: torch.device) -> Encoder:
             raise ValueError(f"{ckpt}: a temporal run has no frame encoder; embed the per-frame run its features came from")
         model = restore_model(run_cfg, state, source=str(ckpt))
         arch = run_cfg.model.arch
-        if cfg.backbone is not None and cfg.backbone != arch:
-            raise ValueError(f"--backbone {cfg.backbone}: {ckpt} holds a {arch} backbone")
+        if backbone is not None and backbone != arch:
+            raise ValueError(f"--backbone {backbone}: {ckpt} holds a {arch} backbone")
         size = cfg.image_size or run_cfg.image_size
     # The model's input op first: it resizes and normalizes the loader's uint8 frames as the backbone expects.
-    backbone = torch.nn.Sequential(model.input, model.backbone).to(device).eval()
+    net = torch.nn.Sequential(model.input, model.backbone).to(device).eval()
     if device.type == "cuda":
-        backbone = backbone.to(memory_format=torch.channels_last)
-    source = str(cfg.weights) if cfg.weights is not None else cfg.source
+        net = net.to(memory_format=torch.channels_last)
     norm = model.input
     spec = {"size": norm.size or size, "mean": norm.mean255.flatten().div(255).tolist(),
             "std": norm.inv255.flatten().reciprocal().div(255).tolist(), "interpolation": norm.interpolation}
-    return Encoder(backbone, arch, size, source, ckpt.resolve(), sha256_file(ckpt) if ckpt.is_file() else "", spec)
+    source = str(weights) if weights is not None else cfg.source
+    enc = Encoder(net, arch, size, source, ckpt.resolve(), sha256_file(ckpt) if ckpt.is_file() else "", input=spec)
+    enc.width = _width(enc, device)
+    return enc
 
 
 def _splits(cfg: EmbedConfig, manifest: dict) -> list[str]:
@@ -125,103 +175,212 @@ def _splits(cfg: EmbedConfig, manifest: dict) -> list[str]:
     return [cfg.split]
 
 
-def _view(parts: Path, split: str, todo: list[tuple[int, Path, Path]]) -> Path:
-    """A folder of links to the shards still to embed, laid out as ``<view>/<split>/*.tar`` so
-    the ordinary loaders read exactly them, in manifest order (names sort like the indices)."""
-    view = parts / f".view-{split}"
-    shutil.rmtree(view, ignore_errors=True)
-    (view / split).mkdir(parents=True)
-    for k, tar, idx in todo:
-        (view / split / f"{k:06d}.tar").symlink_to(tar.resolve())
-        (view / split / f"{k:06d}.idx").symlink_to(idx.resolve())
-    return view
-
-
 class _Stats:
     def __init__(self) -> None:
         self.frames, self.wait, self.time = 0, 0.0, 0.0
+        self.backend = ""
 
 
-def _embed_split(cfg: EmbedConfig, enc: Encoder, split: str, parts: Path, device: torch.device, stats: _Stats) -> None:
+def _view(root: Path, split: str, todo: list[tuple[int, Path, Path]]) -> Path:
+    """A folder of links to the shards still to embed, laid out as ``<view>/<split>/*.tar`` so
+    the ordinary loaders read exactly them, in manifest order (names sort like the indices).
+    It lives in a temporary folder: the table's folder never holds a link."""
+    (root / split).mkdir(parents=True)
+    for k, tar, idx in todo:
+        (root / split / f"{k:06d}.tar").symlink_to(tar.resolve())
+        (root / split / f"{k:06d}.idx").symlink_to(idx.resolve())
+    return root
+
+
+class _Chunker:
+    """Cuts the loader's batches at shard boundaries into chunks of ``batch_size`` counted from
+    each shard's first sample, so a shard's features are computed from the same chunks whether
+    the run was resumed or not (the same bytes)."""
+
+    def __init__(self, counts: list[int], batch_size: int) -> None:
+        self.counts, self.batch_size = counts, batch_size
+        self.images: list[torch.Tensor] = []
+        self.ids: list[torch.Tensor] = []
+        self.have, self.shard, self.done = 0, 0, 0  # buffered samples; shard in progress; its samples done
+
+    def add(self, images: torch.Tensor, row_id: torch.Tensor) -> None:
+        self.images.append(images)
+        self.ids.append(row_id)
+        self.have += len(row_id)
+
+    def chunks(self):
+        """``(shard position, images, row ids, last chunk of the shard)`` while buffered samples allow."""
+        while self.shard < len(self.counts):
+            need = min(self.batch_size, self.counts[self.shard] - self.done)
+            if need > self.have:
+                return
+            images, ids = torch.cat(self.images), torch.cat(self.ids)
+            self.images, self.ids = [images[need:]], [ids[need:]]
+            self.have -= need
+            self.done += need
+            last = self.done == self.counts[self.shard]
+            # one memory layout whatever the loader's batches were: the backbone's kernels (and
+            # so the float results) depend on it
+            yield self.shard, images[:need].contiguous(memory_format=torch.channels_last), ids[:need], last
+            if last:
+                self.shard, self.done = self.shard + 1, 0
+
+
+def _embed_split(cfg: EmbedConfig, encs: list[Encoder], claims: list[Claim], split: str, device: torch.device,
+                 stats: _Stats) -> None:
+    """Embed the shards of ``split`` whose part is missing from some table's folder, one part per
+    shard and table; one loader for all of them, so each frame is decoded once."""
+    import tempfile
+
     from affpipe.dist import autocast
     from affpipe.loaders import make_loader
     from affpipe.loaders.base import find_shards
     from affpipe.shards.format import read_idx_header
 
     shards = find_shards(cfg.shards, split)
-    todo = [(k, tar, idx) for k, (tar, idx) in enumerate(shards) if not (parts / f"{split}-{k:06d}.arrow").is_file()]
+    todo = [(k, tar, idx) for k, (tar, idx) in enumerate(shards)
+            if not all(c.path(_part(split, k)).is_file() for c in claims)]
     if not todo:
         log.info("embed: %s: all %d shards already embedded", split, len(shards))
         return
     counts = [read_idx_header(idx)[1] for _, _, idx in todo]
-    view = _view(parts, split, todo)
-    loader = make_loader(view, split, batch_size=cfg.batch_size, train=False, device=device,
-                         image_size=enc.image_size, rank=0, world_size=1, normalize=False, **cfg.loader.kwargs(train=False))
     amp = cfg.amp if device.type == "cuda" else "none"
-    feats: list[np.ndarray] = []
-    ids: list[np.ndarray] = []
-    pending, current = 0, 0
+    chunker = _Chunker(counts, cfg.batch_size)
     bar = tqdm(total=sum(counts), desc=f"embed {split}", unit="frame", dynamic_ncols=True, mininterval=1.0)
     t0 = t_wait = time.perf_counter()
-    with torch.inference_mode():
-        for batch in loader:
+    with tempfile.TemporaryDirectory(prefix="affpipe-embed-") as tmp, torch.inference_mode():
+        loader = make_loader(_view(Path(tmp), split, todo), split, batch_size=cfg.batch_size, train=False, device=device,
+                             image_size=encs[0].image_size, rank=0, world_size=1, normalize=False,
+                             **cfg.loader.kwargs(train=False))
+        if loader.backend != stats.backend:
+            log.info("embed: %s: loader backend %s (%s workers), device %s", split, loader.backend,
+                     "default" if cfg.loader.num_workers is None else cfg.loader.num_workers, device)
+            stats.backend = loader.backend
+        feats = [[np.zeros((0, e.width), np.float16)] for e in encs]
+        ids: list[np.ndarray] = [np.zeros(0, np.int64)]
+        for batch in itertools.chain(loader, [None]):  # None: flush the shards without a sample at the end
             stats.wait += time.perf_counter() - t_wait
-            images = batch.images
-            with autocast(device, amp):
-                out = enc.backbone(images)
-            feats.append(out.float().cpu().numpy().astype(np.float16))
-            ids.append(batch.row_id.cpu().numpy())
-            pending += len(batch)
-            bar.update(len(batch))
-            while current < len(todo) and pending >= counts[current]:  # a shard is complete: its part
-                f, r = np.concatenate(feats), np.concatenate(ids)
-                n = counts[current]
-                write_part(parts / f"{split}-{todo[current][0]:06d}.arrow", r[:n], f[:n])
-                feats, ids, pending, current = [f[n:]], [r[n:]], pending - n, current + 1
+            if batch is not None:
+                chunker.add(batch.images, batch.row_id)
+            for pos, images, row_id, last in chunker.chunks():
+                if len(row_id):
+                    for e, enc in enumerate(encs):  # the decoded frames go through every backbone
+                        with autocast(device, amp):
+                            out = enc.backbone(images)
+                        feats[e].append(out.float().cpu().numpy().astype(np.float16))
+                    ids.append(row_id.cpu().numpy())
+                    bar.update(len(row_id))
+                if last:  # a shard is complete: its part in each table that lacks it
+                    for e, c in enumerate(claims):
+                        part = c.path(_part(split, todo[pos][0]))
+                        if not part.is_file():
+                            write_part(part, np.concatenate(ids), np.concatenate(feats[e]))
+                    feats, ids = [f[:1] for f in feats], ids[:1]
             t_wait = time.perf_counter()
     bar.close()
     stats.frames += sum(counts)
     stats.time += time.perf_counter() - t0
-    shutil.rmtree(view, ignore_errors=True)
-    if current < len(todo):
+    if chunker.shard < len(todo):
         raise ValueError(f"embed: {split}: the loader yielded fewer samples than the shards' indexes list")
 
 
-def embed(cfg: EmbedConfig) -> dict[str, Any]:
-    """Write ``cfg.out/features.arrow`` + ``manifest.json``; returns the manifest."""
-    from affpipe.dist import pick_device
-    from affpipe.shards.format import manifest_index, read_manifest
+def _part(split: str, k: int) -> str:
+    return f"{PARTS_DIR}/{split}-{k:06d}.arrow"
 
-    out = Path(cfg.out)
-    if (out / TABLE_FILE).exists():
-        raise FileExistsError(f"{out} already holds a feature table; choose another -o or delete it")
+
+OWNER = Owner("embed", (TABLE_FILE, MANIFEST_FILE, f"{PARTS_DIR}/*.arrow", SCRATCH_FILE))
+
+
+def embed_inputs(cfg: EmbedConfig, enc: Encoder, splits: list[str], shard_manifest: dict, device: torch.device) -> dict:
+    """What a table is made from (the folder's marker records it): a folder started from other
+    inputs is refused, so one table never mixes two sources."""
+    from affpipe.shards.format import shards_fingerprint
+
+    return {"source": enc.source, "source_sha256": enc.sha256, "backbone": enc.arch, "image_size": enc.image_size,
+            "input": enc.input, "shards_fingerprint": shards_fingerprint(shard_manifest), "splits": splits, "batch_size": cfg.batch_size,
+            "device": device.type, "amp": cfg.amp if device.type == "cuda" else "none"}
+
+
+def embed(cfg: EmbedConfig) -> dict[str, Any]:
+    """Write ``cfg.out/features.arrow`` + ``manifest.json``; returns the manifest (with several
+    backbones: ``{"tables": [manifest, ...]}``, one table per ``OUT/<name>``). Each folder is
+    claimed (``affpipe.outdir``): a rerun with the same inputs resumes, other inputs are refused
+    unless ``cfg.overwrite``."""
+    from contextlib import ExitStack
+
+    from affpipe.dist import pick_device
+    from affpipe.shards.format import checked_index, read_manifest
+
     shard_manifest = read_manifest(cfg.shards)
     splits = _splits(cfg, shard_manifest)
+    index = checked_index(cfg.shards, shard_manifest)
     device = pick_device(cfg.device)
-    enc = load_encoder(cfg, device)
-    parts = out / PARTS_DIR
-    parts.mkdir(parents=True, exist_ok=True)
-    stats = _Stats()
-    for split in splits:
-        _embed_split(cfg, enc, split, parts, device, stats)
-    index = manifest_index(cfg.shards, shard_manifest).resolve()
+    folders = cfg.folders()
+    encs = [load_encoder(cfg, device, k) for k in range(len(folders))]
+    manifests: list[dict[str, Any] | None] = [None] * len(encs)
+    with ExitStack() as stack:
+        claims = [stack.enter_context(claim(out, OWNER, embed_inputs(cfg, enc, splits, shard_manifest, device),
+                                            overwrite=cfg.overwrite)) for out, enc in zip(folders, encs, strict=True)]
+        for k, (out, c) in enumerate(zip(folders, claims, strict=True)):
+            if MANIFEST_FILE in c.existing and TABLE_FILE in c.existing:
+                log.info("embed: %s already holds this table (same inputs); nothing to do", out)
+                _remove_parts(c)
+                manifests[k] = read_manifest_of(out)
+        todo = [k for k, m in enumerate(manifests) if m is None]
+        stats = _Stats()
+        if todo:
+            for split in splits:
+                _embed_split(cfg, [encs[k] for k in todo], [claims[k] for k in todo], split, device, stats)
+        for k in todo:
+            manifests[k] = _finish(cfg, encs[k], claims[k], index, shard_manifest, splits, stats, device,
+                                   shared=[str(folders[j]) for j in todo if j != k])
+    return manifests[0] if len(manifests) == 1 else {"tables": manifests}
+
+
+def _finish(cfg: EmbedConfig, enc: Encoder, c: Claim, index: Path, shard_manifest: dict, splits: list[str],
+            stats: _Stats, device: torch.device, shared: list[str]) -> dict[str, Any]:
+    """Merge one table's parts and write its manifest (lineage, input op, throughput)."""
+    from affpipe.index.build import index_fingerprint
+    from affpipe.lineage import rel_path
+    from affpipe.shards.format import shards_fingerprint
+
+    out = c.out
     table = shard_manifest.get("table", "frames")
-    lookup = _lookup(index, table)
-    files = sorted(p for s in splits for p in parts.glob(f"{s}-*.arrow"))
-    rows = merge_parts(files, out, lookup)
+    files = sorted(p for s in splits for p in (out / PARTS_DIR).glob(f"{s}-*.arrow"))
+    rows = merge_parts(files, out, _lookup(index, table))
     manifest = {
-        "schema_version": FEATURE_SCHEMA_VERSION, "source": cfg.source, "source_checkpoint": str(enc.checkpoint),
+        "schema_version": FEATURE_SCHEMA_VERSION, "source": enc.source,
+        "source_checkpoint": rel_path(out, enc.checkpoint) if enc.checkpoint else None,
         "source_sha256": enc.sha256, "backbone": enc.arch, "image_size": enc.image_size, "input": enc.input,
-        "feature_dim": _width(enc, device), "dtype": "float16", "index": str(index),
-        "table": table, "shards": str(Path(cfg.shards).resolve()), "splits": splits, "rows": rows,
+        "feature_dim": enc.width, "dtype": "float16", "index": rel_path(out, index),
+        "index_fingerprint": index_fingerprint(index, table),
+        "table": table, "shards": rel_path(out, cfg.shards), "shards_fingerprint": shards_fingerprint(shard_manifest),
+        "splits": splits, "rows": rows,
+        "loader": {"backend": stats.backend or "none (every shard was already embedded)",
+                   "num_workers": cfg.loader.num_workers},
+        # with several backends in one pass, the frames/s are those of the whole pass
         "throughput": {"frames": stats.frames, "seconds": stats.time, "device": str(device),
                        "frames_per_s": stats.frames / stats.time if stats.time else None,
-                       "data_wait_share": stats.wait / stats.time if stats.time else None},
+                       "data_wait_share": stats.wait / stats.time if stats.time else None,
+                       "shared_with": shared},
     }
+    manifest["fingerprint"] = features_fingerprint(manifest)
     write_manifest(out, manifest)
-    shutil.rmtree(parts)
+    _remove_parts(c)
     log.info("embed: %d rows x %d features → %s", rows, manifest["feature_dim"], out / TABLE_FILE)
     return manifest
+
+
+def _remove_parts(c: Claim) -> None:
+    """The parts, once merged: only our files, then the folder if it is empty (a user's file in it
+    would have been refused when the folder was claimed)."""
+    parts = c.out / PARTS_DIR
+    if parts.is_dir() and not parts.is_symlink():
+        for p in parts.glob("*.arrow"):
+            if c.owner.owns(p.relative_to(c.out).as_posix()) and not p.is_symlink():
+                p.unlink()
+        if not any(parts.iterdir()):
+            parts.rmdir()
 
 
 def _width(enc: Encoder, device: torch.device) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from affpipe.temporal.features import FeatureTable
+from affpipe.temporal.features import FeatureTable, features_fingerprint
 
 
 class FusedMatrix:
@@ -77,5 +77,5 @@ def fuse_tables(tables: Sequence[FeatureTable]) -> FeatureTable:
     manifest.update(feature_dim=sum(t.dim for t in tables), source_checkpoint=None, fused=[
         {"path": str(Path(t.path).parent), "backbone": t.manifest.get("backbone"),
          "source_sha256": t.manifest.get("source_sha256"), "feature_dim": t.dim,
-         "fingerprint": t.manifest.get("fingerprint")} for t in tables])
+         "fingerprint": features_fingerprint(t.manifest)} for t in tables])
     return dataclasses.replace(first, features=FusedMatrix([t.features for t in tables]), manifest=manifest)

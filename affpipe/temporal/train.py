@@ -19,7 +19,7 @@ import torch
 
 from affpipe import dist
 from affpipe.temporal.data import RowLabels, WindowLoader, align_labels
-from affpipe.temporal.features import FeatureTable, read_table
+from affpipe.temporal.features import FeatureTable, open_features, source_checkpoint
 from affpipe.temporal.heads import TemporalModel, build_temporal_model, load_frame_heads
 from affpipe.temporal.windows import plan_windows
 from affpipe.train.config import TrainConfig
@@ -38,22 +38,15 @@ class TemporalData:
 
     @classmethod
     def open(cls, features: Path | Sequence[Path], index: Path | None = None) -> TemporalData:
-        """Read ``features`` (several: fused, :mod:`affpipe.temporal.fused`) and the label index
-        its manifest names (``index`` overrides it)."""
-        from affpipe.index.build import load_index
+        """Open ``features`` checked against its label index (``index`` overrides the one its
+        manifest names; see :func:`affpipe.temporal.features.open_features`); several tables are
+        fused (:mod:`affpipe.temporal.fused`: the same index, row for row, concatenated)."""
         from affpipe.temporal.fused import fuse_tables
 
         paths = [features] if isinstance(features, str | Path) else list(features)
-        table = fuse_tables([read_table(p) for p in paths])
-        features = paths[0]
-        if index is None:
-            if not table.manifest.get("index"):
-                raise ValueError(f"{Path(features) / 'manifest.json'}: no 'index' key (not written by `affpipe embed`)")
-            index = Path(table.manifest["index"])
-            if not index.is_absolute():
-                index = Path(features) / index
-        label_table, _ = load_index(index, table=table.manifest.get("table", "frames"))
-        return cls(table, align_labels(label_table, table.row_id), label_table, index)
+        table = fuse_tables([open_features(p, index=index) for p in paths])
+        assert table.label_table is not None and table.index is not None
+        return cls(table, align_labels(table.label_table, table.row_id), table.label_table, table.index)
 
     def loader(self, split: str, cfg: TrainConfig, *, train: bool, device: torch.device, rank: int = 0,
                world: int = 1, batch_size: int | None = None) -> WindowLoader:
@@ -68,16 +61,16 @@ class TemporalData:
                             train=train, seed=cfg.seed, rank=rank, world=world, device=device)
 
 
-def build_model_for(cfg: TrainConfig, dim: int, manifest: dict | None = None) -> TemporalModel:
-    """The temporal model of ``cfg`` over features of width ``dim``; with ``manifest`` (the feature
-    table's) and ``init_frame_heads``, its skip path starts from the source checkpoint's heads."""
+def build_model_for(cfg: TrainConfig, dim: int, table: FeatureTable | None = None) -> TemporalModel:
+    """The temporal model of ``cfg`` over features of width ``dim``; with ``table`` (the feature
+    table) and ``init_frame_heads``, its skip path starts from the source checkpoint's heads."""
     from affpipe.train.checkpoint import load_checkpoint
 
     torch.manual_seed(cfg.seed)
     model = build_temporal_model(dim, cfg.temporal, cfg.heads)
-    source = (manifest or {}).get("source_checkpoint")
-    if manifest is not None and cfg.temporal.init_frame_heads and source:
-        if Path(source).is_file():
+    source = source_checkpoint(table.path.parent, table.manifest) if table is not None else None
+    if cfg.temporal.init_frame_heads and source is not None:
+        if source.is_file():
             done = load_frame_heads(model, load_checkpoint(Path(source), map_location="cpu")["model"])
             log.info("per-frame heads %s initialized from %s", done or "(none matched)", source)
         else:
@@ -93,8 +86,8 @@ def temporal_setup(cfg: TrainConfig, ctx: dist.DistContext):
 
     if cfg.features is None:
         raise ValueError("train_temporal: no feature table given (--features)")
-    data = TemporalData.open(cfg.features)
-    model = build_model_for(cfg, data.table.dim, data.table.manifest).to(ctx.device)
+    data = TemporalData.open(cfg.features, cfg.index)
+    model = build_model_for(cfg, data.table.dim, data.table).to(ctx.device)
     loss_fn = MultiTaskLoss(cfg.heads, cfg.loss, label_statistics(data.label_table)).to(ctx.device)
 
     def loaders():
@@ -105,11 +98,29 @@ def temporal_setup(cfg: TrainConfig, ctx: dist.DistContext):
     return Trainer(cfg, ctx, model, loss_fn), loaders, what
 
 
+def temporal_lineage(cfg: TrainConfig, run: Path) -> dict:
+    """What a temporal run trains on (``affpipe.train.runinfo``): its feature table(s) and the
+    label index they were checked against (``cfg.index`` overrides the one the manifest names)."""
+    from affpipe.index.build import index_fingerprint
+    from affpipe.lineage import rel_path
+    from affpipe.temporal.features import features_fingerprint, manifest_index_path, read_manifest
+
+    tables = cfg.feature_tables  # fused tables share their index (checked when they are opened)
+    manifests = [read_manifest(f) for f in tables]
+    manifest = manifests[0]
+    table = manifest.get("table", "frames")
+    index = Path(cfg.index) if cfg.index is not None else manifest_index_path(tables[0], manifest)
+    return {"kind": "temporal", "table": table, "index": rel_path(run, index),
+            "index_fingerprint": manifest.get("index_fingerprint") or index_fingerprint(index, table),
+            "shards": None, "shards_fingerprint": None, "features": [rel_path(run, f) for f in tables],
+            "features_fingerprint": [features_fingerprint(m) for m in manifests]}
+
+
 def train_temporal(cfg: TrainConfig) -> Path:
     """Train a temporal head on ``cfg.features`` into the run folder ``cfg.out``; returns the folder."""
     from affpipe.train.loop import train
 
-    return train(cfg, setup=temporal_setup)
+    return train(cfg, setup=temporal_setup, lineage=temporal_lineage)
 
 
 def train_any(cfg: TrainConfig) -> Path:

@@ -8,5 +8,6 @@ run of any kind: ``affpipe.runs``.
 
 from affpipe.train.config import TrainConfig, load_config
 from affpipe.train.loop import train
+from affpipe.train.runinfo import lineage_of_run
 
-__all__ = ["TrainConfig", "load_config", "train"]
+__all__ = ["TrainConfig", "lineage_of_run", "load_config", "train"]

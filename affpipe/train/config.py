@@ -270,7 +270,33 @@ def load_config(recipe: Path | str | None = None, overrides: Mapping[str, Any] |
     if temporal_recipe and cfg.features is None:
         raise ValueError(f'{source}{_line_of(text, "model")}: model = "temporal" needs a feature table '
                          "(features = \"FEATS\" or --features FEATS, from `affpipe embed`)")
+    _check_data_options(cfg, overrides or {}, source, text)
     return cfg
+
+
+# The train flags of the temporal options (what a message names when a flag set them).
+_TEMPORAL_FLAGS = {"temporal.arch": "--temporal-arch", "temporal.window": "--window", "temporal.stride": "--stride"}
+
+
+def _check_data_options(cfg: TrainConfig, overrides: Mapping[str, Any], source: str, text: str) -> None:
+    """Options that only one kind of run reads are refused on the other, never silently ignored
+    (and recorded in config.json): temporal options without a feature table; shards beside one."""
+    def named(key: str, flag: str) -> str:
+        if overrides.get(key) is not None:
+            return flag
+        return f"{source}{_line_of(text, key.split('.')[-1])}: {key}"
+
+    if cfg.features is None:
+        default = TemporalConfig()
+        changed = [f.name for f in fields(TemporalConfig) if getattr(cfg.temporal, f.name) != getattr(default, f.name)]
+        if changed:
+            key = f"temporal.{changed[0]}"
+            raise ValueError(f"{named(key, _TEMPORAL_FLAGS.get(key, '--config'))}: temporal options apply to a "
+                             "temporal head over a feature table; add --features FEATS (from `affpipe embed`) "
+                             "or drop the option")
+    elif cfg.shards is not None:
+        raise ValueError(f"{named('shards', '--shards')}: a run on a feature table (--features) reads no shards "
+                         "(the table records the shards it was embedded from); drop --shards")
 
 
 # --- generic dataclass construction with key and type checks --------------------------------

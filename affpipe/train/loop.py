@@ -34,6 +34,7 @@ from affpipe.train.checkpoint import (
 )
 from affpipe.train.config import TrainConfig, config_json, to_dict
 from affpipe.train.evaluate import evaluate_model, write_eval
+from affpipe.train.runinfo import check_same_data, frames_lineage, lineage_of_run, write_lineage
 from affpipe.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,11 @@ def label_statistics_for(shards: Path, index: Path | None = None) -> dict[str, A
     """Class statistics of the train split of the label table the shard manifest names
     (``index`` overrides where that table is)."""
     from affpipe.index.build import load_index
-    from affpipe.shards.format import manifest_index, read_manifest
+    from affpipe.shards.format import checked_index, read_manifest
     from affpipe.train.tasks import label_statistics
 
     manifest = read_manifest(shards, full=False)
-    table, _ = load_index(manifest_index(shards, manifest, index), table=manifest.get("table", "frames"))
+    table, _ = load_index(checked_index(shards, manifest, index), table=manifest.get("table", "frames"))
     return label_statistics(table)
 
 
@@ -138,6 +139,9 @@ def steps_per_epoch(cfg: TrainConfig, ctx: dist.DistContext, loader) -> int:
     return steps
 
 
+# What a run trains on (``affpipe.train.runinfo``): ``lineage(cfg, run) -> dict``.
+Lineage = Callable[[TrainConfig, Path], dict[str, Any]]
+
 # What differs between kinds of run: ``setup(cfg, ctx) -> (trainer, make_loaders, what)`` builds the
 # trainer and returns a factory of (train, val) loaders (called after resume and wrap) and a
 # description for the log. ``affpipe.temporal.train`` passes its own for feature-table runs.
@@ -152,18 +156,22 @@ def frame_setup(cfg: TrainConfig, ctx: dist.DistContext) -> tuple[Trainer, Calla
     return trainer, lambda: make_loaders(cfg, ctx), f"on {cfg.shards}"
 
 
-def train(cfg: TrainConfig, setup: Setup = frame_setup) -> Path:
+def train(cfg: TrainConfig, setup: Setup = frame_setup, lineage: Lineage = frames_lineage) -> Path:
     """Train ``cfg.task`` into the run folder ``cfg.out`` (per-frame on ``cfg.shards`` unless
-    ``setup`` builds another kind of run); returns the folder."""
+    ``setup`` builds another kind of run; ``lineage`` says what it trains on); returns the folder."""
     ctx = dist.setup(cfg.device)
     try:
         run = prepare_run_dir(cfg, ctx)
         if cfg.amp != "none" and ctx.device.type != "cuda" and ctx.main:
             log.info("amp=%s ignored: autocast is used on GPU only (device %s)", cfg.amp, ctx.device)
         trainer, loaders, what = setup(cfg, ctx)
+        data = lineage(cfg, run)
         if cfg.resume:
+            if ctx.main and (recorded := lineage_of_run(run)) is not None:
+                check_same_data(recorded, data, run)
             resume(trainer, run)
         if ctx.main:  # trainer.cfg: with what the setup resolved (the backbone's input)
+            write_lineage(run, data)
             atomic_write_text(run / "config.json", config_json(trainer.cfg))
         trainer.wrap()
         train_loader, val_loader = loaders()
@@ -172,14 +180,15 @@ def train(cfg: TrainConfig, setup: Setup = frame_setup) -> Path:
             log.info("training %s %s: %d steps/epoch x %d epochs, batch %d x %d process(es), loader %s, device %s",
                      cfg.task, what, steps, cfg.epochs, cfg.batch_size, ctx.world,
                      getattr(train_loader, "backend", "?"), ctx.device)
-        fit(trainer, run, train_loader, val_loader, steps)
+        fit(trainer, run, train_loader, val_loader, steps, lineage=data)
     finally:
         dist.teardown(ctx)
     return run
 
 
-def fit(trainer: Trainer, run: Path, train_loader, val_loader, steps: int) -> None:
-    """Epochs from ``trainer.state.epoch`` to ``cfg.epochs``: train, validate, checkpoint, log."""
+def fit(trainer: Trainer, run: Path, train_loader, val_loader, steps: int, lineage: dict | None = None) -> None:
+    """Epochs from ``trainer.state.epoch`` to ``cfg.epochs``: train, validate, checkpoint, log
+    (every checkpoint carries ``lineage``, what the run trains on)."""
     cfg, ctx, state = trainer.cfg, trainer.ctx, trainer.state
     runlog = RunLog(run, ctx, sync=cfg.sync_timing, tensorboard=cfg.logging.tensorboard, start_step=state.step)
     clock = (time.perf_counter(), state.wall_time)
@@ -189,7 +198,7 @@ def fit(trainer: Trainer, run: Path, train_loader, val_loader, steps: int) -> No
     def checkpoint(name: str) -> None:
         trainer.state.wall_time = clock[1] + time.perf_counter() - clock[0]
         if ctx.main:
-            save_checkpoint(run / name, trainer.state_dict())
+            save_checkpoint(run / name, {**trainer.state_dict(), "lineage": lineage})
 
     while trainer.state.epoch < cfg.epochs:
         state = trainer.state

@@ -18,3 +18,24 @@ def test_temporal_recipe_needs_features_and_round_trips(tmp_path):
 def test_temporal_config_validation(bad):
     with pytest.raises(ValueError):
         TemporalConfig(**bad)
+
+
+@pytest.mark.parametrize("flag, key, value", [("--window", "temporal.window", 16), ("--stride", "temporal.stride", 4),
+                                              ("--temporal-arch", "temporal.arch", "transformer")])
+def test_temporal_flags_without_features_are_refused_naming_the_flag(tmp_path, flag, key, value):
+    with pytest.raises(ValueError, match=f"^{flag}: .*--features"):
+        load_config(None, {"task": "va", "shards": str(tmp_path), key: value})
+
+
+def test_temporal_options_in_a_recipe_without_features_name_the_line(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('task = "va"\n[temporal]\nwindow = 16\n')
+    with pytest.raises(ValueError, match=r"r\.toml:3: temporal\.window: .*--features"):
+        load_config(recipe, {"shards": str(tmp_path)})
+
+
+def test_shards_with_features_is_refused_naming_the_flag(tmp_path):
+    with pytest.raises(ValueError, match="^--shards: .*feature table"):
+        load_config(None, {"task": "va", "shards": str(tmp_path), "features": str(tmp_path)})
+    cfg = load_config(None, {"task": "va", "features": str(tmp_path), "temporal.window": 8})
+    assert cfg.is_temporal and cfg.shards is None

@@ -41,7 +41,8 @@ def test_embed_writes_a_sorted_table_with_its_manifest(feats, shard_dir, frame_c
     shards = json.loads((shard_dir / "manifest.json").read_text())
     assert len(t) == sum(s["samples"] for s in shards["splits"].values()) == m["rows"]
     assert t.dim == m["feature_dim"] == 512 and m["backbone"] == "resnet18" and m["image_size"] == 32
-    assert m["source_checkpoint"] == str(frame_ckpt.resolve()) and len(m["source_sha256"]) == 64
+    assert (feats / m["source_checkpoint"]).resolve() == frame_ckpt.resolve() and len(m["source_sha256"]) == 64
+    assert not m["source_checkpoint"].startswith("/") and (feats / m["index"] / "index.json").is_file()
     assert (np.diff(t.video.astype(np.int64) * 10**6 + t.frame) > 0).all()
     assert m["throughput"]["frames_per_s"] > 0 and 0 <= m["throughput"]["data_wait_share"] <= 1
     assert not (feats / "parts").exists()
@@ -141,8 +142,11 @@ def test_cli_embed_and_smoothing_of_a_per_frame_run(frame_ckpt, shard_dir, tmp_p
                                   "--backend", "torch", "--num-workers", "0", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "Smoothing windows" in r.output and (frame_ckpt.parent / "smoothing.json").is_file()
-    r = CliRunner().invoke(main, ["embed", "imagenet", "--shards", str(shard_dir), "-o", str(tmp_path / "f")])
-    assert r.exit_code == 1 and "already holds a feature table" in r.output
+    other = tmp_path / "other.pt"
+    other.write_bytes(frame_ckpt.read_bytes())
+    r = CliRunner().invoke(main, ["embed", str(other), "--shards", str(shard_dir), "-o", str(tmp_path / "f"),
+                                  "--split", "val", "--device", "cpu"])
+    assert r.exit_code == 1 and "from other inputs" in r.output and "other.pt" in r.output and "--overwrite" in r.output
 
 
 def test_bench_embed_reports_forward_and_embed_speed(frame_ckpt, shard_dir, tmp_path):

@@ -63,9 +63,39 @@ def test_training_batches_shuffle_windows_and_mask_gap_labels(tmp_path):
     assert set(t.split[np.isin(t.row_id, batch.row_id.numpy())]) == {"train"}
     ids = batch.row_id.numpy()[present]
     pos = np.argsort(t.row_id)[np.searchsorted(np.sort(t.row_id), ids)]
-    np.testing.assert_array_equal(batch.va.numpy()[present], lab.va[pos])
+    np.testing.assert_array_equal(batch.va.numpy()[present], lab.take(pos, np.ones(len(pos), bool))["va"].numpy())
     orders = []
     for epoch in (0, 1):
         loader.set_epoch(epoch)
         orders.append(np.concatenate([b.row_id.numpy() for b in loader]))
     assert not np.array_equal(*orders)
+
+
+def test_window_loader_starts_mid_epoch_like_the_shard_loaders(tmp_path):
+    """``set_epoch(e, start_batch=k)`` (the shard loaders' EpochCursor): the rest of epoch ``e``
+    from batch ``k``, the same batches as an uninterrupted pass; the next pass starts at 0."""
+    from affpipe.loaders.base import BaseLoader
+    from affpipe.loaders.plan import EpochCursor
+
+    t = toy_table(tmp_path)
+    plan = plan_windows(t.video, t.frame, t.rows_of("train"), length=8, stride=2, cover=True)
+    loader = WindowLoader(t.features, t.row_id, labels(len(t)), plan, batch_size=2, train=True, seed=3)
+    assert isinstance(loader, EpochCursor) and issubclass(BaseLoader, EpochCursor)
+    assert loader.set_epoch.__func__ is BaseLoader.set_epoch  # one mechanism, not a copy
+    loader.set_epoch(1)
+    full = [b.row_id.numpy() for b in loader]
+    assert len(full) == len(loader) >= 3
+    for k in range(len(full) + 1):
+        loader.set_epoch(1, start_batch=k)
+        rest = [b.row_id.numpy() for b in loader]
+        assert len(rest) == len(full) - k and all(np.array_equal(a, b) for a, b in zip(rest, full[k:], strict=True))
+    assert len(list(loader)) == len(full)  # the start was consumed by one pass
+    with pytest.raises(ValueError, match="start_batch"):
+        loader.set_epoch(0, start_batch=len(full) + 1)
+
+
+def test_too_few_windows_for_a_batch_names_the_flag(tmp_path):
+    t = toy_table(tmp_path)
+    plan = plan_windows(t.video, t.frame, t.rows_of("train"), length=8, stride=4, cover=True)
+    with pytest.raises(ValueError, match="--batch-size"):
+        WindowLoader(t.features, t.row_id, labels(len(t)), plan, batch_size=256, train=True)

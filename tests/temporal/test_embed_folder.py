@@ -1,0 +1,170 @@
+"""``affpipe embed`` owns its folder (issue 17 items 1-3) and resumes after a kill to the same
+table bytes, whichever part write the kill interrupted; it says which loader it used."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+from affpipe.io import sha256_file
+from affpipe.loaders import LoaderConfig
+from affpipe.temporal import embed as embed_mod
+from affpipe.temporal import features as features_mod
+from affpipe.temporal.embed import EmbedConfig, embed
+from affpipe.train.checkpoint import save_checkpoint
+from affpipe.train.config import TrainConfig, to_dict
+from affpipe.train.models import ModelConfig, build_model
+
+
+def _ckpt(path, seed: int):
+    cfg = TrainConfig(task="mtl", image_size=32)
+    torch.manual_seed(seed)
+    save_checkpoint(path, {"model": build_model(ModelConfig()).state_dict(), "config": to_dict(cfg), "epoch": 1, "step": 1})
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("runs")
+    (base / "run1").mkdir()
+    (base / "run2").mkdir()
+    return _ckpt(base / "run1" / "best.pt", 0), _ckpt(base / "run2" / "best.pt", 1)
+
+
+def _cfg(source, shards, out, **kw) -> EmbedConfig:
+    return EmbedConfig(source=str(source), shards=shards, out=out, split="train", batch_size=64, device="cpu",
+                       loader=LoaderConfig(backend="torch", num_workers=0), **kw)
+
+
+@pytest.fixture(scope="module")
+def whole(runs, shard_dir, tmp_path_factory):
+    """An uninterrupted table of run1 (train split)."""
+    out = tmp_path_factory.mktemp("whole") / "f"
+    embed(_cfg(runs[0], shard_dir, out))
+    return out
+
+
+def _killed_at(monkeypatch, n: int) -> None:
+    """Make the ``n``-th part write die like a kill: no cleanup of what was written before."""
+    real, calls = embed_mod.write_part, []
+
+    def dying(path, row_id, feats):
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        calls.append(path)
+        return real(path, row_id, feats)
+
+    monkeypatch.setattr(embed_mod, "write_part", dying)
+
+
+def test_a_folder_holding_a_users_file_is_refused_and_nothing_deleted(runs, shard_dir, tmp_path):
+    out = tmp_path / "F"
+    (out / "parts").mkdir(parents=True)
+    (out / "parts" / "thesis.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="thesis.txt"):
+        embed(_cfg(runs[0], shard_dir, out))
+    assert (out / "parts" / "thesis.txt").read_text() == "x"
+    assert sorted(p.name for p in out.rglob("*")) == ["parts", "thesis.txt"]
+
+
+def test_parts_as_a_symlink_is_refused_and_nothing_is_written_outside(runs, shard_dir, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "F"
+    out.mkdir()
+    (out / "parts").symlink_to(elsewhere)
+    with pytest.raises(FileExistsError, match="symlink"):
+        embed(_cfg(runs[0], shard_dir, out))
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_killed_table_is_never_finished_from_another_source(runs, shard_dir, whole, tmp_path, monkeypatch):
+    out = tmp_path / "F"
+    with monkeypatch.context() as m:
+        _killed_at(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            embed(_cfg(runs[0], shard_dir, out))
+    with pytest.raises(FileExistsError, match=r"run1.*run2|source_sha256") as exc:
+        embed(_cfg(runs[1], shard_dir, out))
+    assert "run1" in str(exc.value) and "run2" in str(exc.value) and "--overwrite" in str(exc.value)
+    m2 = embed(_cfg(runs[1], shard_dir, out, overwrite=True))  # afresh: every part from run2
+    assert m2["source"] == str(runs[1])
+    ref = tmp_path / "ref2"
+    embed(_cfg(runs[1], shard_dir, ref))
+    assert sha256_file(out / "features.arrow") == sha256_file(ref / "features.arrow")
+    assert sha256_file(out / "features.arrow") != sha256_file(whole / "features.arrow")
+
+
+def _parts(shard_dir) -> int:
+    return len(json.loads((shard_dir / "manifest.json").read_text())["splits"]["train"]["shards"])
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_resumed_after_a_kill_at_each_part_write_gives_the_same_bytes(n, runs, shard_dir, whole, tmp_path, monkeypatch):
+    assert n < _parts(shard_dir)
+    out = tmp_path / "F"
+    with monkeypatch.context() as m:
+        _killed_at(m, n)
+        with pytest.raises(KeyboardInterrupt):
+            embed(_cfg(runs[0], shard_dir, out))
+    assert len(list((out / "parts").glob("*.arrow"))) == n
+    embed(_cfg(runs[0], shard_dir, out))
+    assert sha256_file(out / "features.arrow") == sha256_file(whole / "features.arrow")
+    assert sorted(os.listdir(out)) == [".affpipe.json", ".affpipe.lock", "features.arrow", "manifest.json"]
+
+
+def test_killed_during_the_merge_resumes_to_the_same_bytes(runs, shard_dir, whole, tmp_path, monkeypatch):
+    out = tmp_path / "F"
+    with monkeypatch.context() as m:
+        m.setattr(features_mod, "write_table", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            embed(_cfg(runs[0], shard_dir, out))
+    assert not (out / "manifest.json").exists()
+    manifest = embed(_cfg(runs[0], shard_dir, out))
+    assert manifest["loader"]["backend"] == "none (every shard was already embedded)"
+    assert sha256_file(out / "features.arrow") == sha256_file(whole / "features.arrow")
+    again = embed(_cfg(runs[0], shard_dir, out))  # complete: nothing to do, same manifest
+    assert again == manifest
+
+
+def test_embed_says_which_loader_it_used(whole, caplog, runs, shard_dir, tmp_path):
+    m = json.loads((whole / "manifest.json").read_text())
+    assert m["loader"] == {"backend": "torch", "num_workers": 0}
+    with caplog.at_level(logging.INFO, logger="affpipe.temporal.embed"):
+        embed(_cfg(runs[0], shard_dir, tmp_path / "F"))
+    assert "loader backend torch" in caplog.text
+    assert len(m["shards_fingerprint"]) == 16 and len(m["index_fingerprint"]) == 16 and len(m["fingerprint"]) == 16
+
+
+def test_kill_9_then_another_source_is_refused_and_the_same_source_resumes(runs, shard_dir, whole, tmp_path):
+    """The real thing: `affpipe embed RUN1` killed with SIGKILL once a part is written."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "F"
+
+    def cli(source, *extra):
+        return [sys.executable, "-m", "affpipe.cli", "embed", str(source), "--shards", str(shard_dir), "-o", str(out),
+                "--split", "train", "--batch-size", "64", "--device", "cpu", "--backend", "torch",
+                "--num-workers", "0", *extra]
+
+    proc = subprocess.Popen(cli(runs[0]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list((out / "parts").glob("*.arrow")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    other = subprocess.run(cli(runs[1]), capture_output=True, text=True)
+    errors = [line for line in re.split(r"[\r\n]", other.stderr + other.stdout) if "Error:" in line]
+    assert other.returncode == 1 and len(errors) == 1 and "Traceback" not in other.stderr, other.stderr[-2000:]
+    assert "run1" in errors[0] and "run2" in errors[0]
+    again = subprocess.run(cli(runs[0]), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sha256_file(out / "features.arrow") == sha256_file(whole / "features.arrow")
