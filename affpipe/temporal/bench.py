@@ -224,7 +224,7 @@ def bench_open(feats: Path, repeats: int = 2) -> dict[str, Any]:
 
 def bench_embed(source: str, shards: Path, out: Path, *, batch_size: int = 256, device: str = "cpu",
                 forward_seconds: float = 20.0, loader: Any = None, image_size: int | None = None,
-                backbone: str | None = None, weights: Path | None = None) -> dict[str, Any]:
+                backbone: str | None = None, weights: Path | None = None, split: str = "all") -> dict[str, Any]:
     """``affpipe embed`` frames/s and data-wait share beside the same backbone's forward pass on
     ready uint8 batches (no loader), measured in one run: the loader's cost is the difference."""
     import shutil
@@ -236,7 +236,7 @@ def bench_embed(source: str, shards: Path, out: Path, *, batch_size: int = 256, 
 
     extra = {"loader": loader} if loader is not None else {}
     cfg = EmbedConfig(source=source, shards=Path(shards), out=Path(out), batch_size=batch_size, device=device,
-                      image_size=image_size, backbone=backbone, weights=weights, **extra)
+                      image_size=image_size, backbone=backbone, weights=weights, split=split, **extra)
     dev = pick_device(device)
     enc = load_encoder(cfg, dev)
     images = torch.randint(0, 256, (batch_size, 3, enc.image_size, enc.image_size), dtype=torch.uint8, device=dev)
@@ -257,25 +257,38 @@ def bench_embed(source: str, shards: Path, out: Path, *, batch_size: int = 256, 
 
 
 def bench_backbones(shards: Path, out: Path, backbones: list[str], *, image_size: int = 112, batch_size: int = 64,
-                    forward_seconds: float = 10.0, loader: Any = None) -> list[dict[str, Any]]:
+                    forward_seconds: float = 10.0, loader: Any = None, split: str = "val") -> dict[str, Any]:
     """``bench_embed`` for each of ``backbones`` (random weights: speed does not depend on them),
-    each through a weight file (``--weights``), as a user would embed a face-pretrained one."""
+    each through a weight file (``--weights``), as a user would embed a face-pretrained one; then
+    all of them in one ``embed`` pass (each frame decoded once) against the sum of the passes."""
+    import shutil
+
     from safetensors.torch import save_file
 
+    from affpipe.temporal.embed import EmbedConfig, embed
     from affpipe.train.models import ModelConfig, backbone_state_dict, build_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, files = [], []
     for arch in backbones:
         slug = arch.replace("/", "_")
         weights = out / f"{slug}.safetensors"
         save_file({k: v.contiguous() for k, v in backbone_state_dict(build_model(ModelConfig(arch=arch, tasks=("va",)))).items()},
                   str(weights))
+        files.append(weights)
         rows.append(bench_embed("weights", shards, out / slug, batch_size=batch_size, forward_seconds=forward_seconds,
-                                loader=loader, image_size=image_size, backbone=arch, weights=weights))
+                                loader=loader, image_size=image_size, backbone=arch, weights=weights, split=split))
         log.info("bench_backbones: %s", rows[-1])
-    return rows
+    shutil.rmtree(out / "joint", ignore_errors=True)
+    extra = {"loader": loader} if loader is not None else {}
+    joint = embed(EmbedConfig(source="weights", shards=Path(shards), out=out / "joint", split=split, device="cpu",
+                              backbone=tuple(backbones), weights=tuple(files), image_size=image_size,
+                              batch_size=batch_size, **extra))["tables"][0]["throughput"]
+    separate_s = sum(r["frames"] / r["embed_frames_per_s"] for r in rows)
+    return {"backbones": rows, "joint_frames_per_s": joint["frames_per_s"], "joint_seconds": joint["seconds"],
+            "separate_seconds": separate_s, "joint_data_wait_share": joint["data_wait_share"],
+            "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
 
 
 def main() -> None:

@@ -168,3 +168,13 @@ def test_recipe_temporal_features_list(tmp_path):
     both.write_text('task = "mtl"\nfeatures = "feats/a"\n[temporal]\nfeatures = ["feats/b"]\n')
     with pytest.raises(ValueError, match="given twice"):
         load_config(both, {})
+
+
+def test_pipelines_fused_recipe_loads():
+    from pathlib import Path
+
+    from affpipe.train.config import from_dict, load_config, to_dict
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "pipelines" / "mtl_fused_tcn.toml", {"out": "x"})
+    assert cfg.is_temporal and [p.name for p in cfg.feature_tables] == ["uni_au", "mtl"] and cfg.logging.tensorboard
+    assert from_dict(to_dict(cfg)) == cfg
