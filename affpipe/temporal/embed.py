@@ -14,6 +14,9 @@ backbone's name with ``/`` as ``_``). Separate tables rather than one concatenat
 stays a table of its own (lineage, width, resumable parts) and any of them can be fused with any
 other of the same index later (``affpipe train --features A --features B``).
 
+(A little over 400 lines: the one-pass loop, its chunker and the folder claims share the
+per-shard part layout that makes a resumed table byte-identical; split up they would each need it.)
+
 The folder is claimed (``affpipe.outdir``): a folder holding anything else is refused, nothing
 is written through a link, and a folder started from other inputs (another SOURCE, shards,
 backbone, image size, batch size) is refused naming both, or emptied of our files with
