@@ -27,3 +27,14 @@ def import_dali() -> ModuleType:
         return importlib.import_module("nvidia.dali")
     except Exception as exc:
         raise ImportError(DALI_HINT) from exc
+
+
+TENSORBOARD_HINT = "TensorBoard logging needs the tensorboard package: pip install 'affpipe[tensorboard]'"
+
+
+def import_summary_writer() -> type:
+    """``torch.utils.tensorboard.SummaryWriter``, or an ImportError that says how to get it."""
+    try:
+        return importlib.import_module("torch.utils.tensorboard").SummaryWriter
+    except Exception as exc:  # ImportError: tensorboard missing (torch's module imports it)
+        raise ImportError(TENSORBOARD_HINT) from exc

@@ -34,16 +34,21 @@ def _csv_floats(value: str | None) -> tuple[float, ...] | None:
               help="Recipe TOML (pipelines/*.toml); the flags below override it.")
 @click.option("--task", type=click.Choice(["va", "expr", "au", "mtl"]), default=None)
 @click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
-@click.option("--features", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="A feature table (`affpipe embed`): train a temporal head on it instead of a model on shards.")
+@click.option("--features", type=click.Path(exists=True, file_okay=False, path_type=Path), multiple=True,
+              help="A feature table (`affpipe embed`): train a temporal head on it instead of a model on shards; "
+                   "repeated: the tables (of the same index) are joined row for row and concatenated.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Run folder.")
 @click.option("--epochs", type=int, default=None)
 @click.option("--batch-size", type=int, default=None, help="Per process (per GPU).")
 @click.option("--lr", type=float, default=None)
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default=None)
 @click.option("--weight-decay", type=float, default=None)
-@click.option("--init", default=None, help="random | imagenet | PATH of a checkpoint (backbone only).")
-@click.option("--backbone", default=None, help="Any torchvision classification model name (default resnet18).")
+@click.option("--init", default=None, help="random | imagenet (the backbone's published weights, from the local "
+              "cache) | PATH of a checkpoint or weight file (backbone only).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Backbone weights from a .safetensors file or a torch.save'd state dict (never a pickled model).")
+@click.option("--backbone", default=None, help="A torchvision classification model name (default resnet18) or "
+              "timm/NAME for any timm model.")
 @click.option("--temporal-arch", type=click.Choice(["tcn", "transformer"]), default=None, help="With --features.")
 @click.option("--window", type=click.IntRange(min=1), default=None, help="With --features: frames per window.")
 @click.option("--stride", type=click.IntRange(min=1), default=None, help="With --features: frames between windows.")
@@ -68,13 +73,15 @@ def _csv_floats(value: str | None) -> tuple[float, ...] | None:
 @click.option("--max-val-steps", type=int, default=None)
 @click.option("--log-every", type=int, default=None, help="Log to metrics.jsonl every N steps.")
 @click.option("--sync-timing/--no-sync-timing", default=None, help="Exact data-wait on GPU (syncs).")
+@click.option("--tensorboard/--no-tensorboard", default=None,
+              help="TensorBoard event files in the run folder (pip install 'affpipe[tensorboard]').")
 @click.option("--seed", type=click.IntRange(min=0), default=None)
 @click.option("--index", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Label index, when it is not where the shard (or feature) manifest says; checked against it.")
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last.pt.")
 @click.option("--overwrite", is_flag=True, help="-o holds a run: start afresh (deletes only the run's own files).")
-def train(recipe: Path | None, task: str | None, shards: Path | None, features: Path | None, out: Path | None,
-          resume: bool, overwrite: bool,
+def train(recipe: Path | None, task: str | None, shards: Path | None, features: tuple[Path, ...], out: Path | None,
+          resume: bool, overwrite: bool, weights: Path | None,
           compile_: bool | None, task_weights: str | None, **flags) -> None:
     """Train a uni-task (va|expr|au) or multi-task (mtl) model on shards (or, with --features, a
     temporal head on a feature table) into a run folder."""
@@ -92,9 +99,13 @@ def train(recipe: Path | None, task: str | None, shards: Path | None, features: 
               "window": "temporal.window", "stride": "temporal.stride", "dropout": "model.dropout", "va_loss": "loss.va_loss",
               "expr_class_weights": "loss.expr_class_weights", "au_pos_weight": "loss.au_pos_weight",
               "task_weighting": "loss.task_weighting", "backend": "loader.backend",
-              "num_workers": "loader.num_workers", "on_bad": "loader.on_bad"}
+              "num_workers": "loader.num_workers", "on_bad": "loader.on_bad", "tensorboard": "logging.tensorboard"}
+    if weights is not None:
+        if flags.get("init") not in (None, str(weights)):
+            raise click.UsageError("give --weights FILE or --init, not both")
+        flags["init"] = str(weights)  # a weight file is the backbone's initialization
     overrides = {nested.get(k, k): v for k, v in flags.items()}
-    overrides.update({"task": task, "shards": shards, "features": features, "out": out, "compile": compile_,
+    overrides.update({"task": task, "shards": shards, "features": list(features) or None, "out": out, "compile": compile_,
                       "loss.task_weights": _csv_floats(task_weights), "resume": resume or None})
     cfg = load_config(recipe, overrides)
     if (cfg.shards is None and cfg.features is None) or cfg.out is None:

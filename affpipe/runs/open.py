@@ -174,7 +174,7 @@ def open_run(inputs: RunInputs) -> Run:
     if kind == "frames":
         shards = _existing(shards or _recorded(ckpt.parent, rec, "shards") or cfg.shards, "shards", ckpt, "--shards")
         return _open_frames(ckpt, state, cfg, rec, shards, index, override=inputs.index is not None)
-    feats = features or tuple(_recorded(ckpt.parent, rec, "features") or ([cfg.features] if cfg.features else []))
+    feats = features or tuple(_recorded(ckpt.parent, rec, "features") or list(cfg.feature_tables))
     if not feats:
         raise ValueError(f"{ckpt}: no feature table recorded for this run; pass --features")
     feats = tuple(_existing(f, "feature table", ckpt, "--features") for f in feats)
@@ -215,14 +215,16 @@ def _open_temporal(ckpt: Path, state: dict, cfg: TrainConfig, rec: dict | None, 
     from affpipe.temporal.features import features_fingerprint
     from affpipe.temporal.train import TemporalData
 
-    if len(features) != 1:
-        raise ValueError(f"--features: {ckpt} reads one feature table, {len(features)} given")
+    if len(features) != len(cfg.feature_tables):
+        raise ValueError(f"--features: {ckpt} reads {len(cfg.feature_tables)} feature table(s) (fused in that "
+                         f"order), {len(features)} given")
     if index is not None and not Path(index).exists():
         index = None  # the recorded one is gone: the feature table names its own
-    data = TemporalData.open(features[0], index)
-    for i, (fp, f) in enumerate(zip((rec or {}).get("features_fingerprint") or [], features, strict=False)):
-        lineage.check(f"feature table #{i + 1}", fp, features_fingerprint(data.table.manifest),
-                      f"{ckpt} (what it trained on)", str(f))
+    data = TemporalData.open(features, index)
+    fused = data.table.manifest.get("fused")  # one entry per table, in order
+    actual = [e["fingerprint"] for e in fused] if fused else [features_fingerprint(data.table.manifest)]
+    for i, (fp, f, now) in enumerate(zip((rec or {}).get("features_fingerprint") or [], features, actual, strict=False)):
+        lineage.check(f"feature table #{i + 1}", fp, now, f"{ckpt} (what it trained on)", str(f))
     table_name = data.table.manifest.get("table", "frames")
     if not override:  # a flag's index was checked already
         _check_index(rec, data.index, table_name, ckpt)

@@ -10,6 +10,7 @@ process's memory (private and file-backed: the features are memory-mapped, not l
     python -m affpipe.temporal.bench --out /tmp/tbench --embed-source RUN --shards SHARDS
 
 The second form times ``affpipe embed`` beside the backbone's bare forward pass (``bench_embed``);
+``--backbones a,b --shards SHARDS`` does it for each backbone (``bench_backbones``).
 ``--open-only`` times the checks a feature table gets when it is opened (``bench_open``).
 """
 
@@ -222,7 +223,8 @@ def bench_open(feats: Path, repeats: int = 2) -> dict[str, Any]:
 
 
 def bench_embed(source: str, shards: Path, out: Path, *, batch_size: int = 256, device: str = "cpu",
-                forward_seconds: float = 20.0, loader: Any = None, image_size: int | None = None) -> dict[str, Any]:
+                forward_seconds: float = 20.0, loader: Any = None, image_size: int | None = None,
+                backbone: str | None = None, weights: Path | None = None, split: str = "all") -> dict[str, Any]:
     """``affpipe embed`` frames/s and data-wait share beside the same backbone's forward pass on
     ready uint8 batches (no loader), measured in one run: the loader's cost is the difference."""
     import shutil
@@ -231,19 +233,18 @@ def bench_embed(source: str, shards: Path, out: Path, *, batch_size: int = 256, 
 
     from affpipe.dist import pick_device
     from affpipe.temporal.embed import EmbedConfig, embed, load_encoder
-    from affpipe.train.models import normalize_input
 
     extra = {"loader": loader} if loader is not None else {}
     cfg = EmbedConfig(source=source, shards=Path(shards), out=Path(out), batch_size=batch_size, device=device,
-                      image_size=image_size, **extra)
+                      image_size=image_size, backbone=backbone, weights=weights, split=split, **extra)
     dev = pick_device(device)
     enc = load_encoder(cfg, dev)
     images = torch.randint(0, 256, (batch_size, 3, enc.image_size, enc.image_size), dtype=torch.uint8, device=dev)
     with torch.inference_mode():
-        enc.backbone(normalize_input(images))  # warm-up
+        enc.backbone(images)  # warm-up
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < forward_seconds:
-            enc.backbone(normalize_input(images))
+            enc.backbone(images)
             n += batch_size
     forward_fps = n / (time.perf_counter() - t0)
     shutil.rmtree(out, ignore_errors=True)
@@ -251,7 +252,43 @@ def bench_embed(source: str, shards: Path, out: Path, *, batch_size: int = 256, 
     return {"backbone": enc.arch, "image_size": enc.image_size, "batch_size": batch_size, "device": str(dev),
             "forward_only_frames_per_s": forward_fps, "embed_frames_per_s": tp["frames_per_s"],
             "embed_vs_forward": tp["frames_per_s"] / forward_fps, "data_wait_share": tp["data_wait_share"],
-            "frames": tp["frames"], "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
+            "frames": tp["frames"], "backbone_input_size": enc.input.get("size"),
+            "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
+
+
+def bench_backbones(shards: Path, out: Path, backbones: list[str], *, image_size: int = 112, batch_size: int = 64,
+                    forward_seconds: float = 10.0, loader: Any = None, split: str = "val") -> dict[str, Any]:
+    """``bench_embed`` for each of ``backbones`` (random weights: speed does not depend on them),
+    each through a weight file (``--weights``), as a user would embed a face-pretrained one; then
+    all of them in one ``embed`` pass (each frame decoded once) against the sum of the passes."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from affpipe.temporal.embed import EmbedConfig, embed
+    from affpipe.train.models import ModelConfig, backbone_state_dict, build_model
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, files = [], []
+    for arch in backbones:
+        slug = arch.replace("/", "_")
+        weights = out / f"{slug}.safetensors"
+        save_file({k: v.contiguous() for k, v in backbone_state_dict(build_model(ModelConfig(arch=arch, tasks=("va",)))).items()},
+                  str(weights))
+        files.append(weights)
+        rows.append(bench_embed("weights", shards, out / slug, batch_size=batch_size, forward_seconds=forward_seconds,
+                                loader=loader, image_size=image_size, backbone=arch, weights=weights, split=split))
+        log.info("bench_backbones: %s", rows[-1])
+    shutil.rmtree(out / "joint", ignore_errors=True)
+    extra = {"loader": loader} if loader is not None else {}
+    joint = embed(EmbedConfig(source="weights", shards=Path(shards), out=out / "joint", split=split, device="cpu",
+                              backbone=tuple(backbones), weights=tuple(files), image_size=image_size,
+                              batch_size=batch_size, **extra))["tables"][0]["throughput"]
+    separate_s = sum(r["frames"] / r["embed_frames_per_s"] for r in rows)
+    return {"backbones": rows, "joint_frames_per_s": joint["frames_per_s"], "joint_seconds": joint["seconds"],
+            "separate_seconds": separate_s, "joint_data_wait_share": joint["data_wait_share"],
+            "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
 
 
 def main() -> None:
@@ -269,9 +306,17 @@ def main() -> None:
     p.add_argument("--embed-source", default=None, help="Instead: time `affpipe embed` of this run/checkpoint ...")
     p.add_argument("--shards", type=Path, default=None, help="... over these shards.")
     p.add_argument("--image-size", type=int, default=None, help="With --embed-source (default: the run's).")
+    p.add_argument("--backbones", default=None, help="Instead: embed frames/s of these backbones (comma-separated, "
+                   "random weights through a weight file) over --shards, at --image-size (112).")
     p.add_argument("--open-only", action="store_true", help="Instead: time the checks of opening the table.")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.backbones:
+        if args.shards is None:
+            p.error("--backbones needs --shards")
+        print(json.dumps(bench_backbones(args.shards, args.out, args.backbones.split(","),
+                                         image_size=args.image_size or 112), indent=2))
+        return
     if args.embed_source:
         if args.shards is None:
             p.error("--embed-source needs --shards")

@@ -1,8 +1,21 @@
 """``affpipe embed``: a frozen backbone over every frame of some splits → the feature table.
 
-SOURCE is a per-frame run folder or checkpoint (its backbone, image size) or ``imagenet``
-(torchvision's weights for ``--backbone`` from the local cache, with the same offline error as
-``--init imagenet``). Frames stream through the ordinary loaders, unaugmented and in shard order.
+SOURCE is a per-frame run folder or checkpoint (its backbone, image size), ``imagenet`` (the
+published weights of ``--backbone``, torchvision's or ``timm/NAME``'s, from the local cache, with
+the same offline error as ``--init imagenet``), or ``--weights FILE`` (a ``.safetensors`` or
+state-dict file for ``--backbone``). The backbone's own input op resizes and normalizes on the
+device (a ViT at 224 px from 112 px frames). Frames stream through the ordinary loaders,
+unaugmented and in shard order.
+
+Several backbones (``--backbone`` repeated, with ``imagenet`` or one ``--weights`` each) are
+embedded in one pass over the frames: every JPEG is decoded once and goes through each backbone,
+and each backbone gets its own table, ``OUT/<name>/`` (``name``: the weight file's stem, else the
+backbone's name with ``/`` as ``_``). Separate tables rather than one concatenated table: each
+stays a table of its own (lineage, width, resumable parts) and any of them can be fused with any
+other of the same index later (``affpipe train --features A --features B``).
+
+(A little over 400 lines: the one-pass loop, its chunker and the folder claims share the
+per-shard part layout that makes a resumed table byte-identical; split up they would each need it.)
 
 The folder is claimed (``affpipe.outdir``): a folder holding anything else is refused, nothing
 is written through a link, and a folder started from other inputs (another SOURCE, shards,
@@ -61,8 +74,9 @@ class EmbedConfig:
     shards: Path
     out: Path
     split: str = "all"
-    backbone: str | None = None
+    backbone: str | tuple[str, ...] | None = None  # several: one table each, in one pass over the frames
     image_size: int | None = None
+    weights: Path | tuple[Path, ...] | None = None  # weight files for `backbone` (then SOURCE is "weights")
     batch_size: int = 256
     device: str = "auto"
     amp: str = "bf16"  # GPU only
@@ -76,6 +90,31 @@ class EmbedConfig:
             raise ValueError("batch_size and image_size must be >= 1")
         if self.loader.on_bad != "error":
             raise ValueError("embed: on_bad must be 'error' (a skipped sample would shift the per-shard parts)")
+        for name in ("backbone", "weights"):  # one value or a list of them, kept as a tuple
+            value = getattr(self, name)
+            if value is not None:
+                value = tuple(value) if isinstance(value, list | tuple) else (value,)
+                object.__setattr__(self, name, tuple(Path(v) for v in value) if name == "weights" else value)
+        n, w = len(self.backbone or ()), len(self.weights or ())
+        if w and n and w != n:
+            raise ValueError(f"embed: {n} --backbone and {w} --weights: give one weight file per backbone")
+        if max(n, w) > 1 and self.source not in ("imagenet", "pretrained", "weights"):
+            raise ValueError(f"embed: several backbones need SOURCE imagenet or --weights; {self.source} holds one")
+
+    def encoders(self) -> list[tuple[str | None, Path | None]]:
+        """``(backbone, weight file)`` of each table to write."""
+        n = max(len(self.backbone or ()), len(self.weights or ()), 1)
+        return [((self.backbone or (None,) * n)[k], (self.weights or (None,) * n)[k]) for k in range(n)]
+
+    def folders(self) -> list[Path]:
+        """Each table's folder: OUT itself for one, ``OUT/<name>`` for several."""
+        specs = self.encoders()
+        if len(specs) == 1:
+            return [Path(self.out)]
+        names = [w.stem if w is not None else str(b or "resnet18").replace("/", "_") for b, w in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"embed: two tables would share a folder under {self.out}: {names}")
+        return [Path(self.out) / name for name in names]
 
 
 @dataclass
@@ -89,19 +128,22 @@ class Encoder:
     checkpoint: Path
     sha256: str
     width: int = 0  # features per frame
+    input: dict[str, Any] = field(default_factory=dict)  # what the backbone's input op does
 
 
-def load_encoder(cfg: EmbedConfig, device: torch.device) -> Encoder:
-    """The backbone SOURCE names, in eval mode on ``device``."""
+def load_encoder(cfg: EmbedConfig, device: torch.device, which: int = 0) -> Encoder:
+    """The backbone SOURCE names (the ``which``-th of several), in eval mode on ``device``."""
     from affpipe.temporal.heads import restore_model
     from affpipe.train.checkpoint import load_checkpoint, resolve_checkpoint
     from affpipe.train.config import from_dict
-    from affpipe.train.models import ModelConfig, build_model, imagenet_cache_file
+    from affpipe.train.models import ModelConfig, build_model, resolve_input
 
-    if cfg.source == "imagenet":
-        arch = cfg.backbone or "resnet18"
-        model = build_model(ModelConfig(arch=arch, tasks=("va",), init="imagenet"))  # the offline error lives there
-        ckpt = imagenet_cache_file(arch)
+    backbone, weights = cfg.encoders()[which]
+    if weights is not None or cfg.source in ("imagenet", "pretrained"):
+        arch = backbone or "resnet18"
+        init = str(weights) if weights is not None else "imagenet"
+        model = build_model(resolve_input(ModelConfig(arch=arch, tasks=("va",), init=init), cfg.image_size or 112))
+        ckpt = Path(model.init_report["file"])  # the offline error and the weight-file checks live in build_model
         size = cfg.image_size or 112
     else:
         ckpt = resolve_checkpoint(Path(cfg.source))
@@ -111,13 +153,18 @@ def load_encoder(cfg: EmbedConfig, device: torch.device) -> Encoder:
             raise ValueError(f"{ckpt}: a temporal run has no frame encoder; embed the per-frame run its features came from")
         model = restore_model(run_cfg, state, source=str(ckpt))
         arch = run_cfg.model.arch
-        if cfg.backbone is not None and cfg.backbone != arch:
-            raise ValueError(f"--backbone {cfg.backbone}: {ckpt} holds a {arch} backbone")
+        if backbone is not None and backbone != arch:
+            raise ValueError(f"--backbone {backbone}: {ckpt} holds a {arch} backbone")
         size = cfg.image_size or run_cfg.image_size
-    backbone = model.backbone.to(device).eval()
+    # The model's input op first: it resizes and normalizes the loader's uint8 frames as the backbone expects.
+    net = torch.nn.Sequential(model.input_norm, model.backbone).to(device).eval()
     if device.type == "cuda":
-        backbone = backbone.to(memory_format=torch.channels_last)
-    enc = Encoder(backbone, arch, size, cfg.source, ckpt.resolve(), sha256_file(ckpt) if ckpt.is_file() else "")
+        net = net.to(memory_format=torch.channels_last)
+    norm = model.input_norm
+    spec = {"size": norm.size or size, "mean": norm.mean255.flatten().div(255).tolist(),
+            "std": norm.inv255.flatten().reciprocal().div(255).tolist(), "interpolation": norm.interpolation}
+    source = str(weights) if weights is not None else cfg.source
+    enc = Encoder(net, arch, size, source, ckpt.resolve(), sha256_file(ckpt) if ckpt.is_file() else "", input=spec)
     enc.width = _width(enc, device)
     return enc
 
@@ -182,18 +229,20 @@ class _Chunker:
                 self.shard, self.done = self.shard + 1, 0
 
 
-def _embed_split(cfg: EmbedConfig, enc: Encoder, split: str, c: Claim, device: torch.device, stats: _Stats) -> None:
-    """Embed the shards of ``split`` whose part is not in the folder yet, one part per shard."""
+def _embed_split(cfg: EmbedConfig, encs: list[Encoder], claims: list[Claim], split: str, device: torch.device,
+                 stats: _Stats) -> None:
+    """Embed the shards of ``split`` whose part is missing from some table's folder, one part per
+    shard and table; one loader for all of them, so each frame is decoded once."""
     import tempfile
 
     from affpipe.dist import autocast
     from affpipe.loaders import make_loader
     from affpipe.loaders.base import find_shards
     from affpipe.shards.format import read_idx_header
-    from affpipe.train.models import normalize_input
 
     shards = find_shards(cfg.shards, split)
-    todo = [(k, tar, idx) for k, (tar, idx) in enumerate(shards) if not c.path(_part(split, k)).is_file()]
+    todo = [(k, tar, idx) for k, (tar, idx) in enumerate(shards)
+            if not all(c.path(_part(split, k)).is_file() for c in claims)]
     if not todo:
         log.info("embed: %s: all %d shards already embedded", split, len(shards))
         return
@@ -204,13 +253,13 @@ def _embed_split(cfg: EmbedConfig, enc: Encoder, split: str, c: Claim, device: t
     t0 = t_wait = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="affpipe-embed-") as tmp, torch.inference_mode():
         loader = make_loader(_view(Path(tmp), split, todo), split, batch_size=cfg.batch_size, train=False, device=device,
-                             image_size=enc.image_size, rank=0, world_size=1, normalize=False,
+                             image_size=encs[0].image_size, rank=0, world_size=1, normalize=False,
                              **cfg.loader.kwargs(train=False))
         if loader.backend != stats.backend:
             log.info("embed: %s: loader backend %s (%s workers), device %s", split, loader.backend,
                      "default" if cfg.loader.num_workers is None else cfg.loader.num_workers, device)
             stats.backend = loader.backend
-        feats: list[np.ndarray] = [np.zeros((0, enc.width), np.float16)]
+        feats = [[np.zeros((0, e.width), np.float16)] for e in encs]
         ids: list[np.ndarray] = [np.zeros(0, np.int64)]
         for batch in itertools.chain(loader, [None]):  # None: flush the shards without a sample at the end
             stats.wait += time.perf_counter() - t_wait
@@ -218,14 +267,18 @@ def _embed_split(cfg: EmbedConfig, enc: Encoder, split: str, c: Claim, device: t
                 chunker.add(batch.images, batch.row_id)
             for pos, images, row_id, last in chunker.chunks():
                 if len(row_id):
-                    with autocast(device, amp):
-                        out = enc.backbone(normalize_input(images))
-                    feats.append(out.float().cpu().numpy().astype(np.float16))
+                    for e, enc in enumerate(encs):  # the decoded frames go through every backbone
+                        with autocast(device, amp):
+                            out = enc.backbone(images)
+                        feats[e].append(out.float().cpu().numpy().astype(np.float16))
                     ids.append(row_id.cpu().numpy())
                     bar.update(len(row_id))
-                if last:  # a shard is complete: its part
-                    write_part(c.path(_part(split, todo[pos][0])), np.concatenate(ids), np.concatenate(feats))
-                    feats, ids = feats[:1], ids[:1]
+                if last:  # a shard is complete: its part in each table that lacks it
+                    for e, c in enumerate(claims):
+                        part = c.path(_part(split, todo[pos][0]))
+                        if not part.is_file():
+                            write_part(part, np.concatenate(ids), np.concatenate(feats[e]))
+                    feats, ids = [f[:1] for f in feats], ids[:1]
             t_wait = time.perf_counter()
     bar.close()
     stats.frames += sum(counts)
@@ -247,53 +300,76 @@ def embed_inputs(cfg: EmbedConfig, enc: Encoder, splits: list[str], shard_manife
     from affpipe.shards.format import shards_fingerprint
 
     return {"source": enc.source, "source_sha256": enc.sha256, "backbone": enc.arch, "image_size": enc.image_size,
-            "shards_fingerprint": shards_fingerprint(shard_manifest), "splits": splits, "batch_size": cfg.batch_size,
+            "input": enc.input, "shards_fingerprint": shards_fingerprint(shard_manifest), "splits": splits, "batch_size": cfg.batch_size,
             "device": device.type, "amp": cfg.amp if device.type == "cuda" else "none"}
 
 
 def embed(cfg: EmbedConfig) -> dict[str, Any]:
-    """Write ``cfg.out/features.arrow`` + ``manifest.json``; returns the manifest. The folder is
+    """Write ``cfg.out/features.arrow`` + ``manifest.json``; returns the manifest (with several
+    backbones: ``{"tables": [manifest, ...]}``, one table per ``OUT/<name>``). Each folder is
     claimed (``affpipe.outdir``): a rerun with the same inputs resumes, other inputs are refused
     unless ``cfg.overwrite``."""
-    from affpipe.dist import pick_device
-    from affpipe.index.build import index_fingerprint
-    from affpipe.lineage import rel_path
-    from affpipe.shards.format import checked_index, read_manifest, shards_fingerprint
+    from contextlib import ExitStack
 
-    out = Path(cfg.out)
+    from affpipe.dist import pick_device
+    from affpipe.shards.format import checked_index, read_manifest
+
     shard_manifest = read_manifest(cfg.shards)
     splits = _splits(cfg, shard_manifest)
     index = checked_index(cfg.shards, shard_manifest)
     device = pick_device(cfg.device)
-    enc = load_encoder(cfg, device)
-    with claim(out, OWNER, embed_inputs(cfg, enc, splits, shard_manifest, device), overwrite=cfg.overwrite) as c:
-        if MANIFEST_FILE in c.existing and TABLE_FILE in c.existing:
-            log.info("embed: %s already holds this table (same inputs); nothing to do", out)
-            _remove_parts(c)
-            return read_manifest_of(out)
+    folders = cfg.folders()
+    encs = [load_encoder(cfg, device, k) for k in range(len(folders))]
+    manifests: list[dict[str, Any] | None] = [None] * len(encs)
+    with ExitStack() as stack:
+        claims = [stack.enter_context(claim(out, OWNER, embed_inputs(cfg, enc, splits, shard_manifest, device),
+                                            overwrite=cfg.overwrite)) for out, enc in zip(folders, encs, strict=True)]
+        for k, (out, c) in enumerate(zip(folders, claims, strict=True)):
+            if MANIFEST_FILE in c.existing and TABLE_FILE in c.existing:
+                log.info("embed: %s already holds this table (same inputs); nothing to do", out)
+                _remove_parts(c)
+                manifests[k] = read_manifest_of(out)
+        todo = [k for k, m in enumerate(manifests) if m is None]
         stats = _Stats()
-        for split in splits:
-            _embed_split(cfg, enc, split, c, device, stats)
-        table = shard_manifest.get("table", "frames")
-        files = sorted(p for s in splits for p in (out / PARTS_DIR).glob(f"{s}-*.arrow"))
-        rows = merge_parts(files, out, _lookup(index, table))
-        manifest = {
-            "schema_version": FEATURE_SCHEMA_VERSION, "source": cfg.source,
-            "source_checkpoint": rel_path(out, enc.checkpoint) if enc.checkpoint else None,
-            "source_sha256": enc.sha256, "backbone": enc.arch, "image_size": enc.image_size,
-            "feature_dim": enc.width, "dtype": "float16", "index": rel_path(out, index),
-            "index_fingerprint": index_fingerprint(index, table),
-            "table": table, "shards": rel_path(out, cfg.shards), "shards_fingerprint": shards_fingerprint(shard_manifest),
-            "splits": splits, "rows": rows,
-            "loader": {"backend": stats.backend or "none (every shard was already embedded)",
-                       "num_workers": cfg.loader.num_workers},
-            "throughput": {"frames": stats.frames, "seconds": stats.time, "device": str(device),
-                           "frames_per_s": stats.frames / stats.time if stats.time else None,
-                           "data_wait_share": stats.wait / stats.time if stats.time else None},
-        }
-        manifest["fingerprint"] = features_fingerprint(manifest)
-        write_manifest(out, manifest)
-        _remove_parts(c)
+        if todo:
+            for split in splits:
+                _embed_split(cfg, [encs[k] for k in todo], [claims[k] for k in todo], split, device, stats)
+        for k in todo:
+            manifests[k] = _finish(cfg, encs[k], claims[k], index, shard_manifest, splits, stats, device,
+                                   shared=[str(folders[j]) for j in todo if j != k])
+    return manifests[0] if len(manifests) == 1 else {"tables": manifests}
+
+
+def _finish(cfg: EmbedConfig, enc: Encoder, c: Claim, index: Path, shard_manifest: dict, splits: list[str],
+            stats: _Stats, device: torch.device, shared: list[str]) -> dict[str, Any]:
+    """Merge one table's parts and write its manifest (lineage, input op, throughput)."""
+    from affpipe.index.build import index_fingerprint
+    from affpipe.lineage import rel_path
+    from affpipe.shards.format import shards_fingerprint
+
+    out = c.out
+    table = shard_manifest.get("table", "frames")
+    files = sorted(p for s in splits for p in (out / PARTS_DIR).glob(f"{s}-*.arrow"))
+    rows = merge_parts(files, out, _lookup(index, table))
+    manifest = {
+        "schema_version": FEATURE_SCHEMA_VERSION, "source": enc.source,
+        "source_checkpoint": rel_path(out, enc.checkpoint) if enc.checkpoint else None,
+        "source_sha256": enc.sha256, "backbone": enc.arch, "image_size": enc.image_size, "input": enc.input,
+        "feature_dim": enc.width, "dtype": "float16", "index": rel_path(out, index),
+        "index_fingerprint": index_fingerprint(index, table),
+        "table": table, "shards": rel_path(out, cfg.shards), "shards_fingerprint": shards_fingerprint(shard_manifest),
+        "splits": splits, "rows": rows,
+        "loader": {"backend": stats.backend or "none (every shard was already embedded)",
+                   "num_workers": cfg.loader.num_workers},
+        # with several backends in one pass, the frames/s are those of the whole pass
+        "throughput": {"frames": stats.frames, "seconds": stats.time, "device": str(device),
+                       "frames_per_s": stats.frames / stats.time if stats.time else None,
+                       "data_wait_share": stats.wait / stats.time if stats.time else None,
+                       "shared_with": shared},
+    }
+    manifest["fingerprint"] = features_fingerprint(manifest)
+    write_manifest(out, manifest)
+    _remove_parts(c)
     log.info("embed: %d rows x %d features → %s", rows, manifest["feature_dim"], out / TABLE_FILE)
     return manifest
 
@@ -312,7 +388,7 @@ def _remove_parts(c: Claim) -> None:
 
 def _width(enc: Encoder, device: torch.device) -> int:
     with torch.inference_mode():
-        x = torch.zeros(1, 3, enc.image_size, enc.image_size, device=device)
+        x = torch.zeros(1, 3, enc.image_size, enc.image_size, dtype=torch.uint8, device=device)
         return int(enc.backbone.eval()(x).shape[1])
 
 

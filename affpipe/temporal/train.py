@@ -10,6 +10,7 @@ label index, so the features are the only input.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +37,14 @@ class TemporalData:
     index: Path  # the label index, resolved (a relative path in the manifest is from the features folder)
 
     @classmethod
-    def open(cls, features: Path, index: Path | None = None) -> TemporalData:
+    def open(cls, features: Path | Sequence[Path], index: Path | None = None) -> TemporalData:
         """Open ``features`` checked against its label index (``index`` overrides the one its
-        manifest names; see :func:`affpipe.temporal.features.open_features`)."""
-        table = open_features(features, index=index)
+        manifest names; see :func:`affpipe.temporal.features.open_features`); several tables are
+        fused (:mod:`affpipe.temporal.fused`: the same index, row for row, concatenated)."""
+        from affpipe.temporal.fused import fuse_tables
+
+        paths = [features] if isinstance(features, str | Path) else list(features)
+        table = fuse_tables([open_features(p, index=index) for p in paths])
         assert table.label_table is not None and table.index is not None
         return cls(table, align_labels(table.label_table, table.row_id), table.label_table, table.index)
 
@@ -90,7 +95,7 @@ def temporal_setup(cfg: TrainConfig, ctx: dist.DistContext):
         kw = dict(device=ctx.device, rank=ctx.rank, world=ctx.world)
         return data.loader("train", cfg, train=True, **kw), data.loader("val", cfg, train=False, **kw)
 
-    what = f"with a {cfg.temporal.arch} head over windows of {cfg.temporal.window} frames of {cfg.features}"
+    what = f"with a {cfg.temporal.arch} head over windows of {cfg.temporal.window} frames of {' + '.join(map(str, cfg.feature_tables))}"
     trainer = Trainer(cfg, ctx, model, loss_fn)
     trainer.row_videos = row_videos(data.label_table)  # validation intervals by video
     return trainer, loaders, what
@@ -103,13 +108,15 @@ def temporal_lineage(cfg: TrainConfig, run: Path) -> dict:
     from affpipe.lineage import rel_path
     from affpipe.temporal.features import features_fingerprint, manifest_index_path, read_manifest
 
-    manifest = read_manifest(cfg.features)
+    tables = cfg.feature_tables  # fused tables share their index (checked when they are opened)
+    manifests = [read_manifest(f) for f in tables]
+    manifest = manifests[0]
     table = manifest.get("table", "frames")
-    index = Path(cfg.index) if cfg.index is not None else manifest_index_path(cfg.features, manifest)
+    index = Path(cfg.index) if cfg.index is not None else manifest_index_path(tables[0], manifest)
     return {"kind": "temporal", "table": table, "index": rel_path(run, index),
             "index_fingerprint": manifest.get("index_fingerprint") or index_fingerprint(index, table),
-            "shards": None, "shards_fingerprint": None, "features": [rel_path(run, cfg.features)],
-            "features_fingerprint": [features_fingerprint(manifest)]}
+            "shards": None, "shards_fingerprint": None, "features": [rel_path(run, f) for f in tables],
+            "features_fingerprint": [features_fingerprint(m) for m in manifests]}
 
 
 def train_temporal(cfg: TrainConfig, *, overwrite: bool = False) -> Path:

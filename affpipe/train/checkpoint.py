@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
 # Keys that may differ between a killed run and its --resume (out, index: folders may be moved;
 # the loader's backend, workers and on_bad: what a loader error tells the user to change, and
-# both backends read the same epoch plan).
-RESUME_MUTABLE = ("resume", "epochs", "out", "index", "loader.backend", "loader.num_workers", "loader.on_bad")
+# both backends read the same epoch plan; logging: what is written besides metrics.jsonl).
+RESUME_MUTABLE = ("resume", "epochs", "out", "index", "loader.backend", "loader.num_workers", "loader.on_bad",
+                  "logging")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """Training configuration: the frozen ``TrainConfig``, recipe TOML loading, JSON round trip.
 
-A run is described by a recipe (``pipelines/*.toml``; sections ``[model]``, ``[loss]``, ``[loader]``), command-line flags that override it,
+A run is described by a recipe (``pipelines/*.toml``; sections ``[model]``, ``[loss]``, ``[loader]``,
+``[temporal]``, ``[logging]``), command-line flags that override it,
 and the resolved result, which is saved as ``config.json`` in the run folder and inside every
 checkpoint. ``to_dict``/``from_dict`` round-trip it exactly; unknown keys are an error that
 names the key and the file (with the line when it can be found), never silently ignored.
@@ -35,6 +36,14 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 TEMPORAL_ARCHS = ("tcn", "transformer")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """What a run logs besides ``metrics.jsonl`` (always written, the source of truth).
+    ``tensorboard``: event files in the run folder (``pip install 'affpipe[tensorboard]'``)."""
+
+    tensorboard: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,8 +122,11 @@ class TrainConfig:
     sync_timing: bool = False  # cuda.synchronize around timings: exact data-wait, a bit slower
     seed: int = 0
     resume: bool = False
-    features: Path | None = None  # a feature table (`affpipe embed`): train a temporal head on it
+    # A feature table (`affpipe embed`): train a temporal head on it; several (a list) are joined
+    # row for row and concatenated (fused features).
+    features: Path | tuple[Path, ...] | None = None
     temporal: TemporalConfig = field(default_factory=TemporalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
         if self.task not in TASK_HEADS:
@@ -151,8 +163,15 @@ class TrainConfig:
             object.__setattr__(self, "model", replace(self.model, tasks=heads))
         for name in ("shards", "out", "index", "features"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
+            if value is not None and not isinstance(value, Path | tuple | list):
                 object.__setattr__(self, name, Path(value))
+        if isinstance(self.features, tuple | list):  # one table stays a path (config.json as before)
+            tables = tuple(Path(p) for p in self.features)
+            if not tables:
+                raise ValueError("features: give at least one feature table")
+            if len(set(tables)) != len(tables):
+                raise ValueError(f"features: a table is listed twice: {[str(p) for p in tables]}")
+            object.__setattr__(self, "features", tables[0] if len(tables) == 1 else tables)
 
     @property
     def heads(self) -> tuple[str, ...]:
@@ -162,6 +181,13 @@ class TrainConfig:
     def is_temporal(self) -> bool:
         """A temporal head over a feature table rather than a per-frame model over shards."""
         return self.features is not None
+
+    @property
+    def feature_tables(self) -> tuple[Path, ...]:
+        """The feature tables of a temporal run (one, or several to fuse); empty for a per-frame run."""
+        if self.features is None:
+            return ()
+        return self.features if isinstance(self.features, tuple) else (self.features,)
 
     @property
     def score_key(self) -> str:
@@ -221,6 +247,12 @@ def load_config(recipe: Path | str | None = None, overrides: Mapping[str, Any] |
             data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
+    section = data.get("temporal")
+    if isinstance(section, dict) and "features" in section:  # `[temporal] features = [...]`: the same key
+        if "features" in data:
+            raise ValueError(f"{source}{_line_of(text, 'features')}: features given twice (top level and [temporal])")
+        data = {**data, "temporal": {k: v for k, v in section.items() if k != "features"},
+                "features": section["features"]}
     for key, value in (overrides or {}).items():
         if value is None:
             continue

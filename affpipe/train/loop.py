@@ -177,9 +177,9 @@ def train(cfg: TrainConfig, setup: Setup = frame_setup, lineage: Lineage = frame
             if ctx.main and (recorded := lineage_of_run(run)) is not None:
                 check_same_data(recorded, data, run)
             resume(trainer, run)
-        if ctx.main:
+        if ctx.main:  # trainer.cfg: with what the setup resolved (the backbone's input)
             write_lineage(run, data)
-            atomic_write_text(run / "config.json", config_json(cfg))
+            atomic_write_text(run / "config.json", config_json(trainer.cfg))
         trainer.wrap()
         train_loader, val_loader = loaders()
         steps = steps_per_epoch(cfg, ctx, train_loader)
@@ -198,8 +198,10 @@ def fit(trainer: Trainer, run: Path, train_loader, val_loader, steps: int, linea
     """Epochs from ``trainer.state.epoch`` to ``cfg.epochs``: train, validate, checkpoint, log
     (every checkpoint carries ``lineage``, what the run trains on)."""
     cfg, ctx, state = trainer.cfg, trainer.ctx, trainer.state
-    runlog = RunLog(run, ctx, sync=cfg.sync_timing)
+    runlog = RunLog(run, ctx, sync=cfg.sync_timing, tensorboard=cfg.logging.tensorboard, start_step=state.step)
     clock = (time.perf_counter(), state.wall_time)
+    if ctx.main and state.step == 0:
+        runlog.write_init(getattr(trainer.raw_model, "init_report", None))
 
     def checkpoint(name: str) -> None:
         trainer.state.wall_time = clock[1] + time.perf_counter() - clock[0]
@@ -235,6 +237,7 @@ def fit(trainer: Trainer, run: Path, train_loader, val_loader, steps: int, linea
             if improved:
                 checkpoint("best.pt")
             plot(run)
+    runlog.close()  # (a run that raises leaves its event files flushed up to the last epoch line)
     if ctx.main:
         finish(run, cfg, trainer.state)
 
@@ -292,6 +295,8 @@ def train_one_epoch(trainer: Trainer, loader, steps: int, runlog: RunLog, checkp
             log.warning("loader ended after %d of %d batches in epoch %d", i, steps, state.epoch + 1)
             break
         wait = time.perf_counter() - t_wait
+        if state.step == 0:
+            runlog.first_batch(batch)
         window.add(trainer.step(batch), len(batch) * ctx.world, wait)
         state.step += 1
         state.step_in_epoch = i + 1
@@ -329,10 +334,17 @@ class Window:
 class RunLog:
     """``metrics.jsonl`` lines (rank 0) and the timing of training windows."""
 
-    def __init__(self, run: Path, ctx: dist.DistContext, *, sync: bool) -> None:
+    def __init__(self, run: Path, ctx: dist.DistContext, *, sync: bool, tensorboard: bool = False,
+                 start_step: int = 0) -> None:
         self.path = run / "metrics.jsonl"
         self.ctx = ctx
         self.sync = sync and ctx.device.type == "cuda"
+        self.tb = None
+        if tensorboard and ctx.main:  # fed from write(): the event files hold what metrics.jsonl holds
+            from affpipe.train.tracking import TensorBoardSink
+
+            # a resumed run logs again from start_step + 1: what a killed process logged from there on goes
+            self.tb = TensorBoardSink(run, purge_step=start_step + 1 if start_step else None)
 
     def now(self) -> float:
         if self.sync:  # only on request: a sync per step costs GPU overlap
@@ -340,8 +352,27 @@ class RunLog:
         return time.perf_counter()
 
     def write(self, record: dict[str, Any]) -> None:
+        record = jsonable(record)
         with writing(self.path), open(self.path, "a") as fh:  # a full disk names the file
-            fh.write(json.dumps(jsonable(record)) + "\n")
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            self.tb.record(record)
+
+    def write_init(self, report: dict[str, Any] | None) -> None:
+        """Where the backbone's weights came from (a weight file's key summary), once per run."""
+        from affpipe.train.weights import summary_counts
+
+        if report is None or (self.path.is_file() and '"kind": "init"' in self.path.read_text()):
+            return
+        self.write({"kind": "init", "epoch": -1, "step": 0, **summary_counts(report)})
+
+    def first_batch(self, batch) -> None:
+        if self.tb is not None and self.ctx.main:
+            self.tb.first_batch(batch)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
     def flush(self, window: Window, trainer: Trainer, steps: int, bar) -> None:
         """Log the window's means (one host sync) and add them to the epoch's running sums."""

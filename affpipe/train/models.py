@@ -1,9 +1,12 @@
-"""A torchvision backbone (ResNet-18 by default; any classification model by name) with one
-linear head per task (VA, EXPR, AU), and its initializations.
+"""A backbone (torchvision's ResNet-18 by default; any torchvision model by name, or timm's as
+``timm/NAME``) with one linear head per task (VA, EXPR, AU), its input op and initializations.
 
-``build_model(ModelConfig(...))`` returns a module whose ``forward(images)`` (float, normalized,
-NCHW — contiguous or channels_last) gives ``{"va": [N,2] in [-1,1], "expr": [N,8] logits,
-"au": [N,12] logits}`` for the configured tasks. Parameters are named ``backbone.*`` and
+``build_model(ModelConfig(...))`` returns a module whose ``forward(images)`` (uint8 NCHW from the
+loaders — contiguous or channels_last — or float already normalized) gives ``{"va": [N,2] in
+[-1,1], "expr": [N,8] logits, "au": [N,12] logits}`` for the configured tasks. Its first op
+(``InputNorm``) resizes to the backbone's input size on the device and normalizes with the
+backbone's mean/std (``ModelConfig.input_size``/``mean``/``std``/``interpolation``, else the
+backbone's own: :mod:`affpipe.train.backbones`). Parameters are named ``backbone.*`` and
 ``heads.<task>.*`` so a checkpoint's backbone can seed another model (e.g. a uni-task model's
 backbone to start a multi-task one) without touching its heads.
 """
@@ -11,34 +14,44 @@ backbone to start a multi-task one) without touching its heads.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from affpipe.batch import InputNorm
+from affpipe.batch import InputNorm as ImageNetNorm
 from affpipe.labels import NUM_AU, NUM_EXPR, TASKS
-from affpipe.train.checkpoint import safe_torch_load
 
 log = logging.getLogger(__name__)
 
 HEAD_OUTPUTS = {"va": 2, "expr": NUM_EXPR, "au": NUM_AU}
-# Prefixes added by DistributedDataParallel and torch.compile to a saved state_dict.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+PUBLISHED = ("imagenet", "pretrained")  # init: the backbone's published weights (from the local cache)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Model options. ``init``: ``"random"``, ``"imagenet"`` or the path of a checkpoint."""
+    """Model options. ``arch``: a torchvision model name or ``timm/NAME``. ``init``: ``"random"``,
+    ``"imagenet"`` (or ``"pretrained"``: the backbone's published weights, from the local cache)
+    or the path of a weight file (``.safetensors``, a state dict, an affpipe checkpoint).
+    ``input_size``/``mean``/``std``/``interpolation``: the backbone's input (``None``: the
+    backbone's own; a backbone that takes any size sees the loader's ``image_size``)."""
 
     arch: str = "resnet18"
     tasks: tuple[str, ...] = ("va", "expr", "au")
     init: str = "random"
     dropout: float = 0.0
+    input_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: str | None = None
 
     def __post_init__(self) -> None:
+        from affpipe.train.backbones import INTERPOLATIONS, check_arch
+
         # Recipes arrive from TOML/JSON with lists and paths; normalize so the config stays hashable.
         object.__setattr__(self, "tasks", tuple(self.tasks))
         object.__setattr__(self, "init", str(self.init))
@@ -47,69 +60,107 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.tasks must be distinct tasks from {TASKS}, got {self.tasks}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.input_size is not None and self.input_size < 8:
+            raise ValueError(f"model.input_size must be >= 8, got {self.input_size}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                value = tuple(float(v) for v in value)
+                object.__setattr__(self, name, value)
+                if len(value) != 3 or not all(math.isfinite(v) for v in value) or (name == "std" and min(value) <= 0):
+                    raise ValueError(f"model.{name} must be 3 finite numbers{' > 0' if name == 'std' else ''}, got {value}")
+        if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"model.interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
 
 
-def backbone_names() -> list[str]:
-    """The torchvision classification models ``--backbone`` accepts."""
-    import torchvision
+def resolve_input(cfg: ModelConfig, image_size: int | None = None) -> ModelConfig:
+    """``cfg`` with its input filled in from the backbone (what a run records in config.json):
+    a backbone that takes any size sees ``image_size`` (the loader's), a fixed-size one its own."""
+    from affpipe.train.backbones import default_input
 
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def check_arch(arch: str) -> None:
-    """A clear error for a name torchvision has no classification model under."""
-    names = backbone_names()
-    if arch not in names:
-        close = [n for n in names if n.startswith(arch[:4])][:8] or names[:8]
-        raise ValueError(f"backbone {arch!r} is not a torchvision classification model (e.g. {', '.join(close)})")
-
-
-def make_backbone(arch: str, state: Mapping[str, torch.Tensor] | None = None) -> tuple[nn.Module, int]:
-    """torchvision's ``arch`` (with ``state`` loaded, when given) without its classifier, and the
-    width of the features it then returns: the last ``nn.Linear`` becomes an identity."""
-    from torchvision.models import get_model
-
-    check_arch(arch)
-    model = get_model(arch, weights=None)
-    if state is not None:
-        model.load_state_dict(state, strict=True)
-    last = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not last:
-        raise ValueError(f"backbone {arch!r}: no final nn.Linear classifier to remove")
-    name, linear = last[-1]
-    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    setattr(parent, name.rpartition(".")[2], nn.Identity())
-    if hasattr(model, "aux_logits"):  # Inception/GoogLeNet: the auxiliary classifier only trains
-        model.aux_logits = False
-        for aux in ("AuxLogits", "aux1", "aux2"):
-            if hasattr(model, aux):
-                setattr(model, aux, None)
-    return model, int(linear.in_features)
+    spec = default_input(cfg.arch)
+    size = cfg.input_size or (spec.size if spec.fixed else image_size)
+    return replace(cfg, input_size=size, mean=cfg.mean or spec.mean, std=cfg.std or spec.std,
+                   interpolation=cfg.interpolation or spec.interpolation)
 
 
 def normalize_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[N,3,H,W]`` (any memory format) → the float normalized input the backbone expects
+    """uint8 ``[N,3,H,W]`` (any memory format) → float normalized with ImageNet's statistics
     (``affpipe.batch.normalize_uint8``: the same arithmetic as a loader with ``normalize=True``)."""
     from affpipe.batch import normalize_nchw
 
     return normalize_nchw(images)
 
 
-class MultiTaskNet(nn.Module):
-    """Backbone (fc removed) → dropout → one linear head per task; VA goes through tanh."""
+class InputNorm(nn.Module):
+    """The model's first op: uint8 images → the backbone's input, on the device, in fp32.
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, tasks: tuple[str, ...], dropout: float) -> None:
+    Resizes to ``size`` (when given and different) with the backbone's interpolation, then
+    normalizes with its mean/std. ImageNet's statistics at the arriving size take the loaders'
+    own arithmetic (``normalize_input``). Float input is taken as already normalized (a loader
+    with ``normalize=True``) and only resized.
+    """
+
+    def __init__(self, size: int | None, mean, std, interpolation: str = "bilinear") -> None:
+        from affpipe.train.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+        super().__init__()
+        self.size, self.interpolation = size, interpolation
+        self.imagenet = all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip((*mean, *std), (*IMAGENET_MEAN, *IMAGENET_STD), strict=True))
+        # Not saved with the weights (persistent=False): they follow the config, and checkpoints
+        # written before this op existed load unchanged.
+        self.register_buffer("mean255", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("inv255", 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0), persistent=False)
+        self.imagenet_norm = ImageNetNorm() if self.imagenet else None
+
+    def resize(self, x: torch.Tensor, pixels: bool = False) -> torch.Tensor:
+        """``x`` at ``size``; ``pixels``: values are 0..255 (bicubic overshoot clamped back)."""
+        size = self.size
+        if size is None or (x.shape[-1] == size and x.shape[-2] == size):
+            return x
+        smooth = self.interpolation in ("bilinear", "bicubic")
+        out = F.interpolate(x, size=(size, size), mode=self.interpolation,
+                            **({"align_corners": False, "antialias": x.shape[-1] > size} if smooth else {}))
+        return out.clamp_(0.0, 255.0) if pixels and self.interpolation == "bicubic" else out
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(images.device.type, enabled=False):
+            if images.dtype != torch.uint8:
+                return self.resize(images)
+            same = self.size is None or (images.shape[-1] == self.size and images.shape[-2] == self.size)
+            if same and self.imagenet:  # the loaders' arithmetic; buffers under torch.compile
+                return self.imagenet_norm(images)
+            x = self.resize(images.float(), pixels=True)
+            return (x - self.mean255) * self.inv255
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, interpolation={self.interpolation}, imagenet_stats={self.imagenet}"
+
+
+class MultiTaskNet(nn.Module):
+    """Input op → backbone (classifier removed) → dropout → one linear head per task; VA goes
+    through tanh. ``classifier``: the name the backbone's classifier had (dropped from weight
+    files); ``init_report``: where the backbone's weights came from (key summary of a file)."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, tasks: tuple[str, ...], dropout: float,
+                 input_norm: InputNorm | None = None, classifier: str = "fc") -> None:
+        from affpipe.train.backbones import IMAGENET_MEAN, IMAGENET_STD
+
         super().__init__()
         self.tasks = tasks
+        self.classifier = classifier
+        self.init_report: dict[str, Any] | None = None
+        self.input_norm = input_norm or InputNorm(None, IMAGENET_MEAN, IMAGENET_STD)
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.heads = nn.ModuleDict({t: nn.Linear(feature_dim, HEAD_OUTPUTS[t]) for t in tasks})
-        self.input_norm = InputNorm()  # constants as buffers: torch.compile does not rebuild them
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled features of ``images`` (what ``affpipe embed`` stores)."""
+        return self.backbone(self.input_norm(images))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        if images.dtype == torch.uint8:  # loaders' normalize=False: normalize here, in fp32
-            images = self.input_norm(images)
-        feats = self.dropout(self.backbone(images))
+        feats = self.dropout(self.features(images))
         out = {t: head(feats) for t, head in self.heads.items()}
         if "va" in out:
             out["va"] = torch.tanh(out["va"])
@@ -118,42 +169,27 @@ class MultiTaskNet(nn.Module):
 
 def build_model(cfg: ModelConfig) -> MultiTaskNet:
     """The model for ``cfg``, initialized as ``cfg.init`` says (heads are always fresh)."""
-    state = _imagenet_state_dict(cfg.arch) if cfg.init == "imagenet" else None
-    backbone, width = make_backbone(cfg.arch, state)
-    model = MultiTaskNet(backbone, width, cfg.tasks, cfg.dropout)
+    from affpipe.train.backbones import default_input, make_backbone, pretrained_state_dict
+
+    spec = default_input(cfg.arch)
+    size = cfg.input_size or (spec.size if spec.fixed else None)
+    state, source = pretrained_state_dict(cfg.arch) if cfg.init in PUBLISHED else (None, None)
+    backbone, width, classifier = make_backbone(cfg.arch, state, input_size=size)
+    norm = InputNorm(size, cfg.mean or spec.mean, cfg.std or spec.std, cfg.interpolation or spec.interpolation)
+    model = MultiTaskNet(backbone, width, cfg.tasks, cfg.dropout, norm, classifier)
     if state is not None:
-        log.info("backbone initialized from torchvision's ImageNet weights for %s", cfg.arch)
+        log.info("backbone initialized from the published weights of %s (%s)", cfg.arch, source)
+        model.init_report = {"file": str(source), "published": cfg.arch}
     elif cfg.init != "random":
-        load_backbone(model, cfg.init)
+        model.init_report = load_backbone(model, cfg.init)
     return model
-
-
-def _imagenet_url(arch: str) -> str:
-    from torchvision.models import get_model_weights
-
-    check_arch(arch)
-    # ResNet-18: IMAGENET1K_V1 (resnet18-f37072fd.pth), the weights the research used.
-    return get_model_weights(arch).DEFAULT.url
 
 
 def imagenet_cache_file(arch: str = "resnet18") -> Path:
     """Where torch hub keeps (and looks for) torchvision's ImageNet weights of ``arch``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(_imagenet_url(arch)).name
+    from affpipe.train.backbones import imagenet_cache_file as cache_file
 
-
-def _imagenet_state_dict(arch: str = "resnet18") -> dict[str, torch.Tensor]:
-    url = _imagenet_url(arch)
-    cached = imagenet_cache_file(arch)
-    try:
-        # Finds the cached file first; downloads only when it is absent.
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
-    except Exception as exc:  # URLError, socket errors, hash mismatch, a partial file...
-        raise RuntimeError(
-            f"could not load the ImageNet {arch} weights: {cached} is not there and downloading "
-            f"{url} failed ({type(exc).__name__}: {exc}). "
-            f"On an offline machine, copy {cached.name} to {cached}, "
-            f"or pass --init PATH with a checkpoint (an affpipe .pt or that torchvision .pth file)."
-        ) from exc
+    return cache_file(arch)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -167,67 +203,25 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The backbone's weights with torchvision ResNet key names (no ``backbone.`` prefix, no fc).
+    """The backbone's weights with its own key names (no ``backbone.`` prefix, no classifier).
 
     Unwraps DDP and ``torch.compile``; ``load_backbone`` accepts a file holding this dict.
     """
     return {k: v.detach().clone() for k, v in _unwrap(model).backbone.state_dict().items()}
 
 
-def _read_checkpoint(path: Path) -> Mapping[str, torch.Tensor]:
-    obj = safe_torch_load(path)
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        obj = obj["model"]
-    elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state_dict or a dict with a 'model' state_dict")
-    return obj
+def load_backbone(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Copy a weight file's backbone weights into ``model.backbone``; never its heads.
 
-
-def load_backbone(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
-    """Copy a checkpoint's backbone weights into ``model.backbone``; never its heads.
-
-    ``path`` holds an affpipe checkpoint (dict with ``"model"``), a bare state_dict with
-    ``backbone.*`` keys, or torchvision ResNet keys (``conv1.weight``…, e.g. the ImageNet
-    ``.pth``; its ``fc`` is ignored). Returns ``{"loaded", "missing", "unexpected", "ignored"}``
-    key lists; missing or unexpected backbone keys are logged as warnings, and a checkpoint
-    with no matching backbone key (or a shape mismatch) is an error.
+    ``path``: an affpipe checkpoint, a bare state dict (wrapped key names are unwrapped), or a
+    ``.safetensors`` file (:mod:`affpipe.train.weights`). Returns the key summary
+    (``loaded``/``missing``/``unexpected``/``ignored`` lists, ``file``, ``sha256``); missing or
+    unexpected keys are logged as warnings, too little matching or a shape mismatch is an error.
     """
+    from affpipe.train.weights import load_into
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--init {path}: no such checkpoint file (or use 'random' / 'imagenet')")
-    raw = _read_checkpoint(path)
-    state: dict[str, torch.Tensor] = {}
-    for key, value in raw.items():
-        for prefix in _WRAPPER_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        state[key] = value
-    if any(k.startswith("backbone.") for k in state):
-        src = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-        ignored = sorted(k for k in state if not k.startswith("backbone."))
-    else:  # torchvision layout (or backbone_state_dict output): everything but fc is backbone
-        src = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        ignored = sorted(k for k in state if k.startswith("fc."))
-    target = _unwrap(model).backbone
-    own = target.state_dict()
-    loaded = sorted(k for k in src if k in own)
-    if not loaded:
-        sample = ", ".join(list(state)[:5])
-        raise ValueError(
-            f"{path}: no backbone weights found (expected 'backbone.*' or torchvision ResNet keys; "
-            f"the file has {len(state)} keys such as {sample})"
-        )
-    bad = [f"{k}: {tuple(src[k].shape)} vs {tuple(own[k].shape)}" for k in loaded if src[k].shape != own[k].shape]
-    if bad:
-        raise ValueError(f"{path}: backbone shape mismatch (checkpoint vs model): {'; '.join(bad[:5])}")
-    missing = sorted(k for k in own if k not in src)
-    unexpected = sorted(k for k in src if k not in own)
-    target.load_state_dict({k: src[k] for k in loaded}, strict=False)
-    if missing:
-        log.warning("%s: %d backbone keys missing, left as initialized: %s", path, len(missing), ", ".join(missing[:10]))
-    if unexpected:
-        log.warning("%s: %d unexpected backbone keys ignored: %s", path, len(unexpected), ", ".join(unexpected[:10]))
-    log.info("backbone initialized from %s (%d tensors; %d non-backbone keys ignored)", path, len(loaded), len(ignored))
-    return {"loaded": loaded, "missing": missing, "unexpected": unexpected, "ignored": ignored}
+        raise FileNotFoundError(f"--init/--weights {path}: no such weight file (or use 'random' / 'imagenet')")
+    inner = _unwrap(model)
+    return load_into(inner.backbone, path, getattr(inner, "classifier", None))

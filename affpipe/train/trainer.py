@@ -85,9 +85,13 @@ class Trainer:
     def build(cls, cfg: TrainConfig, ctx: DistContext, label_stats: dict[str, Any]) -> Trainer:
         """The per-frame model of ``cfg`` on ``ctx.device`` with its loss (seeded: every rank
         starts from the same weights)."""
-        from affpipe.train.models import build_model
+        from dataclasses import replace
+
+        from affpipe.train.models import build_model, resolve_input
         from affpipe.train.tasks import MultiTaskLoss
 
+        # The backbone's input (size, mean/std, interpolation) resolved: config.json records it.
+        cfg = replace(cfg, model=resolve_input(cfg.model, cfg.image_size))
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model).to(ctx.device)
         if cfg.channels_last and ctx.device.type == "cuda":

@@ -63,12 +63,13 @@ def test_bad_values(tmp_path):
         load_config(_recipe(tmp_path, "task = \n"), {})
 
 
-@pytest.mark.parametrize("name", ["uni_va", "uni_expr", "uni_au", "mtl", "mtl_from_uni", "demo"])
+@pytest.mark.parametrize("name", ["uni_va", "uni_expr", "uni_au", "mtl", "mtl_from_uni", "demo", "mtl_timm",
+                                  "mtl_face_weights"])
 def test_pipelines_load(name):
     cfg = load_config(PIPELINES / f"{name}.toml", {"shards": "x", "out": "y", "image_size": 64})
     task = {"uni_va": "va", "uni_expr": "expr", "uni_au": "au"}.get(name, "mtl")
     assert cfg.task == task and cfg.image_size == 64
-    if name != "demo":
+    if name in ("uni_va", "uni_expr", "uni_au", "mtl", "mtl_from_uni"):
         assert cfg.batch_size == 256
     assert from_dict(to_dict(cfg)) == cfg
 
