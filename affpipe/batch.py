@@ -151,7 +151,7 @@ def normalize_uint8(images: torch.Tensor, *, channels_last: bool = False) -> tor
     return out.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
-def _fp32(device: torch.device) -> contextlib.AbstractContextManager:
+def fp32(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off (the normalization runs in fp32); nothing to turn off on devices autocast
     does not know (``meta``, which the host-sync tests train on)."""
     if device.type not in ("cuda", "cpu", "xpu", "mps"):
@@ -162,7 +162,7 @@ def _fp32(device: torch.device) -> contextlib.AbstractContextManager:
 def normalize_nchw(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``[N,3,H,W]`` (any memory format) → float normalized, in fp32 even under autocast
     (``normalize_uint8``: the same arithmetic as a loader with ``normalize=True``)."""
-    with _fp32(images.device):
+    with fp32(images.device):
         if images.is_contiguous(memory_format=torch.channels_last):
             return normalize_uint8(images.permute(0, 2, 3, 1), channels_last=True)
         return normalize_uint8(images)
@@ -187,6 +187,6 @@ class InputNorm(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            with _fp32(images.device):
+            with fp32(images.device):
                 return images.float() * self.scale + self.bias
         return normalize_nchw(images)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from affpipe.batch import InputNorm as ImageNetNorm
+from affpipe.batch import fp32
 from affpipe.labels import NUM_AU, NUM_EXPR, TASKS
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class InputNorm(nn.Module):
         return out.clamp_(0.0, 255.0) if pixels and self.interpolation == "bicubic" else out
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(images.device.type, enabled=False):
+        with fp32(images.device):  # (autocast off; a no-op on devices autocast does not know)
             if images.dtype != torch.uint8:
                 return self.resize(images)
             same = self.size is None or (images.shape[-1] == self.size and images.shape[-2] == self.size)
