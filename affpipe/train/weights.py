@@ -69,7 +69,8 @@ def read_weights(path: Path | str) -> dict[str, torch.Tensor]:
         if found or "weights_only" in text or "Unsupported" in text:
             what = f" (it pickles {found.group(1)})" if found else ""
             raise ValueError(
-                f"{path}: refused: a pickled Python object{what}, not a state dict; loading it would run code "
+                f"{path}: refused: a pickled Python object{what}, not a state dict that torch.load(weights_only=True) "
+                f"can read; loading it would run code "
                 f"from the file, which affpipe never does. If you trust the file, convert it once with: "
                 f"{conversion_command(path)} — then pass the .safetensors file"
             ) from None
