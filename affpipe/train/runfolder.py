@@ -46,15 +46,18 @@ def data_fingerprint(cfg: TrainConfig) -> str:
     """A fingerprint of the data ``cfg`` trains on: the shards' (their index's fingerprint and every
     shard's sha256: ``shards_fingerprint``), or the feature
     table's manifest (its source, rows and width; not its timing)."""
-    if cfg.features is not None:  # (affpipe.temporal reads the table itself; train may not import it)
-        path = Path(cfg.features) / "manifest.json"
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: not a feature table's manifest ({exc}); write one with `affpipe embed`") from None
-        if not isinstance(manifest, dict):
-            raise ValueError(f"{path}: not a feature table's manifest (not a JSON object)")
-        return fingerprint({k: v for k, v in manifest.items() if k != "throughput"})
+    if cfg.features is not None:  # (affpipe.temporal reads the tables itself; train may not import it)
+        prints = []
+        for table in cfg.feature_tables:  # several when fused, in order
+            path = Path(table) / "manifest.json"
+            try:
+                manifest = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{path}: not a feature table's manifest ({exc}); write one with `affpipe embed`") from None
+            if not isinstance(manifest, dict):
+                raise ValueError(f"{path}: not a feature table's manifest (not a JSON object)")
+            prints.append(fingerprint({k: v for k, v in manifest.items() if k != "throughput"}))
+        return prints[0] if len(prints) == 1 else fingerprint(prints)
     return shards_fingerprint(read_manifest(cfg.shards, full=False))
 
 
@@ -71,6 +74,12 @@ def run_inputs(cfg: TrainConfig) -> dict[str, Any]:
             elif name not in RESUME_MUTABLE and name not in _DATA_KEYS:
                 flat[name] = value
 
+    if not cfg.is_temporal:  # as Trainer.build resolves it and config.json records it
+        from dataclasses import replace
+
+        from affpipe.train.models import resolve_input
+
+        cfg = replace(cfg, model=resolve_input(cfg.model, cfg.image_size))
     walk(to_dict(cfg), "")
     return {**flat, "data": data_fingerprint(cfg)}
 
