@@ -17,6 +17,7 @@ Same epoch plan, augmentation semantics and ``Batch`` as the DALI backend (see
 
 from __future__ import annotations
 
+import gc
 import logging
 import mmap
 from collections.abc import Iterator
@@ -184,6 +185,10 @@ class TorchLoader(BaseLoader):
     def _items(self) -> Iterator[dict]:
         self.iter_start = self.take_start_batch()
         if self._threads is None:
+            # Collect dead objects here, before the fork: a DALI pipeline that is garbage in the
+            # parent would otherwise be finalized by a forked worker's collector, whose
+            # Pipeline.__del__ waits forever for DALI threads that do not exist in the child.
+            gc.collect()
             return iter(self._loader)  # its sampler starts at iter_start
         return self._threads.iterate(self.epoch, self.iter_start, len(self))
 
