@@ -1,3 +1,3 @@
 """affpipe: Aff-Wild2 at full scale — label tables, WebDataset shards, DALI loaders, trainers."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
