@@ -227,8 +227,6 @@ def bench_embed(source: str, shards: Path, out: Path, *, batch_size: int = 256, 
                 backbone: str | None = None, weights: Path | None = None, split: str = "all") -> dict[str, Any]:
     """``affpipe embed`` frames/s and data-wait share beside the same backbone's forward pass on
     ready uint8 batches (no loader), measured in one run: the loader's cost is the difference."""
-    import shutil
-
     import torch
 
     from affpipe.dist import pick_device
@@ -236,7 +234,8 @@ def bench_embed(source: str, shards: Path, out: Path, *, batch_size: int = 256, 
 
     extra = {"loader": loader} if loader is not None else {}
     cfg = EmbedConfig(source=source, shards=Path(shards), out=Path(out), batch_size=batch_size, device=device,
-                      image_size=image_size, backbone=backbone, weights=weights, split=split, **extra)
+                      image_size=image_size, backbone=backbone, weights=weights, split=split,
+                      overwrite=True, **extra)  # a fresh pass each time: deletes only embed's own files
     dev = pick_device(device)
     enc = load_encoder(cfg, dev)
     images = torch.randint(0, 256, (batch_size, 3, enc.image_size, enc.image_size), dtype=torch.uint8, device=dev)
@@ -247,7 +246,6 @@ def bench_embed(source: str, shards: Path, out: Path, *, batch_size: int = 256, 
             enc.backbone(images)
             n += batch_size
     forward_fps = n / (time.perf_counter() - t0)
-    shutil.rmtree(out, ignore_errors=True)
     tp = embed(cfg)["throughput"]
     return {"backbone": enc.arch, "image_size": enc.image_size, "batch_size": batch_size, "device": str(dev),
             "forward_only_frames_per_s": forward_fps, "embed_frames_per_s": tp["frames_per_s"],
@@ -261,8 +259,6 @@ def bench_backbones(shards: Path, out: Path, backbones: list[str], *, image_size
     """``bench_embed`` for each of ``backbones`` (random weights: speed does not depend on them),
     each through a weight file (``--weights``), as a user would embed a face-pretrained one; then
     all of them in one ``embed`` pass (each frame decoded once) against the sum of the passes."""
-    import shutil
-
     from safetensors.torch import save_file
 
     from affpipe.temporal.embed import EmbedConfig, embed
@@ -280,11 +276,11 @@ def bench_backbones(shards: Path, out: Path, backbones: list[str], *, image_size
         rows.append(bench_embed("weights", shards, out / slug, batch_size=batch_size, forward_seconds=forward_seconds,
                                 loader=loader, image_size=image_size, backbone=arch, weights=weights, split=split))
         log.info("bench_backbones: %s", rows[-1])
-    shutil.rmtree(out / "joint", ignore_errors=True)
     extra = {"loader": loader} if loader is not None else {}
     joint = embed(EmbedConfig(source="weights", shards=Path(shards), out=out / "joint", split=split, device="cpu",
                               backbone=tuple(backbones), weights=tuple(files), image_size=image_size,
-                              batch_size=batch_size, **extra))["tables"][0]["throughput"]
+                              batch_size=batch_size, overwrite=True,  # a fresh pass: deletes only embed's files
+                              **extra))["tables"][0]["throughput"]
     separate_s = sum(r["frames"] / r["embed_frames_per_s"] for r in rows)
     return {"backbones": rows, "joint_frames_per_s": joint["frames_per_s"], "joint_seconds": joint["seconds"],
             "separate_seconds": separate_s, "joint_data_wait_share": joint["data_wait_share"],
