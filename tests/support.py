@@ -65,7 +65,7 @@ def fake_evaluation(run: Path, tasks: tuple[str, ...], *, seed: int, skill: floa
                     frames: int = 40) -> dict:
     """Predictions of quality ``skill`` on a fixed split (labels the same for every run), kept as
     ``eval_predictions.npz``; returns eval.json's content (metrics and intervals) computed from them."""
-    from affpipe.train.bootstrap import (
+    from affpipe.scoring.bootstrap import (
         bootstrap_result,
         metrics_from_stats,
         save_predictions,

@@ -78,7 +78,7 @@ def test_bad_jpeg_hint_names_the_flag(shard_dir, tmp_path):
 
 
 def test_train_on_a_full_disk_names_the_checkpoint(shard_dir, tmp_path, monkeypatch):
-    import affpipe.train.checkpoint as checkpoint
+    import affpipe.run.checkpoint as checkpoint
 
     def full(obj, fh, *a, **kw):  # what torch.save says when the disk fills mid-write
         fh.write(b"PK\x03\x04")

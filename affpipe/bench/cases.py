@@ -268,8 +268,8 @@ class TrainStep:
     def __init__(self, table, *, device: str | torch.device, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
                  seed: int = 0, compile: bool = False):
         from affpipe.dist import DistContext
-        from affpipe.train.config import TrainConfig
-        from affpipe.train.tasks import label_statistics
+        from affpipe.run.config import TrainConfig
+        from affpipe.scoring.tasks import label_statistics
         from affpipe.train.trainer import Trainer
 
         self.device = torch.device(device)

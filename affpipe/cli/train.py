@@ -87,8 +87,8 @@ def train(recipe: Path | None, task: str | None, shards: Path | None, features: 
     temporal head on a feature table) into a run folder."""
     from affpipe.dist import dist_env
     from affpipe.temporal.train import train_any
-    from affpipe.train.config import load_config
-    from affpipe.train.runfolder import check_run_folder
+    from affpipe.run.config import load_config
+    from affpipe.run.claim import check_run_folder
 
     if recipe is None and resume and out is not None and (out / "config.json").is_file():
         check_run_folder(out)  # a config.json of a user's is never read as the run's

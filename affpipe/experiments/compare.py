@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from affpipe.experiments.runs import METRIC_LABEL, TASK_METRIC, Run, RunKind
-from affpipe.train import bootstrap as bs
+from affpipe.scoring import bootstrap as bs
 
 log = logging.getLogger(__name__)
 

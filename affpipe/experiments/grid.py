@@ -200,7 +200,7 @@ def run_overrides(grid: Grid, run: GridRun, *, scale: str, shards: Path, runs_di
 
 def imagenet_available() -> tuple[bool, str]:
     """Whether torchvision's ImageNet ResNet-18 weights can be had (cached, or downloaded now)."""
-    from affpipe.train.models import ModelConfig, build_model, imagenet_cache_file
+    from affpipe.models.model import ModelConfig, build_model, imagenet_cache_file
 
     if imagenet_cache_file().exists():
         return True, ""
@@ -220,7 +220,7 @@ def _train_child(recipe: str, overrides: dict[str, Any], level: int, conn) -> No
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         from affpipe.temporal.train import train_any
-        from affpipe.train.config import load_config
+        from affpipe.run.config import load_config
 
         conn.send(("ok", str(train_any(load_config(recipe, overrides)))))
     except BaseException as exc:

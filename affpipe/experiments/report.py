@@ -44,8 +44,8 @@ from affpipe.experiments.runs import (
 from affpipe.io import atomic_write_text
 from affpipe.labels import AU_NAMES, EXPR_CLASSES
 from affpipe.outdir import Owner, claim
-from affpipe.train.bootstrap import difference as bs_difference
-from affpipe.train.bootstrap import fmt_ci
+from affpipe.scoring.bootstrap import difference as bs_difference
+from affpipe.scoring.bootstrap import fmt_ci
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from affpipe.train.checkpoint import read_metrics
-from affpipe.train.config import SCORE_KEY
+from affpipe.run.checkpoint import read_metrics
+from affpipe.run.config import SCORE_KEY
 
 log = logging.getLogger(__name__)
 

@@ -84,9 +84,9 @@ def smoothed_eval(run_dir: Path, shards: Path) -> dict[str, Any]:
     from affpipe.runs.evaluate import Collected, apply_smoothing, run_folder_for_writing
     from affpipe.runs.open import open_run
     from affpipe.temporal.smoothing import tune_cross_validated
-    from affpipe.train.bootstrap import evaluation_intervals, load_predictions
+    from affpipe.scoring.bootstrap import evaluation_intervals, load_predictions
     from affpipe.train.evaluate import report_evaluation, write_eval
-    from affpipe.train.metrics import MetricAccumulator
+    from affpipe.scoring.metrics import MetricAccumulator
 
     path = Path(run_dir) / f"{SMOOTHED_STEM}.json"
     if path.is_file():

@@ -47,7 +47,7 @@ def make_loader(
     ``max_rotation`` degrees, nearest-neighbour). ``num_workers``: DALI threads or DataLoader
     worker processes (default: this rank's share of the cores; ``0`` decodes in this process).
     ``normalize=False`` yields ``Batch.images`` as uint8 ``[N,3,H,W]`` (a channels_last view):
-    the models normalize uint8 input themselves (``affpipe.train.models``), which keeps a 4x larger
+    the models normalize uint8 input themselves (``affpipe.models.model``), which keeps a 4x larger
     float copy out of the loader — the trainers use it. ``backend="auto"``: DALI on a CUDA
     device when it is importable (nvJPEG), else the torch backend, whose thread pool needs less
     CPU per frame than DALI's CPU decoder (``affpipe.loaders.threads``). ``parallel``: how the

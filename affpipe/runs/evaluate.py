@@ -24,7 +24,7 @@ import numpy as np
 
 from affpipe.loaders.base import LoaderConfig
 from affpipe.runs.open import Run, RunInputs, open_run
-from affpipe.train.metrics import MetricAccumulator
+from affpipe.scoring.metrics import MetricAccumulator
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def run_folder_for_writing(folder: Path, checkpoint: str | None = None) -> Itera
     (see the module docstring; ``checkpoint``: the evaluated file's name, a run file whatever
     it is called); refuses a folder holding anything else, or any symlink."""
     from affpipe.outdir import LOCK, _walk, check_folder, folder_lock, read_marker
-    from affpipe.train.runfolder import RUN_OWNER
+    from affpipe.run.claim import RUN_OWNER
 
     folder = Path(folder)
     if read_marker(folder) is not None:
@@ -151,7 +151,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         extra = apply_smoothing(run, c, cfg.split, smooth=cfg.smooth, tune_smoothing=cfg.tune_smoothing,
                                 write=cfg.write, tune_folds=cfg.tune_folds)
         if cfg.tune_folds and cfg.tune_au_thresholds:
-            from affpipe.train.bootstrap import cross_validated_au
+            from affpipe.scoring.bootstrap import cross_validated_au
 
             extra["cross_validated"] = cross_validated_au(c.acc, c.video, cfg.tune_folds)
         extra["skipped"] = c.skipped  # bad samples skipped (--on-bad skip), by reason

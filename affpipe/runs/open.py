@@ -25,7 +25,7 @@ import torch
 from affpipe import lineage
 from affpipe.labels import AU_NAMES
 from affpipe.loaders.base import LoaderConfig
-from affpipe.train.config import TrainConfig
+from affpipe.run.config import TrainConfig
 from affpipe.train.evaluate import THRESHOLDS_FILE
 
 log = logging.getLogger(__name__)
@@ -151,9 +151,9 @@ def _existing(path: Path | None, what: str, ckpt: Path, flag: str) -> Path:
 
 def open_run(inputs: RunInputs) -> Run:
     """Open ``inputs.run`` once (see the module docstring)."""
-    from affpipe.train.checkpoint import load_checkpoint, resolve_checkpoint
-    from affpipe.train.config import from_dict
-    from affpipe.train.runinfo import lineage_of_run
+    from affpipe.run.checkpoint import load_checkpoint, resolve_checkpoint
+    from affpipe.run.config import from_dict
+    from affpipe.run.data import lineage_of_run
 
     ckpt = resolve_checkpoint(Path(inputs.run))
     state = load_checkpoint(ckpt, map_location="cpu")

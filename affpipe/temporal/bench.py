@@ -153,8 +153,8 @@ def bench_epoch(feats: Path, out: Path, *, arch: str = "tcn", window: int = 64, 
     import torch
 
     from affpipe.temporal.train import TemporalData, train_temporal
-    from affpipe.train.checkpoint import read_metrics
-    from affpipe.train.config import TemporalConfig, TrainConfig
+    from affpipe.run.checkpoint import read_metrics
+    from affpipe.run.config import TemporalConfig, TrainConfig
 
     cfg = TrainConfig(task="mtl", features=Path(feats), out=Path(out), epochs=1, batch_size=batch_size, lr=1e-3,
                       device="cpu", log_every=10, max_steps_per_epoch=max_steps, max_val_steps=max_val_steps,
@@ -262,7 +262,7 @@ def bench_backbones(shards: Path, out: Path, backbones: list[str], *, image_size
     from safetensors.torch import save_file
 
     from affpipe.temporal.embed import EmbedConfig, embed
-    from affpipe.train.models import ModelConfig, backbone_state_dict, build_model
+    from affpipe.models.model import ModelConfig, backbone_state_dict, build_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

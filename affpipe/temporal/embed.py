@@ -134,9 +134,9 @@ class Encoder:
 def load_encoder(cfg: EmbedConfig, device: torch.device, which: int = 0) -> Encoder:
     """The backbone SOURCE names (the ``which``-th of several), in eval mode on ``device``."""
     from affpipe.temporal.heads import restore_model
-    from affpipe.train.checkpoint import load_checkpoint, resolve_checkpoint
-    from affpipe.train.config import from_dict
-    from affpipe.train.models import ModelConfig, build_model, resolve_input
+    from affpipe.run.checkpoint import load_checkpoint, resolve_checkpoint
+    from affpipe.run.config import from_dict
+    from affpipe.models.model import ModelConfig, build_model, resolve_input
 
     backbone, weights = cfg.encoders()[which]
     if weights is not None or cfg.source in ("imagenet", "pretrained"):

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from affpipe.train.config import TemporalConfig, TrainConfig
-from affpipe.train.models import HEAD_OUTPUTS
+from affpipe.run.config import TemporalConfig, TrainConfig
+from affpipe.models.model import HEAD_OUTPUTS
 
 
 class _Block(nn.Module):
@@ -168,7 +168,7 @@ def restore_model(cfg: TrainConfig, state: Mapping[str, Any], *, feature_dim: in
     """The model a checkpoint holds (``state``, its parsed config ``cfg``), per-frame or temporal
     (over features of width ``feature_dim``), in eval mode on the CPU: the one place a model is
     rebuilt from a checkpoint. Weights that do not fit are one error naming ``source``."""
-    from affpipe.train.models import build_model
+    from affpipe.models.model import build_model
 
     if cfg.is_temporal:
         if feature_dim is None:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from affpipe.io import atomic_write_text
-from affpipe.train.metrics import MetricAccumulator, au_f1, expr_f1, va_ccc
+from affpipe.scoring.metrics import MetricAccumulator, au_f1, expr_f1, va_ccc
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def tune_cross_validated(acc: MetricAccumulator, video: np.ndarray, frame: np.nd
     folds' videos smooth this fold's videos; the held-out predictions of all folds are scored
     together. ``scores`` (``acc.compute`` of the held-out predictions at ``au_thresholds``),
     ``folds``, ``fold_windows`` and ``acc`` (the held-out smoothed accumulator)."""
-    from affpipe.train.metrics import video_folds
+    from affpipe.scoring.metrics import video_folds
 
     fold = video_folds(video, folds, seed=seed, n_rows=len(acc))
     state = acc.state()
@@ -118,7 +118,7 @@ def cross_validated_result(acc: MetricAccumulator, video: np.ndarray, frame: np.
     """The ``cross_validated`` entry of an evaluation with tuned smoothing: the held-out scores of
     ``tune_cross_validated`` with their 95% intervals over videos."""
     from affpipe.io import jsonable
-    from affpipe.train.bootstrap import bootstrap_ci, video_stats
+    from affpipe.scoring.bootstrap import bootstrap_ci, video_stats
 
     cv = tune_cross_validated(acc, video, frame, folds, seed=seed, au_thresholds=au_thresholds)
     keys = ("va_ccc", "valence_ccc", "arousal_ccc", "expr_f1", "au_f1", "p_mtl")

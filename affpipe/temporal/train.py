@@ -22,7 +22,7 @@ from affpipe.temporal.data import RowLabels, WindowLoader, align_labels
 from affpipe.temporal.features import FeatureTable, open_features, source_checkpoint
 from affpipe.temporal.heads import TemporalModel, build_temporal_model, load_frame_heads
 from affpipe.temporal.windows import plan_windows
-from affpipe.train.config import TrainConfig
+from affpipe.run.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class TemporalData:
 def build_model_for(cfg: TrainConfig, dim: int, table: FeatureTable | None = None) -> TemporalModel:
     """The temporal model of ``cfg`` over features of width ``dim``; with ``table`` (the feature
     table) and ``init_frame_heads``, its skip path starts from the source checkpoint's heads."""
-    from affpipe.train.checkpoint import load_checkpoint
+    from affpipe.run.checkpoint import load_checkpoint
 
     torch.manual_seed(cfg.seed)
     model = build_temporal_model(dim, cfg.temporal, cfg.heads)
@@ -81,8 +81,8 @@ def build_model_for(cfg: TrainConfig, dim: int, table: FeatureTable | None = Non
 def temporal_setup(cfg: TrainConfig, ctx: dist.DistContext):
     """``affpipe.train.loop.train``'s setup for a temporal head on ``cfg.features``: the model over
     feature windows, its loss, and window loaders."""
-    from affpipe.train.bootstrap import row_videos
-    from affpipe.train.tasks import MultiTaskLoss, label_statistics
+    from affpipe.scoring.bootstrap import row_videos
+    from affpipe.scoring.tasks import MultiTaskLoss, label_statistics
     from affpipe.train.trainer import Trainer
 
     if cfg.features is None:
@@ -102,7 +102,7 @@ def temporal_setup(cfg: TrainConfig, ctx: dist.DistContext):
 
 
 def temporal_lineage(cfg: TrainConfig, run: Path) -> dict:
-    """What a temporal run trains on (``affpipe.train.runinfo``): its feature table(s) and the
+    """What a temporal run trains on (``affpipe.run.data``): its feature table(s) and the
     label index they were checked against (``cfg.index`` overrides the one the manifest names)."""
     from affpipe.index.build import index_fingerprint
     from affpipe.lineage import rel_path

@@ -19,7 +19,7 @@ from torch import nn
 from affpipe.dist import autocast
 from affpipe.io import atomic_write_text, jsonable
 from affpipe.labels import AU_NAMES, EXPR_CLASSES
-from affpipe.train.config import TrainConfig
+from affpipe.run.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def evaluate_model(model: nn.Module, loader: Iterable, heads: tuple[str, ...], *
                    amp: str = "none", channels_last: bool = False, max_steps: int | None = None,
                    distributed: bool = False) -> tuple[Any, int]:
     """A filled ``MetricAccumulator`` (reduced over ranks when ``distributed``) and the frame count."""
-    from affpipe.train.metrics import MetricAccumulator
+    from affpipe.scoring.metrics import MetricAccumulator
 
     acc = MetricAccumulator(heads)
     frames = 0
@@ -93,7 +93,7 @@ def report_evaluation(acc: Any, frames: int, cfg: TrainConfig, ckpt: Path, state
                 {"au_thresholds": dict(zip(AU_NAMES, thresholds, strict=True)), "split": split,
                  "checkpoint": ckpt.name}, indent=2) + "\n")
     if videos is not None:
-        from affpipe.train.bootstrap import evaluation_intervals
+        from affpipe.scoring.bootstrap import evaluation_intervals
 
         result.update(evaluation_intervals(acc, videos, ckpt.parent, stem, au_thresholds=result.get("au_thresholds"),
                                            write=write))
@@ -125,7 +125,7 @@ def _f(value: Any) -> str:
 
 def _c(result: dict[str, Any], key: str, item: str | None = None, *, tuned: bool = False) -> str:
     """``result[key]`` (``[item]``), with its 95% interval as ``0.412 [0.371, 0.455]`` when there is one."""
-    from affpipe.train.bootstrap import fmt_ci
+    from affpipe.scoring.bootstrap import fmt_ci
 
     src = result.get("tuned", {}) if tuned else result
     value, ci = src.get(key), (result.get("tuned_ci" if tuned else "ci") or {}).get(key)

@@ -27,16 +27,16 @@ from tqdm import tqdm
 
 from affpipe import dist
 from affpipe.io import atomic_copy, atomic_write_text, jsonable, writing
-from affpipe.train.checkpoint import (
+from affpipe.run.checkpoint import (
     config_differences,
     load_checkpoint,
     save_checkpoint,
     truncate_metrics,
 )
-from affpipe.train.config import TrainConfig, config_json, to_dict
+from affpipe.run.config import TrainConfig, config_json, to_dict
 from affpipe.train.evaluate import evaluate_model, write_eval
-from affpipe.train.runfolder import claim_run
-from affpipe.train.runinfo import check_same_data, frames_lineage, lineage_of_run, write_lineage
+from affpipe.run.claim import claim_run
+from affpipe.run.data import check_same_data, frames_lineage, lineage_of_run, write_lineage
 from affpipe.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def frame_label_table(shards: Path, index: Path | None = None):
 def prepare_run_dir(cfg: TrainConfig, ctx: dist.DistContext, held: contextlib.ExitStack, *,
                     overwrite: bool = False) -> Path:
     """The run folder, claimed by rank 0 into ``held`` for the run's life
-    (:func:`affpipe.train.runfolder.claim_run`: a user's folder refused, ``--resume`` only of the
+    (:func:`affpipe.run.claim.claim_run`: a user's folder refused, ``--resume`` only of the
     same config and data, ``overwrite`` deletes only the run's files)."""
     if cfg.out is None:
         raise ValueError("train: no run folder given (-o/--out)")
@@ -138,7 +138,7 @@ def steps_per_epoch(cfg: TrainConfig, ctx: dist.DistContext, loader) -> int:
     return steps
 
 
-# What a run trains on (``affpipe.train.runinfo``): ``lineage(cfg, run) -> dict``.
+# What a run trains on (``affpipe.run.data``): ``lineage(cfg, run) -> dict``.
 Lineage = Callable[[TrainConfig, Path], dict[str, Any]]
 
 # What differs between kinds of run: ``setup(cfg, ctx) -> (trainer, make_loaders, what)`` builds the
@@ -151,8 +151,8 @@ def frame_setup(cfg: TrainConfig, ctx: dist.DistContext) -> tuple[Trainer, Calla
     """A per-frame run on ``cfg.shards``: the image model and the shard loaders."""
     if cfg.shards is None:
         raise ValueError("train: no shards given (--shards)")
-    from affpipe.train.bootstrap import row_videos
-    from affpipe.train.tasks import label_statistics
+    from affpipe.scoring.bootstrap import row_videos
+    from affpipe.scoring.tasks import label_statistics
 
     table = frame_label_table(cfg.shards, cfg.index)
     trainer = Trainer.build(cfg, ctx, label_statistics(table))
@@ -261,7 +261,7 @@ def validate(trainer: Trainer, loader, summary: dict[str, Any], *, schedule: boo
         state.best_step = state.step
         state.best_metrics = {**metrics, "frames": frames, "epoch": state.epoch, "step": state.step}
         if ctx.main and trainer.row_videos is not None:  # intervals by video: ~1 s at 1M frames
-            from affpipe.train.bootstrap import bootstrap_result
+            from affpipe.scoring.bootstrap import bootstrap_result
 
             arrays = acc.state()
             state.best_metrics.update(bootstrap_result(arrays, trainer.row_videos(arrays["row_id"])))
@@ -341,7 +341,7 @@ class RunLog:
         self.sync = sync and ctx.device.type == "cuda"
         self.tb = None
         if tensorboard and ctx.main:  # fed from write(): the event files hold what metrics.jsonl holds
-            from affpipe.train.tracking import TensorBoardSink
+            from affpipe.run.tracking import TensorBoardSink
 
             # a resumed run logs again from start_step + 1: what a killed process logged from there on goes
             self.tb = TensorBoardSink(run, purge_step=start_step + 1 if start_step else None)
@@ -360,7 +360,7 @@ class RunLog:
 
     def write_init(self, report: dict[str, Any] | None) -> None:
         """Where the backbone's weights came from (a weight file's key summary), once per run."""
-        from affpipe.train.weights import summary_counts
+        from affpipe.models.weights import summary_counts
 
         if report is None or (self.path.is_file() and '"kind": "init"' in self.path.read_text()):
             return
@@ -432,7 +432,7 @@ def epoch_means(acc: dict[str, float]) -> dict[str, float]:
 
 def plot(run: Path) -> None:
     """Redraw ``curves.png`` (a plot must never kill a long run)."""
-    from affpipe.train.plots import plot_curves
+    from affpipe.run.plots import plot_curves
 
     try:
         plot_curves(run / "metrics.jsonl", run / "curves.png", title=run.name)
@@ -447,7 +447,7 @@ def keep_predictions(trainer: Trainer, run: Path) -> None:
     """The improving validation's predictions as ``eval_predictions.npz`` (for paired comparisons)."""
     kept, trainer.best_predictions = trainer.best_predictions, None
     if kept is not None and trainer.row_videos is not None:
-        from affpipe.train.bootstrap import save_predictions
+        from affpipe.scoring.bootstrap import save_predictions
 
         save_predictions(run / PREDICTIONS, kept, trainer.row_videos(kept["row_id"]))
 

@@ -26,8 +26,8 @@ import torch.distributed as tdist
 from torch import nn
 
 from affpipe.dist import DistContext, autocast
-from affpipe.train.checkpoint import rng_state, set_rng_state
-from affpipe.train.config import TrainConfig, to_dict
+from affpipe.run.checkpoint import rng_state, set_rng_state
+from affpipe.run.config import TrainConfig, to_dict
 
 
 @dataclass
@@ -87,8 +87,8 @@ class Trainer:
         starts from the same weights)."""
         from dataclasses import replace
 
-        from affpipe.train.models import build_model, resolve_input
-        from affpipe.train.tasks import MultiTaskLoss
+        from affpipe.models.model import build_model, resolve_input
+        from affpipe.scoring.tasks import MultiTaskLoss
 
         # The backbone's input (size, mean/std, interpolation) resolved: config.json records it.
         cfg = replace(cfg, model=resolve_input(cfg.model, cfg.image_size))

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from support import fake_run
 
 from affpipe.experiments import grid as ex
-from affpipe.train.config import load_config
+from affpipe.run.config import load_config
 
 GRID = ex.DEFAULT_GRID
 
@@ -252,7 +252,7 @@ max_val_steps = 2\ndevice = "cpu"\n"loader.backend" = "torch"\nlog_every = 1\n
     run = tmp_path / "e" / "runs" / "uni_va"
     ev = json.loads((run / "eval.json").read_text())
     md = (tmp_path / "e" / "report.md").read_text()
-    from affpipe.train.bootstrap import fmt_ci
+    from affpipe.scoring.bootstrap import fmt_ci
 
     # Evaluated once more after training: the interval over the twin's validation videos, kept predictions.
     assert fmt_ci(ev["va_ccc"], ev["ci"].get("va_ccc")) in md and "synthetic twin" in md

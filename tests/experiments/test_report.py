@@ -13,7 +13,7 @@ from support import fake_run
 from affpipe.experiments.report import ReportConfig, write_report
 from affpipe.experiments.runs import convergence, load_run, read_curve, run_kind
 from affpipe.labels import AU_NAMES, EXPR_CLASSES
-from affpipe.train.bootstrap import fmt_ci
+from affpipe.scoring.bootstrap import fmt_ci
 
 
 @pytest.fixture()
@@ -72,7 +72,7 @@ def test_convergence():
 
 def test_uni_vs_mtl_differences(runs):
     from affpipe.experiments.compare import Resampler, group_cells, uni_vs_mtl_rows
-    from affpipe.train import bootstrap as bs
+    from affpipe.scoring import bootstrap as bs
 
     loaded = [load_run(p) for p in runs]
     rs = Resampler(loaded, resamples=300)

@@ -124,7 +124,7 @@ def test_val_yields_source_images_and_labels_once(tiny, backend):
 def test_uint8_batches_normalized_by_the_model_equal_float_batches(tiny, backend, train):
     """``normalize=False`` (what the trainers use) + the model's input normalization gives exactly
     the float batch of ``normalize=True``: same samples, augmentation draws and arithmetic."""
-    from affpipe.train.models import normalize_input
+    from affpipe.models.model import normalize_input
 
     out, _ = tiny
     split = "train" if train else "val"

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from affpipe.cli import main
 from affpipe.labels import AU_NAMES
 from affpipe.loaders import LoaderConfig
-from affpipe.train.config import TemporalConfig, TrainConfig, load_config
+from affpipe.run.config import TemporalConfig, TrainConfig, load_config
 
 FAST = ["--backend", "torch", "--num-workers", "0", "--device", "cpu"]
 TINY = {"task": "mtl", "epochs": 1, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2, "max_val_steps": 1,
@@ -79,7 +79,7 @@ def _error(code: int, out: str) -> str:
 
 @pytest.mark.parametrize("kind", ["frame", "smoothed", "temporal"])
 def test_evaluate_and_predict_every_kind_through_one_path(world, tmp_path, kind, monkeypatch):
-    import affpipe.train.checkpoint as ckpt_mod
+    import affpipe.run.checkpoint as ckpt_mod
 
     run = world / "runs" / ("temporal" if kind == "temporal" else "frame")
     loads = []
@@ -229,7 +229,7 @@ def test_abaw1_single_files_on_a_12_au_run(world, tmp_path):
 # ---- non-finite outputs ------------------------------------------------------------------
 
 def test_nan_outputs_stop_evaluate_and_predict(world, tmp_path):
-    from affpipe.train.checkpoint import load_checkpoint, save_checkpoint
+    from affpipe.run.checkpoint import load_checkpoint, save_checkpoint
 
     run = tmp_path / "nanrun"
     run.mkdir()
@@ -245,7 +245,7 @@ def test_nan_outputs_stop_evaluate_and_predict(world, tmp_path):
 
 
 def test_metrics_say_nan_predictions_not_missing_labels(caplog):
-    from affpipe.train.metrics import MetricAccumulator
+    from affpipe.scoring.metrics import MetricAccumulator
 
     acc = MetricAccumulator(("va",))
     acc.update({"va": torch.tensor([[float("nan"), 0.1], [0.2, 0.3]])},

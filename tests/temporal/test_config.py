@@ -1,6 +1,6 @@
 import pytest
 
-from affpipe.train.config import TemporalConfig, from_dict, load_config, to_dict
+from affpipe.run.config import TemporalConfig, from_dict, load_config, to_dict
 
 
 def test_temporal_recipe_needs_features_and_round_trips(tmp_path):

@@ -12,9 +12,9 @@ from affpipe.loaders import LoaderConfig
 from affpipe.temporal import embed as embed_mod
 from affpipe.temporal.embed import EmbedConfig, embed
 from affpipe.temporal.features import read_table
-from affpipe.train.checkpoint import save_checkpoint
-from affpipe.train.config import TemporalConfig, TrainConfig, to_dict
-from affpipe.train.models import ModelConfig, build_model
+from affpipe.run.checkpoint import save_checkpoint
+from affpipe.run.config import TemporalConfig, TrainConfig, to_dict
+from affpipe.models.model import ModelConfig, build_model
 
 
 @pytest.fixture(scope="module")

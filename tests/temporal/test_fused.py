@@ -76,7 +76,7 @@ def two_tables(shard_dir, tmp_path_factory):
 
     from affpipe.loaders import LoaderConfig
     from affpipe.temporal.embed import EmbedConfig, embed
-    from affpipe.train.models import ModelConfig, backbone_state_dict, build_model
+    from affpipe.models.model import ModelConfig, backbone_state_dict, build_model
 
     root = tmp_path_factory.mktemp("fused")
     weights = []
@@ -130,7 +130,7 @@ def test_train_on_two_fused_tables_then_evaluate(two_tables, tmp_path):
     import sys
 
     from affpipe.runs.evaluate import EvalConfig, evaluate
-    from affpipe.train.checkpoint import load_checkpoint
+    from affpipe.run.checkpoint import load_checkpoint
 
     root, _, _, _ = two_tables
     a, b = root / "feats" / "resnet18", root / "feats" / "timm_mobilenetv3_small_050"
@@ -155,7 +155,7 @@ def test_train_on_two_fused_tables_then_evaluate(two_tables, tmp_path):
 
 
 def test_recipe_temporal_features_list(tmp_path):
-    from affpipe.train.config import load_config
+    from affpipe.run.config import load_config
 
     recipe = tmp_path / "r.toml"
     recipe.write_text('task = "mtl"\nmodel = "temporal"\n[temporal]\narch = "tcn"\nfeatures = ["feats/a", "feats/b"]\n')
@@ -173,7 +173,7 @@ def test_recipe_temporal_features_list(tmp_path):
 def test_pipelines_fused_recipe_loads():
     from pathlib import Path
 
-    from affpipe.train.config import from_dict, load_config, to_dict
+    from affpipe.run.config import from_dict, load_config, to_dict
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "pipelines" / "mtl_fused_tcn.toml", {"out": "x"})
     assert cfg.is_temporal and [p.name for p in cfg.feature_tables] == ["uni_au", "mtl"] and cfg.logging.tensorboard

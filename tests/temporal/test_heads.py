@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from affpipe.temporal.heads import build_head, load_frame_heads
-from affpipe.train.config import TemporalConfig
+from affpipe.run.config import TemporalConfig
 
 
 @pytest.mark.parametrize("arch", ["tcn", "transformer"])

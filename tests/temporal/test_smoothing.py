@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from affpipe.temporal.smoothing import load_windows, moving_average, save_windows, smooth, tune
-from affpipe.train.metrics import MetricAccumulator
+from affpipe.scoring.metrics import MetricAccumulator
 
 
 def test_moving_average_is_per_video_over_frame_numbers():

@@ -11,9 +11,9 @@ import torch
 
 from affpipe.loaders import LoaderConfig
 from affpipe.temporal.embed import EmbedConfig, embed
-from affpipe.train.checkpoint import load_checkpoint, read_metrics, save_checkpoint
-from affpipe.train.config import TemporalConfig, TrainConfig, to_dict
-from affpipe.train.models import ModelConfig, build_model
+from affpipe.run.checkpoint import load_checkpoint, read_metrics, save_checkpoint
+from affpipe.run.config import TemporalConfig, TrainConfig, to_dict
+from affpipe.models.model import ModelConfig, build_model
 
 
 def _embed(ckpt, shard_dir, out):

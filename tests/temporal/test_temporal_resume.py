@@ -11,9 +11,9 @@ import pytest
 from affpipe.temporal.bench import make_random_table
 from affpipe.temporal.train import train_temporal
 from affpipe.train import loop
-from affpipe.train.checkpoint import load_checkpoint, read_metrics
-from affpipe.train.config import TemporalConfig, TrainConfig
-from affpipe.train.runinfo import lineage_of_run
+from affpipe.run.checkpoint import load_checkpoint, read_metrics
+from affpipe.run.config import TemporalConfig, TrainConfig
+from affpipe.run.data import lineage_of_run
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ def test_train_step_runs_the_compiled_model(index_dir, counted_compile):
 
 
 def test_input_normalization_builds_no_constants_in_the_graph():
-    from affpipe.train.models import ModelConfig, build_model
+    from affpipe.models.model import ModelConfig, build_model
 
     model = build_model(ModelConfig(tasks=("va",)))
     images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
@@ -74,9 +74,9 @@ def test_input_normalization_builds_no_constants_in_the_graph():
 def test_validation_does_not_recompile_the_training_model(index_dir, shard_dir, tmp_path, counted_compile):
     from affpipe.index.build import load_index
     from affpipe.loaders import make_loader
-    from affpipe.train.config import load_config
+    from affpipe.run.config import load_config
     from affpipe.train.loop import validate
-    from affpipe.train.tasks import label_statistics
+    from affpipe.scoring.tasks import label_statistics
     from affpipe.train.trainer import Trainer
 
     cfg = load_config(None, {"task": "mtl", "shards": shard_dir, "out": tmp_path, "image_size": 32, "batch_size": 8,

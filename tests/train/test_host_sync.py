@@ -13,7 +13,7 @@ import torch
 
 from affpipe.dist import DistContext
 from affpipe.loaders import make_loader
-from affpipe.train.host_sync import HostSyncCounter, format_syncs
+from host_sync import HostSyncCounter, format_syncs
 
 META = torch.device("meta")
 
@@ -83,9 +83,9 @@ def _meta_run(shard_dir, index_dir, tmp_path, steps: int = 7, log_every: int = 3
     """``train_one_epoch`` on meta (or a GPU): the trainers' model, batches from the torch loader
     (made beforehand)."""
     from affpipe.index.build import load_index
-    from affpipe.train.config import load_config
+    from affpipe.run.config import load_config
     from affpipe.train.loop import RunLog, train_one_epoch
-    from affpipe.train.tasks import label_statistics
+    from affpipe.scoring.tasks import label_statistics
     from affpipe.train.trainer import Trainer
 
     cfg = load_config(None, {"task": "mtl", "shards": shard_dir, "out": tmp_path, "epochs": 1, "batch_size": 8,

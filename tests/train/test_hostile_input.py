@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from affpipe.loaders import LoaderConfig
-from affpipe.train.checkpoint import load_checkpoint
-from affpipe.train.config import load_config
+from affpipe.run.checkpoint import load_checkpoint
+from affpipe.run.config import load_config
 
 TORCH = LoaderConfig(backend="torch", num_workers=0)
 TINY = {"task": "mtl", "epochs": 1, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2,
@@ -52,8 +52,8 @@ def test_recipe_values_are_checked_when_loaded(tmp_path, key, value, message):
 
 
 def test_on_bad_backend_and_index_may_change_on_resume():
-    from affpipe.train.checkpoint import config_differences
-    from affpipe.train.config import to_dict
+    from affpipe.run.checkpoint import config_differences
+    from affpipe.run.config import to_dict
 
     a = to_dict(load_config(None, {"task": "va"}))
     b = to_dict(load_config(None, {"task": "va", "loader.on_bad": "skip", "loader.backend": "torch", "index": "/x"}))

@@ -45,9 +45,9 @@ def test_stand_in_refuses_numpy_like_cuda():
 def test_resume_restores_rng_states_loaded_onto_the_device(index_dir, tmp_path, monkeypatch):
     from affpipe.index.build import load_index
     from affpipe.train import loop
-    from affpipe.train.checkpoint import load_checkpoint, save_checkpoint
-    from affpipe.train.config import load_config
-    from affpipe.train.tasks import label_statistics
+    from affpipe.run.checkpoint import load_checkpoint, save_checkpoint
+    from affpipe.run.config import load_config
+    from affpipe.scoring.tasks import label_statistics
     from affpipe.train.trainer import Trainer
 
     cfg = load_config(None, {"task": "va", "shards": tmp_path, "out": tmp_path, "image_size": 32, "device": "cpu"})
@@ -81,8 +81,8 @@ def test_resume_restores_rng_states_loaded_onto_the_device(index_dir, tmp_path, 
 @pytest.mark.gpu
 def test_kill_free_resume_on_cuda(shard_dir, tmp_path):
     """A run trained on the GPU continues from its last.pt on the GPU (RNG states included)."""
-    from affpipe.train.checkpoint import load_checkpoint
-    from affpipe.train.config import load_config
+    from affpipe.run.checkpoint import load_checkpoint
+    from affpipe.run.config import load_config
     from affpipe.train.loop import train
 
     base = {"task": "mtl", "shards": shard_dir, "out": tmp_path / "run", "image_size": 32, "batch_size": 16,

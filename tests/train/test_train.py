@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from affpipe.train.checkpoint import load_checkpoint, read_metrics
-from affpipe.train.config import from_dict, load_config
+from affpipe.run.checkpoint import load_checkpoint, read_metrics
+from affpipe.run.config import from_dict, load_config
 
 VENV_BIN = Path(sys.executable).parent
 # Tiny everywhere: 32 px, a few steps, no loader worker processes.
@@ -87,7 +87,7 @@ def test_resume_extends_epochs(tiny_run, shard_dir, tmp_path):
 
 
 def test_init_path_loads_backbone_not_heads(tiny_run):
-    from affpipe.train.models import ModelConfig, build_model
+    from affpipe.models.model import ModelConfig, build_model
 
     ckpt = load_checkpoint(tiny_run / "best.pt")
     torch.manual_seed(123)

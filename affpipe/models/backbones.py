@@ -162,7 +162,7 @@ def pretrained_state_dict(arch: str) -> tuple[dict[str, torch.Tensor], Path]:
     when it is absent (an offline machine gets one line naming the file)."""
     check_arch(arch)
     if is_timm(arch):
-        from affpipe.train.weights import read_weights
+        from affpipe.models.weights import read_weights
 
         path = timm_cached_weights(arch)
         return read_weights(path), path

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from affpipe.train.checkpoint import read_metrics
+from affpipe.run.checkpoint import read_metrics
 
 _SCORE_LABELS = {
     "va_ccc": "VA CCC (mean)", "valence_ccc": "valence CCC", "arousal_ccc": "arousal CCC",

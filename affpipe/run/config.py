@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from affpipe.loaders.base import LoaderConfig
-from affpipe.train.models import ModelConfig
-from affpipe.train.tasks import LossConfig
+from affpipe.models.model import ModelConfig
+from affpipe.scoring.tasks import LossConfig
 
 # Heads each task trains, and the validation score that drives ReduceLROnPlateau and best.pt.
 TASK_HEADS: dict[str, tuple[str, ...]] = {

@@ -24,8 +24,8 @@ from typing import Any
 from affpipe.lineage import fingerprint
 from affpipe.outdir import MARKER, Claim, Owner, adopt, check_folder, claim, unmarked_and_only_own
 from affpipe.shards.format import read_manifest, shards_fingerprint
-from affpipe.train.checkpoint import RESUME_MUTABLE, load_checkpoint
-from affpipe.train.config import TrainConfig, to_dict
+from affpipe.run.checkpoint import RESUME_MUTABLE, load_checkpoint
+from affpipe.run.config import TrainConfig, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def run_inputs(cfg: TrainConfig) -> dict[str, Any]:
     if not cfg.is_temporal:  # as Trainer.build resolves it and config.json records it
         from dataclasses import replace
 
-        from affpipe.train.models import resolve_input
+        from affpipe.models.model import resolve_input
 
         cfg = replace(cfg, model=resolve_input(cfg.model, cfg.image_size))
     walk(to_dict(cfg), "")

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from affpipe.train.checkpoint import read_metrics
-from affpipe.train.config import from_dict, load_config
-from affpipe.train.models import InputNorm, ModelConfig, build_model, load_backbone, resolve_input
+from affpipe.run.checkpoint import read_metrics
+from affpipe.run.config import from_dict, load_config
+from affpipe.models.model import InputNorm, ModelConfig, build_model, load_backbone, resolve_input
 
 TIMM = "timm/mobilenetv3_small_050"  # 0.57M parameters: a tiny timm model
 TINY = {"image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2, "max_val_steps": 1, "loader.num_workers": 0,
@@ -92,7 +92,7 @@ def test_timm_pretrained_from_the_cache_loads_without_network(tmp_path, monkeypa
     import timm
     from timm.models import get_pretrained_cfg
 
-    import affpipe.train.backbones as bb
+    import affpipe.models.backbones as bb
 
     monkeypatch.setattr(bb, "_timm_cfg", lambda arch: get_pretrained_cfg("resnet10t").__class__(
         **{**get_pretrained_cfg("resnet10t").__dict__, "hf_hub_id": None}))
@@ -267,7 +267,7 @@ def test_conversion_command_works_on_a_trusted_file(tmp_path):
     """The command the refusal prints turns a pickled model into a safetensors file that loads."""
     import shlex
 
-    from affpipe.train.weights import conversion_command, read_weights
+    from affpipe.models.weights import conversion_command, read_weights
 
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     path = tmp_path / "whole.pt"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from affpipe.train.checkpoint import config_differences
-from affpipe.train.config import TrainConfig, from_dict, load_config, to_dict
+from affpipe.run.checkpoint import config_differences
+from affpipe.run.config import TrainConfig, from_dict, load_config, to_dict
 
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 

@@ -6,7 +6,7 @@ loaders — contiguous or channels_last — or float already normalized) gives `
 [-1,1], "expr": [N,8] logits, "au": [N,12] logits}`` for the configured tasks. Its first op
 (``InputNorm``) resizes to the backbone's input size on the device and normalizes with the
 backbone's mean/std (``ModelConfig.input_size``/``mean``/``std``/``interpolation``, else the
-backbone's own: :mod:`affpipe.train.backbones`). Parameters are named ``backbone.*`` and
+backbone's own: :mod:`affpipe.models.backbones`). Parameters are named ``backbone.*`` and
 ``heads.<task>.*`` so a checkpoint's backbone can seed another model (e.g. a uni-task model's
 backbone to start a multi-task one) without touching its heads.
 """
@@ -51,7 +51,7 @@ class ModelConfig:
     interpolation: str | None = None
 
     def __post_init__(self) -> None:
-        from affpipe.train.backbones import INTERPOLATIONS, check_arch
+        from affpipe.models.backbones import INTERPOLATIONS, check_arch
 
         # Recipes arrive from TOML/JSON with lists and paths; normalize so the config stays hashable.
         object.__setattr__(self, "tasks", tuple(self.tasks))
@@ -77,7 +77,7 @@ class ModelConfig:
 def resolve_input(cfg: ModelConfig, image_size: int | None = None) -> ModelConfig:
     """``cfg`` with its input filled in from the backbone (what a run records in config.json):
     a backbone that takes any size sees ``image_size`` (the loader's), a fixed-size one its own."""
-    from affpipe.train.backbones import default_input
+    from affpipe.models.backbones import default_input
 
     spec = default_input(cfg.arch)
     size = cfg.input_size or (spec.size if spec.fixed else image_size)
@@ -103,7 +103,7 @@ class InputNorm(nn.Module):
     """
 
     def __init__(self, size: int | None, mean, std, interpolation: str = "bilinear") -> None:
-        from affpipe.train.backbones import IMAGENET_MEAN, IMAGENET_STD
+        from affpipe.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 
         super().__init__()
         self.size, self.interpolation = size, interpolation
@@ -145,7 +145,7 @@ class MultiTaskNet(nn.Module):
 
     def __init__(self, backbone: nn.Module, feature_dim: int, tasks: tuple[str, ...], dropout: float,
                  input_norm: InputNorm | None = None, classifier: str = "fc") -> None:
-        from affpipe.train.backbones import IMAGENET_MEAN, IMAGENET_STD
+        from affpipe.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 
         super().__init__()
         self.tasks = tasks
@@ -170,7 +170,7 @@ class MultiTaskNet(nn.Module):
 
 def build_model(cfg: ModelConfig) -> MultiTaskNet:
     """The model for ``cfg``, initialized as ``cfg.init`` says (heads are always fresh)."""
-    from affpipe.train.backbones import default_input, make_backbone, pretrained_state_dict
+    from affpipe.models.backbones import default_input, make_backbone, pretrained_state_dict
 
     spec = default_input(cfg.arch)
     size = cfg.input_size or (spec.size if spec.fixed else None)
@@ -188,7 +188,7 @@ def build_model(cfg: ModelConfig) -> MultiTaskNet:
 
 def imagenet_cache_file(arch: str = "resnet18") -> Path:
     """Where torch hub keeps (and looks for) torchvision's ImageNet weights of ``arch``."""
-    from affpipe.train.backbones import imagenet_cache_file as cache_file
+    from affpipe.models.backbones import imagenet_cache_file as cache_file
 
     return cache_file(arch)
 
@@ -215,11 +215,11 @@ def load_backbone(model: nn.Module, path: str | Path) -> dict[str, Any]:
     """Copy a weight file's backbone weights into ``model.backbone``; never its heads.
 
     ``path``: an affpipe checkpoint, a bare state dict (wrapped key names are unwrapped), or a
-    ``.safetensors`` file (:mod:`affpipe.train.weights`). Returns the key summary
+    ``.safetensors`` file (:mod:`affpipe.models.weights`). Returns the key summary
     (``loaded``/``missing``/``unexpected``/``ignored`` lists, ``file``, ``sha256``); missing or
     unexpected keys are logged as warnings, too little matching or a shape mismatch is an error.
     """
-    from affpipe.train.weights import load_into
+    from affpipe.models.weights import load_into
 
     path = Path(path)
     if not path.is_file():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from affpipe.labels import NUM_AU, NUM_EXPR
-from affpipe.train import bootstrap as bs
-from affpipe.train.metrics import MetricAccumulator, au_f1, expr_f1, va_ccc
+from affpipe.scoring import bootstrap as bs
+from affpipe.scoring.metrics import MetricAccumulator, au_f1, expr_f1, va_ccc
 
 
 def _fixture(videos: int = 7, frames: int = 40, seed: int = 0, noise: float = 0.5) -> tuple[dict, np.ndarray]:
@@ -149,7 +149,7 @@ def test_fmt_ci():
 def test_evaluation_writes_intervals_and_predictions(tmp_path):
     import json
 
-    from affpipe.train.config import TrainConfig
+    from affpipe.run.config import TrainConfig
     from affpipe.train.evaluate import report_evaluation
 
     a, videos = _fixture()
@@ -178,7 +178,7 @@ def test_a_single_video_gets_no_interval():
 
 
 def test_eval_md_says_which_tuned_figures_are_cross_validated():
-    from affpipe.train.bootstrap import cross_validated_au
+    from affpipe.scoring.bootstrap import cross_validated_au
     from affpipe.train.evaluate import eval_markdown
 
     a, videos = _fixture()

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from affpipe.labels import AU_NAMES, FRAMES_SCHEMA
-from affpipe.train.metrics import ccc
-from affpipe.train.tasks import (
+from affpipe.scoring.metrics import ccc
+from affpipe.scoring.tasks import (
     LossConfig,
     MultiTaskLoss,
     au_pos_weights,
@@ -125,7 +125,7 @@ def test_masked_labels_do_not_change_the_loss(va_loss, weighting):
 
 @pytest.mark.parametrize("weighting", ["fixed", "uncertainty"])
 def test_all_invalid_head_gets_zero_gradient(weighting):
-    from affpipe.train.models import ModelConfig, build_model
+    from affpipe.models.model import ModelConfig, build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(tasks=ALL))

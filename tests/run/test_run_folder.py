@@ -1,5 +1,5 @@
 """Issue 17, item 8 for ``train``: the run folder is ``affpipe train``'s own
-(``affpipe.train.runfolder``).
+(``affpipe.run.claim``).
 
 A user's ``config.json`` (or any file a run does not write) is refused and untouched, a symlink
 is never followed, ``--resume`` continues only a run of the same config and data, ``--overwrite``
@@ -21,9 +21,9 @@ from click.testing import CliRunner
 
 from affpipe.cli import main
 from affpipe.outdir import LOCK, MARKER, check_folder, folder_lock, read_marker
-from affpipe.train.checkpoint import load_checkpoint, read_metrics
-from affpipe.train.config import load_config
-from affpipe.train.runfolder import RUN_OWNER, legacy_run
+from affpipe.run.checkpoint import load_checkpoint, read_metrics
+from affpipe.run.config import load_config
+from affpipe.run.claim import RUN_OWNER, legacy_run
 
 TINY = ["--task", "va", "--epochs", "1", "--image-size", "32", "--batch-size", "16", "--max-steps-per-epoch", "2",
         "--max-val-steps", "1", "--num-workers", "0", "--backend", "torch", "--device", "cpu", "--log-every", "1"]

@@ -366,7 +366,7 @@ def measure_cost(frames: int = 1_000_000, videos: int = 145, resamples: int = DE
                  seed: int = 0) -> dict[str, float]:
     """Seconds for the intervals of a multi-task evaluation of ``frames`` synthetic frames in
     ``videos`` videos (Aff-Wild2's validation size by default): statistics pass, resamples, both,
-    and writing the predictions file (with its size). ``python -m affpipe.train.bootstrap``."""
+    and writing the predictions file (with its size). ``python -m affpipe.scoring.bootstrap``."""
     import tempfile
     import time
 

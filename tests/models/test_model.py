@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from affpipe.train.models import ModelConfig, backbone_state_dict, build_model, load_backbone
+from affpipe.models.model import ModelConfig, backbone_state_dict, build_model, load_backbone
 
 ALL = ("va", "expr", "au")
 
@@ -103,7 +103,7 @@ def test_init_reports_missing_and_rejects_unrelated(tmp_path, caplog):
     partial["backbone.extra.weight"] = torch.zeros(2)
     torch.save({"model": partial}, tmp_path / "partial.pt")
     dst = build_model(ModelConfig(tasks=("va",)))
-    with caplog.at_level(logging.WARNING, logger="affpipe.train.models"):
+    with caplog.at_level(logging.WARNING, logger="affpipe.models.model"):
         info = load_backbone(dst, tmp_path / "partial.pt")
     assert any(k.startswith("layer4.") for k in info["missing"]) and info["unexpected"] == ["extra.weight"]
     assert "missing" in caplog.text and "unexpected" in caplog.text

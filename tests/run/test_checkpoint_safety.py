@@ -27,7 +27,7 @@ def _hostile(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_init_from_hostile_checkpoint_is_refused(tmp_path):
-    from affpipe.train.models import ModelConfig, build_model
+    from affpipe.models.model import ModelConfig, build_model
 
     path, marker = _hostile(tmp_path)
     with pytest.raises(ValueError, match=r"refused: .*weights_only=True"):
@@ -36,7 +36,7 @@ def test_init_from_hostile_checkpoint_is_refused(tmp_path):
 
 
 def test_load_checkpoint_refuses_hostile_and_non_checkpoint_files(tmp_path):
-    from affpipe.train.checkpoint import load_checkpoint
+    from affpipe.run.checkpoint import load_checkpoint
 
     path, marker = _hostile(tmp_path)
     with pytest.raises(ValueError, match="refused"):

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from affpipe.labels import AU_NAMES, EXPR_CLASSES
 from affpipe.loaders import LoaderConfig
-from affpipe.train.config import load_config
+from affpipe.run.config import load_config
 
 TORCH = LoaderConfig(backend="torch", num_workers=0)
 

@@ -8,7 +8,7 @@ import torch
 from sklearn.metrics import f1_score
 
 from affpipe.labels import AU_NAMES, EXPR_CLASSES
-from affpipe.train.metrics import MetricAccumulator, au_f1, ccc, expr_f1, p_mtl, va_ccc
+from affpipe.scoring.metrics import MetricAccumulator, au_f1, ccc, expr_f1, p_mtl, va_ccc
 
 
 def _ccc_ref(x: np.ndarray, y: np.ndarray) -> float:

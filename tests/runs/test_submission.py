@@ -9,7 +9,7 @@ import pytest
 
 from affpipe.labels import AU_NAMES
 from affpipe.loaders import LoaderConfig
-from affpipe.train.config import load_config
+from affpipe.run.config import load_config
 
 TORCH = LoaderConfig(backend="torch", num_workers=0)
 TINY = {"epochs": 1, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2, "max_val_steps": 1,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from affpipe.train.checkpoint import read_metrics
+from affpipe.run.checkpoint import read_metrics
 
 pytest.importorskip("tensorboard")
 
@@ -76,7 +76,7 @@ def test_recipe_key_and_resume_keep_one_value_per_step(shard_dir, tmp_path):
     """[logging] tensorboard = true; what a killed process logged past last.pt is purged on resume."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from affpipe.train.config import load_config
+    from affpipe.run.config import load_config
     from affpipe.train.loop import train
 
     recipe = tmp_path / "r.toml"
@@ -103,9 +103,9 @@ def test_temporal_run_writes_the_same_events(shard_dir, tmp_path):
     from affpipe.loaders import LoaderConfig
     from affpipe.temporal.embed import EmbedConfig, embed
     from affpipe.temporal.train import train_any
-    from affpipe.train.checkpoint import save_checkpoint
-    from affpipe.train.config import TrainConfig, load_config, to_dict
-    from affpipe.train.models import ModelConfig, build_model
+    from affpipe.run.checkpoint import save_checkpoint
+    from affpipe.run.config import TrainConfig, load_config, to_dict
+    from affpipe.models.model import ModelConfig, build_model
 
     ckpt = tmp_path / "frame.pt"
     save_checkpoint(ckpt, {"model": build_model(ModelConfig(arch="resnet18")).state_dict(),
