@@ -67,13 +67,21 @@ def check(what: str, recorded: str | None, actual: str | None, recorded_by: str,
                          "was made from)")
 
 
+# How far up a stored relative path may climb: an artifact and its inputs side by side or in
+# sibling trees (``runs/x`` → ``../../data/shards``) move together; farther apart, the path is
+# stored absolute (moving one alone then still finds the other). The one rule for every artifact.
+MAX_UP = 3
+
+
 def rel_path(base: Path | str, path: Path | str) -> str:
-    """``path`` relative to the folder ``base`` (POSIX, ``..`` allowed), for storing inside an
-    artifact at ``base``; absolute when no relative path exists (another drive)."""
+    """``path`` relative to the folder ``base`` (POSIX, at most ``MAX_UP`` ``..``), for storing
+    inside an artifact at ``base``; absolute when farther or no relative path exists (another drive)."""
+    target = Path(path).resolve()
     try:
-        return Path(os.path.relpath(Path(path).resolve(), Path(base).resolve())).as_posix()
+        rel = Path(os.path.relpath(target, Path(base).resolve()))
     except ValueError:
-        return str(Path(path).resolve())
+        return str(target)
+    return rel.as_posix() if rel.parts.count("..") <= MAX_UP else str(target)
 
 
 def resolve_path(base: Path | str, stored: str | Path) -> Path:

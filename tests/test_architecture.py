@@ -175,3 +175,86 @@ def test_the_reader_sees_imports_hidden_anywhere(tmp_path):
     (pkg / "sub" / "inner.py").write_text("def g():\n    import pkg.a\n")  # closes a -> b -> c -> d -> inner -> a
     cycles = _cycles(_edges(_modules(pkg, "pkg"), "pkg"))
     assert cycles == [frozenset({"pkg.a", "pkg.b", "pkg.c", "pkg.d", "pkg.sub", "pkg.sub.inner"})]
+
+
+# --- one owner for the run folder, one place that picks a kind of run -------------------------
+
+RUN_FILE_NAMES = ("best.pt", "last.pt", "config.json", "lineage.json", "metrics.jsonl", "curves.png", "eval.json",
+                  "eval.md", "au_thresholds.json", "smoothing.json", "eval_predictions.npz", "_predictions.npz")
+RUN_FOLDER_OWNER = "affpipe.run.folder"
+
+
+def _strings(tree: ast.AST):
+    """Every string constant of a module but its docstrings (module, class, function)."""
+    docs = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docs.add(id(first.value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            yield node
+
+
+def test_no_run_file_name_is_spelled_outside_the_run_folder_module():
+    """Item 1 of the run-kinds restructuring: ``affpipe.run.folder`` names every file a run
+    holds; no other module spells one (help texts and messages may mention them in prose)."""
+    bad = []
+    for module, path in _modules().items():
+        if module == RUN_FOLDER_OWNER:
+            continue
+        for node in _strings(ast.parse(path.read_text())):
+            value = node.value.strip()
+            if value in RUN_FILE_NAMES or value.endswith(tuple("/" + n for n in RUN_FILE_NAMES)) or (
+                    value.endswith("_predictions.npz")):
+                bad.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}: {value!r}")
+    assert not bad, "run-folder file names outside affpipe/run/folder.py:\n" + "\n".join(bad)
+
+
+# Modules allowed to pick or test the kind of a run: the registry, each kind's own module, and the
+# config that builds a kind's data.
+KIND_OWNERS = {"affpipe.runs.kinds", "affpipe.train.frames", "affpipe.temporal.kind", "affpipe.run.config",
+               "affpipe.run.kind"}
+KIND_TYPES = {"ShardsData", "FeaturesData"}
+
+
+def _kind_branches(tree: ast.AST) -> list[tuple[int, str]]:
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in ("is_temporal", "feature_tables"):
+            out.append((node.lineno, f".{node.attr}"))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
+            names = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)} if len(node.args) > 1 else set()
+            if names & KIND_TYPES:
+                out.append((node.lineno, "isinstance(..., a run's data type)"))
+        elif isinstance(node, ast.Compare):
+            parts = [node.left, *node.comparators]
+            kinds = any(isinstance(p, ast.Constant) and p.value in ("frames", "temporal", "pretrain") for p in parts)
+            attrs = any(isinstance(p, ast.Attribute) and (p.attr == "kind" or (
+                p.attr == "name" and isinstance(p.value, ast.Attribute) and p.value.attr == "kind")) for p in parts)
+            if kinds and attrs:
+                out.append((node.lineno, "a comparison with a kind's name"))
+            if any(isinstance(p, ast.Attribute) and p.attr == "features" for p in parts) and any(
+                    isinstance(p, ast.Constant) and p.value is None for p in parts):
+                out.append((node.lineno, "features is (not) None"))
+    return out
+
+
+def test_no_module_outside_the_registry_branches_on_the_kind_of_run():
+    """Item 2: ``affpipe.runs.kinds`` picks a run's kind; the loop, the run folder, open_run,
+    evaluate, predict, embed, report and experiments ask the kind instead of testing it."""
+    bad = []
+    for module, path in _modules().items():
+        if module in KIND_OWNERS or LEVEL.get(_stage(module), 0) < LEVEL["models"] or _stage(module) == "bench":
+            continue
+        for line, what in _kind_branches(ast.parse(path.read_text())):
+            bad.append(f"{path.relative_to(ROOT.parent)}:{line}: {what}")
+    assert not bad, "branches on the kind of run outside affpipe/runs/kinds.py:\n" + "\n".join(bad)
+
+
+def test_a_per_frame_run_never_calls_temporal_code():
+    """The per-frame kind and the loop every kind trains with import nothing from ``temporal``."""
+    bad = [f"{a} -> {b} (line {line})" for a, b, line in _edges(_modules())
+           if (a.startswith("affpipe.train") or a.startswith("affpipe.run.")) and b.startswith("affpipe.temporal")]
+    assert not bad, "\n".join(bad)

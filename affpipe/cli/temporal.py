@@ -39,8 +39,8 @@ def embed(source: str | None, shards: Path, out: Path, split: str, backbone: tup
     refused; see --overwrite).
     """
     from affpipe.loaders import LoaderConfig
-    from affpipe.temporal.embed import EmbedConfig
-    from affpipe.temporal.embed import embed as run_embed
+    from affpipe.runs.embed import EmbedConfig
+    from affpipe.runs.embed import embed as run_embed
 
     if (source is None) == (not weights):
         raise click.UsageError("give SOURCE (a run, a checkpoint or imagenet) or --weights FILE, one of the two")

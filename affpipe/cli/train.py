@@ -86,13 +86,14 @@ def train(recipe: Path | None, task: str | None, shards: Path | None, features: 
     """Train a uni-task (va|expr|au) or multi-task (mtl) model on shards (or, with --features, a
     temporal head on a feature table) into a run folder."""
     from affpipe.dist import dist_env
-    from affpipe.temporal.train import train_any
-    from affpipe.run.config import load_config
     from affpipe.run.claim import check_run_folder
+    from affpipe.run.config import load_config
+    from affpipe.run.folder import RunFolder
+    from affpipe.runs.train import train as train_run
 
-    if recipe is None and resume and out is not None and (out / "config.json").is_file():
+    if recipe is None and resume and out is not None and RunFolder(out).has_config():
         check_run_folder(out)  # a config.json of a user's is never read as the run's
-        recipe = out / "config.json"  # resume with the run's own resolved config
+        recipe = RunFolder(out).config  # resume with the run's own resolved config
     if recipe is None and task is None:
         raise click.UsageError("give --task or a recipe with --config")
     nested = {"init": "model.init", "backbone": "model.arch", "temporal_arch": "temporal.arch",
@@ -108,12 +109,12 @@ def train(recipe: Path | None, task: str | None, shards: Path | None, features: 
     overrides.update({"task": task, "shards": shards, "features": list(features) or None, "out": out, "compile": compile_,
                       "loss.task_weights": _csv_floats(task_weights), "resume": resume or None})
     cfg = load_config(recipe, overrides)
-    if (cfg.shards is None and cfg.features is None) or cfg.out is None:
+    if not cfg.data.inputs or cfg.out is None:
         raise click.UsageError("--shards (or --features) and -o/--out are required (or set them in the recipe)")
-    run = train_any(cfg, overwrite=overwrite)
+    run = train_run(cfg, overwrite=overwrite)
     if dist_env()[0] == 0:  # under torchrun only rank 0 reports
-        if (run / "eval.md").is_file():
-            click.echo((run / "eval.md").read_text())
+        if (text := RunFolder(run).eval_markdown_text()) is not None:
+            click.echo(text)
         click.echo(f"run folder: {run}")
 
 

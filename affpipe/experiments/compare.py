@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from affpipe.experiments.runs import METRIC_LABEL, TASK_METRIC, Run, RunKind
+from affpipe.experiments.runs import METRIC_LABEL, TASK_METRIC, RunLabel, RunSummary
 from affpipe.scoring import bootstrap as bs
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,8 @@ class Cell:
     """One grid cell: the runs of one recipe and overrides, one per seed."""
 
     name: str
-    kind: RunKind
-    runs: list[Run]
+    kind: RunLabel
+    runs: list[RunSummary]
 
     def values(self, metric: str, variant: str = "eval") -> list[float]:
         """The metric of each seed's evaluation (``variant``), where present."""
@@ -52,9 +52,9 @@ class Cell:
         return float(np.mean(vals)) if len(vals) == len(self.runs) and vals else None
 
 
-def group_cells(runs: Sequence[Run]) -> list[Cell]:
+def group_cells(runs: Sequence[RunSummary]) -> list[Cell]:
     """Runs grouped by grid cell (``<name>-seed<k>`` with ``<name>``), in first-seen order."""
-    cells: dict[tuple[str, RunKind], Cell] = {}
+    cells: dict[tuple[str, RunLabel], Cell] = {}
     for r in runs:
         key = (r.cell, r.kind)
         cells.setdefault(key, Cell(r.cell, r.kind, []))
@@ -77,7 +77,7 @@ def _digest(*arrays: np.ndarray) -> str:
 class Resampler:
     """Per-resample metrics of runs' evaluations over one set of resampled validation videos."""
 
-    def __init__(self, runs: Sequence[Run], *, resamples: int = bs.DEFAULT_RESAMPLES, seed: int = 0,
+    def __init__(self, runs: Sequence[RunSummary], *, resamples: int = bs.DEFAULT_RESAMPLES, seed: int = 0,
                  strict: bool = False) -> None:
         self.stats: dict[tuple[str, str], bs.VideoStats] = {}
         self.notes: list[str] = []
@@ -108,7 +108,7 @@ class Resampler:
         self.resamples, self.seed = resamples, seed
         self._cache: dict[tuple, dict[str, np.ndarray] | None] = {}
 
-    def side(self, runs: Sequence[Run], variant: str = "eval") -> dict[str, np.ndarray] | None:
+    def side(self, runs: Sequence[RunSummary], variant: str = "eval") -> dict[str, np.ndarray] | None:
         """``[1 + B]`` arrays per metric (row 0: the full split), mean over ``runs``; None when a
         run has no predictions for ``variant``."""
         key = (tuple(r.name for r in runs), variant)
@@ -173,7 +173,7 @@ def variant_pairs(cells: Sequence[Cell]) -> list[tuple[str, Cell, Cell]]:
     return out
 
 
-def metrics_of(kind: RunKind) -> tuple[str, ...]:
+def metrics_of(kind: RunLabel) -> tuple[str, ...]:
     return MAIN_METRICS if kind.mtl else (TASK_METRIC[kind.task],)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from affpipe.outdir import Owner, claim
+from affpipe.run.folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +193,8 @@ def run_overrides(grid: Grid, run: GridRun, *, scale: str, shards: Path, runs_di
         ov["features"] = str(features_dir(runs_dir, seeded(run.features_from, k)))
         del ov["shards"]  # a temporal run reads its feature table (which records its shards)
     if run.init_from:
-        ov["model.init"] = str(runs_dir / seeded(run.init_from, k) / "best.pt")
-    if (out / "last.pt").exists():
+        ov["model.init"] = str(RunFolder(runs_dir / seeded(run.init_from, k)).best)
+    if RunFolder(out).last.exists():
         ov["resume"] = True  # killed midway: continue from last.pt rather than refuse the folder
     return ov
 
@@ -219,10 +220,10 @@ def _train_child(recipe: str, overrides: dict[str, Any], level: int, conn) -> No
     """Body of the training process: resolve, train, send back the run folder or the error."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        from affpipe.temporal.train import train_any
         from affpipe.run.config import load_config
+        from affpipe.runs.train import train
 
-        conn.send(("ok", str(train_any(load_config(recipe, overrides)))))
+        conn.send(("ok", str(train(load_config(recipe, overrides)))))
     except BaseException as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         raise SystemExit(1) from None
@@ -304,7 +305,7 @@ def _after_run(run: GridRun, run_dir: Path, shards: Path, status: dict[str, Any]
         if not needed:
             continue
         try:
-            fn(run_dir, shards)
+            fn(run_dir)
         except Exception as exc:  # reported, the grid goes on
             log.exception("experiments: %s of %s failed", what, run_dir.name)
             status[what] = f"failed: {type(exc).__name__}: {exc}"
@@ -313,8 +314,8 @@ def _after_run(run: GridRun, run_dir: Path, shards: Path, status: dict[str, Any]
 def _skip_reason(run: GridRun, runs_dir: Path, seed: int, status: dict[str, dict[str, Any]],
                  imagenet: list) -> str | None:
     """Why ``run`` (with ``seed``) cannot train now, or None."""
-    missing = [seeded(d, seed) for d in run.after if not (runs_dir / seeded(d, seed) / "eval.json").exists()]
-    if run.init_from and not (runs_dir / seeded(run.init_from, seed) / "best.pt").exists():
+    missing = [seeded(d, seed) for d in run.after if not RunFolder(runs_dir / seeded(d, seed)).has_eval()]
+    if run.init_from and not RunFolder(runs_dir / seeded(run.init_from, seed)).best.exists():
         return f"needs `{seeded(run.init_from, seed)}`'s best.pt, which is not there"
     if missing and any(status.get(d, {}).get("status") in ("failed", "skipped") for d in missing):
         return "depends on " + ", ".join(f"`{d}`" for d in missing) + ", which did not finish"
@@ -391,7 +392,7 @@ def _one_run(cfg: ExperimentsConfig, grid: Grid, run: GridRun, seed: int, runs_d
     """Train (or reuse, or skip) one run with one seed; its status entry."""
     name = seeded(run.name, seed)
     run_dir = runs_dir / name
-    if (run_dir / "eval.json").exists():
+    if RunFolder(run_dir).has_eval():
         log.info("experiments: %s already trained (eval.json exists)", name)
         done: dict[str, Any] = {"status": "done", "reason": "eval.json exists"}
         _after_run(run, run_dir, shards, done)
@@ -409,7 +410,7 @@ def _one_run(cfg: ExperimentsConfig, grid: Grid, run: GridRun, seed: int, runs_d
     except Exception as exc:  # one broken run must not cost the rest of the grid
         log.exception("experiments: %s failed", name)
         return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - t0}
-    ok = (run_dir / "eval.json").exists()
+    ok = RunFolder(run_dir).has_eval()
     result = {"status": "trained" if ok else "failed", "seconds": round(time.perf_counter() - t0, 1),
               **({} if ok else {"reason": "training ended without eval.json"})}
     _after_run(run, run_dir, shards, result)

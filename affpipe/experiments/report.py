@@ -34,7 +34,7 @@ from affpipe.experiments.runs import (
     METRIC_LABEL,
     TASK_METRIC,
     TASK_NAME,
-    Run,
+    RunSummary,
     convergence,
     expand_runs,
     fmt,
@@ -142,7 +142,7 @@ def _seeds(cells) -> list[str]:
             "the seeds: a cell is the mean of its seeds in every resample.", "", *md_table(header, body)]
 
 
-def _metrics_table(runs: Sequence[Run]) -> list[str]:
+def _metrics_table(runs: Sequence[RunSummary]) -> list[str]:
     metrics = ("va_ccc", "valence_ccc", "arousal_ccc", "expr_f1", "au_f1", "p_mtl")
     header = ["run", "kind", *(METRIC_LABEL[m] for m in metrics), "epochs", "wall time (s)"]
     rows = []
@@ -158,7 +158,7 @@ def _metrics_table(runs: Sequence[Run]) -> list[str]:
             "where the evaluation kept them.", "", *md_table(header, rows, left=2)]
 
 
-def _per_item_table(runs: Sequence[Run], key: str, names: Sequence[str], title: str) -> list[str]:
+def _per_item_table(runs: Sequence[RunSummary], key: str, names: Sequence[str], title: str) -> list[str]:
     have = [r for r in runs if isinstance(r.eval.get(key), dict)]
     if not have:
         return []
@@ -172,7 +172,7 @@ def _per_item_table(runs: Sequence[Run], key: str, names: Sequence[str], title: 
         rows.append([name] + [f"**{fmt(v)}**" if v is not None and v == best and unique else fmt(v) for v in vals])
     return [f"## {title}", "", "Validation F1; the best run per row in bold.", "",
             *md_table(["", *(f"`{r.name}`" for r in have)], rows)]
-def _convergence_table(runs: Sequence[Run], frac: float) -> list[str]:
+def _convergence_table(runs: Sequence[RunSummary], frac: float) -> list[str]:
     pct = f"{frac:.0%}"
     header = ["run", "score", "best", "best epoch", f"target ({pct})", f"epochs to {pct}",
               f"wall time to {pct} (s)", "total wall time (s)"]
@@ -193,7 +193,7 @@ def _convergence_table(runs: Sequence[Run], frac: float) -> list[str]:
 
 # ---- figures -----------------------------------------------------------------------------
 
-def _styles(runs: Sequence[Run]) -> dict[str, dict]:
+def _styles(runs: Sequence[RunSummary]) -> dict[str, dict]:
     """One colour per run, the same in every figure; multi-task solid, uni-task dashed."""
     import matplotlib
 
@@ -201,7 +201,7 @@ def _styles(runs: Sequence[Run]) -> dict[str, dict]:
     return {r.name: {"color": cmap(i % cmap.N), "linestyle": "-" if r.kind.mtl else "--"} for i, r in enumerate(runs)}
 
 
-def write_figures(runs: Sequence[Run], out: Path) -> dict[str, Path]:
+def write_figures(runs: Sequence[RunSummary], out: Path) -> dict[str, Path]:
     """``uni_vs_mtl.png``, ``curves_epoch.png``, ``curves_time.png`` (those there is data for).
 
     (Slightly over 60 lines: plotting statements for the figures, one after another.)
@@ -273,7 +273,7 @@ def write_figures(runs: Sequence[Run], out: Path) -> dict[str, Path]:
 def write_report(cfg: ReportConfig) -> Path:
     """Write ``report.md``, ``report.json`` and the figures into ``cfg.out``; returns report.md."""
     paths = expand_runs(cfg.runs)
-    runs: list[Run] = []
+    runs: list[RunSummary] = []
     notes = list(cfg.notes)
     for p in paths:
         try:

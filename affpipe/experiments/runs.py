@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from affpipe.run.checkpoint import read_metrics
 from affpipe.run.config import SCORE_KEY
+from affpipe.run.folder import RunFolder, eval_stem
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def cell_name(run_name: str) -> str:
 
 
 @dataclass(frozen=True)
-class RunKind:
+class RunLabel:
     """What a run is, derived from its resolved ``config.json``."""
 
     task: str  # va | expr | au | mtl
@@ -82,12 +82,12 @@ class RunKind:
 
 
 @dataclass
-class Run:
+class RunSummary:
     """One run folder's contents as the report needs them."""
 
     name: str
     path: Path
-    kind: RunKind
+    kind: RunLabel
     config: dict
     eval: dict
     curve: list[dict] = field(default_factory=list)  # per epoch: epoch, wall_time, metric → value
@@ -122,7 +122,7 @@ def _tasks_of(config: dict) -> tuple[str, ...]:
     return tuple(tasks) if tasks else ("va", "expr", "au")
 
 
-def run_kind(config: dict) -> RunKind:
+def run_label(config: dict) -> RunLabel:
     """Classify a run from its resolved config (task, model.init, loss settings)."""
     tasks = _tasks_of(config)
     task = config.get("task") or (tasks[0] if len(tasks) == 1 else "mtl")
@@ -132,12 +132,13 @@ def run_kind(config: dict) -> RunKind:
         # A checkpoint: name it by its run folder (runs/<name>/best.pt), which is what people know.
         p = Path(init)
         init = cell_name(p.parent.name if p.suffix in (".pt", ".pth") and p.parent.name else p.name)
-    if config.get("features"):
-        init = cell_name(source_run_name(Path(config["features"])))  # seeds of a cell: one kind
-    return RunKind(
+    own = _kind_of_config(config).describe(config)  # what the run's kind sets apart
+    if own.get("sources"):  # a head over other runs' features: named by them (seeds of a cell: one label)
+        init = " + ".join(cell_name(source_run_name(Path(f))) for f in own["sources"])
+    return RunLabel(
         task=task,
         init=init,
-        temporal=(config.get("temporal") or {}).get("arch", "tcn") if config.get("features") else None,
+        temporal=own.get("temporal"),
         va_loss=loss.get("va_loss", "ccc") if "va" in tasks else None,
         expr_weighted=bool(loss.get("expr_class_weights", True)) if "expr" in tasks else None,
         au_weighted=bool(loss.get("au_pos_weight", True)) if "au" in tasks else None,
@@ -169,7 +170,7 @@ def read_curve(metrics_jsonl: Path) -> list[dict]:
     if not metrics_jsonl.exists():
         return []
     points: dict[int, dict] = {}
-    for rec in read_metrics(metrics_jsonl):
+    for rec in RunFolder(metrics_jsonl.parent).read_metrics():
         if not isinstance(rec, dict) or rec.get("kind") != "epoch" or _num(rec.get("epoch")) is None:
             continue
         nested = rec.get("val")
@@ -181,29 +182,47 @@ def read_curve(metrics_jsonl: Path) -> list[dict]:
     return [points[e] for e in sorted(points)]
 
 
-def load_run(path: Path) -> Run:
-    """Read one run folder (needs ``config.json`` and ``eval.json``)."""
-    path = Path(path)
-    for need in ("config.json", "eval.json"):
-        if not (path / need).exists():
-            raise ValueError(f"{path / need}: missing — not a finished run folder")
-    config = json.loads((path / "config.json").read_text())
-    smoothed = path / "eval_smoothed.json"
-    return Run(
-        name=path.name, path=path, kind=run_kind(config), config=config,
-        eval=json.loads((path / "eval.json").read_text()), curve=read_curve(path / "metrics.jsonl"),
-        smoothed=json.loads(smoothed.read_text()) if smoothed.is_file() else None,
+def _kind_of_config(config: dict):
+    """The kind of run a config.json describes (through the registry)."""
+    from affpipe.run.config import from_dict
+    from affpipe.runs.kinds import kind_of
+
+    try:
+        return kind_of(from_dict(config, source="a run's config"))
+    except ValueError:
+        from affpipe.train.frames import FRAMES
+
+        return FRAMES  # a config this affpipe cannot build: labelled as a per-frame run
+
+
+def load_run(path: Path) -> RunSummary:
+    """Read one run folder (needs ``config.json`` and ``eval.json``) through its typed readers."""
+    files = RunFolder(path)
+    for need in (files.config, files.eval_json()):
+        if not need.exists():
+            raise ValueError(f"{need}: missing — not a finished run folder")
+    config = files.read_config()
+    smoothed = eval_stem("smoothed")
+    return RunSummary(
+        name=files.path.name, path=files.path, kind=run_label(config), config=config,
+        eval=files.read_eval(), curve=read_curve(files.metrics),
+        smoothed=files.read_eval(smoothed) if files.has_eval(smoothed) else None,
     )
 
 
 def expand_runs(paths: Sequence[Path]) -> list[Path]:
-    """Run folders from the arguments: a folder without ``config.json`` stands for its sub-runs."""
+    """Run folders from the arguments: a folder without ``config.json`` stands for its sub-runs;
+    folders a failed try left with no evaluation are skipped (and said)."""
     found: list[Path] = []
     for p in map(Path, paths):
-        if (p / "config.json").exists() or not p.is_dir():
+        if RunFolder(p).has_config() or not p.is_dir():
             found.append(p)
-        else:
-            found.extend(sorted(c.parent for c in p.glob("*/config.json")))
+            continue
+        for child in sorted(c for c in p.iterdir() if c.is_dir() and RunFolder(c).has_config()):
+            if RunFolder(child).has_eval():
+                found.append(child)
+            else:
+                log.warning("%s: no evaluation yet (a run that stopped early?); left out of the report", child)
     return found
 
 

@@ -534,7 +534,15 @@ def row_positions(table: pa.Table):
 def index_fingerprint(path: Path, table: str = "frames") -> str:
     """The fingerprint of an index's ``table`` (``frames`` or ``mtl``): its rows' identity and
     labels, as ``index.json`` records it (computed from the table for an index written before
-    fingerprints). Shards, feature tables and runs record it and check it on open."""
+    fingerprints). Shards, feature tables and runs record it and check it on open. Reads
+    only ``index.json`` when it records the fingerprint (every index since 0.3)."""
+    folder = Path(path).parent if Path(path).is_file() else Path(path)
+    try:
+        recorded = (json.loads((folder / "index.json").read_text()).get("fingerprint") or {}).get(table)
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if isinstance(recorded, str):
+        return recorded
     rows, meta = load_index(path, table=table)
     return fingerprint_of(rows, meta, table)
 

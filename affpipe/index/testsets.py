@@ -55,6 +55,11 @@ class TestList:
     lines: np.ndarray  # frame lists: the file line number of each row
     newline: str  # the file's line terminator ("\r\n" or "\n"), for writing it back alike
 
+    @property
+    def of_frames(self) -> bool:
+        """A list of frames (one row per frame to predict) rather than of videos."""
+        return self.kind == "frames"
+
     def describe(self) -> dict:
         """JSON-able description for ``index.json``."""
         return {"path": str(self.path), "kind": self.kind, "task": self.task, "videos": len(self.videos),

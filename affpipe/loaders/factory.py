@@ -8,6 +8,7 @@ knowing them (no import cycle).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from affpipe._optional import dali_available, import_dali
 from affpipe.dist import default_workers, dist_env
 from affpipe.loaders.augment import AugmentConfig
-from affpipe.loaders.base import BACKENDS, ON_BAD, Loader
+from affpipe.loaders.base import Loader, LoaderConfig
 from affpipe.loaders.dali_backend import DaliLoader
 from affpipe.loaders.torch_backend import TorchLoader
 
@@ -28,40 +29,38 @@ def make_loader(
     *,
     batch_size: int,
     train: bool,
-    backend: str = "auto",
+    loader: LoaderConfig | None = None,
     device: str | torch.device = "cpu",
     image_size: int = 112,
     seed: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
-    num_workers: int | None = None,
-    flip_p: float = 0.5,
-    max_rotation: float = 10.0,
-    on_bad: str = "error",
     normalize: bool = True,
     parallel: str = "threads",
+    **settings,
 ) -> Loader:
-    """A loader over ``shards/<split>`` (see ``affpipe.loaders.base`` for the epoch plan).
+    """A loader over ``shards/<split>`` (see ``affpipe.loaders.base`` for the epoch plan), read as
+    ``loader`` (a ``LoaderConfig``: backend, workers, bad-sample rule, augmentation) says;
+    ``settings`` override its fields one by one (``backend="torch"``, ``num_workers=0``...).
 
-    ``train`` turns on shuffling, drop-last and the augmentation (``flip_p``,
-    ``max_rotation`` degrees, nearest-neighbour). ``num_workers``: DALI threads or DataLoader
-    worker processes (default: this rank's share of the cores; ``0`` decodes in this process).
+    ``train`` turns on shuffling, drop-last and the augmentation (``flip_p``, ``max_rotation``
+    degrees, nearest-neighbour). ``num_workers``: DALI threads or DataLoader worker processes
+    (default: this rank's share of the cores; ``0`` decodes in this process).
     ``normalize=False`` yields ``Batch.images`` as uint8 ``[N,3,H,W]`` (a channels_last view):
     the models normalize uint8 input themselves (``affpipe.models.model``), which keeps a 4x larger
     float copy out of the loader — the trainers use it. ``backend="auto"``: DALI on a CUDA
     device when it is importable (nvJPEG), else the torch backend, whose thread pool needs less
     CPU per frame than DALI's CPU decoder (``affpipe.loaders.threads``). ``parallel``: how the
     torch backend decodes with ``num_workers > 0``: ``"threads"`` or ``"processes"``.
-
-    (A little over 60 lines: the argument checks every caller relies on, then one branch per
-    backend.)
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if on_bad not in ON_BAD:
-        raise ValueError(f"on_bad must be one of {ON_BAD}, got {on_bad!r}")
+    try:
+        cfg = replace(loader or LoaderConfig(), **settings)
+    except TypeError as exc:
+        raise TypeError(f"make_loader: {exc} (settings are LoaderConfig fields)") from None
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    backend, num_workers, on_bad = cfg.backend, cfg.num_workers, cfg.on_bad
+    flip_p, max_rotation = (cfg.flip_p, cfg.max_rotation) if train else (0.5, 10.0)
     if backend == "auto":
         gpu = torch.device(device).type == "cuda"
         backend = "dali" if gpu and dali_available() else "torch"
@@ -69,8 +68,6 @@ def make_loader(
                  else "DALI not importable" if gpu else "CPU device: the torch backend's decode threads")
     aug = AugmentConfig(image_size=image_size, train=train, flip_p=flip_p, max_rotation=max_rotation)
     rank, world = dist_env(rank, world_size)
-    if num_workers is not None and num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     workers = default_workers() if num_workers is None else int(num_workers)  # 0: in-process
     kwargs = dict(
         shards=Path(shards), split=split, batch_size=batch_size, aug=aug, device=torch.device(device),

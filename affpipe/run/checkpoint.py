@@ -62,19 +62,6 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
-def resolve_checkpoint(run_or_ckpt: Path) -> Path:
-    """A run folder → its ``best.pt`` (else ``last.pt``); a file → itself."""
-    run_or_ckpt = Path(run_or_ckpt)
-    if run_or_ckpt.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (run_or_ckpt / name).is_file():
-                return run_or_ckpt / name
-        raise FileNotFoundError(f"{run_or_ckpt} holds no best.pt or last.pt")
-    if not run_or_ckpt.is_file():
-        raise FileNotFoundError(f"no run folder or checkpoint at {run_or_ckpt}")
-    return run_or_ckpt
-
-
 def rng_state() -> dict[str, Any]:
     """Python, NumPy, torch (and CUDA) RNG states, as tensors and primitives."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)

@@ -19,7 +19,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from affpipe.loaders.base import LoaderConfig
 from affpipe.models.model import ModelConfig
@@ -90,13 +90,75 @@ class TemporalConfig:
 
 
 @dataclass(frozen=True)
+class ShardsData:
+    """A per-frame run's data: WebDataset shards (``affpipe shard``) and, when it is not where
+    their manifest says, the label index they were written from."""
+
+    kind: ClassVar[str] = "frames"
+    shards: Path | None = None
+    index: Path | None = None
+
+    @property
+    def inputs(self) -> tuple[Path, ...]:
+        """The paths the run reads (its shard folder)."""
+        return () if self.shards is None else (self.shards,)
+
+    @property
+    def source(self) -> str:
+        return str(self.shards)
+
+    def __post_init__(self) -> None:
+        for name in ("shards", "index"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+
+
+@dataclass(frozen=True)
+class FeaturesData:
+    """A temporal run's data: one feature table (``affpipe embed``), or several joined row for
+    row and concatenated (fused features), the label index (when it is not where the first
+    table's manifest says) and the temporal head's options."""
+
+    kind: ClassVar[str] = "temporal"
+    features: tuple[Path, ...]
+    index: Path | None = None
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
+
+    @property
+    def inputs(self) -> tuple[Path, ...]:
+        """The paths the run reads (its feature tables, in fusion order)."""
+        return self.features
+
+    @property
+    def source(self) -> str:
+        return " + ".join(map(str, self.features))
+
+    def __post_init__(self) -> None:
+        raw = self.features
+        tables = (Path(raw),) if isinstance(raw, str | Path) else tuple(Path(p) for p in raw)
+        if not tables:
+            raise ValueError("features: give at least one feature table")
+        if len(set(tables)) != len(tables):
+            raise ValueError(f"features: a table is listed twice: {[str(p) for p in tables]}")
+        object.__setattr__(self, "features", tables)
+        if self.index is not None and not isinstance(self.index, Path):
+            object.__setattr__(self, "index", Path(self.index))
+
+
+RunData = ShardsData | FeaturesData
+# The keys of a config file (recipe TOML, config.json) that make up ``TrainConfig.data``.
+DATA_KEYS = ("shards", "features", "index", "temporal")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a training run. ``batch_size`` is per process (per GPU)."""
 
     task: str = "mtl"
-    shards: Path | None = None
+    # What the run trains on, and so its kind: shards (per-frame) or feature tables (temporal).
+    data: ShardsData | FeaturesData = field(default_factory=ShardsData)
     out: Path | None = None
-    index: Path | None = None  # the label index, when it is not where the shard manifest says
     epochs: int = 10
     batch_size: int = 256
     lr: float = 1e-3
@@ -122,10 +184,6 @@ class TrainConfig:
     sync_timing: bool = False  # cuda.synchronize around timings: exact data-wait, a bit slower
     seed: int = 0
     resume: bool = False
-    # A feature table (`affpipe embed`): train a temporal head on it; several (a list) are joined
-    # row for row and concatenated (fused features).
-    features: Path | tuple[Path, ...] | None = None
-    temporal: TemporalConfig = field(default_factory=TemporalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
@@ -161,33 +219,30 @@ class TrainConfig:
         heads = TASK_HEADS[self.task]
         if tuple(self.model.tasks) != heads:
             object.__setattr__(self, "model", replace(self.model, tasks=heads))
-        for name in ("shards", "out", "index", "features"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, Path | tuple | list):
-                object.__setattr__(self, name, Path(value))
-        if isinstance(self.features, tuple | list):  # one table stays a path (config.json as before)
-            tables = tuple(Path(p) for p in self.features)
-            if not tables:
-                raise ValueError("features: give at least one feature table")
-            if len(set(tables)) != len(tables):
-                raise ValueError(f"features: a table is listed twice: {[str(p) for p in tables]}")
-            object.__setattr__(self, "features", tables[0] if len(tables) == 1 else tables)
+        if self.out is not None and not isinstance(self.out, Path):
+            object.__setattr__(self, "out", Path(self.out))
+        if not isinstance(self.data, ShardsData | FeaturesData):
+            raise ValueError(f"data must be ShardsData or FeaturesData, got {type(self.data).__name__}")
+
+    @classmethod
+    def of(cls, **flat: Any) -> TrainConfig:
+        """A config from the keys of a config file (``shards=``, ``features=``, ``index=``,
+        ``temporal=`` among the others), as ``from_dict`` reads them."""
+        return from_dict(flat)
 
     @property
     def heads(self) -> tuple[str, ...]:
         return TASK_HEADS[self.task]
 
     @property
-    def is_temporal(self) -> bool:
-        """A temporal head over a feature table rather than a per-frame model over shards."""
-        return self.features is not None
+    def kind(self) -> str:
+        """The kind of run its data makes it (``affpipe.runs.kinds`` dispatches on it)."""
+        return self.data.kind
 
     @property
-    def feature_tables(self) -> tuple[Path, ...]:
-        """The feature tables of a temporal run (one, or several to fuse); empty for a per-frame run."""
-        if self.features is None:
-            return ()
-        return self.features if isinstance(self.features, tuple) else (self.features,)
+    def index(self) -> Path | None:
+        """The label index given for the run's data (None: where its data's manifest says)."""
+        return self.data.index
 
     @property
     def score_key(self) -> str:
@@ -206,7 +261,21 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             return [plain(v) for v in value]
         return value
 
+    if isinstance(cfg, TrainConfig):  # the data's keys sit at the top level, as in 0.3's config.json
+        out = {k: v for k, v in plain(cfg).items() if k != "data"}
+        return {**out, **data_dict(cfg.data)}
     return plain(cfg)
+
+
+def data_dict(data: ShardsData | FeaturesData) -> dict[str, Any]:
+    """The config-file keys of a run's data (``DATA_KEYS``): one feature table as a path, several
+    as a list, ``features`` null and the default temporal options for a per-frame run."""
+    if isinstance(data, FeaturesData):
+        tables = [str(p) for p in data.features]
+        return {"shards": None, "features": tables[0] if len(tables) == 1 else tables,
+                "index": None if data.index is None else str(data.index), "temporal": to_dict(data.temporal)}
+    return {"shards": None if data.shards is None else str(data.shards), "features": None,
+            "index": None if data.index is None else str(data.index), "temporal": to_dict(TemporalConfig())}
 
 
 # Keys that lived at the top level before the [loader] section (affpipe 0.1 run folders).
@@ -220,7 +289,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> TrainConfig:
     moved = {k: data.pop(k) for k in _MOVED_TO_LOADER if k in data}
     if moved:
         data["loader"] = {**moved, **dict(data.get("loader", {}))}
-    return _build(TrainConfig, data, source, "", None)
+    return _build_train(data, source, None, {})
 
 
 def config_json(cfg: TrainConfig) -> str:
@@ -266,37 +335,55 @@ def load_config(recipe: Path | str | None = None, overrides: Mapping[str, Any] |
     temporal_recipe = data.get("model") == "temporal"
     if temporal_recipe:  # `model = "temporal"`: a temporal head; [temporal] holds its options
         data["model"] = {}
-    cfg = _build(TrainConfig, data, source, "", text)
-    if temporal_recipe and cfg.features is None:
-        raise ValueError(f'{source}{_line_of(text, "model")}: model = "temporal" needs a feature table '
-                         "(features = \"FEATS\" or --features FEATS, from `affpipe embed`)")
-    _check_data_options(cfg, overrides or {}, source, text)
-    return cfg
+        if data.get("features") is None:
+            raise ValueError(f'{source}{_line_of(text, "model")}: model = "temporal" needs a feature table '
+                             "(features = \"FEATS\" or --features FEATS, from `affpipe embed`)")
+    return _build_train(data, source, text, overrides or {})
 
 
 # The train flags of the temporal options (what a message names when a flag set them).
 _TEMPORAL_FLAGS = {"temporal.arch": "--temporal-arch", "temporal.window": "--window", "temporal.stride": "--stride"}
 
 
-def _check_data_options(cfg: TrainConfig, overrides: Mapping[str, Any], source: str, text: str) -> None:
-    """Options that only one kind of run reads are refused on the other, never silently ignored
-    (and recorded in config.json): temporal options without a feature table; shards beside one."""
+def _build_train(data: Mapping[str, Any], source: str, text: str | None, overrides: Mapping[str, Any]) -> TrainConfig:
+    """A ``TrainConfig`` from a config file's keys: ``DATA_KEYS`` become the run's data, of the
+    kind they describe. Options that only the other kind reads cannot be built: temporal options
+    without a feature table, shards beside one — one line naming the flag or the file's line."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{source}: a run config must be a table, got {type(data).__name__}")
+    data = dict(data)
+    picked = {k: data.pop(k) for k in DATA_KEYS if k in data}
+
     def named(key: str, flag: str) -> str:
         if overrides.get(key) is not None:
             return flag
         return f"{source}{_line_of(text, key.split('.')[-1])}: {key}"
 
-    if cfg.features is None:
+    index = _coerce(picked.get("index"), Path | None, f"{source}{_line_of(text, 'index')}: index")
+    temporal = _build(TemporalConfig, picked.get("temporal") or {}, source, "temporal.", text)
+    features = picked.get("features")
+    if features is not None:
+        if picked.get("shards") is not None:
+            raise ValueError(f"{named('shards', '--shards')}: a run on a feature table (--features) reads no shards "
+                             "(the table records the shards it was embedded from); drop --shards")
+        where = f"{source}{_line_of(text, 'features')}: features"
+        tables = _coerce(features, tuple[Path, ...], where) if isinstance(features, list | tuple) else (
+            _coerce(features, Path, where),)
+        try:
+            run_data: ShardsData | FeaturesData = FeaturesData(tables, index, temporal)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    else:
         default = TemporalConfig()
-        changed = [f.name for f in fields(TemporalConfig) if getattr(cfg.temporal, f.name) != getattr(default, f.name)]
+        changed = [f.name for f in fields(TemporalConfig) if getattr(temporal, f.name) != getattr(default, f.name)]
         if changed:
             key = f"temporal.{changed[0]}"
             raise ValueError(f"{named(key, _TEMPORAL_FLAGS.get(key, '--config'))}: temporal options apply to a "
                              "temporal head over a feature table; add --features FEATS (from `affpipe embed`) "
                              "or drop the option")
-    elif cfg.shards is not None:
-        raise ValueError(f"{named('shards', '--shards')}: a run on a feature table (--features) reads no shards "
-                         "(the table records the shards it was embedded from); drop --shards")
+        shards = _coerce(picked.get("shards"), Path | None, f"{source}{_line_of(text, 'shards')}: shards")
+        run_data = ShardsData(shards, index)
+    return _build(TrainConfig, {**data, "data": run_data}, source, "", text)
 
 
 # --- generic dataclass construction with key and type checks --------------------------------
@@ -316,7 +403,9 @@ def _build(cls: type, data: Mapping[str, Any], source: str, prefix: str, text: s
         raise ValueError(f"{source}: [{prefix.rstrip('.')}] must be a table, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls) if f.init}
-    unknown = sorted(set(data) - known)
+    if cls is TrainConfig:  # a config file names the data's keys, never ``data``
+        known = (known - {"data"}) | set(DATA_KEYS)
+    unknown = sorted(set(data) - known - ({"data"} if cls is TrainConfig else set()))
     if unknown:
         key = unknown[0]
         raise ValueError(
@@ -327,7 +416,9 @@ def _build(cls: type, data: Mapping[str, Any], source: str, prefix: str, text: s
     for name, value in data.items():
         hint = hints[name]
         where = f"{source}{_line_of(text, name)}: {prefix + name}"
-        if dataclasses.is_dataclass(hint):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            kwargs[name] = value  # built already (a run's data, by _build_train)
+        elif dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, source, f"{prefix}{name}.", text)
         else:
             kwargs[name] = _coerce(value, hint, where)

@@ -158,3 +158,32 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         return report_evaluation(c.acc, c.frames, run.cfg, run.ckpt, run.state, cfg.split,
                                  tune_au_thresholds=cfg.tune_au_thresholds, write=cfg.write, extra=extra,
                                  videos=c.video)
+
+
+def smoothed_evaluation(run: Run, folds: int) -> dict[str, Any]:
+    """``eval_smoothed.json``: ``run``'s validation predictions (the ones its evaluation kept: no
+    second pass of the model) smoothed per video with windows tuned on validation, with
+    intervals, and the score of smoothing cross-validated over ``folds`` folds of videos."""
+    from affpipe.run.folder import eval_stem
+    from affpipe.scoring.bootstrap import evaluation_intervals, load_predictions
+    from affpipe.temporal.smoothing import tune_cross_validated
+    from affpipe.train.evaluate import report_evaluation, write_eval
+
+    files = run.files
+    stem, cv_stem = eval_stem("smoothed"), eval_stem("smoothed_cv")
+    arrays, _ = load_predictions(files.predictions())
+    acc = MetricAccumulator.from_state(run.cfg.heads, arrays)
+    video, frame = run.frames_of(arrays["row_id"])
+    c = Collected(acc, len(arrays["row_id"]), video, frame, {})
+    with run_folder_for_writing(run.folder):
+        cv = tune_cross_validated(c.acc, video, frame, folds)
+        extra = apply_smoothing(run, c, "val", smooth=False, tune_smoothing=True, write=True)
+        result = report_evaluation(c.acc, c.frames, run.cfg, run.ckpt, run.state, "val", write=False, extra=extra)
+        result.update(evaluation_intervals(c.acc, video, files.predictions(stem)))
+        result["note"] = "smoothing windows tuned on this split (val): optimistic, as tuned AU thresholds are"
+        keys = ("va_ccc", "valence_ccc", "arousal_ccc", "expr_f1", "au_f1", "p_mtl")
+        result["cross_validated"] = {**{k: v for k, v in cv["scores"].items() if k in keys}, "folds": folds,
+                                     "fold_windows": cv["fold_windows"],
+                                     **evaluation_intervals(cv["acc"], video, files.predictions(cv_stem))}
+        write_eval(run.folder, result, stem=stem)
+    return result

@@ -1,19 +1,17 @@
 """A run opened once: its checkpoint, config, kind, thresholds, smoothing and the data it reads.
 
-``open_run(RUN_OR_CKPT, shards=, features=, index=)`` loads the checkpoint once and resolves
-every input of a per-frame run (shards) or a temporal run (feature tables) by one rule: a flag
-wins, else the path the run's lineage records (relative to the run folder, so a run moved
-together with its data still opens, from any working directory), else the config's path as
-typed (runs without a lineage). Data given by a flag is checked against the fingerprints the run
-recorded (``affpipe.lineage.check``: one error naming both sides). The model is rebuilt from the
-checkpoint in one place (``affpipe.temporal.heads.restore_model``), the label table is read once.
+``open_run(RUN_OR_CKPT, shards=, features=, index=)`` loads the checkpoint once, finds its kind
+(``affpipe.runs.kinds``: from the config's data) and lets the kind resolve every input by one
+rule (``affpipe.run.data.run_data_path``): a flag wins, else the path the run's lineage records
+(relative to the run folder, so a run moved together with its data still opens, from any
+working directory), else the config's path as typed (runs without a lineage). Data given by a
+flag is checked against the fingerprints the run recorded (``affpipe.lineage.check``: one error
+naming both sides). The kind rebuilds the model; the label table is read once.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,8 @@ from affpipe import lineage
 from affpipe.labels import AU_NAMES
 from affpipe.loaders.base import LoaderConfig
 from affpipe.run.config import TrainConfig
-from affpipe.train.evaluate import THRESHOLDS_FILE
+from affpipe.run.folder import RunFolder
+from affpipe.run.kind import OpenedData, RunKind
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +47,8 @@ class Run:
     ckpt: Path
     state: dict[str, Any]
     cfg: TrainConfig
-    kind: str  # "frames" | "temporal"
-    shards: Path | None
-    features: tuple[Path, ...]
-    index: Path
-    table_name: str  # "frames" or "mtl": the label table the run was trained on
-    label_table: pa.Table
-    temporal: Any = None  # affpipe.temporal.train.TemporalData for a temporal run
+    kind: RunKind
+    data: OpenedData
 
     @property
     def folder(self) -> Path:
@@ -62,36 +56,43 @@ class Run:
         return self.ckpt.parent
 
     @property
+    def files(self) -> RunFolder:
+        return RunFolder(self.folder)
+
+    @property
     def source(self) -> str:
-        return str(self.shards) if self.kind == "frames" else ", ".join(map(str, self.features))
+        return self.data.source
+
+    @property
+    def index(self) -> Path:
+        return self.data.index
+
+    @property
+    def table_name(self) -> str:
+        return self.data.table_name
+
+    @property
+    def label_table(self) -> pa.Table:
+        return self.data.label_table
 
     def model(self, device: torch.device) -> torch.nn.Module:
-        """The checkpoint's model in eval mode on ``device``."""
-        from affpipe.temporal.heads import restore_model
-
-        dim = self.temporal.table.dim if self.temporal is not None else None
-        return restore_model(self.cfg, self.state, feature_dim=dim, source=str(self.ckpt)).to(device)
+        """The checkpoint's model in eval mode on ``device``, with raw outputs: VA in [-1, 1]
+        (tanh), EXPR and AU as logits (softmax / sigmoid give probabilities)."""
+        return self.kind.restore_model(self.cfg, self.state, self.data, str(self.ckpt)).to(device)
 
     def batches(self, split: str, device: torch.device, *, batch_size: int | None = None,
                 loader: LoaderConfig | None = None):
         """Unaugmented, unshuffled batches of every sample of ``split`` (``loader`` overrides the
-        run's own loader settings; a temporal run reads windows of its feature table)."""
-        if self.temporal is not None:
-            return self.temporal.loader(split, self.cfg, train=False, device=device, batch_size=batch_size)
-        from affpipe.loaders import make_loader
-
-        settings = loader if loader is not None else self.cfg.loader
-        return make_loader(self.shards, split, batch_size=batch_size or self.cfg.batch_size, train=False,
-                           device=device, image_size=self.cfg.image_size, seed=self.cfg.seed, rank=0, world_size=1,
-                           normalize=False, **settings.kwargs(train=False))
+        run's own loader settings; the kind decides what a sample is: a frame, a window)."""
+        return self.kind.batches(self.cfg, self.data, split, device, batch_size=batch_size, loader=loader)
 
     def au_thresholds(self) -> list[float] | None:
         """The AU thresholds ``evaluate --tune-au-thresholds`` stored in the run folder (None: 0.5)."""
-        path = self.folder / THRESHOLDS_FILE
+        path = self.files.thresholds
         if "au" not in self.cfg.heads or not path.is_file():
             return None
         try:
-            saved = json.loads(path.read_text())["au_thresholds"]
+            saved = self.files.read_thresholds()["au_thresholds"]
             values = [float(saved[name]) for name in AU_NAMES]
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: not an AU threshold file ({type(exc).__name__}: {exc})") from None
@@ -131,101 +132,41 @@ def _flagged(path: Path | None, flag: str) -> Path | None:
     return None if path is None else Path(path)
 
 
-def _recorded(run_dir: Path, rec: dict | None, key: str) -> Any:
-    """A path the run's lineage records (relative to the run folder), or a list of them."""
-    value = (rec or {}).get(key)
-    if value is None:
-        return None
-    if isinstance(value, list):
-        return [lineage.resolve_path(run_dir, v) for v in value]
-    return lineage.resolve_path(run_dir, value)
-
-
-def _existing(path: Path | None, what: str, ckpt: Path, flag: str) -> Path:
-    if path is None:
-        raise ValueError(f"{ckpt}: no {what} recorded for this run; pass {flag}")
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{ckpt}: its {what} {path} is not there (moved?); pass {flag} to point at it")
-    return Path(path)
-
-
 def open_run(inputs: RunInputs) -> Run:
     """Open ``inputs.run`` once (see the module docstring)."""
-    from affpipe.run.checkpoint import load_checkpoint, resolve_checkpoint
+    from affpipe.run.checkpoint import load_checkpoint
     from affpipe.run.config import from_dict
-    from affpipe.run.data import lineage_of_run
+    from affpipe.run.data import lineage_of_run, run_data_path
+    from affpipe.run.folder import resolve_checkpoint
+    from affpipe.runs.kinds import KINDS, kind_of
 
     ckpt = resolve_checkpoint(Path(inputs.run))
     state = load_checkpoint(ckpt, map_location="cpu")
     cfg = from_dict(state["config"], source=f"{ckpt} (config)")
-    kind = "temporal" if cfg.is_temporal else "frames"
+    kind = kind_of(cfg)
     rec = state.get("lineage") if isinstance(state.get("lineage"), dict) else lineage_of_run(ckpt.parent)
-    if rec is not None and rec.get("kind", kind) != kind:
-        raise ValueError(f"{ckpt}: its lineage says a {rec.get('kind')} run, its config a {kind} run")
-    shards, index = _flagged(inputs.shards, "--shards"), _flagged(inputs.index, "--index")
-    features = tuple(_flagged(f, "--features") for f in inputs.features)
-    if kind == "frames" and features:
-        raise ValueError(f"--features: {ckpt} is a per-frame model trained on shards; pass --shards (or nothing)")
-    if kind == "temporal" and shards is not None:
-        raise ValueError(f"--shards: {ckpt} is a temporal head over a feature table; pass --features (or nothing)")
-    if index is not None:  # another label table than the run's is refused before any data is read
-        _check_index(rec, index, (rec or {}).get("table", "frames"), ckpt)
-    index = index or _recorded(ckpt.parent, rec, "index") or (Path(cfg.index) if cfg.index else None)
-    if kind == "frames":
-        shards = _existing(shards or _recorded(ckpt.parent, rec, "shards") or cfg.shards, "shards", ckpt, "--shards")
-        return _open_frames(ckpt, state, cfg, rec, shards, index, override=inputs.index is not None)
-    feats = features or tuple(_recorded(ckpt.parent, rec, "features") or list(cfg.feature_tables))
-    if not feats:
-        raise ValueError(f"{ckpt}: no feature table recorded for this run; pass --features")
-    feats = tuple(_existing(f, "feature table", ckpt, "--features") for f in feats)
-    return _open_temporal(ckpt, state, cfg, rec, feats, index, override=inputs.index is not None)
+    if rec is not None and rec.get("kind", kind.name) != kind.name:
+        raise ValueError(f"{ckpt}: its lineage says a {rec.get('kind')} run, its config a {kind.name} run")
+    given = {k.data_flag: tuple(_flagged(p, k.data_flag) for p in _given(inputs, k.data_flag)) for k in KINDS}
+    for flag, paths in given.items():
+        if paths and flag != kind.data_flag:
+            raise ValueError(f"{flag}: {ckpt} is a {kind.name} run; pass {kind.data_flag} (or nothing)")
+    index = _flagged(inputs.index, "--index")
+    if index is not None and rec and rec.get("index_fingerprint"):  # refused before any data is read
+        from affpipe.index.build import index_fingerprint
 
-
-def _check_index(rec: dict | None, index: Path, table_name: str, ckpt: Path) -> None:
-    from affpipe.index.build import index_fingerprint
-
-    if rec and rec.get("index_fingerprint"):
-        lineage.check("label index", rec["index_fingerprint"], index_fingerprint(index, table_name),
+        lineage.check("label index", rec["index_fingerprint"], index_fingerprint(index, rec.get("table", "frames")),
                       f"{ckpt} (what it trained on)", f"{index}")
+    index = run_data_path(ckpt.parent, (rec or {}).get("index"), index, cfg.index)
+    data = kind.open_data(ckpt, cfg, rec, inputs=given[kind.data_flag], index=index,
+                          index_flag=inputs.index is not None)
+    return Run(ckpt, state, cfg, kind, data)
 
 
-def _open_frames(ckpt: Path, state: dict, cfg: TrainConfig, rec: dict | None, shards: Path, index: Path | None,
-                 *, override: bool) -> Run:
-    from affpipe.index.build import load_index
-    from affpipe.shards.format import checked_index, read_manifest
-
-    manifest = read_manifest(shards, full=False)
-    # Other shards of the same label table (another sharding, the test split) are fine: what must
-    # agree is the table the row ids refer to.
-    lineage.check("label index", (rec or {}).get("index_fingerprint"), manifest.get("index_fingerprint"),
-                  f"{ckpt} (what it trained on)", f"{shards}")
-    # An index the run recorded but that is gone falls back to the one the shards name.
-    if index is not None and not override and not Path(index).exists():
-        index = None
-    index = checked_index(shards, manifest, index)
-    table_name = manifest.get("table", "frames")
-    if not override:  # a flag's index was checked already
-        _check_index(rec, index, table_name, ckpt)
-    table, _ = load_index(index, table=table_name)
-    return Run(ckpt, state, cfg, "frames", shards, (), index, table_name, table)
-
-
-def _open_temporal(ckpt: Path, state: dict, cfg: TrainConfig, rec: dict | None, features: Sequence[Path],
-                   index: Path | None, *, override: bool) -> Run:
-    from affpipe.temporal.features import features_fingerprint
-    from affpipe.temporal.train import TemporalData
-
-    if len(features) != len(cfg.feature_tables):
-        raise ValueError(f"--features: {ckpt} reads {len(cfg.feature_tables)} feature table(s) (fused in that "
-                         f"order), {len(features)} given")
-    if index is not None and not Path(index).exists():
-        index = None  # the recorded one is gone: the feature table names its own
-    data = TemporalData.open(features, index)
-    fused = data.table.manifest.get("fused")  # one entry per table, in order
-    actual = [e["fingerprint"] for e in fused] if fused else [features_fingerprint(data.table.manifest)]
-    for i, (fp, f, now) in enumerate(zip((rec or {}).get("features_fingerprint") or [], features, actual, strict=False)):
-        lineage.check(f"feature table #{i + 1}", fp, now, f"{ckpt} (what it trained on)", str(f))
-    table_name = data.table.manifest.get("table", "frames")
-    if not override:  # a flag's index was checked already
-        _check_index(rec, data.index, table_name, ckpt)
-    return Run(ckpt, state, cfg, "temporal", None, tuple(features), data.index, table_name, data.label_table, data)
+def _given(inputs: RunInputs, flag: str) -> tuple[Path, ...]:
+    """The paths ``inputs`` gives for a kind's data flag (``--shards``, ``--features``)."""
+    if flag == "--shards":
+        return () if inputs.shards is None else (inputs.shards,)
+    if flag == "--features":
+        return tuple(inputs.features)
+    return ()

@@ -179,7 +179,7 @@ def _what(tl: TestList) -> str:
     task = _TASK_WORDS.get(tl.task or "", "")
     head = f" (header {tl.header!r})" if tl.header else ""
     article = "an" if task in ("AU", "MTL", "EXPR") else "a"
-    return f"{article} {task} {'frame' if tl.kind == 'frames' else 'video'} list{head}".replace("  ", " ")
+    return f"{article} {task} {'frame' if tl.of_frames else 'video'} list{head}".replace("  ", " ")
 
 
 def _task(tl: TestList, fmt: str, heads: tuple[str, ...]) -> str:

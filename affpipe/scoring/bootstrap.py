@@ -348,16 +348,16 @@ def load_predictions(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return data, names[code]
 
 
-def evaluation_intervals(acc: Any, videos: np.ndarray, run_dir: Path, stem: str, *,
-                         au_thresholds: Sequence[float] | None = None, write: bool = True,
+def evaluation_intervals(acc: Any, videos: np.ndarray, predictions: Path | None, *,
+                         au_thresholds: Sequence[float] | None = None,
                          resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict[str, Any]:
     """The ``ci``/``ci_method`` (and ``tuned_ci``) entries of an evaluation of ``acc`` (a filled
-    ``MetricAccumulator``; ``videos``: the video of each of its rows), and, with ``write``, its
-    predictions saved as ``<stem>_predictions.npz`` in ``run_dir`` for ``affpipe report``."""
+    ``MetricAccumulator``; ``videos``: the video of each of its rows), and, unless ``predictions``
+    is None, its predictions saved there for ``affpipe report`` (the run folder names the file)."""
     arrays = acc.state()
     out = bootstrap_result(arrays, videos, au_thresholds=au_thresholds, resamples=resamples, seed=seed)
-    if write:
-        path = save_predictions(Path(run_dir) / f"{stem}_predictions.npz", arrays, videos)
+    if predictions is not None:
+        path = save_predictions(Path(predictions), arrays, videos)
         out["predictions"] = path.name
     return out
 
@@ -384,7 +384,7 @@ def measure_cost(frames: int = 1_000_000, videos: int = 145, resamples: int = DE
     bootstrap_ci(stats, resamples=resamples, seed=seed)
     t2 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_predictions(Path(tmp) / "eval_predictions.npz", arrays, video)
+        path = save_predictions(Path(tmp) / "predictions.npz", arrays, video)
         t3 = time.perf_counter()
         size = path.stat().st_size
     return {"frames": n, "videos": videos, "resamples": resamples, "stats_s": t1 - t0, "resample_s": t2 - t1,

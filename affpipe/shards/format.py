@@ -11,8 +11,8 @@ every shard with its sample count, size and sha256.
 from __future__ import annotations
 
 import json
-import os
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -296,11 +296,11 @@ def _check_full(manifest: dict, path: Path) -> None:
 
 
 def index_reference(index: Path, out: Path) -> str:
-    """How a manifest names its label index: relative to the shard folder when the index sits
-    inside it or beside it (at most two ``..``), so the pair can be moved together; else absolute."""
-    index, out = Path(index).resolve(), Path(out).resolve()
-    rel = os.path.relpath(index, out)
-    return rel if Path(rel).parts.count("..") <= 2 else str(index)
+    """How a manifest names its label index: by the one path rule of every artifact
+    (:func:`affpipe.lineage.rel_path`: relative when near, so the pair moves together; else absolute)."""
+    from affpipe.lineage import rel_path
+
+    return rel_path(out, index)
 
 
 def manifest_index(out: Path, manifest: dict | None = None, override: Path | None = None) -> Path:
@@ -350,6 +350,37 @@ def checked_index(out: Path, manifest: dict | None = None, override: Path | None
         check("the index", recorded, index_fingerprint(index, manifest.get("table", "frames")),
               f"the shards {Path(out)}", f"the index {index}")
     return index
+
+
+@dataclass(frozen=True)
+class ShardLabels:
+    """The label table a shard folder's row ids refer to, read once: where its index is, which
+    table (``frames`` or ``mtl``), the rows, and the index's fingerprint (checked against the
+    one the manifest records)."""
+
+    index: Path
+    table_name: str
+    table: Any  # pa.Table
+    fingerprint: str
+    manifest: dict
+
+
+def shard_labels(out: Path, manifest: dict | None = None, override: Path | None = None) -> ShardLabels:
+    """The one way to open the label table of the shards in ``out`` (``override``: ``--index``):
+    :func:`manifest_index` resolves it, ``frames.parquet`` is read once, and its fingerprint must
+    be the one the manifest records (one error naming both)."""
+    from affpipe.index.build import fingerprint_of, load_index
+    from affpipe.lineage import check
+
+    manifest = read_manifest(out, full=False) if manifest is None else manifest
+    index = manifest_index(out, manifest, override)
+    name = manifest.get("table", "frames")
+    table, meta = load_index(index, table=name)
+    actual = fingerprint_of(table, meta, name)
+    recorded = manifest.get("index_fingerprint")
+    if isinstance(recorded, str):
+        check("the index", recorded, actual, f"the shards {Path(out)}", f"the index {index}")
+    return ShardLabels(index, name, table, actual, manifest)
 
 
 def shard_paths(out: Path, split: str, manifest: dict | None = None) -> list[tuple[Path, Path]]:

@@ -14,8 +14,10 @@ cut into chunks; a chunk also carries the earlier windows that overlap the frame
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +26,11 @@ import torch
 from affpipe.batch import Batch, decode_label_tensor
 from affpipe.labels import RECORD_SIZE, record_problems, records_from_table
 from affpipe.loaders.plan import EpochCursor
-from affpipe.temporal.windows import GAP, WindowPlan, epoch_order
+from affpipe.temporal.features import FeatureTable, open_features
+from affpipe.temporal.windows import GAP, WindowPlan, epoch_order, plan_windows
+
+if TYPE_CHECKING:
+    from affpipe.run.config import TrainConfig
 
 
 @dataclass
@@ -196,3 +202,39 @@ class WindowLoader(EpochCursor):
         if self.world > 1:
             chunks = chunks[self.rank::self.world]
         return chunks
+
+
+@dataclass(frozen=True)
+class TemporalData:
+    """A feature table with the labels of its rows and the label table they came from."""
+
+    table: FeatureTable
+    labels: RowLabels
+    label_table: pa.Table
+    index: Path  # the label index, resolved (a relative path in the manifest is from the features folder)
+    tables: tuple[FeatureTable, ...] = ()  # each table as opened, in fusion order
+
+    @classmethod
+    def open(cls, features: Path | Sequence[Path], index: Path | None = None) -> TemporalData:
+        """Open ``features`` checked against its label index (``index`` overrides the one its
+        manifest names; see :func:`affpipe.temporal.features.open_features`); several tables are
+        fused (:mod:`affpipe.temporal.fused`: the same index, row for row, concatenated)."""
+        from affpipe.temporal.fused import fuse_tables
+
+        paths = [features] if isinstance(features, str | Path) else list(features)
+        tables = tuple(open_features(p, index=index) for p in paths)
+        table = fuse_tables(list(tables))
+        assert table.label_table is not None and table.index is not None
+        return cls(table, align_labels(table.label_table, table.row_id), table.label_table, table.index, tables)
+
+    def loader(self, split: str, cfg: TrainConfig, *, train: bool, device: torch.device, rank: int = 0,
+               world: int = 1, batch_size: int | None = None) -> WindowLoader:
+        """Window batches of ``split`` (training windows every ``stride``, evaluation every ``eval_stride``)."""
+        t, tc = self.table, cfg.data.temporal
+        rows = t.rows_of(split)
+        if not len(rows):
+            raise ValueError(f"{t.path}: no rows of split {split!r} (embed it with --split {split} or all)")
+        plan = plan_windows(t.video, t.frame, rows, length=tc.window,
+                            stride=tc.stride if train else tc.resolved_eval_stride, cover=True)
+        return WindowLoader(t.features, t.row_id, self.labels, plan, batch_size=batch_size or cfg.batch_size,
+                            train=train, seed=cfg.seed, rank=rank, world=world, device=device)

@@ -9,15 +9,12 @@ channel, and keys the Transformer's attention ignores; their outputs are never s
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import replace
-from typing import Any
 
 import torch
 from torch import nn
 
-from affpipe.run.config import TemporalConfig, TrainConfig
 from affpipe.models.model import HEAD_OUTPUTS
+from affpipe.run.config import TemporalConfig
 
 
 class _Block(nn.Module):
@@ -161,27 +158,3 @@ class TemporalModel(nn.Module):
 def build_temporal_model(in_dim: int, cfg: TemporalConfig, tasks: tuple[str, ...]) -> TemporalModel:
     """``TemporalModel`` around the head ``cfg.arch`` for features of width ``in_dim``."""
     return TemporalModel(build_head(in_dim, cfg, tasks))
-
-
-def restore_model(cfg: TrainConfig, state: Mapping[str, Any], *, feature_dim: int | None = None,
-                  source: str = "the checkpoint") -> nn.Module:
-    """The model a checkpoint holds (``state``, its parsed config ``cfg``), per-frame or temporal
-    (over features of width ``feature_dim``), in eval mode on the CPU: the one place a model is
-    rebuilt from a checkpoint. Weights that do not fit are one error naming ``source``."""
-    from affpipe.models.model import build_model
-
-    if cfg.is_temporal:
-        if feature_dim is None:
-            raise ValueError(f"{source}: a temporal head needs the width of its feature table")
-        model: nn.Module = build_temporal_model(feature_dim, cfg.temporal, cfg.heads)
-        what = f"a {cfg.temporal.arch} head over {feature_dim}-wide features"
-    else:
-        # The weights come from the checkpoint: never fetch ImageNet or another init here.
-        model = build_model(replace(cfg.model, init="random"))
-        what = f"a {cfg.model.arch} model with heads {list(cfg.heads)}"
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:  # torch's size-mismatch report spans many lines: keep the first
-        first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc).splitlines()[0])
-        raise ValueError(f"{source}: its weights do not fit {what} ({first})") from None
-    return model.eval()

@@ -12,7 +12,6 @@ are stored as ``smoothing.json`` beside the checkpoint, as the AU thresholds are
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,12 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from affpipe.io import atomic_write_text
+from affpipe.run.folder import RunFolder
 from affpipe.scoring.metrics import MetricAccumulator, au_f1, expr_f1, va_ccc
 
 log = logging.getLogger(__name__)
 
-SMOOTHING_FILE = "smoothing.json"
 WINDOW_GRID: tuple[int, ...] = (1, 3, 5, 9, 15, 25, 41, 61, 91)
 SMOOTHED = {"va": "va_pred", "expr": "expr_prob", "au": "au_prob"}  # task → the stored array it smooths
 
@@ -130,21 +128,18 @@ def cross_validated_result(acc: MetricAccumulator, video: np.ndarray, frame: np.
 def save_windows(folder: Path, windows: Mapping[str, int], *, split: str, checkpoint: str,
                  scores: Mapping[str, Mapping[int, float]]) -> Path:
     """``folder/smoothing.json``: the tuned windows, where they were tuned and every candidate's score."""
-    path = Path(folder) / SMOOTHING_FILE
-    atomic_write_text(path, json.dumps({"windows": dict(windows), "split": split, "checkpoint": checkpoint,
-                                        "scores": {t: {str(w): s for w, s in v.items()} for t, v in scores.items()}},
-                                       indent=2) + "\n")
-    return path
+    return RunFolder(folder).write_smoothing({
+        "windows": dict(windows), "split": split, "checkpoint": checkpoint,
+        "scores": {t: {str(w): s for w, s in v.items()} for t, v in scores.items()}})
 
 
 def load_windows(folder: Path, *, with_split: bool = False):
     """The windows of ``folder/smoothing.json`` (and, with ``with_split``, the split they were
     tuned on); a clear error when it is missing or malformed."""
-    path = Path(folder) / SMOOTHING_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"--smooth: no {path}; run `affpipe evaluate RUN --tune-smoothing` first")
+    files = RunFolder(folder)
+    path = files.smoothing
+    saved = files.read_smoothing()
     try:
-        saved = json.loads(path.read_text())
         out = {str(t): int(w) for t, w in saved["windows"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: not a smoothing file ({type(exc).__name__}: {exc})") from exc

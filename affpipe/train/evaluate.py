@@ -6,7 +6,6 @@ run) share: autocast, the validation pass, and the one reporting function.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -17,13 +16,13 @@ import torch
 from torch import nn
 
 from affpipe.dist import autocast
-from affpipe.io import atomic_write_text, jsonable
+from affpipe.io import jsonable
 from affpipe.labels import AU_NAMES, EXPR_CLASSES
 from affpipe.run.config import TrainConfig
+from affpipe.run.folder import EVAL_STEM, RunFolder, eval_stem
 
 log = logging.getLogger(__name__)
 
-THRESHOLDS_FILE = "au_thresholds.json"  # written by report_evaluation, read by affpipe.runs
 
 
 def iterate_outputs(model: nn.Module, loader: Iterable, *, device: torch.device, amp: str = "none",
@@ -76,7 +75,8 @@ def report_evaluation(acc: Any, frames: int, cfg: TrainConfig, ckpt: Path, state
     ``videos`` (the video of each of ``acc``'s rows) every metric gets its 95% interval by
     bootstrap over videos and the predictions are kept as ``eval[_<split>]_predictions.npz``.
     The one place an evaluation is reported."""
-    stem = "eval" if split == "val" else f"eval_{split}"
+    folder = RunFolder(ckpt.parent)
+    stem = eval_stem(None if split == "val" else split)
     result = _result(acc.compute(), cfg, ckpt, state, split, frames)
     result.update(extra or {})
     if videos is not None:
@@ -89,14 +89,13 @@ def report_evaluation(acc: Any, frames: int, cfg: TrainConfig, ckpt: Path, state
         result["au_thresholds"] = thresholds
         result["tuned"] = jsonable({k: tuned[k] for k in ("au_f1", "au_f1_per_au", "p_mtl") if k in tuned})
         if write:
-            atomic_write_text(ckpt.parent / THRESHOLDS_FILE, json.dumps(
-                {"au_thresholds": dict(zip(AU_NAMES, thresholds, strict=True)), "split": split,
-                 "checkpoint": ckpt.name}, indent=2) + "\n")
+            folder.write_thresholds({"au_thresholds": dict(zip(AU_NAMES, thresholds, strict=True)), "split": split,
+                                     "checkpoint": ckpt.name})
     if videos is not None:
         from affpipe.scoring.bootstrap import evaluation_intervals
 
-        result.update(evaluation_intervals(acc, videos, ckpt.parent, stem, au_thresholds=result.get("au_thresholds"),
-                                           write=write))
+        result.update(evaluation_intervals(acc, videos, folder.predictions(stem) if write else None,
+                                           au_thresholds=result.get("au_thresholds")))
     if write:
         write_eval(ckpt.parent, result, stem=stem)
     return result
@@ -109,14 +108,9 @@ def _result(metrics: dict, cfg: TrainConfig, ckpt: Path, state: dict, split: str
     return result
 
 
-def write_eval(run_dir: Path, result: dict[str, Any], *, stem: str = "eval") -> tuple[Path, Path]:
+def write_eval(run_dir: Path, result: dict[str, Any], *, stem: str = EVAL_STEM) -> tuple[Path, Path]:
     """``<stem>.json`` (the metrics) and ``<stem>.md`` (tables) in ``run_dir``."""
-    run_dir = Path(run_dir)
-    js = run_dir / f"{stem}.json"
-    atomic_write_text(js, json.dumps(jsonable(result), indent=2, sort_keys=True) + "\n")
-    md = run_dir / f"{stem}.md"
-    atomic_write_text(md, eval_markdown(result))
-    return js, md
+    return RunFolder(run_dir).write_eval(result, eval_markdown(result), stem)
 
 
 def _f(value: Any) -> str:

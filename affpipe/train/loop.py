@@ -13,11 +13,9 @@ in :mod:`affpipe.train.trainer`.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,33 +24,20 @@ import torch.distributed as tdist
 from tqdm import tqdm
 
 from affpipe import dist
-from affpipe.io import atomic_copy, atomic_write_text, jsonable, writing
-from affpipe.run.checkpoint import (
-    config_differences,
-    load_checkpoint,
-    save_checkpoint,
-    truncate_metrics,
-)
-from affpipe.run.config import TrainConfig, config_json, to_dict
-from affpipe.train.evaluate import evaluate_model, write_eval
+from affpipe.io import atomic_copy, jsonable
+from affpipe.run.checkpoint import config_differences, load_checkpoint, save_checkpoint
 from affpipe.run.claim import claim_run
-from affpipe.run.data import check_same_data, frames_lineage, lineage_of_run, write_lineage
+from affpipe.run.config import TrainConfig, config_json, to_dict
+from affpipe.run.data import check_same_data, lineage_of_run, write_lineage
+from affpipe.run.folder import BEST, LAST, RunFolder
+from affpipe.run.kind import RunKind
+from affpipe.train.evaluate import evaluate_model, write_eval
 from affpipe.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 
-def frame_label_table(shards: Path, index: Path | None = None):
-    """The label table the shard manifest names (``index`` overrides where that table is)."""
-    from affpipe.index.build import load_index
-    from affpipe.shards.format import checked_index, read_manifest
-
-    manifest = read_manifest(shards, full=False)
-    table, _ = load_index(checked_index(shards, manifest, index), table=manifest.get("table", "frames"))
-    return table
-
-
-def prepare_run_dir(cfg: TrainConfig, ctx: dist.DistContext, held: contextlib.ExitStack, *,
+def prepare_run_dir(cfg: TrainConfig, kind: RunKind, ctx: dist.DistContext, held: contextlib.ExitStack, *,
                     overwrite: bool = False) -> Path:
     """The run folder, claimed by rank 0 into ``held`` for the run's life
     (:func:`affpipe.run.claim.claim_run`: a user's folder refused, ``--resume`` only of the
@@ -60,18 +45,19 @@ def prepare_run_dir(cfg: TrainConfig, ctx: dist.DistContext, held: contextlib.Ex
     if cfg.out is None:
         raise ValueError("train: no run folder given (-o/--out)")
     if ctx.main:
-        held.enter_context(claim_run(cfg, overwrite=overwrite))
+        held.enter_context(claim_run(kind.resolve(cfg), kind, overwrite=overwrite))
     return cfg.out
 
 
 def resume(trainer: Trainer, run: Path) -> bool:
     """Load ``run/last.pt`` into ``trainer`` (its config must match); False when there is none."""
-    last = run / "last.pt"
+    folder = RunFolder(run)
+    last = folder.last
     if not last.exists():
         if trainer.ctx.main:
-            log.warning("--resume: %s has no last.pt yet; starting from scratch", run)
+            log.warning("--resume: %s has no %s yet; starting from scratch", run, LAST)
             # What was logged before the first last.pt (e.g. a temporal run's start validation) is redone.
-            truncate_metrics(run / "metrics.jsonl", step=-1, epoch=0)
+            folder.truncate_metrics(step=-1, epoch=0)
         return False
     ckpt = load_checkpoint(last, map_location=trainer.ctx.device)
     diffs = config_differences(ckpt["config"], to_dict(trainer.cfg))
@@ -81,7 +67,7 @@ def resume(trainer: Trainer, run: Path) -> bool:
     s = trainer.state
     if trainer.ctx.main:
         repair_best(run, ckpt)
-        truncate_metrics(run / "metrics.jsonl", step=s.step, epoch=s.epoch)
+        folder.truncate_metrics(step=s.step, epoch=s.epoch)
         log.info("resuming %s at epoch %d, step %d (%d batches into the epoch)", run, s.epoch + 1, s.step, s.step_in_epoch)
     return True
 
@@ -94,7 +80,8 @@ def repair_best(run: Path, last: dict[str, Any]) -> None:
     want = int(last.get("best_step", (last.get("best_metrics") or {}).get("step", -1)))
     if want < 0:
         return
-    best = run / "best.pt"
+    folder = RunFolder(run)
+    best = folder.best
     try:
         have = int(load_checkpoint(best)["step"]) if best.is_file() else None
     except (ValueError, KeyError):  # a foreign or unreadable file: replaced below when we can
@@ -104,24 +91,10 @@ def repair_best(run: Path, last: dict[str, Any]) -> None:
     if int(last["step"]) == want and int(last["step_in_epoch"]) == 0:
         log.warning("%s holds step %s, but the best validation score was reached at step %d (killed between "
                     "the two checkpoint writes); restoring it from last.pt", best, have, want)
-        atomic_copy(run / "last.pt", best)
+        atomic_copy(folder.last, best)
         return
-    raise ValueError(f"{best} holds step {have}, but {run / 'last.pt'} (step {last['step']}) records step {want} "
+    raise ValueError(f"{best} holds step {have}, but {folder.last} (step {last['step']}) records step {want} "
                      "as the best; the pair cannot be repaired: evaluate last.pt or start a new run")
-
-
-def make_loaders(cfg: TrainConfig, ctx: dist.DistContext):
-    """``(train_loader, val_loader)`` over ``cfg.shards`` for this rank (uint8 batches: the model
-    normalizes, ``models.normalize_input``)."""
-    from affpipe.loaders import make_loader
-
-    common = dict(device=ctx.device, image_size=cfg.image_size, seed=cfg.seed, rank=ctx.rank,
-                  world_size=ctx.world, normalize=False)
-    train_loader = make_loader(cfg.shards, "train", batch_size=cfg.batch_size, train=True,
-                               **cfg.loader.kwargs(train=True), **common)
-    val_loader = make_loader(cfg.shards, "val", batch_size=cfg.batch_size, train=False,
-                             **cfg.loader.kwargs(train=False), **common)
-    return train_loader, val_loader
 
 
 def steps_per_epoch(cfg: TrainConfig, ctx: dist.DistContext, loader) -> int:
@@ -134,67 +107,44 @@ def steps_per_epoch(cfg: TrainConfig, ctx: dist.DistContext, loader) -> int:
         tdist.all_reduce(n, op=tdist.ReduceOp.MIN)
         steps = int(n.item())
     if steps < 1:
-        raise ValueError(f"{cfg.shards}: the train split gives no full batch of {cfg.batch_size} on this rank")
+        raise ValueError(f"{cfg.data.source}: the train split gives no full batch of {cfg.batch_size} on this rank")
     return steps
 
 
-# What a run trains on (``affpipe.run.data``): ``lineage(cfg, run) -> dict``.
-Lineage = Callable[[TrainConfig, Path], dict[str, Any]]
-
-# What differs between kinds of run: ``setup(cfg, ctx) -> (trainer, make_loaders, what)`` builds the
-# trainer and returns a factory of (train, val) loaders (called after resume and wrap) and a
-# description for the log. ``affpipe.temporal.train`` passes its own for feature-table runs.
-Setup = Callable[[TrainConfig, dist.DistContext], tuple[Trainer, Callable[[], tuple[Any, Any]], str]]
-
-
-def frame_setup(cfg: TrainConfig, ctx: dist.DistContext) -> tuple[Trainer, Callable[[], tuple[Any, Any]], str]:
-    """A per-frame run on ``cfg.shards``: the image model and the shard loaders."""
-    if cfg.shards is None:
-        raise ValueError("train: no shards given (--shards)")
-    from affpipe.scoring.bootstrap import row_videos
-    from affpipe.scoring.tasks import label_statistics
-
-    table = frame_label_table(cfg.shards, cfg.index)
-    trainer = Trainer.build(cfg, ctx, label_statistics(table))
-    trainer.row_videos = row_videos(table)
-    return trainer, lambda: make_loaders(cfg, ctx), f"on {cfg.shards}"
-
-
-def train(cfg: TrainConfig, setup: Setup = frame_setup, lineage: Lineage = frames_lineage, *,
-          overwrite: bool = False) -> Path:
-    """Train ``cfg.task`` into the run folder ``cfg.out`` (per-frame on ``cfg.shards`` unless
-    ``setup`` builds another kind of run; ``lineage`` says what it trains on); returns the folder.
-    ``overwrite``: start afresh in a folder holding a run (its files deleted)."""
+def train(cfg: TrainConfig, kind: RunKind, *, overwrite: bool = False) -> Path:
+    """Train ``cfg`` into the run folder ``cfg.out`` as ``kind`` sets it up (``affpipe.runs.train``
+    picks the kind); returns the folder. ``overwrite``: start afresh in a folder holding a run."""
     ctx = dist.setup(cfg.device)
     held = contextlib.ExitStack()  # the run folder's claim (rank 0), released when the run ends
     try:
-        run = prepare_run_dir(cfg, ctx, held, overwrite=overwrite)
+        run = prepare_run_dir(cfg, kind, ctx, held, overwrite=overwrite)
         if cfg.amp != "none" and ctx.device.type != "cuda" and ctx.main:
             log.info("amp=%s ignored: autocast is used on GPU only (device %s)", cfg.amp, ctx.device)
-        trainer, loaders, what = setup(cfg, ctx)
-        data = lineage(cfg, run)
+        setup = kind.setup(cfg, ctx, run)
+        trainer, data = setup.trainer, setup.lineage
         if cfg.resume:
             if ctx.main and (recorded := lineage_of_run(run)) is not None:
                 check_same_data(recorded, data, run)
             resume(trainer, run)
         if ctx.main:  # trainer.cfg: with what the setup resolved (the backbone's input)
             write_lineage(run, data)
-            atomic_write_text(run / "config.json", config_json(trainer.cfg))
+            RunFolder(run).write_config(config_json(trainer.cfg))
         trainer.wrap()
-        train_loader, val_loader = loaders()
+        train_loader, val_loader = setup.loaders()
         steps = steps_per_epoch(cfg, ctx, train_loader)
         if ctx.main:
             log.info("training %s %s: %d steps/epoch x %d epochs, batch %d x %d process(es), loader %s, device %s",
-                     cfg.task, what, steps, cfg.epochs, cfg.batch_size, ctx.world,
+                     cfg.task, setup.what, steps, cfg.epochs, cfg.batch_size, ctx.world,
                      getattr(train_loader, "backend", "?"), ctx.device)
-        fit(trainer, run, train_loader, val_loader, steps, lineage=data)
+        fit(trainer, run, train_loader, val_loader, steps, lineage=data, start_is_candidate=kind.start_is_candidate)
     finally:
         held.close()
         dist.teardown(ctx)
     return run
 
 
-def fit(trainer: Trainer, run: Path, train_loader, val_loader, steps: int, lineage: dict | None = None) -> None:
+def fit(trainer: Trainer, run: Path, train_loader, val_loader, steps: int, lineage: dict | None = None, *,
+        start_is_candidate: bool = False) -> None:
     """Epochs from ``trainer.state.epoch`` to ``cfg.epochs``: train, validate, checkpoint, log
     (every checkpoint carries ``lineage``, what the run trains on)."""
     cfg, ctx, state = trainer.cfg, trainer.ctx, trainer.state
@@ -206,9 +156,9 @@ def fit(trainer: Trainer, run: Path, train_loader, val_loader, steps: int, linea
     def checkpoint(name: str) -> None:
         trainer.state.wall_time = clock[1] + time.perf_counter() - clock[0]
         if ctx.main:
-            save_checkpoint(run / name, {**trainer.state_dict(), "lineage": lineage})
+            save_checkpoint(RunFolder(run).checkpoint(name), {**trainer.state_dict(), "lineage": lineage})
 
-    if cfg.is_temporal and state.step == 0 and state.best_metrics is None:
+    if start_is_candidate and state.step == 0 and state.best_metrics is None:
         # A temporal run starts at its source run's predictions (the skip path): that state is a
         # best.pt candidate too, so training that makes things worse never ships a worse model.
         summary = {"kind": "start", "epoch": 0, "step": 0}
@@ -217,7 +167,7 @@ def fit(trainer: Trainer, run: Path, train_loader, val_loader, steps: int, linea
             runlog.write(summary)
             if improved:
                 keep_predictions(trainer, run)
-                checkpoint("best.pt")
+                checkpoint(BEST)
     while trainer.state.epoch < cfg.epochs:
         state = trainer.state
         epoch = state.epoch
@@ -233,9 +183,9 @@ def fit(trainer: Trainer, run: Path, train_loader, val_loader, steps: int, linea
             runlog.write(summary)
             if improved:
                 keep_predictions(trainer, run)  # before the checkpoints that make this state the best
-            checkpoint("last.pt")
+            checkpoint(LAST)
             if improved:
-                checkpoint("best.pt")
+                checkpoint(BEST)
             plot(run)
     runlog.close()  # (a run that raises leaves its event files flushed up to the last epoch line)
     if ctx.main:
@@ -305,7 +255,7 @@ def train_one_epoch(trainer: Trainer, loader, steps: int, runlog: RunLog, checkp
             runlog.flush(window, trainer, steps, bar)
         if cfg.ckpt_every and state.step % cfg.ckpt_every == 0 and i + 1 < steps:
             runlog.flush(window, trainer, steps, bar)  # logged steps never outrun the checkpoint
-            checkpoint("last.pt")
+            checkpoint(LAST)
     runlog.flush(window, trainer, steps, bar)  # a loader that ended early: no step goes unchecked
     bar.close()
 
@@ -336,7 +286,8 @@ class RunLog:
 
     def __init__(self, run: Path, ctx: dist.DistContext, *, sync: bool, tensorboard: bool = False,
                  start_step: int = 0) -> None:
-        self.path = run / "metrics.jsonl"
+        self.folder = RunFolder(run)
+        self.path = self.folder.metrics
         self.ctx = ctx
         self.sync = sync and ctx.device.type == "cuda"
         self.tb = None
@@ -352,9 +303,7 @@ class RunLog:
         return time.perf_counter()
 
     def write(self, record: dict[str, Any]) -> None:
-        record = jsonable(record)
-        with writing(self.path), open(self.path, "a") as fh:  # a full disk names the file
-            fh.write(json.dumps(record) + "\n")
+        record = self.folder.append_metrics(record)  # a full disk names the file
         if self.tb is not None:
             self.tb.record(record)
 
@@ -413,10 +362,12 @@ def check_finite(finite: list[float], world: int, state, loss: float, lr: float,
     bad = [i for i, f in enumerate(finite) if f < world]
     if bad:
         step = state.step - len(finite) + bad[0] + 1
+        last = RunFolder(run).last
+        kept = (f"{last} keeps the last checkpoint before it" if last.is_file()
+                else "no checkpoint was written before it")
         raise TrainingDiverged(
             f"{run}: the loss is not finite ({loss}) at step {step} (epoch {state.epoch + 1}); training "
-            f"stopped and {run / 'last.pt'} keeps the last checkpoint before it. Lower the learning rate "
-            f"(lr {lr}) or check the data"
+            f"stopped and {kept}. Lower the learning rate (lr {lr}), check the task weights, or check the data"
         )
 
 
@@ -435,12 +386,9 @@ def plot(run: Path) -> None:
     from affpipe.run.plots import plot_curves
 
     try:
-        plot_curves(run / "metrics.jsonl", run / "curves.png", title=run.name)
+        plot_curves(RunFolder(run).metrics, RunFolder(run).curves, title=run.name)
     except Exception as exc:
         log.warning("curves.png not drawn: %s", exc)
-
-
-PREDICTIONS = "eval_predictions.npz"
 
 
 def keep_predictions(trainer: Trainer, run: Path) -> None:
@@ -449,7 +397,7 @@ def keep_predictions(trainer: Trainer, run: Path) -> None:
     if kept is not None and trainer.row_videos is not None:
         from affpipe.scoring.bootstrap import save_predictions
 
-        save_predictions(run / PREDICTIONS, kept, trainer.row_videos(kept["row_id"]))
+        save_predictions(RunFolder(run).predictions(), kept, trainer.row_videos(kept["row_id"]))
 
 
 def finish(run: Path, cfg: TrainConfig, state) -> None:
@@ -459,9 +407,9 @@ def finish(run: Path, cfg: TrainConfig, state) -> None:
         log.warning("no validation score was reached; eval.json not written")
         return
     result = dict(state.best_metrics)
-    result.update(task=cfg.task, split="val", checkpoint="best.pt")
-    if "ci" in result and (run / PREDICTIONS).is_file():
-        result["predictions"] = PREDICTIONS
+    result.update(task=cfg.task, split="val", checkpoint=BEST)
+    if "ci" in result and RunFolder(run).predictions().is_file():
+        result["predictions"] = RunFolder(run).predictions().name
     if cfg.max_val_steps:
         result["note"] = f"validation limited to {cfg.max_val_steps} batches per pass"
     write_eval(run, result)

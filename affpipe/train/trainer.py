@@ -62,13 +62,14 @@ def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.
 class Trainer:
     """Model, loss, optimizer, scheduler, scaler and counters of one run on one process."""
 
-    def __init__(self, cfg: TrainConfig, ctx: DistContext, model: nn.Module, loss_fn: nn.Module) -> None:
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, model: nn.Module, loss_fn: nn.Module, *,
+                 channels_last: bool = True) -> None:
         self.cfg, self.ctx = cfg, ctx
         configure_device(ctx.device)
         on_gpu = ctx.device.type == "cuda"
         self.amp = cfg.amp if on_gpu else "none"
-        # a temporal head's input is a window of feature vectors, not images
-        self.channels_last = cfg.channels_last and on_gpu and not cfg.is_temporal
+        # ``channels_last=False``: the model's input is not images (a temporal head's windows)
+        self.channels_last = cfg.channels_last and on_gpu and channels_last
         self.raw_model = model
         self.loss_fn = loss_fn
         self.optimizer = make_optimizer(cfg, list(model.parameters()) + list(loss_fn.parameters()))

@@ -120,7 +120,7 @@ def offline(monkeypatch):
 
     monkeypatch.setattr(et, "ensure_features", lambda runs, source, shards: et.features_dir(runs, source))
 
-    def smoothed(run_dir, shards):
+    def smoothed(run_dir):
         ev = json.loads((Path(run_dir) / "eval.json").read_text())
         ev["smoothing"] = {"windows": {"va": 9}}
         (Path(run_dir) / "eval_smoothed.json").write_text(json.dumps(ev))

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from support import fake_run
 
 from affpipe.experiments.report import ReportConfig, write_report
-from affpipe.experiments.runs import convergence, load_run, read_curve, run_kind
+from affpipe.experiments.runs import convergence, load_run, read_curve, run_label
 from affpipe.labels import AU_NAMES, EXPR_CLASSES
 from affpipe.scoring.bootstrap import fmt_ci
 
@@ -47,7 +47,7 @@ def test_run_kind_from_config(runs):
     k = load_run(runs[5]).kind
     assert (k.task, k.init, k.va_loss, k.task_weighting, k.mtl) == ("mtl", "uni_va", "ccc", "uncertainty", True)
     assert "init uni_va" in k.label() and "uncertainty" in k.label()
-    k = run_kind(json.loads((runs[1] / "config.json").read_text()))
+    k = run_label(json.loads((runs[1] / "config.json").read_text()))
     assert (k.task, k.va_loss, k.expr_weighted, k.task_weighting) == ("va", "mse", None, None)
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from affpipe.models.model import InputNorm, ModelConfig, build_model, load_backbone, resolve_input
 from affpipe.run.checkpoint import read_metrics
 from affpipe.run.config import from_dict, load_config
-from affpipe.models.model import InputNorm, ModelConfig, build_model, load_backbone, resolve_input
 
 TIMM = "timm/mobilenetv3_small_050"  # 0.57M parameters: a tiny timm model
 TINY = {"image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2, "max_val_steps": 1, "loader.num_workers": 0,
@@ -53,8 +53,8 @@ def test_timm_backbone_features_are_timms_pooled_width():
 def test_timm_train_embed_evaluate(shard_dir, tmp_path):
     """A tiny timm model trains a few steps, embeds, and evaluates (random init)."""
     from affpipe.loaders import LoaderConfig
+    from affpipe.runs.embed import EmbedConfig, embed
     from affpipe.runs.evaluate import EvalConfig, evaluate
-    from affpipe.temporal.embed import EmbedConfig, embed
     from affpipe.temporal.features import read_table
     from affpipe.train.loop import train
 

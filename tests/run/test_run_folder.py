@@ -22,8 +22,8 @@ from click.testing import CliRunner
 from affpipe.cli import main
 from affpipe.outdir import LOCK, MARKER, check_folder, folder_lock, read_marker
 from affpipe.run.checkpoint import load_checkpoint, read_metrics
-from affpipe.run.config import load_config
 from affpipe.run.claim import RUN_OWNER, legacy_run
+from affpipe.run.config import load_config
 
 TINY = ["--task", "va", "--epochs", "1", "--image-size", "32", "--batch-size", "16", "--max-steps-per-epoch", "2",
         "--max-val-steps", "1", "--num-workers", "0", "--backend", "torch", "--device", "cpu", "--log-every", "1"]

@@ -13,10 +13,10 @@ from support import make_index
 
 from affpipe.cli import main
 from affpipe.index.build import index_fingerprint
-from affpipe.shards.format import checked_index, read_manifest, shards_fingerprint
 from affpipe.run.checkpoint import load_checkpoint
 from affpipe.run.config import load_config
 from affpipe.run.data import lineage_of_run, run_data_path
+from affpipe.shards.format import checked_index, read_manifest, shards_fingerprint
 
 TINY = {"image_size": 32, "batch_size": 16, "max_steps_per_epoch": 1, "max_val_steps": 1, "loader.num_workers": 0,
         "loader.backend": "torch", "device": "cpu", "log_every": 1, "epochs": 1}

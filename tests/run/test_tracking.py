@@ -100,12 +100,13 @@ def test_recipe_key_and_resume_keep_one_value_per_step(shard_dir, tmp_path):
 
 
 def test_temporal_run_writes_the_same_events(shard_dir, tmp_path):
-    from affpipe.loaders import LoaderConfig
-    from affpipe.temporal.embed import EmbedConfig, embed
     from affpipe.temporal.train import train_any
+
+    from affpipe.loaders import LoaderConfig
+    from affpipe.models.model import ModelConfig, build_model
     from affpipe.run.checkpoint import save_checkpoint
     from affpipe.run.config import TrainConfig, load_config, to_dict
-    from affpipe.models.model import ModelConfig, build_model
+    from affpipe.runs.embed import EmbedConfig, embed
 
     ckpt = tmp_path / "frame.pt"
     save_checkpoint(ckpt, {"model": build_model(ModelConfig(arch="resnet18")).state_dict(),

@@ -43,9 +43,10 @@ def _lineage(run: Path, index: Path, *, shards: Path | None = None, features: Pa
 def world(index_dir, tmp_path_factory) -> Path:
     """world/{index, shards, feats, runs/frame, runs/temporal}: a per-frame MTL run, its features,
     and a temporal head on them, each recording what it was made from."""
-    from affpipe.shards.write import ShardConfig, write_shards
-    from affpipe.temporal.embed import EmbedConfig, embed
     from affpipe.temporal.train import train_temporal
+
+    from affpipe.runs.embed import EmbedConfig, embed
+    from affpipe.shards.write import ShardConfig, write_shards
     from affpipe.train.loop import train
 
     w = tmp_path_factory.mktemp("one_path") / "world"

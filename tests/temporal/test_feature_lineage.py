@@ -14,10 +14,10 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
+from affpipe.bench import temporal as bench
 from affpipe.cli import main
 from affpipe.io import atomic_write_text, write_parquet
 from affpipe.lineage import table_fingerprint
-from affpipe.temporal import bench
 from affpipe.temporal.features import open_features, read_table, write_table
 
 

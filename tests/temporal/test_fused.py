@@ -75,8 +75,8 @@ def two_tables(shard_dir, tmp_path_factory):
     from safetensors.torch import save_file
 
     from affpipe.loaders import LoaderConfig
-    from affpipe.temporal.embed import EmbedConfig, embed
     from affpipe.models.model import ModelConfig, backbone_state_dict, build_model
+    from affpipe.runs.embed import EmbedConfig, embed
 
     root = tmp_path_factory.mktemp("fused")
     weights = []
@@ -114,7 +114,7 @@ def test_embed_two_backbones_decodes_each_frame_once(two_tables, shard_dir):
 
 def test_embed_two_backbones_equals_each_alone(two_tables, shard_dir, tmp_path):
     from affpipe.loaders import LoaderConfig
-    from affpipe.temporal.embed import EmbedConfig, embed
+    from affpipe.runs.embed import EmbedConfig, embed
 
     root, _, _, weights = two_tables
     embed(EmbedConfig(source="weights", weights=weights[1], backbone=TIMM, shards=shard_dir, out=tmp_path / "alone",
@@ -129,8 +129,8 @@ def test_train_on_two_fused_tables_then_evaluate(two_tables, tmp_path):
     import subprocess
     import sys
 
-    from affpipe.runs.evaluate import EvalConfig, evaluate
     from affpipe.run.checkpoint import load_checkpoint
+    from affpipe.runs.evaluate import EvalConfig, evaluate
 
     root, _, _, _ = two_tables
     a, b = root / "feats" / "resnet18", root / "feats" / "timm_mobilenetv3_small_050"

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from affpipe.temporal.heads import build_head, load_frame_heads
 from affpipe.run.config import TemporalConfig
+from affpipe.temporal.heads import build_head, load_frame_heads
 
 
 @pytest.mark.parametrize("arch", ["tcn", "transformer"])

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from affpipe.temporal.smoothing import load_windows, moving_average, save_windows, smooth, tune
 from affpipe.scoring.metrics import MetricAccumulator
+from affpipe.temporal.smoothing import load_windows, moving_average, save_windows, smooth, tune
 
 
 def test_moving_average_is_per_video_over_frame_numbers():

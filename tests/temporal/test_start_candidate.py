@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from affpipe.loaders import LoaderConfig
-from affpipe.temporal.embed import EmbedConfig, embed
+from affpipe.models.model import ModelConfig, build_model
 from affpipe.run.checkpoint import load_checkpoint, read_metrics, save_checkpoint
 from affpipe.run.config import TemporalConfig, TrainConfig, to_dict
-from affpipe.models.model import ModelConfig, build_model
+from affpipe.runs.embed import EmbedConfig, embed
 
 
 def _embed(ckpt, shard_dir, out):

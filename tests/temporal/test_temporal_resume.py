@@ -7,13 +7,13 @@ import json
 from dataclasses import replace
 
 import pytest
-
-from affpipe.temporal.bench import make_random_table
 from affpipe.temporal.train import train_temporal
-from affpipe.train import loop
+
+from affpipe.bench.temporal import make_random_table
 from affpipe.run.checkpoint import load_checkpoint, read_metrics
 from affpipe.run.config import TemporalConfig, TrainConfig
 from affpipe.run.data import lineage_of_run
+from affpipe.train import loop
 
 
 @pytest.fixture(scope="module")

@@ -75,8 +75,8 @@ def test_validation_does_not_recompile_the_training_model(index_dir, shard_dir, 
     from affpipe.index.build import load_index
     from affpipe.loaders import make_loader
     from affpipe.run.config import load_config
-    from affpipe.train.loop import validate
     from affpipe.scoring.tasks import label_statistics
+    from affpipe.train.loop import validate
     from affpipe.train.trainer import Trainer
 
     cfg = load_config(None, {"task": "mtl", "shards": shard_dir, "out": tmp_path, "image_size": 32, "batch_size": 8,

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from host_sync import HostSyncCounter, format_syncs
 
 from affpipe.dist import DistContext
 from affpipe.loaders import make_loader
-from host_sync import HostSyncCounter, format_syncs
 
 META = torch.device("meta")
 
@@ -84,8 +84,8 @@ def _meta_run(shard_dir, index_dir, tmp_path, steps: int = 7, log_every: int = 3
     (made beforehand)."""
     from affpipe.index.build import load_index
     from affpipe.run.config import load_config
-    from affpipe.train.loop import RunLog, train_one_epoch
     from affpipe.scoring.tasks import label_statistics
+    from affpipe.train.loop import RunLog, train_one_epoch
     from affpipe.train.trainer import Trainer
 
     cfg = load_config(None, {"task": "mtl", "shards": shard_dir, "out": tmp_path, "epochs": 1, "batch_size": 8,

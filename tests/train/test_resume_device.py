@@ -44,10 +44,10 @@ def test_stand_in_refuses_numpy_like_cuda():
 
 def test_resume_restores_rng_states_loaded_onto_the_device(index_dir, tmp_path, monkeypatch):
     from affpipe.index.build import load_index
-    from affpipe.train import loop
     from affpipe.run.checkpoint import load_checkpoint, save_checkpoint
     from affpipe.run.config import load_config
     from affpipe.scoring.tasks import label_statistics
+    from affpipe.train import loop
     from affpipe.train.trainer import Trainer
 
     cfg = load_config(None, {"task": "va", "shards": tmp_path, "out": tmp_path, "image_size": 32, "device": "cpu"})

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from affpipe.scoring import bootstrap as bs
 from affpipe.run.checkpoint import load_checkpoint
 from affpipe.run.config import load_config
+from affpipe.scoring import bootstrap as bs
 
 TINY = {"batch_size": 8, "image_size": 32, "lr": 1e-3, "device": "cpu", "log_every": 2, "max_steps_per_epoch": 2,
         "loader.backend": "torch", "loader.num_workers": 0}

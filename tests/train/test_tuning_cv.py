@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from affpipe.temporal.smoothing import moving_average, tune, tune_cross_validated
 from affpipe.scoring.metrics import MetricAccumulator, au_f1, video_folds
+from affpipe.temporal.smoothing import moving_average, tune, tune_cross_validated
 
 
 def _acc(videos: int = 12, frames: int = 60, signal: float = 0.0, seed: int = 0):
@@ -84,8 +84,8 @@ def test_cross_validated_smoothing_uses_windows_tuned_on_the_other_videos():
 
 
 def test_cross_validated_entries_carry_intervals():
-    from affpipe.temporal.smoothing import cross_validated_result
     from affpipe.scoring.bootstrap import cross_validated_au
+    from affpipe.temporal.smoothing import cross_validated_result
 
     acc, videos, frames = _acc(videos=8, signal=2.0)
     au = cross_validated_au(acc, videos, 2)

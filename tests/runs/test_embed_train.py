@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from affpipe.loaders import LoaderConfig
-from affpipe.temporal import embed as embed_mod
-from affpipe.temporal.embed import EmbedConfig, embed
-from affpipe.temporal.features import read_table
+from affpipe.models.model import ModelConfig, build_model
 from affpipe.run.checkpoint import save_checkpoint
 from affpipe.run.config import TemporalConfig, TrainConfig, to_dict
-from affpipe.models.model import ModelConfig, build_model
+from affpipe.runs.embed import EmbedConfig, embed
+from affpipe.temporal import embed as embed_mod
+from affpipe.temporal.features import read_table
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +107,9 @@ def test_temporal_run_folder_like_a_per_frame_run(feats, tmp_path, arch):
 
 
 def test_evaluate_predict_and_smoothing_on_a_temporal_run(feats, tmp_path):
-    from affpipe.runs import EvalConfig, PredictConfig, RunInputs, evaluate, open_run, predict
     from affpipe.temporal.train import train_temporal
+
+    from affpipe.runs import EvalConfig, PredictConfig, RunInputs, evaluate, open_run, predict
 
     run = train_temporal(_temporal_cfg(feats, tmp_path / "run"))
     assert open_run(RunInputs(run=run)).kind == "temporal"
@@ -150,7 +151,7 @@ def test_cli_embed_and_smoothing_of_a_per_frame_run(frame_ckpt, shard_dir, tmp_p
 
 
 def test_bench_embed_reports_forward_and_embed_speed(frame_ckpt, shard_dir, tmp_path):
-    from affpipe.temporal.bench import bench_embed
+    from affpipe.bench.temporal import bench_embed
 
     r = bench_embed(str(frame_ckpt), shard_dir, tmp_path / "f", batch_size=64, forward_seconds=0.5,
                     loader=LoaderConfig(backend="torch", num_workers=0))

@@ -6,8 +6,8 @@ full-scale twin's shape (560 videos with heavy-tailed lengths, ~2.9M frames, 2% 
 trainer (``train_temporal``) and reports the epoch's time, frames/s, data-wait share and the
 process's memory (private and file-backed: the features are memory-mapped, not loaded).
 
-    python -m affpipe.temporal.bench --out /tmp/tbench [--rows 2900000] [--arch tcn] [--max-steps N]
-    python -m affpipe.temporal.bench --out /tmp/tbench --embed-source RUN --shards SHARDS
+    python -m affpipe.bench.temporal --out /tmp/tbench [--rows 2900000] [--arch tcn] [--max-steps N]
+    python -m affpipe.bench.temporal --out /tmp/tbench --embed-source RUN --shards SHARDS
 
 The second form times ``affpipe embed`` beside the backbone's bare forward pass (``bench_embed``);
 ``--backbones a,b --shards SHARDS`` does it for each backbone (``bench_backbones``).
@@ -152,14 +152,15 @@ def bench_epoch(feats: Path, out: Path, *, arch: str = "tcn", window: int = 64, 
     """
     import torch
 
-    from affpipe.temporal.train import TemporalData, train_temporal
-    from affpipe.run.checkpoint import read_metrics
-    from affpipe.run.config import TemporalConfig, TrainConfig
+    from affpipe.run.config import TrainConfig
+    from affpipe.run.folder import RunFolder
+    from affpipe.runs.train import train as train_temporal
+    from affpipe.temporal.data import TemporalData
 
-    cfg = TrainConfig(task="mtl", features=Path(feats), out=Path(out), epochs=1, batch_size=batch_size, lr=1e-3,
-                      device="cpu", log_every=10, max_steps_per_epoch=max_steps, max_val_steps=max_val_steps,
-                      temporal=TemporalConfig(arch=arch, window=window, stride=stride, hidden=hidden, layers=layers))
-    data = TemporalData.open(cfg.features)
+    cfg = TrainConfig.of(task="mtl", features=str(feats), out=str(out), epochs=1, batch_size=batch_size, lr=1e-3,
+                         device="cpu", log_every=10, max_steps_per_epoch=max_steps, max_val_steps=max_val_steps,
+                         temporal=dict(arch=arch, window=window, stride=stride, hidden=hidden, layers=layers))
+    data = TemporalData.open(cfg.data.features)
     full_steps = len(data.loader("train", cfg, train=True, device=torch.device("cpu")))
     del data
     probe = [cpu_probe_gflops()]
@@ -168,7 +169,7 @@ def bench_epoch(feats: Path, out: Path, *, arch: str = "tcn", window: int = 64, 
         run = train_temporal(cfg)
     total = time.perf_counter() - t0
     probe.append(cpu_probe_gflops())
-    epoch = [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "epoch"][-1]
+    epoch = [r for r in RunFolder(run).read_metrics() if r.get("kind") == "epoch"][-1]
     train_s = epoch["wall_time"] - epoch.get("val_time_s", 0.0)
     steps = epoch["step"]
     return {"steps_measured": steps, "steps_per_epoch": full_steps,
@@ -230,7 +231,7 @@ def bench_embed(source: str, shards: Path, out: Path, *, batch_size: int = 256, 
     import torch
 
     from affpipe.dist import pick_device
-    from affpipe.temporal.embed import EmbedConfig, embed, load_encoder
+    from affpipe.runs.embed import EmbedConfig, embed, load_encoder
 
     extra = {"loader": loader} if loader is not None else {}
     cfg = EmbedConfig(source=source, shards=Path(shards), out=Path(out), batch_size=batch_size, device=device,
@@ -261,8 +262,8 @@ def bench_backbones(shards: Path, out: Path, backbones: list[str], *, image_size
     all of them in one ``embed`` pass (each frame decoded once) against the sum of the passes."""
     from safetensors.torch import save_file
 
-    from affpipe.temporal.embed import EmbedConfig, embed
     from affpipe.models.model import ModelConfig, backbone_state_dict, build_model
+    from affpipe.runs.embed import EmbedConfig, embed
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,12 +12,12 @@ import torch
 
 from affpipe.io import sha256_file
 from affpipe.loaders import LoaderConfig
-from affpipe.temporal import embed as embed_mod
-from affpipe.temporal import features as features_mod
-from affpipe.temporal.embed import EmbedConfig, embed
+from affpipe.models.model import ModelConfig, build_model
 from affpipe.run.checkpoint import save_checkpoint
 from affpipe.run.config import TrainConfig, to_dict
-from affpipe.models.model import ModelConfig, build_model
+from affpipe.runs.embed import EmbedConfig, embed
+from affpipe.temporal import embed as embed_mod
+from affpipe.temporal import features as features_mod
 
 
 def _ckpt(path, seed: int):
@@ -134,7 +134,7 @@ def test_killed_during_the_merge_resumes_to_the_same_bytes(runs, shard_dir, whol
 def test_embed_says_which_loader_it_used(whole, caplog, runs, shard_dir, tmp_path):
     m = json.loads((whole / "manifest.json").read_text())
     assert m["loader"] == {"backend": "torch", "num_workers": 0}
-    with caplog.at_level(logging.INFO, logger="affpipe.temporal.embed"):
+    with caplog.at_level(logging.INFO, logger="affpipe.runs.embed"):
         embed(_cfg(runs[0], shard_dir, tmp_path / "F"))
     assert "loader backend torch" in caplog.text
     assert len(m["shards_fingerprint"]) == 16 and len(m["index_fingerprint"]) == 16 and len(m["fingerprint"]) == 16

@@ -133,10 +133,11 @@ class Encoder:
 
 def load_encoder(cfg: EmbedConfig, device: torch.device, which: int = 0) -> Encoder:
     """The backbone SOURCE names (the ``which``-th of several), in eval mode on ``device``."""
-    from affpipe.temporal.heads import restore_model
-    from affpipe.run.checkpoint import load_checkpoint, resolve_checkpoint
-    from affpipe.run.config import from_dict
     from affpipe.models.model import ModelConfig, build_model, resolve_input
+    from affpipe.run.checkpoint import load_checkpoint
+    from affpipe.run.config import from_dict
+    from affpipe.run.folder import resolve_checkpoint
+    from affpipe.runs.kinds import kind_of
 
     backbone, weights = cfg.encoders()[which]
     if weights is not None or cfg.source in ("imagenet", "pretrained"):
@@ -149,9 +150,7 @@ def load_encoder(cfg: EmbedConfig, device: torch.device, which: int = 0) -> Enco
         ckpt = resolve_checkpoint(Path(cfg.source))
         state = load_checkpoint(ckpt, map_location="cpu")
         run_cfg = from_dict(state["config"], source=f"{ckpt} (config)")
-        if run_cfg.is_temporal:
-            raise ValueError(f"{ckpt}: a temporal run has no frame encoder; embed the per-frame run its features came from")
-        model = restore_model(run_cfg, state, source=str(ckpt))
+        model = kind_of(run_cfg).frame_encoder(run_cfg, state, str(ckpt))
         arch = run_cfg.model.arch
         if backbone is not None and backbone != arch:
             raise ValueError(f"--backbone {backbone}: {ckpt} holds a {arch} backbone")
@@ -253,8 +252,7 @@ def _embed_split(cfg: EmbedConfig, encs: list[Encoder], claims: list[Claim], spl
     t0 = t_wait = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="affpipe-embed-") as tmp, torch.inference_mode():
         loader = make_loader(_view(Path(tmp), split, todo), split, batch_size=cfg.batch_size, train=False, device=device,
-                             image_size=encs[0].image_size, rank=0, world_size=1, normalize=False,
-                             **cfg.loader.kwargs(train=False))
+                             image_size=encs[0].image_size, rank=0, world_size=1, normalize=False, loader=cfg.loader)
         if loader.backend != stats.backend:
             log.info("embed: %s: loader backend %s (%s workers), device %s", split, loader.backend,
                      "default" if cfg.loader.num_workers is None else cfg.loader.num_workers, device)
@@ -312,11 +310,11 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     from contextlib import ExitStack
 
     from affpipe.dist import pick_device
-    from affpipe.shards.format import checked_index, read_manifest
+    from affpipe.shards.format import read_manifest, shard_labels
 
     shard_manifest = read_manifest(cfg.shards)
     splits = _splits(cfg, shard_manifest)
-    index = checked_index(cfg.shards, shard_manifest)
+    labels = shard_labels(cfg.shards, shard_manifest)  # frames.parquet, read once
     device = pick_device(cfg.device)
     folders = cfg.folders()
     encs = [load_encoder(cfg, device, k) for k in range(len(folders))]
@@ -335,28 +333,27 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
             for split in splits:
                 _embed_split(cfg, [encs[k] for k in todo], [claims[k] for k in todo], split, device, stats)
         for k in todo:
-            manifests[k] = _finish(cfg, encs[k], claims[k], index, shard_manifest, splits, stats, device,
+            manifests[k] = _finish(cfg, encs[k], claims[k], labels, splits, stats, device,
                                    shared=[str(folders[j]) for j in todo if j != k])
     return manifests[0] if len(manifests) == 1 else {"tables": manifests}
 
 
-def _finish(cfg: EmbedConfig, enc: Encoder, c: Claim, index: Path, shard_manifest: dict, splits: list[str],
+def _finish(cfg: EmbedConfig, enc: Encoder, c: Claim, labels, splits: list[str],
             stats: _Stats, device: torch.device, shared: list[str]) -> dict[str, Any]:
     """Merge one table's parts and write its manifest (lineage, input op, throughput)."""
-    from affpipe.index.build import index_fingerprint
     from affpipe.lineage import rel_path
     from affpipe.shards.format import shards_fingerprint
 
     out = c.out
-    table = shard_manifest.get("table", "frames")
+    index, table, shard_manifest = labels.index, labels.table_name, labels.manifest
     files = sorted(p for s in splits for p in (out / PARTS_DIR).glob(f"{s}-*.arrow"))
-    rows = merge_parts(files, out, _lookup(index, table))
+    rows = merge_parts(files, out, _lookup(labels.table, index))
     manifest = {
         "schema_version": FEATURE_SCHEMA_VERSION, "source": enc.source,
         "source_checkpoint": rel_path(out, enc.checkpoint) if enc.checkpoint else None,
         "source_sha256": enc.sha256, "backbone": enc.arch, "image_size": enc.image_size, "input": enc.input,
         "feature_dim": enc.width, "dtype": "float16", "index": rel_path(out, index),
-        "index_fingerprint": index_fingerprint(index, table),
+        "index_fingerprint": labels.fingerprint,
         "table": table, "shards": rel_path(out, cfg.shards), "shards_fingerprint": shards_fingerprint(shard_manifest),
         "splits": splits, "rows": rows,
         "loader": {"backend": stats.backend or "none (every shard was already embedded)",
@@ -392,11 +389,8 @@ def _width(enc: Encoder, device: torch.device) -> int:
         return int(enc.backbone.eval()(x).shape[1])
 
 
-def _lookup(index: Path, table_name: str):
+def _lookup(table, index: Path):
     """``row_id → (video, frame, split)`` over the label table (an error for an unknown id)."""
-    from affpipe.index.build import load_index
-
-    table, _ = load_index(index, table=table_name)
     rid = table.column("row_id").to_numpy()
     order = np.argsort(rid)
     video = table.column("video").to_numpy(zero_copy_only=False)

@@ -1,4 +1,4 @@
-from affpipe.temporal.bench import bench_epoch, make_random_table
+from affpipe.bench.temporal import bench_epoch, make_random_table
 from affpipe.temporal.features import read_table
 
 
