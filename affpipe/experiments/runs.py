@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from affpipe.run.config import SCORE_KEY
+from affpipe.run.checkpoint import read_metrics
 from affpipe.run.folder import RunFolder, eval_stem
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def read_curve(metrics_jsonl: Path) -> list[dict]:
     if not metrics_jsonl.exists():
         return []
     points: dict[int, dict] = {}
-    for rec in RunFolder(metrics_jsonl.parent).read_metrics():
+    for rec in read_metrics(metrics_jsonl):
         if not isinstance(rec, dict) or rec.get("kind") != "epoch" or _num(rec.get("epoch")) is None:
             continue
         nested = rec.get("val")

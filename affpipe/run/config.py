@@ -360,7 +360,9 @@ def _build_train(data: Mapping[str, Any], source: str, text: str | None, overrid
         return f"{source}{_line_of(text, key.split('.')[-1])}: {key}"
 
     index = _coerce(picked.get("index"), Path | None, f"{source}{_line_of(text, 'index')}: index")
-    temporal = _build(TemporalConfig, picked.get("temporal") or {}, source, "temporal.", text)
+    temporal = picked.get("temporal") or {}
+    if not isinstance(temporal, TemporalConfig):
+        temporal = _build(TemporalConfig, temporal, source, "temporal.", text)
     features = picked.get("features")
     if features is not None:
         if picked.get("shards") is not None:

@@ -42,9 +42,9 @@ def test_grid_parses_and_covers_the_questions():
         order.index(n) for n in order if cfgs[n].task == "mtl")
     # Only one thing changes between compared cells: optimizer, lr, batch, epochs are shared.
     assert len({(c.optimizer, c.lr, c.batch_size, c.epochs, c.image_size) for c in cfgs.values()
-                if not c.is_temporal}) == 1
+                if not (c.kind == "temporal")}) == 1
     # Temporal context: TCN and Transformer heads on the features of the per-frame multi-task run.
-    temporal = {cfgs[r.name].temporal.arch: r for r in grid.runs if r.features_from}
+    temporal = {cfgs[r.name].data.temporal.arch: r for r in grid.runs if r.features_from}
     assert set(temporal) == {"tcn", "transformer"}
     assert all(r.features_from == "mtl_random" and "mtl_random" in r.after and r.smooth for r in temporal.values())
     assert runs["mtl_random"].smooth
@@ -58,7 +58,8 @@ def test_every_recipe_loads_with_the_run_overrides(tmp_path):
             ov = ex.run_overrides(grid, run, scale=scale, shards=tmp_path / "s", runs_dir=tmp_path / "runs")
             cfg = load_config(run.recipe, ov)
             assert cfg.out == tmp_path / "runs" / run.name
-            assert cfg.shards == (None if run.features_from else tmp_path / "s")  # a temporal run reads its table
+            assert cfg.data.inputs[0].parent == (tmp_path / "data" / "features" if run.features_from else tmp_path)
+            # (a temporal run reads its table, which records its shards)
             if scale == "synthetic":
                 want = {**grid.synthetic_overrides, **run.synthetic_overrides}
                 assert all(getattr(cfg, k) == v for k, v in want.items())
@@ -67,7 +68,7 @@ def test_every_recipe_loads_with_the_run_overrides(tmp_path):
                          "features": ov.get("features")}
                 assert cfg == load_config(run.recipe, plain)
             if run.features_from:
-                assert cfg.features == tmp_path / "data" / "features" / run.features_from
+                assert cfg.data.features[0] == tmp_path / "data" / "features" / run.features_from
             if run.init_from:
                 assert cfg.model.init == str(tmp_path / "runs" / run.init_from / "best.pt")
 
@@ -105,9 +106,9 @@ class FakeTrainer:
         config = json.loads((cfg.out / "config.json").read_text())
         (cfg.out / "config.json").write_text(json.dumps({**config, "seed": cfg.seed}))
         (cfg.out / "best.pt").write_bytes(b"fake")
-        if cfg.is_temporal:  # what the report tells temporal runs by
+        if (cfg.kind == "temporal"):  # what the report tells temporal runs by
             config = json.loads((cfg.out / "config.json").read_text())
-            config.update(features=str(cfg.features), temporal={"arch": cfg.temporal.arch})
+            config.update(shards=None, features=str(cfg.data.features[0]), temporal={"arch": cfg.data.temporal.arch})
             (cfg.out / "config.json").write_text(json.dumps(config))
         return cfg.out
 

@@ -55,8 +55,8 @@ def test_timm_train_embed_evaluate(shard_dir, tmp_path):
     from affpipe.loaders import LoaderConfig
     from affpipe.runs.embed import EmbedConfig, embed
     from affpipe.runs.evaluate import EvalConfig, evaluate
+    from affpipe.runs.train import train
     from affpipe.temporal.features import read_table
-    from affpipe.train.loop import train
 
     run = train(load_config(None, {"task": "mtl", "shards": shard_dir, "out": tmp_path / "run",
                                    "model.arch": TIMM, **TINY}))
@@ -143,7 +143,7 @@ def test_input_norm_resizes_and_normalizes_with_the_backbones_statistics():
 def test_vit_trains_at_twice_the_frame_size(shard_dir, tmp_path):
     """A ViT-style backbone with a fixed input twice the loader's size trains from the frames
     (resized on the device by the model's first op) — 224 from 112 at full scale, 64 from 32 here."""
-    from affpipe.train.loop import train
+    from affpipe.runs.train import train
 
     run = train(load_config(None, {"task": "va", "shards": shard_dir, "out": tmp_path / "vit", **TINY,
                                    "model.arch": "timm/vit_tiny_patch16_224", "model.input_size": 64}))

@@ -38,7 +38,7 @@ def _run(shards: Path, out: Path, *, kill_after: int | None = None, resume: bool
     cfg = load_config(None, {**TINY, "shards": shards, "out": out, "epochs": epochs,
                                     "resume": resume or None})
     try:
-        loop.train(cfg)
+        __import__("affpipe.runs.train", fromlist=["train"]).train(cfg)
     except _Killed:
         pass
     return written

@@ -25,7 +25,7 @@ def test_recipe_overrides_round_trip(tmp_path):
     assert cfg.task == "va" and cfg.epochs == 2 and cfg.batch_size == TrainConfig.batch_size
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)  # TOML int widened to float
     assert cfg.model.dropout == 0.25 and cfg.model.tasks == ("va",) and cfg.loss.va_loss == "mse"
-    assert cfg.shards == Path("s")
+    assert cfg.data.shards == Path("s")
     again = from_dict(json.loads(json.dumps(to_dict(cfg))))
     assert again == cfg
     assert load_config(_write_json(tmp_path, cfg)) == cfg  # a run's config.json is a recipe too
@@ -85,12 +85,12 @@ def test_config_differences_ignores_resume_and_epochs(tmp_path):
 
 def test_an_old_config_with_top_level_loader_keys_still_loads():
     """Checkpoints of affpipe 0.1 kept backend/num_workers/flip_p/max_rotation at the top level."""
-    old = to_dict(TrainConfig(task="va"))
+    old = to_dict(TrainConfig.of(task="va"))
     loader = old.pop("loader")
     loader.pop("on_bad")  # 0.1 had no on_bad
     old.update(loader)
     cfg = from_dict(old)
-    assert cfg.loader == TrainConfig(task="va").loader and cfg.task == "va"
+    assert cfg.loader == TrainConfig.of(task="va").loader and cfg.task == "va"
 
 
 def test_loader_section_and_bad_values():

@@ -45,7 +45,7 @@ def test_another_index_is_refused_against_the_shards(shard_dir, tmp_path):
 
 
 def test_a_run_records_what_it_trained_on(shard_dir, index_dir, tmp_path):
-    from affpipe.train.loop import train
+    from affpipe.runs.train import train
 
     run = train(load_config(None, {"task": "mtl", "shards": shard_dir, "out": tmp_path / "run", **TINY}))
     lin = lineage_of_run(run)

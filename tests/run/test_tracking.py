@@ -77,7 +77,7 @@ def test_recipe_key_and_resume_keep_one_value_per_step(shard_dir, tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
     from affpipe.run.config import load_config
-    from affpipe.train.loop import train
+    from affpipe.runs.train import train
 
     recipe = tmp_path / "r.toml"
     recipe.write_text('task = "va"\n[logging]\ntensorboard = true\n')
@@ -100,17 +100,16 @@ def test_recipe_key_and_resume_keep_one_value_per_step(shard_dir, tmp_path):
 
 
 def test_temporal_run_writes_the_same_events(shard_dir, tmp_path):
-    from affpipe.temporal.train import train_any
-
     from affpipe.loaders import LoaderConfig
     from affpipe.models.model import ModelConfig, build_model
     from affpipe.run.checkpoint import save_checkpoint
     from affpipe.run.config import TrainConfig, load_config, to_dict
     from affpipe.runs.embed import EmbedConfig, embed
+    from affpipe.runs.train import train as train_any
 
     ckpt = tmp_path / "frame.pt"
     save_checkpoint(ckpt, {"model": build_model(ModelConfig(arch="resnet18")).state_dict(),
-                           "config": to_dict(TrainConfig(task="mtl", image_size=32)), "epoch": 1, "step": 1})
+                           "config": to_dict(TrainConfig.of(task="mtl", image_size=32)), "epoch": 1, "step": 1})
     embed(EmbedConfig(source=str(ckpt), shards=shard_dir, out=tmp_path / "feats", split="all", batch_size=64,
                       device="cpu", loader=LoaderConfig(backend="torch", num_workers=0)))
     cfg = load_config(None, {"task": "mtl", "features": tmp_path / "feats", "out": tmp_path / "tmp", "epochs": 1,

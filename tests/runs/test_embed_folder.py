@@ -21,7 +21,7 @@ from affpipe.temporal import features as features_mod
 
 
 def _ckpt(path, seed: int):
-    cfg = TrainConfig(task="mtl", image_size=32)
+    cfg = TrainConfig.of(task="mtl", image_size=32)
     torch.manual_seed(seed)
     save_checkpoint(path, {"model": build_model(ModelConfig()).state_dict(), "config": to_dict(cfg), "epoch": 1, "step": 1})
     return path

@@ -21,7 +21,7 @@ from affpipe.temporal.features import read_table
 def frame_ckpt(tmp_path_factory):
     """A per-frame multi-task checkpoint (random weights) at 32 px."""
     path = tmp_path_factory.mktemp("run") / "best.pt"
-    cfg = TrainConfig(task="mtl", image_size=32)
+    cfg = TrainConfig.of(task="mtl", image_size=32)
     torch.manual_seed(0)
     save_checkpoint(path, {"model": build_model(ModelConfig()).state_dict(), "config": to_dict(cfg), "epoch": 1, "step": 1})
     return path
@@ -81,7 +81,7 @@ def test_embed_imagenet_offline_names_the_cache_file(shard_dir, tmp_path, monkey
 
 
 def _temporal_cfg(feats, out, **kw):
-    return TrainConfig(task="mtl", features=feats, out=out, epochs=2, batch_size=4, lr=1e-3, device="cpu",
+    return TrainConfig.of(task="mtl", features=feats, out=out, epochs=2, batch_size=4, lr=1e-3, device="cpu",
                        log_every=2, temporal=TemporalConfig(window=8, stride=4, hidden=16, layers=2), **kw)
 
 
@@ -89,7 +89,7 @@ def _temporal_cfg(feats, out, **kw):
 def test_temporal_run_folder_like_a_per_frame_run(feats, tmp_path, arch):
     from dataclasses import replace
 
-    from affpipe.temporal.train import train_temporal
+    from affpipe.runs.train import train as train_temporal
 
     cfg = _temporal_cfg(feats, tmp_path / "run")
     cfg = replace(cfg, temporal=replace(cfg.temporal, arch=arch))
@@ -107,12 +107,11 @@ def test_temporal_run_folder_like_a_per_frame_run(feats, tmp_path, arch):
 
 
 def test_evaluate_predict_and_smoothing_on_a_temporal_run(feats, tmp_path):
-    from affpipe.temporal.train import train_temporal
-
     from affpipe.runs import EvalConfig, PredictConfig, RunInputs, evaluate, open_run, predict
+    from affpipe.runs.train import train as train_temporal
 
     run = train_temporal(_temporal_cfg(feats, tmp_path / "run"))
-    assert open_run(RunInputs(run=run)).kind == "temporal"
+    assert open_run(RunInputs(run=run)).kind.name == "temporal"
     plain = evaluate(EvalConfig(run=run, write=False))
     best = json.loads((run / "eval.json").read_text())
     for key in ("va_ccc", "expr_f1", "au_f1"):  # evaluate reproduces the trainer's validation pass

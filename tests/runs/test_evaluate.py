@@ -20,7 +20,7 @@ TINY = {"task": "mtl", "epochs": 1, "image_size": 32, "batch_size": 16, "max_ste
 
 @pytest.fixture(scope="module")
 def run(shard_dir, tmp_path_factory) -> Path:
-    from affpipe.train.loop import train
+    from affpipe.runs.train import train
 
     return train(load_config(None, {**TINY, "shards": shard_dir, "out": tmp_path_factory.mktemp("ev") / "mtl"}))
 

@@ -43,11 +43,10 @@ def _lineage(run: Path, index: Path, *, shards: Path | None = None, features: Pa
 def world(index_dir, tmp_path_factory) -> Path:
     """world/{index, shards, feats, runs/frame, runs/temporal}: a per-frame MTL run, its features,
     and a temporal head on them, each recording what it was made from."""
-    from affpipe.temporal.train import train_temporal
-
     from affpipe.runs.embed import EmbedConfig, embed
+    from affpipe.runs.train import train
+    from affpipe.runs.train import train as train_temporal
     from affpipe.shards.write import ShardConfig, write_shards
-    from affpipe.train.loop import train
 
     w = tmp_path_factory.mktemp("one_path") / "world"
     shutil.copytree(index_dir, w / "index")
@@ -56,7 +55,7 @@ def world(index_dir, tmp_path_factory) -> Path:
     _lineage(frame, w / "index", shards=w / "shards")
     embed(EmbedConfig(source=str(frame / "best.pt"), shards=w / "shards", out=w / "feats", batch_size=64,
                       device="cpu", loader=LoaderConfig(backend="torch", num_workers=0)))
-    temporal = train_temporal(TrainConfig(task="mtl", features=w / "feats", out=w / "runs" / "temporal", epochs=1,
+    temporal = train_temporal(TrainConfig.of(task="mtl", features=w / "feats", out=w / "runs" / "temporal", epochs=1,
                                           batch_size=4, device="cpu", temporal=TemporalConfig(window=8, stride=4,
                                                                                               hidden=16, layers=1)))
     _lineage(temporal, w / "index", features=w / "feats")

@@ -27,7 +27,7 @@ TINY = {"epochs": 1, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 
 
 @pytest.fixture(scope="module")
 def mtl_ckpt(shard_dir, tmp_path_factory) -> Path:
-    from affpipe.train.loop import train
+    from affpipe.runs.train import train
 
     out = tmp_path_factory.mktemp("pred") / "mtl"
     return train(load_config(None, {**TINY, "task": "mtl", "shards": shard_dir, "out": out})) / "best.pt"
@@ -95,7 +95,7 @@ def test_single_and_mtl_formats(mtl_ckpt, shard_dir, tmp_path):
 
 
 def test_mtl_format_needs_all_heads(shard_dir, tmp_path):
-    from affpipe.train.loop import train
+    from affpipe.runs.train import train
     run = train(load_config(None, {**TINY, "task": "va", "max_steps_per_epoch": 1, "shards": shard_dir,
                                    "out": tmp_path / "va"}))
     with pytest.raises(ValueError, match="multi-task"):

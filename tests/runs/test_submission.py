@@ -21,9 +21,9 @@ TESTSET = "6th ABAW Annotations/TestSet"
 def release(tmp_path_factory) -> dict:
     """An ABAW6 twin with 3 test videos and its test files, indexed, sharded (all), a tiny MTL run."""
     from affpipe.index.build import IndexConfig, build_index
+    from affpipe.runs.train import train
     from affpipe.shards.write import ShardConfig, write_shards
     from affpipe.synth.generate import SynthConfig, generate
-    from affpipe.train.loop import train
 
     base = tmp_path_factory.mktemp("release")
     generate(SynthConfig(out=base / "tree", layout="abaw6", videos=6, frames=40, seed=3, mtl=True, test_videos=3))

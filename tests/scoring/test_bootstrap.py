@@ -154,7 +154,7 @@ def test_evaluation_writes_intervals_and_predictions(tmp_path):
 
     a, videos = _fixture()
     acc = MetricAccumulator.from_state(("va", "expr", "au"), a)
-    result = report_evaluation(acc, len(videos), TrainConfig(task="mtl"), tmp_path / "best.pt", {}, "val",
+    result = report_evaluation(acc, len(videos), TrainConfig.of(task="mtl"), tmp_path / "best.pt", {}, "val",
                                tune_au_thresholds=True, videos=videos)
     saved = json.loads((tmp_path / "eval.json").read_text())
     for key in ("va_ccc", "valence_ccc", "arousal_ccc", "expr_f1", "au_f1", "p_mtl"):

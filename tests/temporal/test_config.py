@@ -9,7 +9,7 @@ def test_temporal_recipe_needs_features_and_round_trips(tmp_path):
     with pytest.raises(ValueError, match="needs a feature table"):
         load_config(recipe)
     cfg = load_config(recipe, {"features": str(tmp_path / "f"), "out": str(tmp_path / "run")})
-    assert cfg.is_temporal and cfg.temporal.arch == "transformer" and cfg.temporal.window == 16
+    assert (cfg.kind == "temporal") and cfg.data.temporal.arch == "transformer" and cfg.data.temporal.window == 16
     assert from_dict(to_dict(cfg)) == cfg
 
 
@@ -38,4 +38,4 @@ def test_shards_with_features_is_refused_naming_the_flag(tmp_path):
     with pytest.raises(ValueError, match="^--shards: .*feature table"):
         load_config(None, {"task": "va", "shards": str(tmp_path), "features": str(tmp_path)})
     cfg = load_config(None, {"task": "va", "features": str(tmp_path), "temporal.window": 8})
-    assert cfg.is_temporal and cfg.shards is None
+    assert (cfg.kind == "temporal") and not hasattr(cfg.data, "shards")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,10 +161,10 @@ def test_recipe_temporal_features_list(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text('task = "mtl"\nmodel = "temporal"\n[temporal]\narch = "tcn"\nfeatures = ["feats/a", "feats/b"]\n')
     cfg = load_config(recipe, {})
-    assert [str(p) for p in cfg.feature_tables] == ["feats/a", "feats/b"] and cfg.temporal.arch == "tcn"
+    assert [str(p) for p in cfg.data.features] == ["feats/a", "feats/b"] and cfg.data.temporal.arch == "tcn"
     one = tmp_path / "one.toml"
     one.write_text('task = "mtl"\nfeatures = "feats/a"\n')
-    assert load_config(one, {}).features == load_config(one, {}).feature_tables[0]
+    assert load_config(one, {}).data.features == (load_config(one, {}).data.features[0],)
     both = tmp_path / "both.toml"
     both.write_text('task = "mtl"\nfeatures = "feats/a"\n[temporal]\nfeatures = ["feats/b"]\n')
     with pytest.raises(ValueError, match="given twice"):
@@ -171,10 +172,9 @@ def test_recipe_temporal_features_list(tmp_path):
 
 
 def test_pipelines_fused_recipe_loads():
-    from pathlib import Path
 
     from affpipe.run.config import from_dict, load_config, to_dict
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "pipelines" / "mtl_fused_tcn.toml", {"out": "x"})
-    assert cfg.is_temporal and [p.name for p in cfg.feature_tables] == ["uni_au", "mtl"] and cfg.logging.tensorboard
+    assert (cfg.kind == "temporal") and [p.name for p in cfg.data.features] == ["uni_au", "mtl"] and cfg.logging.tensorboard
     assert from_dict(to_dict(cfg)) == cfg

@@ -26,12 +26,12 @@ def _embed(ckpt, shard_dir, out):
 def feats(shard_dir, tmp_path_factory):
     """Frame features of a per-frame multi-task checkpoint whose heads fit the validation split
     (least squares on its features): the state a temporal run starts from is very good there."""
-    from affpipe.temporal.train import TemporalData
+    from affpipe.temporal.data import TemporalData
 
     first = tmp_path_factory.mktemp("run") / "random.pt"
     torch.manual_seed(0)
     state = build_model(ModelConfig()).state_dict()
-    config = to_dict(TrainConfig(task="mtl", image_size=32))
+    config = to_dict(TrainConfig.of(task="mtl", image_size=32))
     save_checkpoint(first, {"model": state, "config": config, "epoch": 1, "step": 1})
     data = TemporalData.open(_embed(first, shard_dir, tmp_path_factory.mktemp("f0")))
     rows = data.table.rows_of("val")
@@ -50,9 +50,9 @@ def feats(shard_dir, tmp_path_factory):
 
 
 def _run(feats, out, lr: float, epochs: int = 2):
-    from affpipe.temporal.train import train_temporal
+    from affpipe.runs.train import train as train_temporal
 
-    cfg = TrainConfig(task="mtl", features=feats, out=out, epochs=epochs, batch_size=4, lr=lr, device="cpu",
+    cfg = TrainConfig.of(task="mtl", features=feats, out=out, epochs=epochs, batch_size=4, lr=lr, device="cpu",
                       optimizer="adamw", weight_decay=0.0, log_every=2,
                       temporal=TemporalConfig(window=8, stride=4, hidden=16, layers=2, dropout=0.0, input_dropout=0.0))
     return train_temporal(cfg)

@@ -7,12 +7,12 @@ import json
 from dataclasses import replace
 
 import pytest
-from affpipe.temporal.train import train_temporal
 
 from affpipe.bench.temporal import make_random_table
 from affpipe.run.checkpoint import load_checkpoint, read_metrics
 from affpipe.run.config import TemporalConfig, TrainConfig
 from affpipe.run.data import lineage_of_run
+from affpipe.runs.train import train as train_temporal
 from affpipe.train import loop
 
 
@@ -22,7 +22,7 @@ def feats(tmp_path_factory):
 
 
 def _cfg(feats, out, **kw) -> TrainConfig:
-    return TrainConfig(task="mtl", features=feats, out=out, epochs=2, batch_size=4, device="cpu", lr=1e-3,
+    return TrainConfig.of(task="mtl", features=feats, out=out, epochs=2, batch_size=4, device="cpu", lr=1e-3,
                        ckpt_every=2, log_every=1, max_steps_per_epoch=4, seed=0,
                        temporal=TemporalConfig(window=8, stride=4, hidden=16, layers=2), **kw)
 

@@ -23,7 +23,8 @@ TINY = {"task": "mtl", "epochs": 1, "image_size": 32, "batch_size": 16, "max_ste
 
 
 def test_nonfinite_loss_stops_the_run_naming_the_step(shard_dir, tmp_path):
-    from affpipe.train.loop import TrainingDiverged, train
+    from affpipe.runs.train import train
+    from affpipe.train.loop import TrainingDiverged
 
     run = tmp_path / "run"
     cfg = load_config(None, {**TINY, "shards": shard_dir, "out": run, "lr": 1e30, "ckpt_every": 1,
@@ -70,7 +71,7 @@ def _predict(run, shards, out, fmt, **kw):
 
 @pytest.fixture(scope="module")
 def mtl_run(shard_dir, tmp_path_factory) -> Path:
-    from affpipe.train.loop import train
+    from affpipe.runs.train import train
 
     return train(load_config(None, {**TINY, "shards": shard_dir, "out": tmp_path_factory.mktemp("i12") / "mtl"}))
 
@@ -93,8 +94,8 @@ def test_predict_refuses_a_video_name_that_leaves_out(mtl_run, shard_dir, tmp_pa
 
 
 def test_train_and_predict_after_moving_shards_and_index(mtl_run, shard_dir, tmp_path):
+    from affpipe.runs.train import train
     from affpipe.shards import ShardConfig, manifest_index, write_shards
-    from affpipe.train.loop import train
 
     data = tmp_path / "data"
     shutil.copytree(manifest_index(shard_dir), data / "index")

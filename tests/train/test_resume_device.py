@@ -83,7 +83,7 @@ def test_kill_free_resume_on_cuda(shard_dir, tmp_path):
     """A run trained on the GPU continues from its last.pt on the GPU (RNG states included)."""
     from affpipe.run.checkpoint import load_checkpoint
     from affpipe.run.config import load_config
-    from affpipe.train.loop import train
+    from affpipe.runs.train import train
 
     base = {"task": "mtl", "shards": shard_dir, "out": tmp_path / "run", "image_size": 32, "batch_size": 16,
             "max_steps_per_epoch": 3, "max_val_steps": 2, "loader.num_workers": 1, "loader.backend": "torch",

@@ -34,7 +34,7 @@ def _train_steps(run: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def tiny_run(shard_dir, tmp_path_factory) -> Path:
-    from affpipe.train.loop import train
+    from affpipe.runs.train import train
 
     out = tmp_path_factory.mktemp("train") / "mtl"
     return train(_tiny_cfg(shard_dir, out, ckpt_every=2))
@@ -66,7 +66,7 @@ def test_run_folder(tiny_run):
 
 
 def test_refuses_existing_run_and_changed_config(tiny_run, shard_dir):
-    from affpipe.train.loop import train
+    from affpipe.runs.train import train
 
     with pytest.raises(FileExistsError, match="--resume"):
         train(_tiny_cfg(shard_dir, tiny_run))
@@ -77,7 +77,7 @@ def test_refuses_existing_run_and_changed_config(tiny_run, shard_dir):
 def test_resume_extends_epochs(tiny_run, shard_dir, tmp_path):
     import shutil
 
-    from affpipe.train.loop import train
+    from affpipe.runs.train import train
 
     run = tmp_path / "more"
     shutil.copytree(tiny_run, run)  # a moved run folder resumes too (out may differ)
@@ -161,9 +161,9 @@ def test_torchrun_two_process_gloo(shard_dir, tmp_path):
 def test_short_cpu_mtl_run_learns_every_head(tmp_path):
     """The demo recipe beats chance on every head of a demo-size twin (~3 minutes on 2 cores)."""
     from affpipe.index.build import IndexConfig, build_index
+    from affpipe.runs.train import train
     from affpipe.shards.write import ShardConfig, write_shards
     from affpipe.synth.generate import SynthConfig, generate
-    from affpipe.train.loop import train
 
     generate(SynthConfig(out=tmp_path / "tree", videos=24, frames=300, seed=0))
     build_index(IndexConfig(root=tmp_path / "tree", out=tmp_path / "index"))

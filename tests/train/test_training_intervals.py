@@ -16,7 +16,7 @@ TINY = {"batch_size": 8, "image_size": 32, "lr": 1e-3, "device": "cpu", "log_eve
 
 
 def test_training_eval_json_has_intervals_and_predictions(shard_dir, tmp_path):
-    from affpipe.train.loop import train
+    from affpipe.runs.train import train
 
     run = train(load_config(None, {"task": "mtl", "shards": shard_dir, "out": tmp_path / "r", "epochs": 1, **TINY}))
     ev = json.loads((run / "eval.json").read_text())
