@@ -212,18 +212,13 @@ def load_run(path: Path) -> RunSummary:
 
 
 def expand_runs(paths: Sequence[Path]) -> list[Path]:
-    """Run folders from the arguments: a folder without ``config.json`` stands for its sub-runs;
-    folders a failed try left with no evaluation are skipped (and said)."""
+    """Run folders from the arguments: a folder without ``config.json`` stands for its sub-runs."""
     found: list[Path] = []
     for p in map(Path, paths):
         if RunFolder(p).has_config() or not p.is_dir():
             found.append(p)
-            continue
-        for child in sorted(c for c in p.iterdir() if c.is_dir() and RunFolder(c).has_config()):
-            if RunFolder(child).has_eval():
-                found.append(child)
-            else:
-                log.warning("%s: no evaluation yet (a run that stopped early?); left out of the report", child)
+        else:
+            found.extend(sorted(c for c in p.iterdir() if c.is_dir() and RunFolder(c).has_config()))
     return found
 
 
