@@ -81,3 +81,45 @@ def shard_dir(index_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "tiny"
     write_shards(ShardConfig(index=index_dir, out=out, split="all", samples_per_shard=100, workers=1, seed=0))
     return out
+
+
+# ---- trained artifacts, built once per test session (the cost budget) ------------------------
+# A per-frame MTL run on ``shard_dir``, a feature table embedded from it and a temporal head on
+# that table: tiny images, two steps, the torch loader in-process. Tests that only read use them
+# as they are; tests that write into a run folder take a copy (``copy_world``).
+
+from support import TINY_RUN, TINY_TEMPORAL  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained_world(index_dir, tmp_path_factory) -> Path:
+    """``world/{index, shards, feats, runs/frame, runs/temporal}``, each recording what it was
+    made from (paths relative to it, so a copy of the whole world works as the original)."""
+    import shutil
+
+    from affpipe.loaders import LoaderConfig
+    from affpipe.run.config import TrainConfig, load_config
+    from affpipe.run.folder import RunFolder
+    from affpipe.runs.embed import EmbedConfig, embed
+    from affpipe.runs.train import train
+    from affpipe.shards.write import ShardConfig, write_shards
+
+    w = tmp_path_factory.mktemp("trained") / "world"
+    shutil.copytree(index_dir, w / "index")
+    write_shards(ShardConfig(index=w / "index", out=w / "shards", split="all", samples_per_shard=100, workers=1))
+    frame = train(load_config(None, {**TINY_RUN, "shards": w / "shards", "out": w / "runs" / "frame"}))
+    embed(EmbedConfig(source=str(RunFolder(frame).best), shards=w / "shards", out=w / "feats", batch_size=64,
+                      device="cpu", loader=LoaderConfig(backend="torch", num_workers=0)))
+    train(TrainConfig.of(task="mtl", features=w / "feats", out=w / "runs" / "temporal", epochs=1, batch_size=4,
+                         device="cpu", temporal=TINY_TEMPORAL))
+    return w
+
+
+@pytest.fixture()
+def copy_world(trained_world, tmp_path) -> Path:
+    """A private copy of ``trained_world`` (for tests that write into a run or move data)."""
+    import shutil
+
+    dst = tmp_path / "world"
+    shutil.copytree(trained_world, dst, symlinks=True)
+    return dst

@@ -142,3 +142,10 @@ def make_index(root: Path, videos: int = 6, frames: int = 30, seed: int = 0) -> 
     meta = {"schema_version": 1, "image_roots": [str(p.resolve()) for p in roots], "layouts": {}, "counts": {}}
     (index / "index.json").write_text(json.dumps(meta))
     return index
+
+
+# The session's trained artifacts (``conftest.trained_world``): tiny images, two steps, the torch
+# loader in-process.
+TINY_RUN = {"task": "mtl", "epochs": 1, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2,
+            "loader.num_workers": 0, "loader.backend": "torch", "device": "cpu", "log_every": 1}
+TINY_TEMPORAL = {"window": 8, "stride": 4, "hidden": 16, "layers": 1}

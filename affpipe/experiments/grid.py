@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 DEFAULT_GRID = Path(__file__).resolve().parent / "recipes" / "grid.toml"
 SCALES = ("synthetic", "full")
 NEEDS = ("imagenet",)
-_RUN_KEYS = {"name", "recipe", "overrides", "after", "init_from", "needs", "question", "features_from", "smooth",
-             "synthetic_overrides"}
 # What `affpipe experiments` writes into its folder: the data it prepares, the runs, the report.
 OWNER = Owner("experiments", ("data/*", "runs/*", "experiments.json", "report.md", "report.json", "*.png"))
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -106,52 +104,75 @@ def _where(text: str, source: Path, name: str | None) -> str:
     return str(source)
 
 
+@dataclass(frozen=True)
+class GridRunEntry:
+    """One ``[[run]]`` table of ``grid.toml`` as written (checked by the typed config loader)."""
+
+    name: str
+    recipe: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    after: tuple[str, ...] = ()
+    init_from: str | None = None
+    needs: tuple[str, ...] = ()
+    question: str = ""
+    features_from: str | None = None
+    smooth: bool = False
+    synthetic_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GridFile:
+    """``grid.toml`` as written: ``[synthetic]`` (the twin's SynthConfig fields, ``overrides``)
+    and the ``[[run]]`` tables."""
+
+    synthetic: dict[str, Any] = field(default_factory=dict)
+    run: tuple[GridRunEntry, ...] = ()
+
+
 def load_grid(path: Path = DEFAULT_GRID) -> Grid:
-    """Parse and check a grid file: known keys, unique names, recipes exist, dependencies earlier."""
+    """Parse and check a grid file through the recipes' typed loader (unknown keys and wrong
+    types with file:line), then: unique names, recipes exist, dependencies earlier."""
+    from affpipe.run.config import build_typed
+
     path = Path(path)
     text = path.read_text()
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: not valid TOML: {exc}") from exc
-    unknown = set(data) - {"synthetic", "run"}
-    if unknown:
-        raise ValueError(f"{path}: unknown top-level key(s) {sorted(unknown)}; known: synthetic, run")
-    synthetic = dict(data.get("synthetic", {}))
+    for i, entry in enumerate(data.get("run", []) if isinstance(data.get("run"), list) else []):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(f"{_where(text, path, name)}: run #{i + 1} needs a name of letters, digits, _ . - "
+                             f"(got {name!r})")
+    spec = build_typed(GridFile, data, str(path), text)
+    synthetic = dict(spec.synthetic)
     overrides = synthetic.pop("overrides", {})
     runs: list[GridRun] = []
     seen: set[str] = set()
-    for i, entry in enumerate(data.get("run", [])):
-        name = entry.get("name")
+    for entry in spec.run:
+        name = entry.name
         where = _where(text, path, name)
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise ValueError(f"{where}: run #{i + 1} needs a name of letters, digits, _ . - (got {name!r})")
         if name in seen:
             raise ValueError(f"{where}: run name {name!r} appears twice")
-        bad = set(entry) - _RUN_KEYS
-        if bad:
-            raise ValueError(f"{where}: run {name!r}: unknown key(s) {sorted(bad)}; known: {sorted(_RUN_KEYS)}")
-        if "recipe" not in entry:
-            raise ValueError(f"{where}: run {name!r} has no recipe")
-        recipe = (path.parent / entry["recipe"]).resolve()
+        recipe = (path.parent / entry.recipe).resolve()
         if not recipe.is_file():
             raise ValueError(f"{where}: run {name!r}: recipe {recipe} does not exist")
-        init_from = entry.get("init_from")
-        features_from = entry.get("features_from")
-        after = tuple(entry.get("after", ()))
+        init_from = entry.init_from
+        features_from = entry.features_from
+        after = tuple(entry.after)
         for source in (init_from, features_from):
             if source and source not in after:
                 after = (*after, source)
         for dep in after:
             if dep not in seen:
                 raise ValueError(f"{where}: run {name!r} depends on {dep!r}, which is not a run listed before it")
-        needs = tuple(entry.get("needs", ()))
+        needs = tuple(entry.needs)
         if set(needs) - set(NEEDS):
             raise ValueError(f"{where}: run {name!r}: needs must be among {NEEDS}, got {list(needs)}")
-        runs.append(GridRun(name=name, recipe=recipe, overrides=_flat(entry.get("overrides", {})), after=after, init_from=init_from, needs=needs,
-                            question=str(entry.get("question", "")), features_from=features_from,
-                            smooth=bool(entry.get("smooth", False)),
-                            synthetic_overrides=_flat(entry.get("synthetic_overrides", {}))))
+        runs.append(GridRun(name=name, recipe=recipe, overrides=_flat(entry.overrides), after=after,
+                            init_from=init_from, needs=needs, question=entry.question, features_from=features_from,
+                            smooth=entry.smooth, synthetic_overrides=_flat(entry.synthetic_overrides)))
         seen.add(name)
     if not runs:
         raise ValueError(f"{path}: no [[run]] entries")

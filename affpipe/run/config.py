@@ -395,7 +395,7 @@ def _line_of(text: str | None, key: str) -> str:
     if not text:
         return ""
     for lineno, line in enumerate(text.splitlines(), 1):
-        if re.match(rf"\s*\"?{re.escape(key)}\"?\s*[=:]", line):
+        if re.match(rf"\s*\"?{re.escape(key)}\"?\s*[=:]", line) or re.match(rf"\s*\[\[?{re.escape(key)}\]", line):
             return f":{lineno}"
     return ""
 
@@ -422,12 +422,22 @@ def _build(cls: type, data: Mapping[str, Any], source: str, prefix: str, text: s
             kwargs[name] = value  # built already (a run's data, by _build_train)
         elif dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, source, f"{prefix}{name}.", text)
+        elif typing.get_origin(hint) is tuple and dataclasses.is_dataclass(item := typing.get_args(hint)[0]):
+            if not isinstance(value, list | tuple):  # an array of tables ([[run]])
+                raise ValueError(f"{where} must be an array of tables ([[{prefix + name}]])")
+            kwargs[name] = tuple(_build(item, v, source, f"{prefix}{name}.", text) for v in value)
         else:
             kwargs[name] = _coerce(value, hint, where)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{source}: {prefix.rstrip('.') or 'config'}: {exc}") from exc
+
+
+def build_typed(cls: type, data: Mapping[str, Any], source: str, text: str | None = None) -> Any:
+    """The typed loader every config file goes through (recipes, ``grid.toml``): a frozen
+    dataclass from parsed TOML/JSON, unknown keys and wrong types refused with ``file:line``."""
+    return _build(cls, data, source, "", text)
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

@@ -74,12 +74,14 @@ def test_every_recipe_loads_with_the_run_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("body, message", [
-    ('[[run]]\nname = "a"\nrecipe = "r.toml"\nfoo = 1\n', "grid.toml:2: run 'a': unknown key(s) ['foo']"),
+    ('[[run]]\nname = "a"\nrecipe = "r.toml"\nfoo = 1\n', "grid.toml:4: unknown key 'run.foo'; known keys in [run]"),
+    ('[[run]]\nname = "a"\nrecipe = "r.toml"\nsmooth = 3\n', "grid.toml:4: run.smooth must be true or false, got 3"),
+    ('[[run]]\nname = "a"\nrecipe = "r.toml"\nafter = "b"\n', "grid.toml:4: run.after must be a list"),
     ('[[run]]\nname = "a"\nrecipe = "r.toml"\nafter = ["b"]\n', "grid.toml:2: run 'a' depends on 'b'"),
     ('[[run]]\nname = "a"\nrecipe = "missing.toml"\n', "recipe"),
     ('[[run]]\nname = "a"\nrecipe = "r.toml"\n[[run]]\nname = "a"\nrecipe = "r.toml"\n', "appears twice"),
     ('[[run]]\nname = "a"\nrecipe = "r.toml"\nneeds = ["gpu"]\n', "needs must be among"),
-    ('[other]\n', "unknown top-level key"),
+    ('[other]\n', "grid.toml:1: unknown key 'other'; known keys: run, synthetic"),
 ])
 def test_grid_errors_name_the_file_and_line(tmp_path, body, message):
     (tmp_path / "r.toml").write_text('task = "va"\n')
