@@ -268,11 +268,12 @@ def small_sample_warning(few: Mapping[str, int]) -> str:
 
 
 def interval_bounds(stats: VideoStats, weights: np.ndarray, level: float = DEFAULT_LEVEL,
-                    how: str = iv.DEFAULT_METHOD) -> dict[str, np.ndarray]:
-    """``{metric: [2, ...] bounds}`` of every metric of ``stats`` over the resamples ``weights [B, V]``
-    by ``how`` (``intervals.METHODS``)."""
+                    how: str = iv.DEFAULT_METHOD, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """``{metric: [2, ...] bounds}`` of every metric of ``stats`` (or those of ``keys``) over the
+    resamples ``weights [B, V]`` by ``how`` (``intervals.METHODS``)."""
     def fn(w: np.ndarray) -> dict[str, np.ndarray]:
-        return metrics_from_stats(stats, w)
+        out = metrics_from_stats(stats, w)
+        return out if keys is None else {k: out[k] for k in keys if k in out}
 
     n = len(stats.videos)
     boot, point = fn(weights), fn(np.ones((1, n)))
@@ -296,12 +297,18 @@ def bootstrap_ci(stats: VideoStats, *, resamples: int = DEFAULT_RESAMPLES, seed:
 
 def bootstrap_result(arrays: Mapping[str, np.ndarray], videos: Sequence[str] | np.ndarray, *,
                      au_thresholds: Sequence[float] | None = None, resamples: int = DEFAULT_RESAMPLES,
-                     seed: int = 0, level: float = DEFAULT_LEVEL) -> dict[str, Any]:
-    """Intervals for an evaluation: ``bootstrap_ci(video_stats(arrays, videos))``; with
-    ``au_thresholds`` also ``tuned_ci`` for the AU metrics at those thresholds."""
-    out = bootstrap_ci(video_stats(arrays, videos), resamples=resamples, seed=seed, level=level)
+                     seed: int = 0, level: float = DEFAULT_LEVEL, how: str = iv.DEFAULT_METHOD) -> dict[str, Any]:
+    """Intervals for an evaluation: ``bootstrap_ci(video_stats(arrays, videos))`` and the classes /
+    AUs without a label (``unlabelled``); with ``au_thresholds`` also ``tuned_ci`` for the AU
+    metrics at those thresholds."""
+    stats = video_stats(arrays, videos)
+    out = bootstrap_ci(stats, resamples=resamples, seed=seed, level=level, how=how)
+    unlabelled = unlabelled_items(stats)
+    if unlabelled:  # shown n/a, with whether the macro counts them (eval.md)
+        out["unlabelled"] = unlabelled
     if au_thresholds is not None and "au_prob" in arrays:
-        tuned = bootstrap_ci(video_stats(arrays, videos, au_thresholds), resamples=resamples, seed=seed, level=level)
+        tuned = bootstrap_ci(video_stats(arrays, videos, au_thresholds), resamples=resamples, seed=seed, level=level,
+                             how=how)
         out["tuned_ci"] = {k: v for k, v in tuned["ci"].items() if k in ("au_f1", "au_f1_per_au", "p_mtl")}
     return out
 
