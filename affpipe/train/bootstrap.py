@@ -344,15 +344,24 @@ def same_videos(stats: Sequence[VideoStats]) -> None:
 
 def paired(a: Sequence[VideoStats] | VideoStats, b: Sequence[VideoStats] | VideoStats, *,
            resamples: int = DEFAULT_RESAMPLES, seed: int = 0, level: float = DEFAULT_LEVEL) -> dict[str, dict[str, Any]]:
-    """Paired bootstrap of ``metric(a) − metric(b)`` over the same resampled videos, per shared
-    scalar metric (``difference``). ``a`` and ``b`` may each be several runs on the same split
-    (e.g. seeds): their metrics are averaged per resample before the difference."""
+    """Paired bootstrap of ``metric(a) − metric(b)`` over the same resampled recordings, per shared
+    scalar metric (``difference``, with its bootstrap ``p``). ``a`` and ``b`` may each be several
+    runs on the same split (seeds of a recipe): the seeds are resampled too (``intervals.two_level``),
+    so the interval carries seed-to-seed variation rather than conditioning on the seeds drawn."""
     a = [a] if isinstance(a, VideoStats) else list(a)
     b = [b] if isinstance(b, VideoStats) else list(b)
     same_videos([*a, *b])
     w = point_and_resamples(len(a[0].videos), resamples, seed)
-    ra, rb = side_metrics(a, w), side_metrics(b, w)
-    return {k: difference(ra[k], rb[k], level) for k in SCALAR_METRICS if k in ra and k in rb}
+    ra, rb = [metrics_from_stats(s, w) for s in a], [metrics_from_stats(s, w) for s in b]
+    out = {}
+    for k in SCALAR_METRICS:
+        if all(k in r for r in (*ra, *rb)):
+            d = iv.two_level([r[k] for r in ra], [r[k] for r in rb], seed=seed)
+            zero = np.zeros_like(d)
+            zero[0] = 0.0
+            out[k] = {**difference(d, zero, level), "p": iv.p_value(d[1:]),
+                      "a": float(np.mean([r[k][0] for r in ra])), "b": float(np.mean([r[k][0] for r in rb]))}
+    return out
 
 
 def fmt_ci(value: float | None, bounds: Sequence[float] | None, *, signed: bool = False, digits: int = 3) -> str:
