@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -85,29 +86,36 @@ class Resampler:
                  strict: bool = False) -> None:
         self.stats: dict[tuple[str, str], bs.VideoStats] = {}
         self.notes: list[str] = []
-        refs: dict[str, tuple[str, str]] = {}  # "rows" and each label array → (first file, digest)
+        loaded = []  # (run, file, digests of rows and labels, statistics)
         for r in runs:
             for variant in VARIANT_LABEL:
                 path = r.predictions(variant)
-                if path is None:
-                    continue
-                arrays, videos = bs.load_predictions(path)
-                digests = {"rows": _digest(arrays["row_id"], videos.astype(str)),
-                           **{k: _digest(v) for k, v in arrays.items() if k.endswith(("_target", "_mask"))}}
-                where = f"{r.name}/{path.name}"
-                bad = [k for k, d in digests.items() if k in refs and refs[k][1] != d]
-                if not bad:  # only a run that is kept sets the reference others are checked against
-                    for k, d in digests.items():
-                        refs.setdefault(k, (where, d))
-                if bad:
-                    what = "row ids or videos" if "rows" in bad else "labels"
-                    other = refs[bad[0]][0]
-                    if strict:
-                        raise ValueError(f"{r.path / path.name} and {other} were not evaluated on the same split ({what} "
-                                         "differ); paired comparisons need runs evaluated on the same validation split")
-                    self.notes.append(f"`{r.name}` left out of the paired comparisons: {what} differ from `{other}`")
-                    break
-                self.stats[(r.name, variant)] = bs.video_stats(arrays, videos)
+                if path is not None:
+                    arrays, videos = bs.load_predictions(path)
+                    digests = {"rows": _digest(arrays["row_id"], videos.astype(str)),
+                               **{k: _digest(v) for k, v in arrays.items() if k.endswith(("_target", "_mask"))}}
+                    loaded.append((r, variant, path, digests, bs.video_stats(arrays, videos)))
+        # The split most runs were scored on is the reference, whatever the argument order; only a
+        # run that is kept sets the fingerprints the others are checked against.
+        share = Counter(d["rows"] for *_, d, _ in loaded)
+        refs: dict[str, tuple[str, str]] = {}  # "rows" and each label array → (first kept file, digest)
+        left_out: set[str] = set()
+        for r, variant, path, digests, st in sorted(loaded, key=lambda x: -share[x[3]["rows"]]):
+            if r.name in left_out:
+                continue
+            bad = [k for k, d in digests.items() if k in refs and refs[k][1] != d]
+            if bad:
+                what = "row ids or videos" if "rows" in bad else "labels"
+                other = refs[bad[0]][0]
+                if strict:
+                    raise ValueError(f"{r.path / path.name} and {other} were not evaluated on the same split ({what} "
+                                     "differ); paired comparisons need runs evaluated on the same validation split")
+                self.notes.append(f"`{r.name}` left out of the paired comparisons: {what} differ from `{other}`")
+                left_out.add(r.name)
+                continue
+            for k, d in digests.items():
+                refs.setdefault(k, (f"{r.name}/{path.name}", d))
+            self.stats[(r.name, variant)] = st
         first = next(iter(self.stats.values()), None)
         self.videos = 0 if first is None else len(first.videos)
         self.per_task: dict[str, dict[str, int]] = {}  # the same split and labels: the same counts
