@@ -20,7 +20,7 @@ def test_training_eval_json_has_intervals_and_predictions(shard_dir, tmp_path):
 
     run = train(load_config(None, {"task": "mtl", "shards": shard_dir, "out": tmp_path / "r", "epochs": 1, **TINY}))
     ev = json.loads((run / "eval.json").read_text())
-    assert ev["ci_method"]["unit"] == "video" and ev["ci_method"]["videos"] >= 2
+    assert ev["ci_method"]["unit"] == "recording" and ev["ci_method"]["videos"] >= 2
     for key in ("va_ccc", "valence_ccc", "arousal_ccc", "expr_f1", "au_f1", "p_mtl"):
         assert len(ev["ci"][key]) == 2, key
     # The kept predictions are the validation pass's: the same metrics and intervals recomputed.
