@@ -27,7 +27,9 @@ def test_training_eval_json_has_intervals_and_predictions(shard_dir, tmp_path):
     arrays, videos = bs.load_predictions(run / ev["predictions"])
     again = bs.bootstrap_result(arrays, videos)
     assert again["ci"] == ev["ci"]
-    point = bs.metrics_from_stats(bs.video_stats(arrays, videos), bs.point_and_resamples(len(set(videos)), 1)[:1])
+    stats = bs.video_stats(arrays, videos)  # the twin's _left/_right subjects: one recording each pair
+    assert len(stats.videos) == len(set(bs.recording_of(videos).tolist())) <= len(set(videos))
+    point = bs.metrics_from_stats(stats, bs.point_and_resamples(len(stats.videos), 1)[:1])
     assert point["p_mtl"][0] == pytest.approx(ev["p_mtl"])
     assert "[" in (run / "eval.md").read_text().split("| P_MTL")[1].splitlines()[0]
     # best.pt's record holds them too (a resumed run writes the same intervals).
