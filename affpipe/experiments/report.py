@@ -180,6 +180,10 @@ def _videos(ev: dict) -> str:
     return " · ".join(f"{t.upper()} {c['videos']}" for t, c in per.items()) or "—"
 
 
+def _unlabelled(ev: dict) -> set[str]:
+    return {x for groups in (ev.get("unlabelled") or {}).values() for v in groups.values() for x in v}
+
+
 def _per_item_table(runs: Sequence[Run], key: str, names: Sequence[str], title: str) -> list[str]:
     have = [r for r in runs if isinstance(r.eval.get(key), dict)]
     if not have:
@@ -187,7 +191,10 @@ def _per_item_table(runs: Sequence[Run], key: str, names: Sequence[str], title: 
     rows = []
     for name in names:
         vals = [r.eval[key].get(name) for r in have]
-        vals = [float(v) if isinstance(v, int | float) and math.isfinite(v) else None for v in vals]
+        # A class / AU without a validation label is n/a, not a 0 that looks like a score (eval.md says
+        # whether the macro counts it).
+        vals = [float(v) if isinstance(v, int | float) and math.isfinite(v) and name not in _unlabelled(r.eval) else None
+                for v, r in zip(vals, have, strict=True)]
         best = max((v for v in vals if v is not None), default=None)
         # Bold marks a winner: not when every run ties (e.g. a class no run ever predicts).
         unique = sum(v == best for v in vals) < len(have)

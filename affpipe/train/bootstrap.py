@@ -318,14 +318,6 @@ def point_and_resamples(n_videos: int, resamples: int = DEFAULT_RESAMPLES, seed:
     return np.vstack([np.ones((1, n_videos)), resample_weights(n_videos, resamples, seed)])
 
 
-def side_metrics(runs: Sequence[VideoStats], weights: np.ndarray) -> dict[str, np.ndarray]:
-    """The scalar metrics every run of ``runs`` has, averaged over the runs (e.g. seeds of one
-    cell), for each row of ``weights``."""
-    per = [metrics_from_stats(s, weights) for s in runs]
-    keys = set.intersection(*(set(p) for p in per)) & set(SCALAR_METRICS)
-    return {k: np.mean(np.stack([p[k] for p in per]), 0) for k in keys}
-
-
 def difference(a: np.ndarray, b: np.ndarray, level: float = DEFAULT_LEVEL) -> dict[str, Any]:
     """``a − b`` of two ``[1 + B]`` metric arrays over the same weights (row 0: the full split):
     ``{"a", "b", "diff", "ci": [lo, hi] | None, "excludes_zero"}``."""
