@@ -21,6 +21,7 @@ from affpipe.experiments.compare import (
     MAIN_METRICS,
     Resampler,
     best_uni,
+    compare,
     group_cells,
     seeds_of,
     sentence,
@@ -44,8 +45,8 @@ from affpipe.experiments.runs import (
 from affpipe.io import atomic_write_text
 from affpipe.labels import AU_NAMES, EXPR_CLASSES
 from affpipe.outdir import Owner, claim
-from affpipe.scoring.bootstrap import difference as bs_difference
 from affpipe.scoring.bootstrap import fmt_ci
+from affpipe.scoring.intervals import multiplicity, multiplicity_line
 
 log = logging.getLogger(__name__)
 
@@ -132,30 +133,55 @@ def _variants(cells, rs: Resampler, question: str, title: str, intro: str) -> li
     return _question(title, intro, header, body, rows, cells, rs, title)
 
 
+def _multiplicity(cells, rs: Resampler) -> list[str]:
+    """The report-wide count: every interval of every question, Holm-adjusted together."""
+    rows = [dict(r) for r in (*uni_vs_mtl_rows(cells, rs), *temporal_rows(cells, rs), *variant_rows(cells, rs, "init"),
+                              *variant_rows(cells, rs, "loss")) if not r.get("optimistic")]
+    line = multiplicity_line(multiplicity(rows))
+    if not line:
+        return []
+    return ["## Multiplicity", "", line.replace("Multiplicity: ", "Over the whole report: ") + " Each question's "
+            "sentence adjusts over its own table; a difference that holds only there is weaker than one that holds "
+            "here.", ""]
+
+
 def _seeds(cells) -> list[str]:
     if seeds_of(cells) < 2:
         return []
     header = ["cell", "seeds", *(METRIC_LABEL[m] for m in MAIN_METRICS)]
     body = [[f"`{c.name}`", str(len(c.runs)), *(spread(c, m) for m in MAIN_METRICS)] for c in cells]
     return ["## Seeds", "", "Each cell's validation metrics over its seeds: mean ± standard deviation across seeds "
-            "(the seed moves initialization, shard order, augmentation and dropout). The comparisons above pool "
-            "the seeds: a cell is the mean of its seeds in every resample.", "", *md_table(header, body)]
+            "(the seed moves initialization, shard order, augmentation and dropout). The comparisons above resample "
+            "the seeds as well as the recordings (two levels), so this spread is inside their intervals.", "",
+            *md_table(header, body)]
 
 
 def _metrics_table(runs: Sequence[RunSummary]) -> list[str]:
     metrics = ("va_ccc", "valence_ccc", "arousal_ccc", "expr_f1", "au_f1", "p_mtl")
-    header = ["run", "kind", *(METRIC_LABEL[m] for m in metrics), "epochs", "wall time (s)"]
+    header = ["run", "kind", *(METRIC_LABEL[m] for m in metrics), "videos with labels", "epochs", "wall time (s)"]
     rows = []
     for r in runs:
         conv = convergence(r.curve, r.score_metric)
         ci = r.eval.get("ci") or {}
-        rows.append([f"`{r.name}`", r.kind.label(),
+        start = " (best is the start: no step improved)" if r.kind.temporal and r.eval.get(
+            "best_is_start", r.eval.get("step") == 0) else ""
+        rows.append([f"`{r.name}`{start}", r.kind.label(),
                      *(fmt_ci(r.eval[m], ci.get(m)) if isinstance(r.eval.get(m), float | int) else "—" for m in metrics),
-                     str(conv["total_epochs"] or r.config.get("epochs", "—")),
+                     _videos(r.eval), str(conv["total_epochs"] or r.config.get("epochs", "—")),
                      fmt(conv["total_wall_time"]).rsplit(".", 1)[0] if conv["total_wall_time"] is not None else "—"])
     return ["## Every run", "", "Validation metrics of each run's best checkpoint (`best.pt`, selected on the run's "
             "validation score), from its `eval.json`, with 95% intervals by bootstrap over validation videos "
             "where the evaluation kept them.", "", *md_table(header, rows, left=2)]
+
+
+def _videos(ev: dict) -> str:
+    """``VA 9 · EXPR 7 · AU 6`` from an evaluation's ``ci_method`` (— for older evaluations)."""
+    per = (ev.get("ci_method") or {}).get("per_task") or {}
+    return " · ".join(f"{t.upper()} {c['videos']}" for t, c in per.items()) or "—"
+
+
+def _unlabelled(ev: dict) -> set[str]:
+    return {x for groups in (ev.get("unlabelled") or {}).values() for v in groups.values() for x in v}
 
 
 def _per_item_table(runs: Sequence[RunSummary], key: str, names: Sequence[str], title: str) -> list[str]:
@@ -165,7 +191,10 @@ def _per_item_table(runs: Sequence[RunSummary], key: str, names: Sequence[str], 
     rows = []
     for name in names:
         vals = [r.eval[key].get(name) for r in have]
-        vals = [float(v) if isinstance(v, int | float) and math.isfinite(v) else None for v in vals]
+        # A class / AU without a validation label is n/a, not a 0 that looks like a score (eval.md says
+        # whether the macro counts it).
+        vals = [float(v) if isinstance(v, int | float) and math.isfinite(v) and name not in _unlabelled(r.eval) else None
+                for v, r in zip(vals, have, strict=True)]
         best = max((v for v in vals if v is not None), default=None)
         # Bold marks a winner: not when every run ties (e.g. a class no run ever predicts).
         unique = sum(v == best for v in vals) < len(have)
@@ -304,6 +333,7 @@ def write_report(cfg: ReportConfig) -> Path:
                        "differs from it only in that setting (CCC loss, class-weighted EXPR, pos-weighted AU, fixed "
                        "task weights); Δ = variant − reference.")
     lines += _seeds(cells)
+    lines += _multiplicity(cells, rs)
     lines += _metrics_table(runs)
     lines += _per_item_table(runs, "expr_f1_per_class", EXPR_CLASSES, "EXPR F1 per class")
     lines += _per_item_table(runs, "au_f1_per_au", AU_NAMES, "AU F1 per action unit")
@@ -338,22 +368,30 @@ def report_folder(cfg: ReportConfig) -> Path:
 
 
 def paired_lines(run_a: Path, run_b: Path, *, resamples: int = 2000, seed: int = 0) -> list[str]:
-    """``affpipe report RUN_A RUN_B``: the paired difference A − B of every metric both report,
-    with its 95% interval over the same resampled videos; an error when they cannot be paired."""
+    """``affpipe report RUN_A RUN_B``: the paired difference of every metric both report, with its 95%
+    interval over the same resampled recordings; an error when they cannot be paired. A multi-task
+    run and a uni-task run are shown as multi-task − uni-task whatever the argument order, as
+    report.md does, with the same interval (the same resamples)."""
     a, b = load_run(run_a), load_run(run_b)
     for r in (a, b):
         if r.predictions() is None:
             raise ValueError(f"{r.path}: its evaluation kept no predictions (eval_predictions.npz); "
                              f"run `affpipe evaluate {r.path}` first")
+    if b.kind.mtl and not a.kind.mtl:
+        a, b = b, a
     rs = Resampler([a, b], resamples=resamples, seed=seed, strict=True)
     side_a, side_b = rs.side([a]), rs.side([b])
     shared = [m for m in ("va_ccc", "valence_ccc", "arousal_ccc", "expr_f1", "au_f1", "p_mtl")
               if m in side_a and m in side_b]
     if not shared:
         raise ValueError(f"{a.path} ({a.kind.task}) and {b.path} ({b.kind.task}) share no metric")
-    lines = [f"{a.name} − {b.name}, {rs.method()}:"]
-    for m in shared:
-        d = bs_difference(side_a[m], side_b[m])
+    order = " (multi-task − uni-task, as in report.md)" if a.kind.mtl and not b.kind.mtl else ""
+    lines = [f"{a.name} − {b.name}{order}, {rs.method()}:"]
+    rows = [{"metric": m, **compare(side_a, side_b, m, a.eval.get(m), b.eval.get(m), seed=rs.seed)} for m in shared]
+    counts = multiplicity(rows)
+    for d in rows:
         verdict = "excludes 0" if d["excludes_zero"] else "includes 0"
-        lines.append(f"  {METRIC_LABEL[m]:12s} {fmt(d['a'])} vs {fmt(d['b'])}: {_diff(d)} ({verdict})")
+        held = "" if not d["excludes_zero"] else ", holds after Holm" if d.get("holds") else ", not after Holm"
+        lines.append(f"  {METRIC_LABEL[d['metric']]:12s} {fmt(d['a'])} vs {fmt(d['b'])}: {_diff(d)} ({verdict}{held})")
+    lines.append("  " + multiplicity_line(counts) + " One seed per run: this model vs that model, not a recipe effect.")
     return lines

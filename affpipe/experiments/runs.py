@@ -16,14 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from affpipe.run.config import SCORE_KEY
 from affpipe.run.checkpoint import read_metrics
+from affpipe.run.config import SCORE_KEY
 from affpipe.run.folder import RunFolder, eval_stem
 
 log = logging.getLogger(__name__)
 
 # The score each kind of run is selected and judged by.
-TASK_METRIC = SCORE_KEY  # the validation score of each task (train.config owns it)
+TASK_METRIC = SCORE_KEY  # the validation score of each task (run.config owns it)
 METRIC_LABEL = {
     "va_ccc": "VA CCC", "valence_ccc": "Valence CCC", "arousal_ccc": "Arousal CCC",
     "expr_f1": "EXPR F1", "au_f1": "AU F1", "p_mtl": "P_MTL",
@@ -203,7 +203,7 @@ def load_run(path: Path) -> RunSummary:
         if not need.exists():
             raise ValueError(f"{need}: missing — not a finished run folder")
     config = files.read_config()
-    smoothed = eval_stem("smoothed")
+    smoothed = eval_stem(smoothed=True)
     return RunSummary(
         name=files.path.name, path=files.path, kind=run_label(config), config=config,
         eval=files.read_eval(), curve=read_curve(files.metrics),

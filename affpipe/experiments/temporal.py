@@ -75,7 +75,7 @@ def smoothed_eval(run_dir: Path) -> dict[str, Any]:
     from affpipe.runs.open import RunInputs, open_run
 
     files = RunFolder(run_dir)
-    if files.has_eval(eval_stem("smoothed")):
-        return files.read_eval(eval_stem("smoothed"))
+    if files.has_eval(eval_stem(smoothed=True)):
+        return files.read_eval(eval_stem(smoothed=True))
     evaluate_cell(run_dir)
     return smoothed_evaluation(open_run(RunInputs(run=Path(run_dir))), TUNE_FOLDS)

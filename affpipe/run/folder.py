@@ -68,9 +68,12 @@ RUN_FILES: tuple[RunFile, ...] = (
 RUN_OWNER = Owner("train", tuple(f.pattern for f in RUN_FILES))
 
 
-def eval_stem(variant: str | None = None) -> str:
-    """The stem of an evaluation's files: ``eval`` or ``eval_<variant>``."""
-    return EVAL_STEM if not variant else f"{EVAL_STEM}_{variant}"
+def eval_stem(split: str = "val", *, smoothed: bool = False, cross_validated: bool = False) -> str:
+    """The stem of an evaluation's files: ``eval``, ``eval_<split>``, ``+ _smoothed`` (``+ _cv``):
+    each variant has files of its own, so a smoothed (or other-split) evaluation never replaces
+    the raw figures of ``eval.json``/``eval.md``."""
+    stem = EVAL_STEM if split == "val" else f"{EVAL_STEM}_{split}"
+    return stem + ("_smoothed" if smoothed else "") + ("_cv" if cross_validated else "")
 
 
 def predictions_name(stem: str = EVAL_STEM) -> str:

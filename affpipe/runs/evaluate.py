@@ -82,7 +82,7 @@ def collect(run: Run, split: str, *, device: str = "auto", batch_size: int | Non
 
 
 def apply_smoothing(run: Run, c: Collected, split: str, *, smooth: bool, tune_smoothing: bool,
-                    write: bool, tune_folds: int | None = None) -> dict[str, Any]:
+                    write: bool) -> dict[str, Any]:
     """Smooth ``c.acc`` in place (windows tuned on ``split``, or those of ``smoothing.json``);
     returns the result's ``smoothing`` entry (windows, where they were tuned, unsmoothed scores), or {}."""
     from affpipe.io import jsonable
@@ -94,9 +94,6 @@ def apply_smoothing(run: Run, c: Collected, split: str, *, smooth: bool, tune_sm
     if tune_smoothing:
         windows, scores = sm.tune(c.acc, c.video, c.frame, au_thresholds=run.au_thresholds())
         info.update(tuned_on=split, scores=scores)
-        if tune_folds:  # the honest figure: windows tuned on other videos than those scored
-            info["cross_validated"] = sm.cross_validated_result(c.acc, c.video, c.frame, tune_folds,
-                                                                au_thresholds=run.au_thresholds())
         if write:
             sm.save_windows(run.folder, windows, split=split, checkpoint=run.ckpt.name, scores=scores)
     else:
@@ -106,6 +103,35 @@ def apply_smoothing(run: Run, c: Collected, split: str, *, smooth: bool, tune_sm
     c.acc = sm.smooth(c.acc, c.video, c.frame, windows)
     info["windows"] = {t: w for t, w in windows.items() if t in run.cfg.heads}
     return {"smoothing": jsonable(info)}
+
+
+def thresholds_tuned_on(run: Run) -> str | None:
+    """The split the run folder's ``au_thresholds.json`` was tuned on (None: no such file)."""
+    import json
+
+    from affpipe.train.evaluate import THRESHOLDS_FILE
+
+    path = run.folder / THRESHOLDS_FILE
+    try:
+        return str(json.loads(path.read_text()).get("split")) if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def nested_cross_validated(run: Run, c: Collected, raw: MetricAccumulator, smoothing: dict[str, Any] | None,
+                           cfg: EvalConfig) -> dict[str, Any]:
+    """The ``cross_validated`` entry: every step tuned on ``cfg.split`` (smoothing windows, AU
+    thresholds, whether tuned now or read from a file tuned on this split) is tuned again on the
+    other folds' recordings only; steps tuned elsewhere are applied as they are."""
+    from affpipe.temporal import smoothing as sm
+
+    file_thr_here = thresholds_tuned_on(run) == cfg.split
+    tune_thr = "au" in run.cfg.heads and (cfg.tune_au_thresholds or file_thr_here)
+    tune_win = bool(smoothing) and smoothing.get("tuned_on") == cfg.split
+    base = raw if tune_win or not smoothing else c.acc  # windows tuned elsewhere: applied as they are
+    fixed = None if tune_thr else run.au_thresholds()
+    return sm.cross_validated_result(base, c.video, c.frame, cfg.tune_folds, au_thresholds=fixed,
+                                     smoothing=tune_win, tune_thresholds=tune_thr)
 
 
 @contextlib.contextmanager
@@ -148,16 +174,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     with guard:
         c = collect(run, cfg.split, device=cfg.device, batch_size=cfg.batch_size, loader=cfg.loader,
                     max_steps=cfg.max_steps)
+        raw = c.acc
         extra = apply_smoothing(run, c, cfg.split, smooth=cfg.smooth, tune_smoothing=cfg.tune_smoothing,
-                                write=cfg.write, tune_folds=cfg.tune_folds)
-        if cfg.tune_folds and cfg.tune_au_thresholds:
-            from affpipe.scoring.bootstrap import cross_validated_au
-
-            extra["cross_validated"] = cross_validated_au(c.acc, c.video, cfg.tune_folds)
+                                write=cfg.write)
+        if cfg.tune_folds:
+            cv = nested_cross_validated(run, c, raw, extra.get("smoothing"), cfg)
+            (extra["smoothing"] if "smoothing" in extra else extra)["cross_validated"] = cv
         extra["skipped"] = c.skipped  # bad samples skipped (--on-bad skip), by reason
         return report_evaluation(c.acc, c.frames, run.cfg, run.ckpt, run.state, cfg.split,
                                  tune_au_thresholds=cfg.tune_au_thresholds, write=cfg.write, extra=extra,
-                                 videos=c.video)
+                                 videos=c.video, start_is_candidate=run.kind.start_is_candidate)
 
 
 def smoothed_evaluation(run: Run, folds: int) -> dict[str, Any]:
@@ -170,7 +196,7 @@ def smoothed_evaluation(run: Run, folds: int) -> dict[str, Any]:
     from affpipe.train.evaluate import report_evaluation, write_eval
 
     files = run.files
-    stem, cv_stem = eval_stem("smoothed"), eval_stem("smoothed_cv")
+    stem, cv_stem = eval_stem(smoothed=True), eval_stem(smoothed=True, cross_validated=True)
     arrays, _ = load_predictions(files.predictions())
     acc = MetricAccumulator.from_state(run.cfg.heads, arrays)
     video, frame = run.frames_of(arrays["row_id"])
@@ -178,7 +204,8 @@ def smoothed_evaluation(run: Run, folds: int) -> dict[str, Any]:
     with run_folder_for_writing(run.folder):
         cv = tune_cross_validated(c.acc, video, frame, folds)
         extra = apply_smoothing(run, c, "val", smooth=False, tune_smoothing=True, write=True)
-        result = report_evaluation(c.acc, c.frames, run.cfg, run.ckpt, run.state, "val", write=False, extra=extra)
+        result = report_evaluation(c.acc, c.frames, run.cfg, run.ckpt, run.state, "val", write=False, extra=extra,
+                                   start_is_candidate=run.kind.start_is_candidate)
         result.update(evaluation_intervals(c.acc, video, files.predictions(stem)))
         result["note"] = "smoothing windows tuned on this split (val): optimistic, as tuned AU thresholds are"
         keys = ("va_ccc", "valence_ccc", "arousal_ccc", "expr_f1", "au_f1", "p_mtl")

@@ -12,9 +12,13 @@ matrix product ``weights [B, V] @ stats [V, K]``:
   annotates is NaN and stays out of the macro mean, as in ``metrics.au_f1``);
 - P_MTL: the sum of the three, per resample.
 
-The cost is one pass over the frames (``np.add.at``-free: ``np.bincount`` per column) plus a
-``[B, V] @ [V, K]`` product; BENCHMARKS.md gives the figure at Aff-Wild2's size. Intervals are
-percentile intervals of the resampled metric; the point value stays the full-split metric.
+The resampling unit is the *recording*: the ``_left`` and ``_right`` subjects of one two-subject
+video share its frames, scene and annotator, so they are drawn (and cross-validation folds are
+dealt) together (``recording_of``). The cost is one pass over the frames (``np.bincount`` per
+column) plus a ``[B, V] @ [V, K]`` product; BENCHMARKS.md gives the figure at Aff-Wild2's size.
+The interval method (percentile, BCa, studentized) is chosen in ``scoring.intervals`` from the
+coverage measured by ``affpipe.bench.coverage``; the point value stays the full-split metric, and
+every interval states how many videos (and recordings) of each task it rests on.
 A paired comparison applies the same weights to two runs' statistics (same videos, same labels),
 so the interval of the difference accounts for the videos both runs are scored on.
 """
@@ -34,11 +38,13 @@ import numpy as np
 
 from affpipe.io import atomic_write_bytes
 from affpipe.labels import AU_NAMES, EXPR_CLASSES, NUM_AU, NUM_EXPR
+from affpipe.scoring import intervals as iv
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_LEVEL = 0.95
+SUBJECT_SUFFIXES = ("_left", "_right")
 SCALAR_METRICS = ("va_ccc", "valence_ccc", "arousal_ccc", "expr_f1", "au_f1", "p_mtl")
 PER_ITEM = {"expr_f1_per_class": EXPR_CLASSES, "au_f1_per_au": AU_NAMES}
 
@@ -49,13 +55,16 @@ class VideoStats:
 
     ``videos`` [V] names (sorted); ``va`` [V, 2, 6] (per dimension: n, Σx, Σy, Σx², Σy², Σxy;
     x = prediction, y = label); ``expr`` [V, 3, 8] (TP, FP, FN per class); ``au`` [V, 4, 12]
-    (TP, FP, FN, annotated per AU). A task the run lacks is None.
+    (TP, FP, FN, annotated per AU). A task the run lacks is None. With ``unit="recording"`` the
+    rows are recordings (``recording_of``) and ``labelled`` counts, per task, the videos and
+    recordings with at least one valid label.
     """
 
     videos: np.ndarray
     va: np.ndarray | None = None
     expr: np.ndarray | None = None
     au: np.ndarray | None = None
+    labelled: dict | None = None
 
     def tasks(self) -> tuple[str, ...]:
         return tuple(t for t in ("va", "expr", "au") if getattr(self, t) is not None)
@@ -67,13 +76,24 @@ def _sum_by(codes: np.ndarray, n: int, columns: np.ndarray) -> np.ndarray:
     return np.stack([np.bincount(codes, weights=columns[:, j], minlength=n) for j in range(columns.shape[1])], 1)
 
 
+def recording_of(videos: Sequence[str] | np.ndarray) -> np.ndarray:
+    """The recording of each video name: ``<name>_left`` and ``<name>_right`` are one recording."""
+    names, codes = np.unique(np.asarray(videos).astype(str), return_inverse=True)
+    base = np.array([n[: -len(sx)] if (sx := next((x for x in SUBJECT_SUFFIXES if n.endswith(x)), "")) else n
+                     for n in names.tolist()], dtype=str)
+    return base[codes.reshape(-1)] if len(names) else np.asarray(videos).astype(str)
+
+
 def video_stats(arrays: Mapping[str, np.ndarray], videos: Sequence[str] | np.ndarray,
-                au_thresholds: Sequence[float] | None = None) -> VideoStats:
-    """The per-video statistics of a ``MetricAccumulator.state()`` (or arrays with the same keys:
+                au_thresholds: Sequence[float] | None = None, *, unit: str = "recording") -> VideoStats:
+    """The per-recording statistics of a ``MetricAccumulator.state()`` (or arrays with the same keys:
     ``va_pred``/``va_target``/``va_mask``, ``expr_pred``/``expr_target``/``expr_mask``,
-    ``au_prob``/``au_target``/``au_mask``); ``videos`` names each row's video, in row order."""
+    ``au_prob``/``au_target``/``au_mask``); ``videos`` names each row's video, in row order.
+    ``unit="video"`` keeps the two subjects of a recording apart (not independent: tests only)."""
     video = np.asarray(videos)
-    names, codes = np.unique(video, return_inverse=True)
+    if unit not in ("recording", "video"):
+        raise ValueError(f"bootstrap unit must be 'recording' or 'video', got {unit!r}")
+    names, codes = np.unique(recording_of(video) if unit == "recording" else video, return_inverse=True)
     codes = codes.astype(np.int64).reshape(-1)
     n = len(names)
     rows = len(codes)
@@ -106,7 +126,35 @@ def video_stats(arrays: Mapping[str, np.ndarray], videos: Sequence[str] | np.nda
         t = (np.asarray(arrays["au_target"]) > 0.5) & m
         out["au"] = np.stack([_sum_by(codes, n, p & t), _sum_by(codes, n, p & ~t), _sum_by(codes, n, ~p & t),
                               _sum_by(codes, n, m)], 1)
-    return VideoStats(videos=names, **out)
+    return VideoStats(videos=names, labelled=_labelled(arrays, video, codes), **out)
+
+
+def _labelled(arrays: Mapping[str, np.ndarray], video: np.ndarray, codes: np.ndarray) -> dict[str, dict[str, int]]:
+    """Per task: the videos and resampling units with at least one valid label."""
+    out = {}
+    for task, key in (("va", "va_mask"), ("expr", "expr_mask"), ("au", "au_mask")):
+        if key in arrays:
+            m = np.asarray(arrays[key], bool)
+            m = m.any(1) if m.ndim == 2 else m
+            out[task] = {"videos": int(len(np.unique(video[m]))), "units": int(len(np.unique(codes[m])))}
+    return out
+
+
+def unlabelled_items(stats: VideoStats) -> dict[str, dict[str, list[str]]]:
+    """Classes / AUs without a label on the whole split: ``{"expr": {"no_label": [...]},
+    "au": {"not_annotated": [...], "no_positive": [...]}}`` (only the non-empty lists)."""
+    out: dict[str, dict[str, list[str]]] = {}
+    if stats.expr is not None:
+        true = stats.expr[:, 0].sum(0) + stats.expr[:, 2].sum(0)  # TP + FN = labelled frames per class
+        if (true == 0).any():
+            out["expr"] = {"no_label": [c for c, t in zip(EXPR_CLASSES, true, strict=True) if t == 0]}
+    if stats.au is not None:
+        ann, pos = stats.au[:, 3].sum(0), stats.au[:, 0].sum(0) + stats.au[:, 2].sum(0)
+        au = {"not_annotated": [a for a, n in zip(AU_NAMES, ann, strict=True) if n == 0],
+              "no_positive": [a for a, n, p in zip(AU_NAMES, ann, pos, strict=True) if n > 0 and p == 0]}
+        if any(au.values()):
+            out["au"] = {k: v for k, v in au.items() if v}
+    return out
 
 
 def _check_rows(key: str, value: Any, rows: int) -> None:
@@ -180,49 +228,87 @@ def _interval(values: np.ndarray, level: float) -> np.ndarray:
         return np.nanpercentile(values, q, axis=0)
 
 
-def _pack(values: Mapping[str, np.ndarray], level: float) -> dict[str, Any]:
-    """``{metric: [lo, hi]}``; per-item metrics as ``{name: [lo, hi]}`` (None for NaN bounds)."""
+def _pack(bounds: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """``{metric: [lo, hi]}`` from ``[2, ...]`` bounds; per-item metrics as ``{name: [lo, hi]}`` (None for NaN)."""
     out: dict[str, Any] = {}
-    for key, v in values.items():
-        iv = _interval(v, level)
+    for key, b in bounds.items():
         if key in PER_ITEM:
-            out[key] = {name: _bounds(iv[:, j]) for j, name in enumerate(PER_ITEM[key])}
+            out[key] = {name: _bounds(b[:, j]) for j, name in enumerate(PER_ITEM[key])}
         else:
-            out[key] = _bounds(iv)
+            out[key] = _bounds(b)
     return out
 
 
-def _bounds(iv: np.ndarray) -> list[float | None] | None:
-    lo, hi = (float(x) for x in iv)
+def _bounds(iv_: np.ndarray) -> list[float | None] | None:
+    lo, hi = (float(x) for x in iv_)
     return None if np.isnan(lo) or np.isnan(hi) else [lo, hi]
 
 
-def method(n_videos: int, resamples: int, seed: int, level: float) -> dict[str, Any]:
-    """The ``ci_method`` record stored beside the intervals."""
-    return {"unit": "video", "videos": int(n_videos), "resamples": int(resamples), "seed": int(seed),
-            "level": level, "interval": "percentile"}
+def method(n_videos: int, resamples: int, seed: int, level: float, *, interval: str = "percentile",
+           stats: VideoStats | None = None) -> dict[str, Any]:
+    """The ``ci_method`` record stored beside the intervals: the unit, how many videos and
+    recordings each task rests on, and a warning for each task below ``intervals.MIN_RECORDINGS``."""
+    out: dict[str, Any] = {"unit": "recording", "videos": int(n_videos), "resamples": int(resamples),
+                           "seed": int(seed), "level": level, "interval": interval}
+    if stats is not None and stats.labelled:
+        out["recordings"] = int(len(stats.videos))
+        out["videos"] = max(t["videos"] for t in stats.labelled.values())
+        out["per_task"] = stats.labelled
+        few = {t: c["units"] for t, c in stats.labelled.items() if c["units"] < iv.MIN_RECORDINGS}
+        if few:
+            out["warning"] = small_sample_warning(few)
+    return out
+
+
+def small_sample_warning(few: Mapping[str, int]) -> str:
+    """The sentence shown under an interval resting on fewer recordings than coverage was shown for."""
+    what = ", ".join(f"{t.upper()} {n}" for t, n in few.items())
+    return (f"few recordings ({what}): below {iv.MIN_RECORDINGS} the nominal 95% intervals covered clearly less "
+            "than 95% in the coverage simulation (BENCHMARKS.md); read them as too narrow")
+
+
+def interval_bounds(stats: VideoStats, weights: np.ndarray, level: float = DEFAULT_LEVEL,
+                    how: str = iv.DEFAULT_METHOD, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """``{metric: [2, ...] bounds}`` of every metric of ``stats`` (or those of ``keys``) over the
+    resamples ``weights [B, V]`` by ``how`` (``intervals.METHODS``)."""
+    def fn(w: np.ndarray) -> dict[str, np.ndarray]:
+        out = metrics_from_stats(stats, w)
+        return out if keys is None else {k: out[k] for k in keys if k in out}
+
+    n = len(stats.videos)
+    boot, point = fn(weights), fn(np.ones((1, n)))
+    jack = fn(iv.jackknife_weights(n)) if how != "percentile" else {}
+    se = iv.resample_se(fn, weights) if how == "studentized" else {}
+    return {k: iv.ci_bounds(point[k][0], v, level, how, jack=jack.get(k), boot_se=se.get(k)) for k, v in boot.items()}
 
 
 def bootstrap_ci(stats: VideoStats, *, resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
-                 level: float = DEFAULT_LEVEL) -> dict[str, Any]:
+                 level: float = DEFAULT_LEVEL, how: str = iv.DEFAULT_METHOD) -> dict[str, Any]:
     """``{"ci": {metric: [lo, hi], ...}, "ci_method": {...}}`` for every metric ``stats`` supports
-    (no intervals from a single video: resampling one unit shows no variation, not certainty)."""
-    if len(stats.videos) < 2:
-        return {"ci": {}, "ci_method": {**method(len(stats.videos), 0, seed, level),
-                                        "note": "a single video: no interval by bootstrap over videos"}}
-    w = resample_weights(len(stats.videos), resamples, seed)
-    return {"ci": _pack(metrics_from_stats(stats, w), level),
-            "ci_method": method(len(stats.videos), resamples, seed, level)}
+    (no intervals from a single recording: resampling one unit shows no variation, not certainty)."""
+    n = len(stats.videos)
+    if n < 2:
+        return {"ci": {}, "ci_method": {**method(n, 0, seed, level, stats=stats),
+                                        "note": "a single recording: no interval by bootstrap over recordings"}}
+    w = resample_weights(n, resamples, seed)
+    return {"ci": _pack(interval_bounds(stats, w, level, how)),
+            "ci_method": method(n, resamples, seed, level, interval=how, stats=stats)}
 
 
 def bootstrap_result(arrays: Mapping[str, np.ndarray], videos: Sequence[str] | np.ndarray, *,
                      au_thresholds: Sequence[float] | None = None, resamples: int = DEFAULT_RESAMPLES,
-                     seed: int = 0, level: float = DEFAULT_LEVEL) -> dict[str, Any]:
-    """Intervals for an evaluation: ``bootstrap_ci(video_stats(arrays, videos))``; with
-    ``au_thresholds`` also ``tuned_ci`` for the AU metrics at those thresholds."""
-    out = bootstrap_ci(video_stats(arrays, videos), resamples=resamples, seed=seed, level=level)
+                     seed: int = 0, level: float = DEFAULT_LEVEL, how: str = iv.DEFAULT_METHOD) -> dict[str, Any]:
+    """Intervals for an evaluation: ``bootstrap_ci(video_stats(arrays, videos))`` and the classes /
+    AUs without a label (``unlabelled``); with ``au_thresholds`` also ``tuned_ci`` for the AU
+    metrics at those thresholds."""
+    stats = video_stats(arrays, videos)
+    out = bootstrap_ci(stats, resamples=resamples, seed=seed, level=level, how=how)
+    unlabelled = unlabelled_items(stats)
+    if unlabelled:  # shown n/a, with whether the macro counts them (eval.md)
+        out["unlabelled"] = unlabelled
     if au_thresholds is not None and "au_prob" in arrays:
-        tuned = bootstrap_ci(video_stats(arrays, videos, au_thresholds), resamples=resamples, seed=seed, level=level)
+        tuned = bootstrap_ci(video_stats(arrays, videos, au_thresholds), resamples=resamples, seed=seed, level=level,
+                             how=how)
         out["tuned_ci"] = {k: v for k, v in tuned["ci"].items() if k in ("au_f1", "au_f1_per_au", "p_mtl")}
     return out
 
@@ -230,14 +316,6 @@ def bootstrap_result(arrays: Mapping[str, np.ndarray], videos: Sequence[str] | n
 def point_and_resamples(n_videos: int, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> np.ndarray:
     """``[1 + resamples, n_videos]``: a row of ones (the full split) above ``resample_weights``."""
     return np.vstack([np.ones((1, n_videos)), resample_weights(n_videos, resamples, seed)])
-
-
-def side_metrics(runs: Sequence[VideoStats], weights: np.ndarray) -> dict[str, np.ndarray]:
-    """The scalar metrics every run of ``runs`` has, averaged over the runs (e.g. seeds of one
-    cell), for each row of ``weights``."""
-    per = [metrics_from_stats(s, weights) for s in runs]
-    keys = set.intersection(*(set(p) for p in per)) & set(SCALAR_METRICS)
-    return {k: np.mean(np.stack([p[k] for p in per]), 0) for k in keys}
 
 
 def difference(a: np.ndarray, b: np.ndarray, level: float = DEFAULT_LEVEL) -> dict[str, Any]:
@@ -258,15 +336,24 @@ def same_videos(stats: Sequence[VideoStats]) -> None:
 
 def paired(a: Sequence[VideoStats] | VideoStats, b: Sequence[VideoStats] | VideoStats, *,
            resamples: int = DEFAULT_RESAMPLES, seed: int = 0, level: float = DEFAULT_LEVEL) -> dict[str, dict[str, Any]]:
-    """Paired bootstrap of ``metric(a) − metric(b)`` over the same resampled videos, per shared
-    scalar metric (``difference``). ``a`` and ``b`` may each be several runs on the same split
-    (e.g. seeds): their metrics are averaged per resample before the difference."""
+    """Paired bootstrap of ``metric(a) − metric(b)`` over the same resampled recordings, per shared
+    scalar metric (``difference``, with its bootstrap ``p``). ``a`` and ``b`` may each be several
+    runs on the same split (seeds of a recipe): the seeds are resampled too (``intervals.two_level``),
+    so the interval carries seed-to-seed variation rather than conditioning on the seeds drawn."""
     a = [a] if isinstance(a, VideoStats) else list(a)
     b = [b] if isinstance(b, VideoStats) else list(b)
     same_videos([*a, *b])
     w = point_and_resamples(len(a[0].videos), resamples, seed)
-    ra, rb = side_metrics(a, w), side_metrics(b, w)
-    return {k: difference(ra[k], rb[k], level) for k in SCALAR_METRICS if k in ra and k in rb}
+    ra, rb = [metrics_from_stats(s, w) for s in a], [metrics_from_stats(s, w) for s in b]
+    out = {}
+    for k in SCALAR_METRICS:
+        if all(k in r for r in (*ra, *rb)):
+            d = iv.two_level([r[k] for r in ra], [r[k] for r in rb], seed=seed)
+            zero = np.zeros_like(d)
+            zero[0] = 0.0
+            out[k] = {**difference(d, zero, level), "p": iv.p_value(d[1:]),
+                      "a": float(np.mean([r[k][0] for r in ra])), "b": float(np.mean([r[k][0] for r in rb]))}
+    return out
 
 
 def fmt_ci(value: float | None, bounds: Sequence[float] | None, *, signed: bool = False, digits: int = 3) -> str:

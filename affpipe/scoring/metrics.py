@@ -386,14 +386,17 @@ class MetricAccumulator:
 
 
 def video_folds(videos: ArrayLike, folds: int, *, seed: int = 0, n_rows: int | None = None) -> np.ndarray:
-    """The fold (0..folds-1) of each row: videos are shuffled (seeded) and dealt round-robin, so
-    every frame of a video lands in the same fold and fold sizes differ by at most one video."""
+    """The fold (0..folds-1) of each row: recordings are shuffled (seeded) and dealt round-robin, so
+    every frame of a recording lands in the same fold and fold sizes differ by at most one recording."""
     video = np.asarray(videos)
     if n_rows is not None and len(video) != n_rows:
         raise ValueError(f"video_folds: {len(video)} videos given for {n_rows} rows")
-    names, codes = np.unique(video, return_inverse=True)
+    from affpipe.scoring.bootstrap import recording_of
+
+    # The two subjects of a recording (_left/_right) share frames and scene: one fold, never split.
+    names, codes = np.unique(recording_of(video), return_inverse=True)
     if not 2 <= folds <= len(names):
-        raise ValueError(f"--tune-folds must be between 2 and the number of videos ({len(names)}), got {folds}")
+        raise ValueError(f"--tune-folds must be between 2 and the number of recordings ({len(names)}), got {folds}")
     order = np.random.default_rng([seed, 0xF01D]).permutation(len(names))
     fold_of = np.empty(len(names), np.int64)
     fold_of[order] = np.arange(len(names)) % folds

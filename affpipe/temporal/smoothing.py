@@ -90,39 +90,65 @@ def tune(acc: MetricAccumulator, video: np.ndarray, frame: np.ndarray, *, grid: 
 
 def tune_cross_validated(acc: MetricAccumulator, video: np.ndarray, frame: np.ndarray, folds: int = 2, *,
                          seed: int = 0, grid: Sequence[int] = WINDOW_GRID,
-                         au_thresholds: Sequence[float] | None = None) -> dict[str, Any]:
-    """Smoothing scored by cross-validation over videos: per fold, windows tuned on the other
-    folds' videos smooth this fold's videos; the held-out predictions of all folds are scored
-    together. ``scores`` (``acc.compute`` of the held-out predictions at ``au_thresholds``),
-    ``folds``, ``fold_windows`` and ``acc`` (the held-out smoothed accumulator)."""
+                         au_thresholds: Sequence[float] | None = None, smoothing: bool = True,
+                         tune_thresholds: bool = False) -> dict[str, Any]:
+    """Nested cross-validation over recordings of every tuned step: per fold, on the other folds'
+    recordings only, (with ``tune_thresholds``) AU thresholds are tuned on the raw predictions,
+    (with ``smoothing``) windows are tuned at those thresholds, and the thresholds are tuned again
+    on the smoothed predictions; the held-out fold is smoothed with those windows and binarized
+    with those thresholds. Nothing tuned on a held-out recording ever touches its own score.
+    ``au_thresholds`` are fixed thresholds (not tuned on this split) used when ``tune_thresholds``
+    is off. The held-out predictions of all folds are scored together: ``scores``, ``folds``,
+    ``fold_windows``, ``fold_thresholds``, ``tuned`` (the steps) and ``acc`` (held-out
+    predictions; AU as 0/1 at 0.5 when thresholds were tuned)."""
     from affpipe.scoring.metrics import video_folds
 
     fold = video_folds(video, folds, seed=seed, n_rows=len(acc))
     state = acc.state()
     new = {SMOOTHED[t]: state[SMOOTHED[t]].astype(np.float32) for t in acc.tasks}
-    per_fold = []
+    has_au = "au" in acc.tasks
+    fixed = np.full(12, 0.5) if au_thresholds is None else np.asarray(au_thresholds, np.float64)
+    per_fold, per_thr = [], []
     for k in range(folds):
-        held = fold == k
-        windows, _ = tune(acc.subset(~held), video[~held], frame[~held], grid=grid, au_thresholds=au_thresholds)
+        held, train = fold == k, fold != k
+        sub, thr = acc.subset(train), fixed
+        if tune_thresholds and has_au:
+            thr = np.asarray(sub.tune_au_thresholds())
+        windows: dict[str, int] = {}
+        if smoothing:
+            windows, _ = tune(sub, video[train], frame[train], grid=grid, au_thresholds=thr)
+            if tune_thresholds and has_au:
+                thr = np.asarray(smooth(sub, video[train], frame[train], windows).tune_au_thresholds())
         for task, w in windows.items():
             new[SMOOTHED[task]][held] = moving_average(state[SMOOTHED[task]][held], video[held], frame[held], w)
+        if tune_thresholds and has_au:
+            new["au_prob"][held] = (new["au_prob"][held] >= thr).astype(np.float32)
         per_fold.append(windows)
+        per_thr.append(np.asarray(thr).tolist())
     out = acc.with_predictions(**new)
-    return {"scores": out.compute(au_thresholds=au_thresholds), "folds": folds, "fold_windows": per_fold, "acc": out}
+    binarized = tune_thresholds and has_au
+    tuned = [x for x, on in (("smoothing", smoothing), ("AU thresholds", binarized)) if on]
+    return {"scores": out.compute(au_thresholds=None if binarized else au_thresholds), "folds": folds,
+            "fold_windows": per_fold, "fold_thresholds": per_thr if has_au else None, "tuned": tuned, "acc": out,
+            "au_thresholds": None if binarized else au_thresholds}
 
 
 def cross_validated_result(acc: MetricAccumulator, video: np.ndarray, frame: np.ndarray, folds: int, *,
-                           au_thresholds: Sequence[float] | None = None, seed: int = 0) -> dict[str, Any]:
-    """The ``cross_validated`` entry of an evaluation with tuned smoothing: the held-out scores of
-    ``tune_cross_validated`` with their 95% intervals over videos."""
+                           au_thresholds: Sequence[float] | None = None, seed: int = 0, smoothing: bool = True,
+                           tune_thresholds: bool = False) -> dict[str, Any]:
+    """The ``cross_validated`` entry of an evaluation with tuned steps: the held-out scores of
+    ``tune_cross_validated`` with their 95% intervals over recordings."""
     from affpipe.io import jsonable
     from affpipe.scoring.bootstrap import bootstrap_ci, video_stats
 
-    cv = tune_cross_validated(acc, video, frame, folds, seed=seed, au_thresholds=au_thresholds)
-    keys = ("va_ccc", "valence_ccc", "arousal_ccc", "expr_f1", "au_f1", "p_mtl")
-    ci = bootstrap_ci(video_stats(cv["acc"].state(), video, au_thresholds), seed=seed)["ci"]
+    cv = tune_cross_validated(acc, video, frame, folds, seed=seed, au_thresholds=au_thresholds, smoothing=smoothing,
+                              tune_thresholds=tune_thresholds)
+    keys = ("va_ccc", "valence_ccc", "arousal_ccc", "expr_f1", "au_f1", "au_f1_per_au", "p_mtl")
+    ci = bootstrap_ci(video_stats(cv["acc"].state(), video, cv["au_thresholds"]), seed=seed)
     return jsonable({**{k: cv["scores"][k] for k in keys if k in cv["scores"]}, "folds": folds,
-                     "fold_windows": cv["fold_windows"], "ci": {k: ci[k] for k in keys if k in ci}})
+                     "fold_windows": cv["fold_windows"], "fold_thresholds": cv["fold_thresholds"],
+                     "tuned": cv["tuned"], "ci": {k: ci["ci"][k] for k in keys if k in ci["ci"]},
+                     "ci_method": ci["ci_method"]})
 
 
 def save_windows(folder: Path, windows: Mapping[str, int], *, split: str, checkpoint: str,

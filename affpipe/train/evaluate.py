@@ -69,16 +69,19 @@ def evaluate_model(model: nn.Module, loader: Iterable, heads: tuple[str, ...], *
 
 def report_evaluation(acc: Any, frames: int, cfg: TrainConfig, ckpt: Path, state: dict, split: str, *,
                       tune_au_thresholds: bool = False, write: bool = True,
-                      extra: dict[str, Any] | None = None, videos: Any = None) -> dict[str, Any]:
+                      extra: dict[str, Any] | None = None, videos: Any = None,
+                      start_is_candidate: bool = False) -> dict[str, Any]:
     """The result of a filled ``MetricAccumulator``: metrics, optionally tuned AU thresholds
     (saved beside ``ckpt``), ``extra`` keys; written as ``eval[_<split>].json``/``.md``. With
     ``videos`` (the video of each of ``acc``'s rows) every metric gets its 95% interval by
     bootstrap over videos and the predictions are kept as ``eval[_<split>]_predictions.npz``.
     The one place an evaluation is reported."""
     folder = RunFolder(ckpt.parent)
-    stem = eval_stem(None if split == "val" else split)
+    stem = eval_stem(split, smoothed=bool((extra or {}).get("smoothing")))
     result = _result(acc.compute(), cfg, ckpt, state, split, frames)
     result.update(extra or {})
+    if start_is_candidate:  # the run's kind keeps its step-0 state as a best.pt candidate
+        result["best_is_start"] = int(state.get("step", -1)) == 0
     if videos is not None:
         result["videos"] = int(len(set(np.asarray(videos).tolist())))
     if tune_au_thresholds:
@@ -118,9 +121,12 @@ def _f(value: Any) -> str:
 
 
 def _c(result: dict[str, Any], key: str, item: str | None = None, *, tuned: bool = False) -> str:
-    """``result[key]`` (``[item]``), with its 95% interval as ``0.412 [0.371, 0.455]`` when there is one."""
+    """``result[key]`` (``[item]``), with its 95% interval as ``0.412 [0.371, 0.455]`` when there is
+    one; ``n/a`` for a class / AU without a label on the split."""
     from affpipe.scoring.bootstrap import fmt_ci
 
+    if item is not None and item in _unlabelled(result):
+        return "n/a"
     src = result.get("tuned", {}) if tuned else result
     value, ci = src.get(key), (result.get("tuned_ci" if tuned else "ci") or {}).get(key)
     if item is not None:
@@ -128,42 +134,96 @@ def _c(result: dict[str, Any], key: str, item: str | None = None, *, tuned: bool
     return fmt_ci(value, ci) if ci else _f(value)
 
 
+def _unlabelled(result: dict[str, Any]) -> set[str]:
+    return {x for groups in (result.get("unlabelled") or {}).values() for v in groups.values() for x in v}
+
+
+METRIC_TASKS = {"va_ccc": ("va",), "valence_ccc": ("va",), "arousal_ccc": ("va",), "expr_f1": ("expr",),
+                "au_f1": ("au",), "p_mtl": ("va", "expr", "au")}
+
+
+def _n(result: dict[str, Any], key: str) -> str:
+    """How many videos (recordings) of each task the metric rests on, from ``ci_method``."""
+    per = (result.get("ci_method") or {}).get("per_task") or {}
+    parts = [(t, per[t]) for t in METRIC_TASKS.get(key, ()) if t in per]
+    if not parts:
+        return ""
+    one = [f"{c['videos']}" + (f" ({c['units']} rec.)" if c["units"] != c["videos"] else "") for _, c in parts]
+    return one[0] if len(one) == 1 else " / ".join(f"{t.upper()} {x}" for (t, _), x in zip(parts, one, strict=True))
+
+
 def _cross_validated(cv: dict[str, Any] | None, what: str) -> list[str]:
-    """Rows of a ``cross_validated`` entry: scores with ``what`` tuned on the other folds' videos."""
+    """Rows of a ``cross_validated`` entry: every tuned step tuned on the other folds' recordings."""
     if not cv:
         return []
-    return [f"| {label} ({what} cross-validated, {cv['folds']} folds of videos) | {_c(cv, key)} |"
+    what = " + ".join(cv.get("tuned") or [what])
+    return [f"| {label} ({what} tuned on the other folds: nested, {cv['folds']} folds of recordings) | "
+            f"{_c(cv, key)} | {_n(result_like(cv), key)} |"
             for key, label in (("va_ccc", "VA CCC"), ("expr_f1", "EXPR macro F1"), ("au_f1", "AU macro F1"),
                                ("p_mtl", "P_MTL")) if key in cv]
 
 
+def result_like(cv: dict[str, Any]) -> dict[str, Any]:
+    return {"ci_method": cv.get("ci_method")}
+
+
+def _method_lines(result: dict[str, Any]) -> list[str]:
+    """Where the intervals come from, what they rest on, and the warnings, said under the table."""
+    ci = result.get("ci_method")
+    if not ci:
+        return []
+    how = ci.get("note") or (f"{ci.get('interval', 'percentile')} bootstrap over {ci.get('recordings', ci['videos'])} "
+                             f"{ci['unit']}s (a recording's _left/_right subjects are one unit), "
+                             f"{ci['resamples']} resamples")
+    lines = ["", f"95% intervals: {how}; the videos column counts the videos with a label for the task."]
+    if ci.get("warning"):
+        lines.append(f"**Warning:** {ci['warning']}.")
+    un = result.get("unlabelled") or {}
+    if "expr" in un:
+        lines.append(f"EXPR classes without a validation label ({', '.join(un['expr']['no_label'])}): n/a in the "
+                     "table, and **in** the macro F1 as 0 (ABAW's macro over all 8 classes).")
+    for key, how_ in (("not_annotated", "**out of** the macro F1 (as ABAW1's missing AUs)"),
+                      ("no_positive", "**in** the macro F1 (F1 0 when predicted, 0 otherwise)")):
+        if key in un.get("au", {}):
+            what = "not annotated on any frame" if key == "not_annotated" else "never positive"
+            lines.append(f"AUs {what} ({', '.join(un['au'][key])}): n/a in the table, {how_}.")
+    return lines
+
+
 def eval_markdown(result: dict[str, Any]) -> str:
     """Tables as in the research: CCC per dimension, F1 per emotion, F1 per AU."""
-    lines = [f"# Evaluation: task {result.get('task')}, split {result.get('split')}",
+    smoothed = " (smoothed)" if result.get("smoothing") else ""
+    lines = [f"# Evaluation: task {result.get('task')}, split {result.get('split')}"
+             + (", smoothed predictions" if smoothed else ""),
              "",
              f"Checkpoint `{result.get('checkpoint')}` (after {result.get('step')} steps), "
-             f"{result.get('frames')} frames with an image.",
-             "", "| Metric | Value |", "|---|---|"]
+             f"{result.get('frames')} frames with an image."]
+    if result.get("best_is_start"):
+        lines += ["", "**Best is the start (no step improved):** `best.pt` is step 0, the source run's predictions "
+                  "through the skip path; these figures cannot lie below the start by construction (optimistic "
+                  "against the per-frame run)."]
+    lines += ["", "| Metric | Value | videos |", "|---|---|---|"]
     for key, label in (("va_ccc", "VA CCC (mean of valence, arousal)"), ("expr_f1", "EXPR macro F1"),
                        ("au_f1", "AU macro F1 (threshold 0.5)"), ("p_mtl", "P_MTL = CCC + F1_EXPR + F1_AU")):
         if key in result:
-            lines.append(f"| {label} | {_c(result, key)} |")
-    ci = result.get("ci_method")
-    if ci:  # where the intervals come from, said once under the table
-        how = ci.get("note") or f"bootstrap over the {ci['videos']} {ci['unit']}s, {ci['resamples']} resamples"
-        lines.append(f"| 95% interval | {how} |")
+            lines.append(f"| {label}{smoothed} | {_c(result, key)} | {_n(result, key)} |")
     smoothing = result.get("smoothing")
     if smoothing:
         where = f"; tuned on split `{smoothing['tuned_on']}`" if smoothing.get("tuned_on") else ""
         lines.append(f"| Smoothing windows (frames{where}) | "
-                     f"{', '.join(f'{t} {w}' for t, w in smoothing['windows'].items())} |")
+                     f"{', '.join(f'{t} {w}' for t, w in smoothing['windows'].items())} | |")
+        if smoothing.get("tuned_on") == result.get("split"):
+            lines.append("| (smoothed figures above: windows tuned on the split they are scored on: optimistic) | | |")
     tuned = result.get("tuned", {})
     if "au_f1" in tuned:
-        lines.append(f"| AU macro F1 (thresholds tuned on the split) | {_c(result, 'au_f1', tuned=True)} |")
+        lines.append(f"| AU macro F1 (thresholds tuned on the split: optimistic) | {_c(result, 'au_f1', tuned=True)} "
+                     f"| {_n(result, 'au_f1')} |")
     if "p_mtl" in tuned:
-        lines.append(f"| P_MTL (AU thresholds tuned on the split) | {_c(result, 'p_mtl', tuned=True)} |")
+        lines.append(f"| P_MTL (AU thresholds tuned on the split: optimistic) | {_c(result, 'p_mtl', tuned=True)} "
+                     f"| {_n(result, 'p_mtl')} |")
     lines += _cross_validated(result.get("cross_validated"), "AU thresholds")
     lines += _cross_validated((smoothing or {}).get("cross_validated"), "smoothing")
+    lines += _method_lines(result)
     if "va_ccc" in result:
         lines += ["", "## CCC per dimension", "", "| Dimension | CCC |", "|---|---|",
                   f"| Valence | {_c(result, 'valence_ccc')} |", f"| Arousal | {_c(result, 'arousal_ccc')} |",

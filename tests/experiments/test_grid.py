@@ -259,7 +259,7 @@ max_val_steps = 2\ndevice = "cpu"\n"loader.backend" = "torch"\nlog_every = 1\n
 
     # Evaluated once more after training: the interval over the twin's validation videos, kept predictions.
     assert fmt_ci(ev["va_ccc"], ev["ci"].get("va_ccc")) in md and "synthetic twin" in md
-    assert ev["ci_method"]["unit"] == "video" and (run / "eval_predictions.npz").is_file()
+    assert ev["ci_method"]["unit"] == "recording" and (run / "eval_predictions.npz").is_file()
     from affpipe.experiments.report import load_run
 
     assert [p["epoch"] for p in load_run(run).curve] == [0, 1]

@@ -122,14 +122,17 @@ def test_report_tables_figures_and_values(tmp_path, runs):
                            ("## Loss variants and task weighting", "Loss variants and task weighting")):
         after = md.split(heading, 1)[1].split("\n## ")[0]
         last = [ln for ln in after.splitlines() if ln.strip() and not ln.startswith("![")][-1]
-        assert last.startswith(f"**{topic}:**") and ("no difference detected at this size" in last or "[" in last)
+        assert last.startswith(f"**{topic}:**") and ("no difference holds at this size" in last or "[" in last)
+        assert "Multiplicity:" in last
     loss = {(r[0], r[2]): r for r in _table_after(md, "## Loss variants and task weighting")}
     assert ("`uni_va_mse`", "VA CCC") in loss and loss[("`uni_va_mse`", "VA CCC")][1] == "`uni_va`"
     init = {(r[0], r[2]): r for r in _table_after(md, "## Initialization")}
     assert ("`mtl_from_uni_va`", "P_MTL") not in init  # two settings differ from mtl_random: no single-cause pair
     assert init[("`mtl_imagenet`", "P_MTL")][1] == "`mtl_random`"
     # A much better model: the sentence names the difference and its interval, which excludes 0.
-    assert "**Initialization:** `mtl_imagenet`: VA CCC +" in md and "over `mtl_random`" in md
+    # One seed per cell: a model-vs-model statement, never a recipe finding.
+    assert ("**Initialization:** this model `mtl_imagenet` vs that model `mtl_random` (one seed: says nothing about "
+            "the recipes): VA CCC +") in md
     # Per-class table: each cell equals the run's per-class F1.
     per = _table_after(md, "## EXPR F1 per class")
     ev = json.loads((runs[2] / "eval.json").read_text())["expr_f1_per_class"]
@@ -181,8 +184,8 @@ def test_report_two_runs_prints_paired_differences(tmp_path):
     ev_a, ev_b = (json.loads((p / "eval.json").read_text()) for p in (a, b))
     line = next(ln for ln in res.output.splitlines() if ln.strip().startswith("P_MTL"))
     assert f"{ev_a['p_mtl']:.4f} vs {ev_b['p_mtl']:.4f}: {ev_a['p_mtl'] - ev_b['p_mtl']:+.3f} [" in line
-    assert line.endswith("(excludes 0)")
-    assert "paired bootstrap over the same 8 validation videos" in res.output
+    assert line.endswith("(excludes 0, holds after Holm)")
+    assert "paired bootstrap over the same 8 validation recordings" in res.output
     assert not (tmp_path / "report.md").exists()  # without -o: printed only
     # A uni-task run and a multi-task run share VA CCC only.
     u = fake_run(r, "u", "va", seed=3, predictions=True)

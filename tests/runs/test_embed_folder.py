@@ -15,8 +15,8 @@ from affpipe.loaders import LoaderConfig
 from affpipe.models.model import ModelConfig, build_model
 from affpipe.run.checkpoint import save_checkpoint
 from affpipe.run.config import TrainConfig, to_dict
-from affpipe.runs.embed import EmbedConfig, embed
 from affpipe.runs import embed as embed_mod
+from affpipe.runs.embed import EmbedConfig, embed
 from affpipe.temporal import features as features_mod
 
 

@@ -89,11 +89,12 @@ def test_evaluate_and_predict_every_kind_through_one_path(world, tmp_path, kind,
     code, out = cli("evaluate", run, *smooth, *FAST)  # no --shards/--features: the run knows its data
     assert code == 0, out
     assert len(loads) == 1  # the checkpoint is loaded once
-    ev = json.loads((run / "eval.json").read_text())
+    stem = "eval_smoothed" if kind == "smoothed" else "eval"  # a smoothed evaluation never replaces eval.json
+    ev = json.loads((run / f"{stem}.json").read_text())
     assert ev["skipped"] == {} and ev["frames"] > 0 and ev["videos"] > 0 and "p_mtl" in ev
     assert ("smoothing" in ev) == (kind == "smoothed")
-    # Every kind of run: 95% intervals by video for every metric, predictions kept for `report`.
-    assert ev["ci_method"]["unit"] == "video" and ev["predictions"] == "eval_predictions.npz"
+    # Every kind of run: 95% intervals by recording for every metric, predictions kept for `report`.
+    assert ev["ci_method"]["unit"] == "recording" and ev["predictions"] == f"{stem}_predictions.npz"
     if ev["videos"] >= 2:
         assert set(ev["ci"]) >= {"va_ccc", "valence_ccc", "arousal_ccc", "expr_f1", "au_f1", "p_mtl",
                                  "expr_f1_per_class", "au_f1_per_au"}
@@ -329,12 +330,12 @@ def test_tune_folds_reports_a_cross_validated_score_beside_the_in_split_one(worl
     run = world / "runs" / "frame"
     code, out = cli("evaluate", run, "--tune-au-thresholds", "--tune-smoothing", "--tune-folds", "2", *FAST)
     assert code == 0, out
-    ev = json.loads((run / "eval.json").read_text())
-    cv, scv = ev["cross_validated"], ev["smoothing"]["cross_validated"]
-    assert cv["folds"] == 2 and len(cv["fold_thresholds"]) == 2 and "au_f1" in cv and "p_mtl" in cv
-    assert scv["folds"] == 2 and len(scv["fold_windows"]) == 2 and "p_mtl" in scv
-    assert "AU thresholds tuned on the split" in out and "AU thresholds cross-validated, 2 folds of videos" in out
-    assert "smoothing cross-validated, 2 folds of videos" in out
+    ev = json.loads((run / "eval_smoothed.json").read_text())
+    cv = ev["smoothing"]["cross_validated"]  # one nested CV: windows and thresholds tuned on the other folds
+    assert cv["folds"] == 2 and len(cv["fold_thresholds"]) == 2 and len(cv["fold_windows"]) == 2
+    assert "au_f1" in cv and "p_mtl" in cv and cv["tuned"] == ["smoothing", "AU thresholds"]
+    assert "AU thresholds tuned on the split: optimistic" in out
+    assert "smoothing + AU thresholds tuned on the other folds: nested, 2 folds of recordings" in out
     # The stored thresholds and windows still come from the whole split.
     assert json.loads((run / "au_thresholds.json").read_text())["split"] == "val"
     assert _error(*cli("evaluate", run, "--tune-folds", "2", *FAST)).endswith(

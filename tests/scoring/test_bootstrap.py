@@ -60,7 +60,7 @@ def test_interval_equals_a_loop_over_resampled_videos():
     a, videos = _fixture()
     names = np.unique(videos)
     resamples, seed = 300, 5
-    ci = bs.bootstrap_result(a, videos, resamples=resamples, seed=seed)
+    ci = bs.bootstrap_result(a, videos, resamples=resamples, seed=seed, how="percentile")
     # Independently: draw videos (the same seeded counts), gather their frames, score with metrics.py.
     counts = bs.resample_weights(len(names), resamples, seed).astype(int)
     assert (counts.sum(1) == len(names)).all()  # each resample draws as many videos as the split has
@@ -74,10 +74,12 @@ def test_interval_equals_a_loop_over_resampled_videos():
                      ("au_3", ci["ci"]["au_f1_per_au"]["AU6"])):
         want = np.nanpercentile(loop[key], [2.5, 97.5])
         assert got == pytest.approx(list(want), abs=1e-9), key
-    assert ci["ci_method"] == {"unit": "video", "videos": 7, "resamples": 300, "seed": 5, "level": 0.95,
-                               "interval": "percentile"}
+    assert {k: ci["ci_method"][k] for k in ("unit", "videos", "recordings", "resamples", "seed", "level", "interval")} \
+        == {"unit": "recording", "videos": 7, "recordings": 7, "resamples": 300, "seed": 5, "level": 0.95,
+            "interval": "percentile"}
+    assert "few recordings" in ci["ci_method"]["warning"]
     # Seeded: the same call gives the same interval; another seed another one.
-    assert bs.bootstrap_result(a, videos, resamples=resamples, seed=seed)["ci"] == ci["ci"]
+    assert bs.bootstrap_result(a, videos, resamples=resamples, seed=seed, how="percentile")["ci"] == ci["ci"]
     assert bs.bootstrap_result(a, videos, resamples=resamples, seed=6)["ci"]["va_ccc"] != ci["ci"]["va_ccc"]
 
 
@@ -161,11 +163,11 @@ def test_evaluation_writes_intervals_and_predictions(tmp_path):
         lo, hi = saved["ci"][key]
         assert lo < saved[key] < hi, key  # the point value inside its own interval (this fixture)
     assert set(saved["ci"]["expr_f1_per_class"]) == set(result["expr_f1_per_class"])
-    assert saved["ci_method"]["unit"] == "video" and saved["ci_method"]["videos"] == 7
+    assert saved["ci_method"]["unit"] == "recording" and saved["ci_method"]["videos"] == 7
     assert "au_f1" in saved["tuned_ci"] and saved["predictions"] == "eval_predictions.npz"
     md = (tmp_path / "eval.md").read_text()
     assert f"| VA CCC (mean of valence, arousal) | {bs.fmt_ci(saved['va_ccc'], saved['ci']['va_ccc'])} |" in md
-    assert "bootstrap over the 7 videos" in md
+    assert "bootstrap over 7 recordings" in md and "few recordings (VA 7, EXPR 7, AU 7)" in md
     back, vids = bs.load_predictions(tmp_path / "eval_predictions.npz")
     again = bs.bootstrap_result(back, vids)
     assert again["ci"] == saved["ci"]  # the report recomputes exactly what evaluate stored
@@ -174,7 +176,7 @@ def test_evaluation_writes_intervals_and_predictions(tmp_path):
 def test_a_single_video_gets_no_interval():
     a, videos = _fixture(videos=1)
     res = bs.bootstrap_result(a, videos)
-    assert res["ci"] == {} and "single video" in res["ci_method"]["note"]
+    assert res["ci"] == {} and "single recording" in res["ci_method"]["note"]
 
 
 def test_eval_md_says_which_tuned_figures_are_cross_validated():
@@ -189,6 +191,7 @@ def test_eval_md_says_which_tuned_figures_are_cross_validated():
               "tuned": {"au_f1": tuned["au_f1"], "p_mtl": tuned["p_mtl"], "au_f1_per_au": tuned["au_f1_per_au"]},
               "cross_validated": cross_validated_au(acc, videos, 2, resamples=100)}
     md = eval_markdown(result)
-    assert f"| AU macro F1 (thresholds tuned on the split) | {tuned['au_f1']:.4f} |" in md
+    assert f"| AU macro F1 (thresholds tuned on the split: optimistic) | {tuned['au_f1']:.4f} |" in md
     cv = result["cross_validated"]
-    assert f"| AU macro F1 (AU thresholds cross-validated, 2 folds of videos) | {bs.fmt_ci(cv['au_f1'], cv['ci']['au_f1'])} |" in md
+    assert (f"| AU macro F1 (AU thresholds tuned on the other folds: nested, 2 folds of recordings) | "
+            f"{bs.fmt_ci(cv['au_f1'], cv['ci']['au_f1'])} |") in md
