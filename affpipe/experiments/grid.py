@@ -37,7 +37,7 @@ NEEDS = ("imagenet",)
 _RUN_KEYS = {"name", "recipe", "overrides", "after", "init_from", "needs", "question", "features_from", "smooth",
              "synthetic_overrides"}
 # What `affpipe experiments` writes into its folder: the data it prepares, the runs, the report.
-OWNER = Owner("experiments", ("data/*", "runs/*", "experiments.json", "report.md", "report.json", "*.png"))
+OWNER = Owner("experiments", ("data/**", "runs/**", "experiments.json", "report.md", "report.json", "*.png"))
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
