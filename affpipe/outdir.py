@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from affpipe.io import atomic_write_text, jsonable
+from affpipe.io import atomic_write_text, jsonable, writing
 
 log = logging.getLogger(__name__)
 
@@ -258,10 +258,9 @@ def folder_lock(out: Path, name: str, who: str) -> Iterator[None]:
             holder = fh.read().strip() or "?"
             raise FileExistsError(f"{out}: busy: another `{who}` (pid {holder}) is writing into it") from None
         try:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"{os.getpid()}\n")
-            fh.flush()
+            with writing(path):  # a full disk: name the lock file, not just "[Errno 28]"
+                os.ftruncate(fh.fileno(), 0)
+                os.pwrite(fh.fileno(), f"{os.getpid()}\n".encode(), 0)
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

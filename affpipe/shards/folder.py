@@ -2,8 +2,11 @@
 
 A folder is affpipe's when it holds ``.state/`` (created before the first shard). Only names
 ``write_shard`` produces (``<split>/<split>-NNNNNN.tar|.idx[.tmp]``, ``.state/<split>-NNNNNN.json``,
-``manifest.json``, ``.lock``) are ever removed; a folder holding anything else is refused, naming
-it, so a user's ``train/train-notes.txt`` is never deleted as a stale shard.
+``manifest.json``, ``.lock``) are ever removed; a folder holding anything else, at any depth, is
+refused, naming it, so a user's ``train/train-notes.txt`` is never deleted as a stale shard. The
+folder is read with :func:`affpipe.outdir.walk` (``lstat``, links never followed): a split or
+``.state`` folder that is a symlink (``test -> ../userS``), or any link below it, is refused
+before anything is written or removed.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import re
 from pathlib import Path
 
 from affpipe.labels import SPLITS
-from affpipe.outdir import folder_lock
+from affpipe.outdir import folder_lock, walk
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +36,25 @@ def own_state_file(split: str, name: str) -> bool:
     return re.fullmatch(STATE_NAME.format(split=split), name) is not None
 
 
+def _own(rel: str) -> bool:
+    parts = rel.split("/")
+    if len(parts) == 1:
+        return rel in _TOP and rel not in (".state", *SPLITS)
+    if len(parts) != 2:
+        return False
+    folder, name = parts
+    if folder == ".state":
+        return any(own_state_file(sp, name) for sp in SPLITS)
+    return folder in SPLITS and own_shard_file(folder, name)
+
+
 def foreign_files(out: Path) -> list[str]:
-    """Entries of ``out`` that ``affpipe shard`` did not write (relative names, sorted)."""
+    """Entries of ``out``, at any depth, that ``affpipe shard`` did not write (relative names,
+    sorted; a symlink anywhere, a split or ``.state`` folder included, as ``name (symlink)``)."""
     if not out.is_dir():
         return []
-    foreign = [p.name for p in out.iterdir() if p.name not in _TOP]
-    for split in SPLITS:
-        if (out / split).is_dir():
-            foreign += [f"{split}/{p.name}" for p in (out / split).iterdir() if not own_shard_file(split, p.name)]
-        elif (out / split).exists():
-            foreign.append(split)
-    if (out / ".state").is_dir():
-        foreign += [f".state/{p.name}" for p in (out / ".state").iterdir()
-                    if not any(own_state_file(sp, p.name) for sp in SPLITS)]
-    return sorted(foreign)
+    return sorted(rel if kind == "file" else f"{rel} ({kind})" for rel, kind in walk(out)
+                  if kind != "file" or not _own(rel))
 
 
 def check_output_folder(out: Path) -> None:
@@ -54,7 +62,7 @@ def check_output_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if entries and not (out / ".state").is_dir():
+    if entries and not (out / ".state").is_dir():  # (a linked .state is named below, as every link)
         raise FileExistsError(f"{out}: not empty and not a shard folder of affpipe (holds {', '.join(entries[:10])}); "
                               "choose a new or empty folder")
     foreign = foreign_files(out)
@@ -74,7 +82,18 @@ def remove_stale(out: Path, split: str, planned: set[str]) -> None:
     """Remove our leftovers of ``split``: temporary files of a killed run and shards (and their
     state records) no longer in the plan. Nothing whose name we do not write is touched."""
     for folder, own in ((out / split, own_shard_file), (out / ".state", own_state_file)):
+        if folder.is_symlink() or not folder.is_dir():  # (refused by check_output_folder already)
+            raise FileExistsError(f"{folder}: is not a folder of affpipe shard's (a symlink?); nothing removed")
         for p in sorted(folder.iterdir()):
             if own(split, p.name) and (p.name.endswith(".tmp") or p.name.split(".", 1)[0] not in planned):
                 log.info("removing %s (unfinished or not in the plan)", p)
                 p.unlink()
+
+
+def remove_temporaries(out: Path, split: str) -> None:
+    """Remove our ``.tmp`` files of ``split`` (a failed or stopped write's), nothing else."""
+    for folder, own in ((out / split, own_shard_file), (out / ".state", own_state_file)):
+        if folder.is_dir() and not folder.is_symlink():
+            for p in folder.iterdir():
+                if p.name.endswith(".tmp") and own(split, p.name) and not p.is_symlink():
+                    p.unlink(missing_ok=True)

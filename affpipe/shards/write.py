@@ -64,7 +64,7 @@ from affpipe.shards.checks import (
     common_frame_size,
     jpeg_size,
 )
-from affpipe.shards.folder import check_output_folder, remove_stale, writer_lock
+from affpipe.shards.folder import check_output_folder, remove_stale, remove_temporaries, writer_lock
 from affpipe.shards.format import (
     BLOCK,
     MANIFEST_SCHEMA_VERSION,
@@ -386,6 +386,13 @@ def _write_locked(cfg: ShardConfig, out: Path, tbl: pa.Table, meta: dict) -> dic
             for i, state in done_iter:
                 results[(specs[i].split, specs[i].number)] = state
                 bar.update(state["samples"])
+        except BaseException:
+            if pool is not None:  # workers stopped mid-shard leave their temporaries: none may stay
+                pool.terminate()
+                pool.join()
+            for split in cfg.splits:
+                remove_temporaries(out, split)
+            raise
         finally:
             if pool is not None:
                 pool.terminate()

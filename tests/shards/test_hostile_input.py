@@ -248,3 +248,60 @@ def test_index_beside_the_shards_moves_with_them(small, tmp_path):
     shutil.rmtree(moved / "index")
     with pytest.raises(FileNotFoundError, match="pass --index"):
         manifest_index(moved / "shards" / "tiny")
+
+
+# ---- issue 24: symlinked split and state folders; a full disk ------------------------------
+
+
+@pytest.mark.parametrize("folder", ["split", ".state"])
+def test_a_symlinked_split_or_state_folder_is_refused_and_the_users_files_kept(small, tmp_path, folder):
+    out = tmp_path / "shards"
+    manifest = _shard(small[1], out)
+    split = next(iter(manifest["splits"]))
+    name = split if folder == "split" else ".state"
+    user = tmp_path / "userS"
+    user.mkdir()
+    stale = f"{split}-000007.tar" if folder == "split" else f"{split}-000007.json"  # named as ours would be
+    (user / stale).write_text("the user's\n")
+    shutil.rmtree(out / name)
+    os.symlink(user, out / name)
+    with pytest.raises(FileExistsError, match=rf"{name} \(symlink\)"):
+        _shard(small[1], out)
+    assert sorted(p.name for p in user.iterdir()) == [stale] and (user / stale).read_text() == "the user's\n"
+
+
+def test_a_symlink_deeper_in_a_split_folder_is_refused(small, tmp_path):
+    out = tmp_path / "shards"
+    manifest = _shard(small[1], out)
+    split = next(iter(manifest["splits"]))
+    (tmp_path / "elsewhere").write_text("x")
+    os.symlink(tmp_path / "elsewhere", out / split / f"{split}-000009.tar")
+    with pytest.raises(FileExistsError, match=rf"{split}/{split}-000009\.tar \(symlink\)"):
+        _shard(small[1], out)
+    assert (tmp_path / "elsewhere").read_text() == "x"
+
+
+def test_a_full_disk_leaves_no_temporary_of_a_stopped_worker(small, tmp_path, monkeypatch):
+    import errno
+
+    import affpipe.shards.write as write_mod
+
+    def stopped(spec):  # a worker stopped mid-shard (pool.terminate): its .tar.tmp stays behind
+        spec.tar.with_name(spec.tar.name + ".tmp").write_bytes(b"")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(write_mod, "write_shard", stopped)
+    with pytest.raises(OSError):
+        _shard(small[1], tmp_path / "full")
+    assert not list((tmp_path / "full").rglob("*.tmp"))
+
+
+def test_a_full_disk_at_the_lock_names_the_lock_file(small, tmp_path, monkeypatch):
+    import errno
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError, match=rf"^{tmp_path / 'full' / '.lock'}: disk full"):
+        _shard(small[1], tmp_path / "full")
