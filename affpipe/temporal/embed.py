@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from affpipe.io import sha256_file
+from affpipe.io import safe_name, sha256_file
 from affpipe.loaders.base import LoaderConfig
 from affpipe.outdir import Claim, Owner, claim
 from affpipe.temporal.features import (
@@ -111,7 +111,9 @@ class EmbedConfig:
         specs = self.encoders()
         if len(specs) == 1:
             return [Path(self.out)]
-        names = [w.stem if w is not None else str(b or "resnet18").replace("/", "_") for b, w in specs]
+        # names from weight files and flags become folders: the one safe-name check (a stem `..` would leave OUT)
+        names = [safe_name(w.stem, f"--weights {w}") if w is not None
+                 else safe_name(str(b or "resnet18").replace("/", "_"), f"--backbone {b}") for b, w in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"embed: two tables would share a folder under {self.out}: {names}")
         return [Path(self.out) / name for name in names]
@@ -129,6 +131,7 @@ class Encoder:
     sha256: str
     width: int = 0  # features per frame
     input: dict[str, Any] = field(default_factory=dict)  # what the backbone's input op does
+    kind: str = "run"  # "run" | "weights" | "published": only a run's checkpoint holds per-frame heads
 
 
 def load_encoder(cfg: EmbedConfig, device: torch.device, which: int = 0) -> Encoder:
@@ -164,7 +167,9 @@ def load_encoder(cfg: EmbedConfig, device: torch.device, which: int = 0) -> Enco
     spec = {"size": norm.size or size, "mean": norm.mean255.flatten().div(255).tolist(),
             "std": norm.inv255.flatten().reciprocal().div(255).tolist(), "interpolation": norm.interpolation}
     source = str(weights) if weights is not None else cfg.source
-    enc = Encoder(net, arch, size, source, ckpt.resolve(), sha256_file(ckpt) if ckpt.is_file() else "", input=spec)
+    kind = "weights" if weights is not None else "published" if cfg.source in ("imagenet", "pretrained") else "run"
+    enc = Encoder(net, arch, size, source, ckpt.resolve(), sha256_file(ckpt) if ckpt.is_file() else "", input=spec,
+                  kind=kind)
     enc.width = _width(enc, device)
     return enc
 
@@ -352,7 +357,7 @@ def _finish(cfg: EmbedConfig, enc: Encoder, c: Claim, index: Path, shard_manifes
     files = sorted(p for s in splits for p in (out / PARTS_DIR).glob(f"{s}-*.arrow"))
     rows = merge_parts(files, out, _lookup(index, table))
     manifest = {
-        "schema_version": FEATURE_SCHEMA_VERSION, "source": enc.source,
+        "schema_version": FEATURE_SCHEMA_VERSION, "source": enc.source, "source_kind": enc.kind,
         "source_checkpoint": rel_path(out, enc.checkpoint) if enc.checkpoint else None,
         "source_sha256": enc.sha256, "backbone": enc.arch, "image_size": enc.image_size, "input": enc.input,
         "feature_dim": enc.width, "dtype": "float16", "index": rel_path(out, index),
