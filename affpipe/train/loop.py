@@ -415,8 +415,9 @@ def check_finite(finite: list[float], world: int, state, loss: float, lr: float,
         step = state.step - len(finite) + bad[0] + 1
         raise TrainingDiverged(
             f"{run}: the loss is not finite ({loss}) at step {step} (epoch {state.epoch + 1}); training "
-            f"stopped and {run / 'last.pt'} keeps the last checkpoint before it. Lower the learning rate "
-            f"(lr {lr}) or check the data"
+            + (f"stopped and {run / 'last.pt'} keeps the last checkpoint before it" if (run / "last.pt").is_file()
+               else "stopped before any checkpoint was written")
+            + f". Lower the learning rate (lr {lr}), check the task weights or the data"
         )
 
 
