@@ -12,18 +12,22 @@ before anything is written or removed.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
+from affpipe.io import atomic_write_text
 from affpipe.labels import SPLITS
-from affpipe.outdir import folder_lock, walk
+from affpipe.outdir import folder_lock, input_differences, walk
 
 log = logging.getLogger(__name__)
 
 SHARD_NAME = r"{split}-\d{{6}}\.(?:tar|idx)(?:\.tmp)?"  # what write_shard leaves in <out>/<split>/
 STATE_NAME = r"{split}-\d{{6}}\.json(?:\.tmp)?"  # and in <out>/.state/
 _TOP = ("manifest.json", "manifest.json.tmp", ".state", ".lock", *SPLITS)
+INPUTS = "inputs.json"  # in .state/: what the shards are made from (the index's fingerprint, the options)
 
 
 def own_shard_file(split: str, name: str) -> bool:
@@ -44,7 +48,7 @@ def _own(rel: str) -> bool:
         return False
     folder, name = parts
     if folder == ".state":
-        return any(own_state_file(sp, name) for sp in SPLITS)
+        return name in (INPUTS, INPUTS + ".tmp") or any(own_state_file(sp, name) for sp in SPLITS)
     return folder in SPLITS and own_shard_file(folder, name)
 
 
@@ -97,3 +101,46 @@ def remove_temporaries(out: Path, split: str) -> None:
             for p in folder.iterdir():
                 if p.name.endswith(".tmp") and own(split, p.name) and not p.is_symlink():
                     p.unlink(missing_ok=True)
+
+
+def recorded_inputs(out: Path) -> dict[str, Any] | None:
+    """What the shards in ``out`` were made from: ``.state/inputs.json``, else (a folder of an
+    affpipe before it) its manifest's index fingerprint and options; None when neither is there."""
+    for path, pick in ((out / ".state" / INPUTS, lambda d: d),
+                       (out / "manifest.json", lambda d: {"index_fingerprint": d.get("index_fingerprint"),
+                                                          **(d.get("options") or {})})):
+        if path.is_file() and not path.is_symlink():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{path}: unreadable ({exc}); not a shard folder affpipe can resume") from None
+            return pick(data) if isinstance(data, dict) else None
+    return None
+
+
+def check_inputs(out: Path, inputs: dict[str, Any], overwrite: bool) -> bool:
+    """Refuse shards made from other ``inputs`` (both sides named) unless ``overwrite``; True when
+    the folder's own files are to be replaced (``overwrite`` and other inputs)."""
+    before = recorded_inputs(out)
+    if before is None or before == inputs:
+        return False
+    if not overwrite:
+        raise FileExistsError(f"{out}: holds shards made from other inputs ({'; '.join(input_differences(before, inputs))}); "
+                              "choose a new folder or pass --overwrite (deletes only affpipe's own shard files there)")
+    return True
+
+
+def record_inputs(out: Path, inputs: dict[str, Any]) -> None:
+    """Write ``.state/inputs.json`` (before any shard: a killed run's folder says what it was)."""
+    atomic_write_text(out / ".state" / INPUTS, json.dumps(inputs, indent=1, sort_keys=True) + "\n")
+
+
+def remove_own(out: Path) -> int:
+    """``--overwrite``: delete every file ``affpipe shard`` wrote in ``out`` (shards, indexes, state,
+    manifest), nothing else; the caller checked the folder holds nothing else and no link."""
+    removed = 0
+    for rel, kind in walk(out):
+        if kind == "file" and _own(rel) and rel != ".lock":
+            (out / rel).unlink()
+            removed += 1
+    return removed
