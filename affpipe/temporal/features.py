@@ -344,6 +344,23 @@ def _read_part(path: Path) -> tuple[np.ndarray, np.ndarray]:
 Lookup = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
+def _reserve(path: Path) -> None:
+    """Allocate the whole (sparse) file now: a full disk is then an ``OSError`` here, not a
+    SIGBUS in the middle of writing through the mapping, which would leave the file behind."""
+    import errno
+    import os
+
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return  # the filesystem cannot reserve space: write as before
+            raise
+
+
 def merge_parts(parts: list[Path], out: Path, lookup: Lookup) -> int:
     """Merge part files into ``out/features.arrow`` sorted by (video, frame).
 
@@ -365,6 +382,7 @@ def merge_parts(parts: list[Path], out: Path, lookup: Lookup) -> int:
     try:  # the scratch is as large as the table (~3 GB at full scale): a failed merge never leaves it
         with writing(scratch_path):
             scratch = np.lib.format.open_memmap(scratch_path, mode="w+", dtype=np.float16, shape=(len(row_id), dim))
+            _reserve(scratch_path)
             start = 0
             for p in parts:
                 _, feats = _read_part(p)

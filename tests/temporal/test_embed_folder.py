@@ -242,3 +242,20 @@ def test_a_merge_on_a_full_disk_leaves_no_scratch_and_names_the_file(tmp_path, m
     with pytest.raises(OSError, match="No space left"):
         merge_parts(parts, tmp_path, lookup)
     assert not (tmp_path / SCRATCH_FILE).exists() and not (tmp_path / TABLE_FILE).exists()
+
+
+def test_a_merge_on_a_full_disk_fails_at_the_reservation_naming_the_scratch(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from affpipe.temporal.features import SCRATCH_FILE, TABLE_FILE, merge_parts
+
+    parts, lookup = _parts_of(tmp_path, np.ones((6, 4), np.float16))
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=rf"^{tmp_path / SCRATCH_FILE}: disk full"):
+        merge_parts(parts, tmp_path, lookup)
+    assert not (tmp_path / SCRATCH_FILE).exists() and not (tmp_path / TABLE_FILE).exists()
