@@ -25,7 +25,6 @@ import fnmatch
 import json
 import logging
 import os
-import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +117,7 @@ class Claim:
 
 def walk(out: Path | str) -> Iterator[tuple[str, str]]:
     """``(relative POSIX path, "file" | "symlink" | "other")`` of every entry under ``out``, at
-    every depth, sorted per folder, by ``lstat`` (``os.scandir``): a symlink (to a file or a
+    every depth, sorted per folder, by ``lstat`` semantics (``os.scandir``): a symlink (to a file or a
     folder) is reported as ``"symlink"`` and never followed; folders are descended, not listed.
     The one walk every output-folder check uses."""
     out = Path(out)
@@ -130,13 +129,13 @@ def walk(out: Path | str) -> Iterator[tuple[str, str]]:
         subdirs = []
         for e in entries:
             rel = f"{prefix}/{e.name}" if prefix else e.name
-            mode = e.stat(follow_symlinks=False).st_mode
-            if stat.S_ISLNK(mode):
+            # the entry's type as lstat gives it (d_type: no syscall per file in a 2.9M-frame tree)
+            if e.is_symlink():
                 yield rel, "symlink"
-            elif stat.S_ISDIR(mode):
+            elif e.is_dir(follow_symlinks=False):
                 subdirs.append(rel)
             else:
-                yield rel, "file" if stat.S_ISREG(mode) else "other"
+                yield rel, "file" if e.is_file(follow_symlinks=False) else "other"
         stack.extend(reversed(subdirs))
 
 
