@@ -55,6 +55,7 @@ from affpipe.temporal.features import (
     TABLE_FILE,
     features_fingerprint,
     merge_parts,
+    nonfinite_rows,
     write_manifest,
     write_part,
 )
@@ -282,7 +283,7 @@ def _embed_split(cfg: EmbedConfig, encs: list[Encoder], claims: list[Claim], spl
                     for e, c in enumerate(claims):
                         part = c.path(_part(split, todo[pos][0]))
                         if not part.is_file():
-                            write_part(part, np.concatenate(ids), np.concatenate(feats[e]))
+                            write_part(part, np.concatenate(ids), _finite(np.concatenate(feats[e]), encs[e], part))
                     feats, ids = [f[:1] for f in feats], ids[:1]
             t_wait = time.perf_counter()
     bar.close()
@@ -290,6 +291,16 @@ def _embed_split(cfg: EmbedConfig, encs: list[Encoder], claims: list[Claim], spl
     stats.time += time.perf_counter() - t0
     if chunker.shard < len(todo):
         raise ValueError(f"embed: {split}: the loader yielded fewer samples than the shards' indexes list")
+
+
+def _finite(feats: np.ndarray, enc: Encoder, part: Path) -> np.ndarray:
+    """``feats`` when every value is finite, else one error before the part is written (a NaN
+    table is refused at the first shard, not after the whole pass)."""
+    bad = nonfinite_rows(feats)
+    if len(bad):
+        raise ValueError(f"{part}: {len(bad)} of {len(feats)} frames embedded by {enc.source} are NaN or infinite "
+                         "(weights holding NaN, or an fp16 overflow: try --amp none); nothing written for it")
+    return feats
 
 
 def _part(split: str, k: int) -> str:

@@ -259,3 +259,13 @@ def test_a_merge_on_a_full_disk_fails_at_the_reservation_naming_the_scratch(tmp_
     with pytest.raises(OSError, match=rf"^{tmp_path / SCRATCH_FILE}: disk full"):
         merge_parts(parts, tmp_path, lookup)
     assert not (tmp_path / SCRATCH_FILE).exists() and not (tmp_path / TABLE_FILE).exists()
+
+
+def test_embed_with_nan_weights_is_refused_at_the_first_part_and_writes_no_table(shard_dir, tmp_path):
+    backbone = build_model(ModelConfig()).backbone.state_dict()
+    backbone = {k: torch.full_like(v, float("nan")) if k.endswith("conv1.weight") else v for k, v in backbone.items()}
+    torch.save(backbone, tmp_path / "nan.pt")
+    out = tmp_path / "F"
+    with pytest.raises(ValueError, match=r"parts/train-000000\.arrow: \d+ of \d+ frames embedded by .*nan\.pt are NaN"):
+        embed(_cfg("weights", shard_dir, out, weights=(tmp_path / "nan.pt",), image_size=32))
+    assert not (out / "features.arrow").exists() and not list(out.rglob("*.arrow"))
