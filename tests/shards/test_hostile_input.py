@@ -305,3 +305,18 @@ def test_a_full_disk_at_the_lock_names_the_lock_file(small, tmp_path, monkeypatc
     monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(OSError, match=rf"^{tmp_path / 'full' / '.lock'}: disk full"):
         _shard(small[1], tmp_path / "full")
+
+
+def test_a_val_shard_listed_under_train_is_never_read_as_train(shards, tmp_path):
+    from affpipe.loaders import make_loader
+
+    out = tmp_path / "s"
+    shutil.copytree(shards, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"].append(dict(manifest["splits"]["val"]["shards"][0]))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    pattern = r"splits\.train\.shards\[\d+\]\.file: 'val/val-000000\.tar' is not a train shard's name"
+    with pytest.raises(ValueError, match=pattern):
+        make_loader(out, "train", batch_size=4, train=False, backend="torch", num_workers=0)
+    with pytest.raises(ValueError, match=pattern):
+        verify_shards(out)
