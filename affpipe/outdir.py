@@ -139,7 +139,6 @@ def walk(out: Path | str) -> Iterator[tuple[str, str]]:
         stack.extend(reversed(subdirs))
 
 
-
 def read_marker(out: Path) -> dict[str, Any] | None:
     """The folder's ``.affpipe.json``, or None when there is none."""
     path = Path(out) / MARKER
