@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -320,3 +321,23 @@ def test_a_val_shard_listed_under_train_is_never_read_as_train(shards, tmp_path)
         make_loader(out, "train", batch_size=4, train=False, backend="torch", num_workers=0)
     with pytest.raises(ValueError, match=pattern):
         verify_shards(out)
+
+
+@pytest.mark.parametrize("rel, what", [("train/old/train-000001.tar", "file"), (".state/old/train-000001.json", "file"),
+                                       ("train/old", "link to a folder"), (".state/train-000003.json", "link to a file"),
+                                       ("notes/deep/a.txt", "file")])
+def test_user_files_and_links_at_each_depth_of_a_shard_folder_are_refused_and_kept(small, tmp_path, rel, what):
+    out = tmp_path / "shards"
+    _shard(small[1], out)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "train-000001.tar").write_text("the user's\n")
+    (out / rel).parent.mkdir(parents=True, exist_ok=True)
+    if what == "file":
+        (out / rel).write_text("the user's\n")
+    else:
+        os.symlink(elsewhere if what == "link to a folder" else elsewhere / "train-000001.tar", out / rel)
+    with pytest.raises(FileExistsError, match=re.escape(rel)):
+        _shard(small[1], out, seed=1, overwrite=True)
+    assert os.path.lexists(out / rel) and (elsewhere / "train-000001.tar").read_text() == "the user's\n"
+    assert verify_shards(out) == []
