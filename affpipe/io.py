@@ -147,14 +147,19 @@ def clip(text: object, limit: int = 80) -> str:
 def safe_name(name: str, where: str) -> str:
     """``name`` when it is a plain file name (a video name of the release), else ``ValueError``.
 
-    Plain: not empty, not ``.``/``..``, no ``/``, ``\\`` or NUL, valid UTF-8, at most 255
-    bytes. ``where`` (``file:line`` or a folder) names the source in the error.
+    Plain: not empty, not ``.``/``..``, no ``/``, ``\\`` or NUL, no control character (a
+    newline would split a line of a submission or a list), valid UTF-8, at most 255 bytes.
+    ``where`` (``file:line`` or a folder) names the source in the error. The one check every
+    name from data, a weight file or a flag passes where it enters, before it becomes a path or a
+    line in a file.
     """
     why = None
     if not name or name in (".", ".."):
         why = "is empty or a relative folder name"
     elif "/" in name or "\\" in name or "\0" in name:
         why = "contains a path separator"
+    elif any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        why = "contains a control character (a newline, a tab, ...)"
     else:
         try:
             raw = name.encode("utf-8")

@@ -6,9 +6,11 @@ Every affpipe command that writes a folder (``index``, ``embed``, ``train``, ``p
 - a folder is the command's when it holds ``.affpipe.json`` naming that command; a new or empty
   folder is claimed by writing that marker. A non-empty folder without the marker, or with
   another command's, is refused: nothing of a user's is ever taken for ours.
-- only names the command writes (``Owner.patterns``, shell-style, relative POSIX paths) may be
-  there; any other file, and any symlink at all, is refused by name (so a ``parts -> /elsewhere``
-  link can never make us write or delete outside the folder).
+- only names the command writes (``Owner.patterns``: relative POSIX paths matched one path
+  component at a time, so ``*`` never crosses a ``/``; a whole ``**`` component spans any depth)
+  may be there; any other file, at any depth, and any symlink at all, at any depth, is refused by
+  name (so a ``parts -> /elsewhere`` link can never make us write or delete outside the folder).
+  The walk (:func:`walk`) never follows a link; every command's folder check goes through it.
 - the marker records the command's ``inputs`` (a fingerprint of what the output is made from);
   a rerun with other inputs is refused with both sides named, unless ``overwrite``, which deletes
   the command's own files only, then starts afresh.
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from affpipe.io import atomic_write_text, jsonable
+from affpipe.io import atomic_write_text, jsonable, writing
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,8 @@ OUTDIR_VERSION = 1
 
 @dataclass(frozen=True)
 class Owner:
-    """A command and the relative paths it writes (``fnmatch`` patterns; ``*`` spans folders)."""
+    """A command and the relative paths it writes: patterns matched per path component
+    (:func:`path_matches`: ``*`` stays inside one folder level; ``**`` alone spans levels)."""
 
     command: str
     patterns: tuple[str, ...]
@@ -48,7 +51,26 @@ class Owner:
     def owns(self, rel: str) -> bool:
         """Whether ``rel`` (relative POSIX path) is a name this command writes (temporaries included)."""
         name = rel[:-4] if rel.endswith(".tmp") else rel
-        return rel in _OURS or any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+        return rel in _OURS or any(path_matches(name, p) for p in self.patterns)
+
+
+def path_matches(rel: str, pattern: str) -> bool:
+    """Whether relative POSIX path ``rel`` matches ``pattern`` component by component: each
+    component of the pattern matches exactly one of ``rel`` (shell-style, case-sensitive, so
+    ``VA/*.txt`` matches ``VA/v1.txt`` and never ``VA/old/keep.txt``); a component that is exactly
+    ``**`` matches one or more whole components (``data/**``: anything below ``data/``)."""
+    parts = rel.split("/")
+    if not rel or any(p in ("", ".", "..") for p in parts):
+        return False
+    return _match_parts(parts, pattern.split("/"))
+
+
+def _match_parts(parts: list[str], pats: list[str]) -> bool:
+    if not pats:
+        return not parts
+    if pats[0] == "**":
+        return any(_match_parts(parts[i:], pats[1:]) for i in range(1, len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pats[0]) and _match_parts(parts[1:], pats[1:])
 
 
 @dataclass
@@ -76,33 +98,45 @@ class Claim:
         return target
 
     def remove_own(self) -> int:
-        """Delete the owner's files (never the marker's neighbours of a user); returns how many."""
-        removed = 0
-        for rel, kind in _walk(self.out):
-            if kind == "file" and rel not in _OURS and self.owner.owns(rel):
+        """Delete the owner's files (never a file, folder or link of a user's, at any depth);
+        returns how many. Only folders emptied here are removed, deepest first."""
+        entries = list(walk(self.out))
+        if any(kind != "file" for _, kind in entries):  # claim refused these already: never act on a link
+            raise ValueError(f"{self.out}: holds a symlink or special file; nothing removed")
+        removed, emptied = 0, set()
+        for rel, _ in entries:
+            if rel not in _OURS and self.owner.owns(rel):
                 (self.out / rel).unlink()
                 removed += 1
-        for dirpath, dirs, files in sorted(os.walk(self.out, topdown=False), reverse=True):
-            if Path(dirpath) != self.out and not dirs and not files:
-                with contextlib.suppress(OSError):
-                    os.rmdir(dirpath)
+                emptied.update(Path(rel).parents)
+        for d in sorted((d for d in emptied if d != Path(".")), key=lambda d: len(d.parts), reverse=True):
+            with contextlib.suppress(OSError):  # not empty: a user's file is there; kept
+                os.rmdir(self.out / d)
         return removed
 
 
-def _walk(out: Path) -> Iterator[tuple[str, str]]:
-    """``(relative path, "file" | "symlink" | "other")`` of everything under ``out``; symlinks
-    are reported and never followed."""
-    for dirpath, dirs, files in os.walk(out, followlinks=False):
-        base = Path(dirpath)
-        for name in sorted(dirs):
-            p = base / name
-            if p.is_symlink():
-                yield p.relative_to(out).as_posix(), "symlink"
-        dirs[:] = sorted(d for d in dirs if not (base / d).is_symlink())
-        for name in sorted(files):
-            p = base / name
-            kind = "symlink" if p.is_symlink() else ("file" if p.is_file() else "other")
-            yield p.relative_to(out).as_posix(), kind
+def walk(out: Path | str) -> Iterator[tuple[str, str]]:
+    """``(relative POSIX path, "file" | "symlink" | "other")`` of every entry under ``out``, at
+    every depth, sorted per folder, by ``lstat`` semantics (``os.scandir``): a symlink (to a file or a
+    folder) is reported as ``"symlink"`` and never followed; folders are descended, not listed.
+    The one walk every output-folder check uses."""
+    out = Path(out)
+    stack = [""]
+    while stack:
+        prefix = stack.pop()
+        with os.scandir(out / prefix if prefix else out) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        subdirs = []
+        for e in entries:
+            rel = f"{prefix}/{e.name}" if prefix else e.name
+            # the entry's type as lstat gives it (d_type: no syscall per file in a 2.9M-frame tree)
+            if e.is_symlink():
+                yield rel, "symlink"
+            elif e.is_dir(follow_symlinks=False):
+                subdirs.append(rel)
+            else:
+                yield rel, "file" if e.is_file(follow_symlinks=False) else "other"
+        stack.extend(reversed(subdirs))
 
 
 def read_marker(out: Path) -> dict[str, Any] | None:
@@ -136,7 +170,7 @@ def check_folder(out: Path, owner: Owner, *, also: tuple[Owner, ...] = ()) -> di
         raise FileExistsError(f"{out}: exists and is not a folder")
     if not out.is_dir():
         return None
-    entries = list(_walk(out))
+    entries = list(walk(out))
     marker = read_marker(out)
     if marker is None:
         others = [rel for rel, _ in entries if rel != LOCK]
@@ -176,7 +210,7 @@ def claim(out: Path | str, owner: Owner, inputs: Mapping[str, Any], *, overwrite
             n = c.remove_own()
             log.info("--overwrite: removed %d file(s) of `affpipe %s` from %s", n, owner.command, out)
             c.fresh = True
-        c.existing = [rel for rel, kind in _walk(out) if kind == "file" and rel not in _OURS]
+        c.existing = [rel for rel, kind in walk(out) if kind == "file" and rel not in _OURS]
         _write_marker(out, owner, inputs)
         yield c
 
@@ -187,7 +221,7 @@ def preflight(out: Path | str, owner: Owner, inputs: Mapping[str, Any], *, overw
     folder costs nothing); True when ``out`` holds files of ``owner``'s to resume from or replace."""
     out = Path(out)
     marker = check_folder(out, owner, also=also)
-    if marker is None or not any(kind == "file" and rel not in _OURS for rel, kind in _walk(out)):
+    if marker is None or not any(kind == "file" and rel not in _OURS for rel, kind in walk(out)):
         return False  # new, empty, or marked with nothing written yet (stopped early): nothing to keep
     diffs = input_differences(marker.get("inputs") or {}, jsonable(dict(inputs)))
     if diffs and not overwrite:
@@ -222,10 +256,9 @@ def folder_lock(out: Path, name: str, who: str) -> Iterator[None]:
             holder = fh.read().strip() or "?"
             raise FileExistsError(f"{out}: busy: another `{who}` (pid {holder}) is writing into it") from None
         try:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"{os.getpid()}\n")
-            fh.flush()
+            with writing(path):  # a full disk: name the lock file, not just "[Errno 28]"
+                os.ftruncate(fh.fileno(), 0)
+                os.pwrite(fh.fileno(), f"{os.getpid()}\n".encode(), 0)
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
@@ -238,7 +271,7 @@ def unmarked_and_only_own(out: Path, owner: Owner) -> bool:
     out = Path(out)
     if not out.is_dir() or out.is_symlink() or read_marker(out) is not None:
         return False
-    entries = [(rel, kind) for rel, kind in _walk(out) if rel != LOCK]
+    entries = [(rel, kind) for rel, kind in walk(out) if rel != LOCK]
     return bool(entries) and all(kind == "file" and owner.owns(rel) for rel, kind in entries)
 
 

@@ -149,7 +149,7 @@ CASES = {
     "recipe max_rotation": (_bad_recipe("loader.max_rotation", "-1.0"), "max_rotation must be"),
     "recipe seed < 0": (_bad_recipe("seed", "-1"), "seed must be"),
     "not a checkpoint": (_not_a_checkpoint, "notes.pt: refused"),
-    "disk full": (_disk_full, "No space left on device while writing shard"),
+    "disk full": (_disk_full, "No space left on device"),  # (names the file: .state/inputs.json, the first written)
 }
 
 

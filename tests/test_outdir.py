@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -99,3 +100,83 @@ def test_a_file_in_place_of_the_folder_is_refused(tmp_path):
     with pytest.raises(FileExistsError, match="exists and is not a folder"):
         with claim(tmp_path / "f", OWNER, {}):
             pass
+
+
+# ---- issue 24: ownership at every depth, never through a link ------------------------------
+
+
+def _owners():
+    from affpipe.run.claim import RUN_OWNER
+    from affpipe.runs.embed import OWNER as EMBED_OWNER
+    from affpipe.runs.submission import PREDICT_OWNER
+
+    return {"predict": (PREDICT_OWNER, "VA/v1.txt", "VA/old/keep.txt"),
+            "train": (RUN_OWNER, "eval.json", "eval_archive/2023.json"),
+            "embed": (EMBED_OWNER, "parts/train-000000.arrow", "parts/archive/old.arrow")}
+
+
+@pytest.mark.parametrize("command", ["predict", "train", "embed"])
+def test_a_users_file_one_level_below_our_names_is_refused_and_survives_overwrite(tmp_path, command):
+    owner, ours, users = _owners()[command]
+    out = tmp_path / "f"
+    with claim(out, owner, {"v": 1}) as c:
+        c.path(ours).write_text("ours")
+    (out / users).parent.mkdir(parents=True, exist_ok=True)
+    (out / users).write_text("user's")
+    assert not owner.owns(users)
+    for inputs in ({"v": 1}, {"v": 2}):
+        with pytest.raises(FileExistsError, match=f"did not write \\({users}\\)"):
+            with claim(out, owner, inputs, overwrite=True):
+                pass
+    assert (out / users).read_text() == "user's" and (out / ours).read_text() == "ours"
+
+
+def test_patterns_match_one_component_each_and_double_star_spans_levels():
+    from affpipe.outdir import path_matches
+
+    assert path_matches("VA/v1.txt", "VA/*.txt") and not path_matches("VA/old/keep.txt", "VA/*.txt")
+    assert path_matches("eval_val.json", "eval*.json") and not path_matches("eval_a/2023.json", "eval*.json")
+    assert path_matches("data/twin/index/index.json", "data/**") and not path_matches("data", "data/**")
+    assert not path_matches("../x.txt", "*/x.txt") and not path_matches("a//b", "a/*/b")
+
+
+def _hostile_tree(out, elsewhere):
+    """Our files at three depths plus, at each depth, a user's file, a link to a file and a link
+    to a folder outside."""
+    owner = Owner("t", ("a.bin", "d1/*.bin", "d1/d2/*.bin"))
+    with claim(out, owner, {"v": 1}) as c:
+        for rel in ("a.bin", "d1/b.bin", "d1/d2/c.bin"):
+            c.path(rel).write_text("ours")
+    (elsewhere / "precious.txt").write_text("p")
+    return owner
+
+
+@pytest.mark.parametrize("depth", ["", "d1/", "d1/d2/"])
+@pytest.mark.parametrize("what", ["user file", "link to a file", "link to a folder"])
+def test_a_tree_of_user_files_and_links_at_each_level_is_refused_and_kept(tmp_path, depth, what):
+    out, elsewhere = tmp_path / "f", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    owner = _hostile_tree(out, elsewhere)
+    rel = f"{depth}x.bin" if what == "link to a file" else f"{depth}notes.txt" if what == "user file" else f"{depth}sub"
+    if what == "user file":
+        (out / rel).write_text("user's")
+    elif what == "link to a file":
+        os.symlink(elsewhere / "precious.txt", out / rel)  # named as one of ours would be (d*/x.bin)
+    else:
+        os.symlink(elsewhere, out / rel)
+    for inputs in ({"v": 1}, {"v": 2}):
+        with pytest.raises(FileExistsError, match=re.escape(rel)):
+            with claim(out, owner, inputs, overwrite=True):
+                pass
+    assert (elsewhere / "precious.txt").read_text() == "p" and sorted(p.name for p in elsewhere.iterdir()) == ["precious.txt"]
+    assert os.path.lexists(out / rel) and (out / "d1/d2/c.bin").read_text() == "ours"
+
+
+def test_overwrite_keeps_a_users_empty_folder(tmp_path):
+    out = tmp_path / "f"
+    with claim(out, OWNER, {"v": 1}) as c:
+        c.path("parts/a.arrow").write_text("x")
+    (out / "mine").mkdir()
+    with claim(out, OWNER, {"v": 2}, overwrite=True):
+        pass
+    assert (out / "mine").is_dir() and not (out / "parts").exists()

@@ -103,15 +103,17 @@ def stats_cmd(index: Path, out: Path) -> None:
 @click.option("--frame-size", type=click.IntRange(min=1), default=None,
               help="Side of the square frames; frames of another size are refused. [default: the size most frames have]")
 @click.option("--resize-off-size", is_flag=True, help="Resize (re-encode) frames of another size instead of refusing them.")
+@click.option("--overwrite", is_flag=True,
+              help="-o holds shards of other inputs: replace them (deletes only affpipe's own shard files).")
 def shard(index: Path, out: Path, split: str, table: str, tasks: str, samples_per_shard: int | None,
-          workers: int, seed: int, frame_size: int | None, resize_off_size: bool) -> None:
+          workers: int, seed: int, frame_size: int | None, resize_off_size: bool, overwrite: bool) -> None:
     """Pack INDEX's frames into WebDataset shards (+ DALI .idx); resumes a killed run."""
     from affpipe.shards.write import ShardConfig, write_shards
 
     cfg = ShardConfig(index=index, out=out, split=split, table=table,
                       tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
                       samples_per_shard=samples_per_shard, workers=workers, seed=seed,
-                      frame_size=frame_size, resize_off_size=resize_off_size)
+                      frame_size=frame_size, resize_off_size=resize_off_size, overwrite=overwrite)
     manifest = write_shards(cfg)
     for name, info in manifest["splits"].items():
         skipped = ", ".join(f"{k} {v}" for k, v in info["skipped"].items())

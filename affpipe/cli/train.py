@@ -102,6 +102,9 @@ def train(recipe: Path | None, task: str | None, shards: Path | None, features: 
               "task_weighting": "loss.task_weighting", "backend": "loader.backend",
               "num_workers": "loader.num_workers", "on_bad": "loader.on_bad", "tensorboard": "logging.tensorboard"}
     if weights is not None:
+        if features:  # a temporal head has no backbone to load them into: never ignored silently
+            raise click.UsageError("--weights initializes a per-frame backbone; a temporal run (--features) has "
+                                   "none: embed with `affpipe embed --weights FILE` instead")
         if flags.get("init") not in (None, str(weights)):
             raise click.UsageError("give --weights FILE or --init, not both")
         flags["init"] = str(weights)  # a weight file is the backbone's initialization

@@ -36,7 +36,7 @@ DEFAULT_GRID = Path(__file__).resolve().parent / "recipes" / "grid.toml"
 SCALES = ("synthetic", "full")
 NEEDS = ("imagenet",)
 # What `affpipe experiments` writes into its folder: the data it prepares, the runs, the report.
-OWNER = Owner("experiments", ("data/*", "runs/*", "experiments.json", "report.md", "report.json", "*.png"))
+OWNER = Owner("experiments", ("data/**", "runs/**", "experiments.json", "report.md", "report.json", "*.png"))
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 

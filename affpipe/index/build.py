@@ -371,10 +371,29 @@ def build_index(cfg: IndexConfig) -> dict:
     """
     out = Path(cfg.out)
     if unmarked_and_only_own(out, INDEX_OWNER) and _is_index_json(out / "index.json"):
-        adopt(out, INDEX_OWNER, cfg.inputs())  # an index folder of affpipe 0.2 (no marker)
+        # an index folder of affpipe 0.2 (no marker): adopted with what it records it was made from,
+        # so an index of another root is refused below (or replaced with --overwrite), never taken as this one
+        adopt(out, INDEX_OWNER, recorded_inputs(out / "index.json"))
     preflight(out, INDEX_OWNER, cfg.inputs(), overwrite=cfg.overwrite)  # refused before the work, not after
     with contextlib.ExitStack() as held:
         return _build(cfg, held)
+
+
+def recorded_inputs(path: Path) -> dict:
+    """What an ``index.json`` says its index was made from, as :meth:`IndexConfig.inputs` puts it
+    (the tree, image roots, test lists resolved; the bad-line rule); an index that records no
+    options gets inputs no rerun matches."""
+    meta = json.loads(Path(path).read_text())
+    opts = meta.get("options")
+    if not isinstance(opts, dict) or not isinstance(opts.get("root"), str):
+        return {"root": f"(not recorded in {path})"}
+
+    def paths(key: str) -> list[str]:
+        value = opts.get(key) or []
+        return [str(Path(p).resolve()) for p in value] if isinstance(value, list) else [f"(unreadable {key})"]
+
+    return {"root": str(Path(opts["root"]).resolve()), "images": paths("images"), "test_lists": paths("test_lists"),
+            "on_bad_line": opts.get("on_bad_line", "error")}
 
 
 def _is_index_json(path: Path) -> bool:

@@ -66,6 +66,8 @@ def read_weights(path: Path | str) -> dict[str, torch.Tensor]:
     except Exception as exc:  # UnpicklingError (a pickled object), RuntimeError/KeyError (not a torch file)
         text = str(exc)
         found = re.search(r"GLOBAL ([\w.]+)", text)
+        if damaged(path, exc):
+            raise ValueError(truncated_message(path, exc, "weight file")) from None
         if found or "weights_only" in text or "Unsupported" in text:
             what = f" (it pickles {found.group(1)})" if found else ""
             raise ValueError(
@@ -77,6 +79,33 @@ def read_weights(path: Path | str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a weight file torch.load(weights_only=True) can read "
                          f"({type(exc).__name__}: {text.strip().splitlines()[0][:200] if text.strip() else ''})") from None
     return _state_of(obj, path)
+
+
+_ZIP_DAMAGE = ("failed finding central directory", "failed reading zip archive", "file read failed",
+               "Ran out of input", "EOF", "unexpected end", "invalid header", "Invalid argument")
+
+
+def damaged(path: Path | str, exc: BaseException) -> bool:
+    """Whether ``torch.load``'s ``exc`` means a truncated or corrupt torch file (a zip archive cut
+    short: a copy or a write that stopped), not a pickle that ``weights_only`` refuses."""
+    text = str(exc)
+    if "weights_only" in text or "Weights only load failed" in text or re.search(r"GLOBAL [\w.]+", text):
+        return False  # refused for what it pickles: a security refusal, said as one
+    try:
+        with open(path, "rb") as fh:
+            zipped = fh.read(4) == b"PK\x03\x04"  # what torch.save writes
+    except OSError:
+        return False
+    return zipped and (isinstance(exc, EOFError | OSError) or any(k in text for k in _ZIP_DAMAGE))
+
+
+def truncated_message(path: Path | str, exc: BaseException, what: str) -> str:
+    """The one line for a truncated or corrupt torch file (:func:`damaged`)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0][:160] if text else type(exc).__name__
+    size = Path(path).stat().st_size if Path(path).is_file() else 0
+    return (f"{path}: truncated or corrupt {what} ({size} bytes; {type(exc).__name__}: {first}); a copy or a "
+            "write that stopped early? write it again, or use another file")
 
 
 def _state_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -43,6 +43,10 @@ def safe_torch_load(path: Path, map_location: str | torch.device = "cpu") -> obj
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # UnpicklingError, KeyError (not a pickle), RuntimeError (not a zip)...
+        from affpipe.models.weights import damaged, truncated_message
+
+        if damaged(path, exc):  # a torch file cut short is damage, not a security refusal
+            raise ValueError(truncated_message(path, exc, "checkpoint")) from exc
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ValueError(
             f"{path}: refused: not a checkpoint that torch.load(weights_only=True) can read "

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from affpipe.io import sha256_file
+from affpipe.io import safe_name, sha256_file
 from affpipe.loaders.base import LoaderConfig
 from affpipe.outdir import Claim, Owner, claim
 from affpipe.temporal.features import (
@@ -55,6 +55,7 @@ from affpipe.temporal.features import (
     TABLE_FILE,
     features_fingerprint,
     merge_parts,
+    nonfinite_rows,
     write_manifest,
     write_part,
 )
@@ -111,7 +112,9 @@ class EmbedConfig:
         specs = self.encoders()
         if len(specs) == 1:
             return [Path(self.out)]
-        names = [w.stem if w is not None else str(b or "resnet18").replace("/", "_") for b, w in specs]
+        # names from weight files and flags become folders: the one safe-name check (a stem `..` would leave OUT)
+        names = [safe_name(w.stem, f"--weights {w}") if w is not None
+                 else safe_name(str(b or "resnet18").replace("/", "_"), f"--backbone {b}") for b, w in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"embed: two tables would share a folder under {self.out}: {names}")
         return [Path(self.out) / name for name in names]
@@ -129,6 +132,7 @@ class Encoder:
     sha256: str
     width: int = 0  # features per frame
     input: dict[str, Any] = field(default_factory=dict)  # what the backbone's input op does
+    kind: str = "run"  # "run" | "weights" | "published": only a run's checkpoint holds per-frame heads
 
 
 def load_encoder(cfg: EmbedConfig, device: torch.device, which: int = 0) -> Encoder:
@@ -163,7 +167,9 @@ def load_encoder(cfg: EmbedConfig, device: torch.device, which: int = 0) -> Enco
     spec = {"size": norm.size or size, "mean": norm.mean255.flatten().div(255).tolist(),
             "std": norm.inv255.flatten().reciprocal().div(255).tolist(), "interpolation": norm.interpolation}
     source = str(weights) if weights is not None else cfg.source
-    enc = Encoder(net, arch, size, source, ckpt.resolve(), sha256_file(ckpt) if ckpt.is_file() else "", input=spec)
+    kind = "weights" if weights is not None else "published" if cfg.source in ("imagenet", "pretrained") else "run"
+    enc = Encoder(net, arch, size, source, ckpt.resolve(), sha256_file(ckpt) if ckpt.is_file() else "", input=spec,
+                  kind=kind)
     enc.width = _width(enc, device)
     return enc
 
@@ -275,7 +281,7 @@ def _embed_split(cfg: EmbedConfig, encs: list[Encoder], claims: list[Claim], spl
                     for e, c in enumerate(claims):
                         part = c.path(_part(split, todo[pos][0]))
                         if not part.is_file():
-                            write_part(part, np.concatenate(ids), np.concatenate(feats[e]))
+                            write_part(part, np.concatenate(ids), _finite(np.concatenate(feats[e]), encs[e], part))
                     feats, ids = [f[:1] for f in feats], ids[:1]
             t_wait = time.perf_counter()
     bar.close()
@@ -283,6 +289,16 @@ def _embed_split(cfg: EmbedConfig, encs: list[Encoder], claims: list[Claim], spl
     stats.time += time.perf_counter() - t0
     if chunker.shard < len(todo):
         raise ValueError(f"embed: {split}: the loader yielded fewer samples than the shards' indexes list")
+
+
+def _finite(feats: np.ndarray, enc: Encoder, part: Path) -> np.ndarray:
+    """``feats`` when every value is finite, else one error before the part is written (a NaN
+    table is refused at the first shard, not after the whole pass)."""
+    bad = nonfinite_rows(feats)
+    if len(bad):
+        raise ValueError(f"{part}: {len(bad)} of {len(feats)} frames embedded by {enc.source} are NaN or infinite "
+                         "(weights holding NaN, or an fp16 overflow: try --amp none); nothing written for it")
+    return feats
 
 
 def _part(split: str, k: int) -> str:
@@ -349,7 +365,7 @@ def _finish(cfg: EmbedConfig, enc: Encoder, c: Claim, labels, splits: list[str],
     files = sorted(p for s in splits for p in (out / PARTS_DIR).glob(f"{s}-*.arrow"))
     rows = merge_parts(files, out, _lookup(labels.table, index))
     manifest = {
-        "schema_version": FEATURE_SCHEMA_VERSION, "source": enc.source,
+        "schema_version": FEATURE_SCHEMA_VERSION, "source": enc.source, "source_kind": enc.kind,
         "source_checkpoint": rel_path(out, enc.checkpoint) if enc.checkpoint else None,
         "source_sha256": enc.sha256, "backbone": enc.arch, "image_size": enc.image_size, "input": enc.input,
         "feature_dim": enc.width, "dtype": "float16", "index": rel_path(out, index),

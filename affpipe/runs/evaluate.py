@@ -139,14 +139,14 @@ def run_folder_for_writing(folder: Path, checkpoint: str | None = None) -> Itera
     """Hold ``folder``'s lock while evaluate writes into it, after checking it is a run folder
     (see the module docstring; ``checkpoint``: the evaluated file's name, a run file whatever
     it is called); refuses a folder holding anything else, or any symlink."""
-    from affpipe.outdir import LOCK, _walk, check_folder, folder_lock, read_marker
+    from affpipe.outdir import LOCK, check_folder, folder_lock, read_marker, walk
     from affpipe.run.claim import RUN_OWNER
 
     folder = Path(folder)
     if read_marker(folder) is not None:
         check_folder(folder, RUN_OWNER)
     else:
-        foreign = [f"{rel} ({kind})" if kind != "file" else rel for rel, kind in _walk(folder)
+        foreign = [f"{rel} ({kind})" if kind != "file" else rel for rel, kind in walk(folder)
                    if kind != "file" or not (RUN_OWNER.owns(rel) or rel == checkpoint)]
         if foreign:
             more = ", ..." if len(foreign) > 8 else ""

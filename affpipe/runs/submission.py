@@ -20,10 +20,14 @@ reads), the template's rows:
   output covers exactly those videos, in the list's order, frames 1..the last one indexed.
 
 A frame without a prediction (no crop, or not in the data) takes the nearest frame's prediction
-(the earlier one on a tie), as ABAW participants did. Columns follow the header by name, and the
-headers of each edition come from one table (``affpipe.labels.EDITION_COLUMNS``): an EXPR header
-of 7 classes (ABAW1-2) gets the most likely of those 7; an AU header maps each AU by name, and an
-AU no model predicts (ABAW1's AU20) is written as 0 and reported. A template row whose video is
+(the earlier one on a tie), as ABAW participants did. Columns follow the header by name (any
+case) for every task, never by position, and the headers of each edition come from one table
+(``affpipe.labels.EDITION_COLUMNS``): a VA header gets one field per name (``Arousal,Valence``:
+arousal first); an EXPR header of 7 classes (ABAW1-2), in any order, gets the most likely of
+those, as its position in the header; an AU header maps each AU by name, and an AU no model
+predicts (ABAW1's AU20) is written as 0 and reported; an MTL header maps ``valence``,
+``arousal``, ``expression``, ``aus`` (12 fields) and AU names. Any other name is refused, naming
+it and the template, so a row never has another field count than its header. A template row whose video is
 not in the predicted split is an error naming the file and line, unless ``fill_missing``: then it
 gets the default prediction (valence 0, arousal 0, Neutral, no AU) and is counted. A template of
 another task or format than asked for is one error naming the template and what it is.
@@ -130,45 +134,93 @@ def _take(arr: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return arr[np.maximum(idx, 0)]
 
 
-def _va(p: Predictions, idx: np.ndarray, names: list[str]) -> list[str]:
-    order = [VA_NAMES.index(n) for n in names] if sorted(names) == sorted(VA_NAMES) else [0, 1]
-    va = np.where(idx[:, None] >= 0, _take(p.pred["va"], idx), 0.0)[:, order]
-    return [f"{a:.6f},{b:.6f}" for a, b in va]
+class HeaderError(ValueError):
+    """A template header naming columns the model cannot fill (the caller adds the file)."""
 
 
-def _expr(p: Predictions, idx: np.ndarray, names: list[str]) -> list[str]:
+def _refuse(task: str, unknown: list[str], expected: tuple[str, ...] | list[str]) -> None:
+    if unknown:
+        raise HeaderError(f"header column(s) {unknown} are not {_TASK_WORDS[task]} outputs of the model (it "
+                          f"writes {list(expected)}, matched by name, any case); fix the header or the template")
+
+
+def _va_fields(p: Predictions, idx: np.ndarray, names: list[str]) -> np.ndarray:
+    """One column per header name, by name (``Arousal,Valence`` gets arousal first)."""
+    lower = [n.lower() for n in VA_NAMES]
+    names = names or list(VA_NAMES)
+    _refuse("va", [n for n in names if n.lower() not in lower], VA_NAMES)
+    va = np.where(idx[:, None] >= 0, _take(p.pred["va"], idx), 0.0)
+    return np.char.mod("%.6f", va[:, [lower.index(n.lower()) for n in names]])
+
+
+def _expr_field(p: Predictions, idx: np.ndarray, names: list[str]) -> np.ndarray:
+    """One column: the class index. A header listing classes (the ABAW files: one name per class,
+    one value per row) gets the most likely of those, as its position among them; a header of one
+    name that is no class (``expression``) gets the 8-class index; any other name is refused."""
     lower = [c.lower() for c in EXPR_CLASSES]
-    classes = [lower.index(n.lower()) for n in names if n.lower() in lower]
-    if classes and len(classes) == len(names):  # the header lists the classes: the most likely of those
-        e = np.argmax(_take(p.pred["expr_prob"], idx)[:, classes], axis=1)
-    else:
+    known = [n for n in names if n.lower() in lower]
+    if known:
+        _refuse("expr", [n for n in names if n.lower() not in lower], EXPR_CLASSES)
+        if len({n.lower() for n in names}) != len(names):
+            raise HeaderError(f"header names a class twice ({names}); each class once")
+        e = np.argmax(_take(p.pred["expr_prob"], idx)[:, [lower.index(n.lower()) for n in names]], axis=1)
+    elif len(names) <= 1:
         e = _take(p.pred["expr"], idx)
-    return [str(int(x)) for x in np.where(idx >= 0, e, 0)]
+    else:
+        _refuse("expr", names, EXPR_CLASSES)
+    return np.where(idx >= 0, e, 0).astype(np.int64).astype(str)
 
 
-def _au(p: Predictions, idx: np.ndarray, names: list[str], tally: _Tally) -> list[str]:
+def _au_fields(p: Predictions, idx: np.ndarray, names: list[str], tally: _Tally) -> np.ndarray:
+    """One column per header name, by name; an AU the model has no output for (ABAW1's AU20) is
+    written as 0 and reported; a header naming no AU at all is refused (no header: the 12 in order)."""
     lower = [a.lower() for a in AU_NAMES]
+    names = names or list(AU_NAMES)
     cols = [lower.index(n.lower()) if n.lower() in lower else -1 for n in names]
-    if not any(c >= 0 for c in cols):  # no AU names in the header (MTL "aus"): the 12 in order
-        cols = list(range(len(AU_NAMES)))
-    tally.unpredicted_columns |= {n for n, c in zip(names, cols, strict=False) if c < 0}
+    if not any(c >= 0 for c in cols):
+        _refuse("au", names, AU_NAMES)
+    tally.unpredicted_columns |= {n for n, c in zip(names, cols, strict=True) if c < 0}
     au = np.where(idx[:, None] >= 0, _take(p.pred["au"], idx), 0).astype(np.int64)
     out = np.zeros((len(idx), len(cols)), np.int64)
     for j, c in enumerate(cols):
         if c >= 0:
             out[:, j] = au[:, c]
-    return [",".join(map(str, row)) for row in out.tolist()]
+    return out.astype(str)
+
+
+_MTL_NAMES = [n.lower() for n in MTL_HEADER.split(",")[1:]]  # valence, arousal, expression, aus
+
+
+def _mtl_fields(p: Predictions, idx: np.ndarray, names: list[str], tally: _Tally) -> list[np.ndarray]:
+    """The MTL columns by name: ``valence``, ``arousal``, ``expression`` (the 8-class index),
+    ``aus`` (the 12 AUs, as the release writes them) or single AU names; anything else refused."""
+    lower = [n.lower() for n in (names or _MTL_NAMES)]
+    au_lower = [a.lower() for a in AU_NAMES]
+    _refuse("mtl", [n for n, k in zip(names, lower, strict=False)
+                    if k not in _MTL_NAMES and k not in au_lower], [*_MTL_NAMES, *AU_NAMES])
+    cols = []
+    for k in lower:
+        if k in ("valence", "arousal"):
+            cols.append(_va_fields(p, idx, [k]))
+        elif k == "expression":
+            cols.append(_expr_field(p, idx, [])[:, None])
+        else:
+            cols.append(_au_fields(p, idx, [] if k == "aus" else [k], tally))
+    return cols
 
 
 def _values(task: str, p: Predictions, idx: np.ndarray, names: list[str], tally: _Tally) -> list[str]:
+    """Each row's fields after the image, following ``names`` (the template header's columns)."""
     if task == "va":
-        return _va(p, idx, names)
-    if task == "expr":
-        return _expr(p, idx, names)
-    if task == "au":
-        return _au(p, idx, names, tally)
-    parts = [_va(p, idx, []), _expr(p, idx, []), _au(p, idx, [], tally)]
-    return [",".join(x) for x in zip(*parts, strict=True)]
+        cols = [_va_fields(p, idx, names)]
+    elif task == "expr":
+        cols = [_expr_field(p, idx, names)[:, None]]
+    elif task == "au":
+        cols = [_au_fields(p, idx, names, tally)]
+    else:
+        cols = _mtl_fields(p, idx, names, tally)
+    table = np.concatenate(cols, axis=1) if cols else np.zeros((len(idx), 0), str)
+    return [",".join(row) for row in table.tolist()]
 
 
 _TASK_WORDS = {"va": "VA", "expr": "EXPR", "au": "AU", "mtl": "MTL"}
@@ -281,7 +333,10 @@ def write_submission(p: Predictions, out: Claim, fmt: str, *, templates: tuple[P
             MTL_HEADER if task == "mtl" else f"image_location,{edition_header(task, edition)}")
         idx = _lookup(p, tl, fill_missing or implicit, tally)
         names = [h.strip() for h in header.split(",")[1:] if h.strip()]  # a trailing comma names nothing
-        values = _values(task, p, idx, names, tally)
+        try:
+            values = _values(task, p, idx, names, tally)
+        except HeaderError as exc:
+            raise ValueError(f"{tl.path}: {_what(tl)}: {exc}") from None
         path = out.path(name)
         atomic_write_text(path, header + tl.newline + "".join(f"{img},{v}{tl.newline}"
                                                              for img, v in zip(tl.images, values, strict=True)))

@@ -14,6 +14,7 @@ host synchronisation (no ``.item()``, no data-dependent Python branches).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,8 +52,9 @@ class LossConfig:
             raise ValueError(f"LossConfig.va_loss must be one of {VA_LOSSES}, got {self.va_loss!r}")
         if self.task_weighting not in WEIGHTINGS:
             raise ValueError(f"LossConfig.task_weighting must be one of {WEIGHTINGS}, got {self.task_weighting!r}")
-        if len(self.task_weights) != 3 or any(w < 0 for w in self.task_weights):
-            raise ValueError(f"LossConfig.task_weights must be 3 non-negative floats (va, expr, au), got {self.task_weights}")
+        if len(self.task_weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in self.task_weights):
+            raise ValueError(f"LossConfig.task_weights must be 3 finite non-negative floats (va, expr, au), "
+                             f"got {self.task_weights}")
 
 
 def label_statistics(table: pa.Table, split: str | None = "train") -> dict[str, Any]:

@@ -11,6 +11,7 @@ every shard with its sample count, size and sha256.
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,8 +270,13 @@ def check_manifest(manifest: dict, path: Path, *, full: bool = True) -> None:
             at = f"{where}shards[{i}]."
             for key, kind in (("file", str), ("index_file", str), ("samples", int)):
                 _field(entry, key, kind, path, at)
-            for key in ("file", "index_file"):
+            for key, ext in (("file", "tar"), ("index_file", "idx")):
                 confined_path(out, entry[key], f"{path}: {at}{key}")
+                # a shard's split is its folder and name: one listed under another split (val
+                # shards under train) would be trained on as training
+                if re.fullmatch(rf"{split}/{split}-\d{{6}}\.{ext}", entry[key]) is None:
+                    raise ValueError(f"{path}: {at}{key}: {clip(entry[key])} is not a {split} shard's name "
+                                     f"({split}/{split}-NNNNNN.{ext}); a shard of another split is never read as {split}")
     if full:
         _check_full(manifest, path)
 

@@ -53,7 +53,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from affpipe.index.build import TABLE_FILES, index_fingerprint, load_index
+from affpipe.index.build import TABLE_FILES, fingerprint_of, load_index
 from affpipe.io import atomic_write_text, fsync_dir, sha256_file
 from affpipe.labels import RECORD_SIZE, RECORD_VERSION, SPLITS, TASKS, records_from_table
 from affpipe.shards.checks import (
@@ -64,7 +64,15 @@ from affpipe.shards.checks import (
     common_frame_size,
     jpeg_size,
 )
-from affpipe.shards.folder import check_output_folder, remove_stale, writer_lock
+from affpipe.shards.folder import (
+    check_inputs,
+    check_output_folder,
+    record_inputs,
+    remove_own,
+    remove_stale,
+    remove_temporaries,
+    writer_lock,
+)
 from affpipe.shards.format import (
     BLOCK,
     MANIFEST_SCHEMA_VERSION,
@@ -99,6 +107,7 @@ class ShardConfig:
     seed: int = 0
     frame_size: int | None = None  # frames must be frame_size² (None: the size most sampled frames have)
     resize_off_size: bool = False  # re-encode frames of another size to frame_size, on purpose
+    overwrite: bool = False  # shards of other inputs in ``out``: delete them (our files only) and start afresh
 
     def __post_init__(self) -> None:
         if self.split not in (*SPLITS, "all"):
@@ -353,11 +362,16 @@ def write_shards(cfg: ShardConfig) -> dict:
     """Write the shards of ``cfg.splits``, resuming a killed run; returns the manifest."""
     out = Path(cfg.out)
     tbl, meta = load_table(cfg.index, cfg.table)
+    inputs = {"index_fingerprint": fingerprint_of(tbl, meta, cfg.table), **cfg.options()}
     check_output_folder(out)
+    check_inputs(out, inputs, cfg.overwrite)  # refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
     (out / ".state").mkdir(exist_ok=True)  # marks the folder as ours before anything else is written
     with writer_lock(out):
         check_output_folder(out)  # again under the lock: another run may have finished meanwhile
+        if check_inputs(out, inputs, cfg.overwrite):
+            log.info("--overwrite: removed %d file(s) of `affpipe shard` from %s", remove_own(out), out)
+        record_inputs(out, inputs)
         return _write_locked(cfg, out, tbl, meta)
 
 
@@ -386,6 +400,13 @@ def _write_locked(cfg: ShardConfig, out: Path, tbl: pa.Table, meta: dict) -> dic
             for i, state in done_iter:
                 results[(specs[i].split, specs[i].number)] = state
                 bar.update(state["samples"])
+        except BaseException:
+            if pool is not None:  # workers stopped mid-shard leave their temporaries: none may stay
+                pool.terminate()
+                pool.join()
+            for split in cfg.splits:
+                remove_temporaries(out, split)
+            raise
         finally:
             if pool is not None:
                 pool.terminate()
@@ -397,7 +418,7 @@ def _write_locked(cfg: ShardConfig, out: Path, tbl: pa.Table, meta: dict) -> dic
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "index": index_reference(cfg.index, out),
         "index_absolute": str(Path(cfg.index).resolve()),
-        "index_fingerprint": index_fingerprint(cfg.index, cfg.table),
+        "index_fingerprint": fingerprint_of(tbl, meta, cfg.table),
         "table": cfg.table,
         "options": cfg.options(),
         "record_version": RECORD_VERSION,

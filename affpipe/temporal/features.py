@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from affpipe.io import atomic_open, atomic_write_text, jsonable
+from affpipe.io import atomic_open, atomic_write_text, jsonable, writing
 
 log = logging.getLogger(__name__)
 
@@ -199,11 +199,27 @@ def manifest_index_path(folder: Path, manifest: Mapping[str, Any]) -> Path:
 
 
 def source_checkpoint(folder: Path, manifest: Mapping[str, Any]) -> Path | None:
-    """The checkpoint a table was embedded from (relative to the table's folder, or absolute)."""
+    """The affpipe run checkpoint a table was embedded from (relative to the table's folder, or
+    absolute), whose per-frame heads can start a temporal head's skip path; None when the table
+    was embedded from a weight file (``embed --weights``) or published weights, which hold a
+    backbone and no heads (``source_kind``; a table from before it: by its ``source``)."""
     from affpipe.lineage import resolve_path
 
     stored = manifest.get("source_checkpoint")
-    return resolve_path(folder, stored) if isinstance(stored, str) and stored else None
+    if not (isinstance(stored, str) and stored) or source_kind(manifest) != "run":
+        return None
+    return resolve_path(folder, stored)
+
+
+def source_kind(manifest: Mapping[str, Any]) -> str:
+    """``"run"`` (an affpipe checkpoint), ``"weights"`` (a weight file) or ``"published"``."""
+    kind = manifest.get("source_kind")
+    if kind in ("run", "weights", "published"):
+        return str(kind)
+    source = str(manifest.get("source") or "")
+    if source in ("imagenet", "pretrained"):
+        return "published"
+    return "weights" if source.endswith(".safetensors") else "run"
 
 
 def nonfinite_rows(features: np.ndarray) -> np.ndarray:
@@ -255,6 +271,8 @@ def check_rows(t: FeatureTable, label_table: pa.Table, index: Path) -> None:
                        .fill_null(-1), np.int64)
     frames = label_table.column("frame").to_numpy()
     same = found & (codes[take] == t.video) & (frames[take] == t.frame) if len(ids) else found
+    if same.all():
+        _check_split(t, label_table, take, index)
     if not same.all():
         i = int(np.flatnonzero(~same)[0])
         there = (f"video {label_table.column('video')[int(take[i])]} frame {int(frames[take[i]])}" if found[i]
@@ -262,6 +280,23 @@ def check_rows(t: FeatureTable, label_table: pa.Table, index: Path) -> None:
         raise ValueError(f"{t.path}: {int((~same).sum())} rows do not match the index {index} (first: "
                          f"{_row_name(t, i)} is {there} there); the index was rebuilt or is another one: "
                          "re-embed from shards of this index")
+
+
+def _check_split(t: FeatureTable, label_table: pa.Table, take: np.ndarray, index: Path) -> None:
+    """Every row's ``split`` is its frame's split in the index (consumers pick train and val rows
+    by it: a validation video relabelled ``train`` would be scored, and trained on, as training)."""
+    import pyarrow.compute as pc
+
+    splits = pa.array(sorted(set(label_table.column("split").unique().to_pylist()) | {"train", "val", "test"}))
+    want = np.asarray(pc.index_in(label_table.column("split"), value_set=splits).fill_null(-1), np.int64)[take]
+    have = np.asarray(pc.index_in(pa.array(t.split, pa.string(), from_pandas=True), value_set=splits)
+                      .fill_null(-1), np.int64)
+    wrong = want != have
+    if wrong.any():
+        i = int(np.flatnonzero(wrong)[0])
+        raise ValueError(f"{t.path}: {int(wrong.sum())} rows carry another split than in the index {index} (first: "
+                         f"{_row_name(t, i)} is {t.split[i]!r} here, {splits[int(want[i])]} there); the table was "
+                         "edited or the index rebuilt: re-embed from shards of this index")
 
 
 def open_features(path: Path, *, index: Path | None = None) -> FeatureTable:
@@ -309,6 +344,23 @@ def _read_part(path: Path) -> tuple[np.ndarray, np.ndarray]:
 Lookup = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
+def _reserve(path: Path) -> None:
+    """Allocate the whole (sparse) file now: a full disk is then an ``OSError`` here, not a
+    SIGBUS in the middle of writing through the mapping, which would leave the file behind."""
+    import errno
+    import os
+
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return  # the filesystem cannot reserve space: write as before
+            raise
+
+
 def merge_parts(parts: list[Path], out: Path, lookup: Lookup) -> int:
     """Merge part files into ``out/features.arrow`` sorted by (video, frame).
 
@@ -327,15 +379,26 @@ def merge_parts(parts: list[Path], out: Path, lookup: Lookup) -> int:
         raise ValueError(f"{out}: no feature parts to merge")
     dim = _read_part(parts[0])[1].shape[1]
     scratch_path = Path(out) / SCRATCH_FILE
-    scratch = np.lib.format.open_memmap(scratch_path, mode="w+", dtype=np.float16, shape=(len(row_id), dim))
-    start = 0
-    for p in parts:
-        _, feats = _read_part(p)
-        scratch[dest[start:start + len(feats)]] = feats
-        start += len(feats)
-    scratch.flush()
-    write_table(Path(out) / TABLE_FILE, row_id=row_id[order], video=np.asarray(video)[order],
-                frame=np.asarray(frame)[order], split=np.asarray(split)[order], features=scratch)
-    del scratch
-    scratch_path.unlink()
+    try:  # the scratch is as large as the table (~3 GB at full scale): a failed merge never leaves it
+        with writing(scratch_path):
+            scratch = np.lib.format.open_memmap(scratch_path, mode="w+", dtype=np.float16, shape=(len(row_id), dim))
+            _reserve(scratch_path)
+            start = 0
+            for p in parts:
+                _, feats = _read_part(p)
+                scratch[dest[start:start + len(feats)]] = feats
+                start += len(feats)
+            scratch.flush()
+        bad = nonfinite_rows(scratch)
+        if len(bad):  # refused here, before a table exists, not only when it is opened
+            first = int(order[int(bad[0])])  # (scratch row i holds concatenated row order[i])
+            raise ValueError(f"{out}: {len(bad)} of {len(row_id)} rows of features are NaN or infinite (first: "
+                             f"video {video[first]} frame {int(frame[first])}, row_id {int(row_id[first])}); the "
+                             "encoder's output is not finite (weights holding NaN, or an fp16 overflow: try "
+                             "--amp none); no table written")
+        write_table(Path(out) / TABLE_FILE, row_id=row_id[order], video=np.asarray(video)[order],
+                    frame=np.asarray(frame)[order], split=np.asarray(split)[order], features=scratch)
+        del scratch
+    finally:
+        scratch_path.unlink(missing_ok=True)
     return len(row_id)

@@ -363,11 +363,11 @@ def check_finite(finite: list[float], world: int, state, loss: float, lr: float,
     if bad:
         step = state.step - len(finite) + bad[0] + 1
         last = RunFolder(run).last
-        kept = (f"{last} keeps the last checkpoint before it" if last.is_file()
-                else "no checkpoint was written before it")
+        kept = (f"stopped and {last} keeps the last checkpoint before it" if last.is_file()
+                else "stopped before any checkpoint was written")
         raise TrainingDiverged(
             f"{run}: the loss is not finite ({loss}) at step {step} (epoch {state.epoch + 1}); training "
-            f"stopped and {kept}. Lower the learning rate (lr {lr}), check the task weights, or check the data"
+            f"{kept}. Lower the learning rate (lr {lr}), check the task weights or the data"
         )
 
 

@@ -129,3 +129,27 @@ def test_huge_line_is_cut_in_the_message(tree, tmp_path):
         _index(tree, tmp_path / "index")
     msg = str(err.value)
     assert f"{victim.name}:3: non-numeric value" in msg and "20000000 characters" in msg and len(msg) < 600
+
+
+# ---- issue 24: a name that would split a line of a submission ------------------------------
+
+
+@pytest.mark.parametrize("where", ["annotation file", "image folder"])
+def test_a_video_name_holding_a_newline_is_refused_where_it_enters(tree, tmp_path, where):
+    if where == "annotation file":
+        va = next(tree.rglob("VA_Estimation_Challenge")) / "Train_Set"
+        shutil.copy(next(va.glob("*.txt")), va / "evil\nvideo.txt")
+    else:
+        video = next(p for p in (tree / "cropped_aligned").iterdir() if p.is_dir())
+        (tree / "cropped_aligned" / "evil\nvideo").mkdir()
+        shutil.copy(next(video.glob("*.jpg")), tree / "cropped_aligned" / "evil\nvideo" / "00001.jpg")
+    with pytest.raises(ValueError, match=r"name 'evil\\nvideo' contains a control character"):
+        _index(tree, tmp_path / "index")
+    assert not (tmp_path / "index" / "frames.parquet").exists()
+
+
+@pytest.mark.parametrize("name", ["a\tb", "a\rb", "a\x7fb", "..", ".", "a/b", "a\0b", "x" * 256])
+def test_the_one_safe_name_check(name):
+    from affpipe.io import is_safe_name
+
+    assert not is_safe_name(name) and is_safe_name("video_12-left.v2")

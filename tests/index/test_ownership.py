@@ -115,3 +115,30 @@ def test_an_index_of_affpipe_0_2_is_taken_over_a_lookalike_is_not(trees, tmp_pat
     code, output = _index(str(trees / "b"), "-o", str(fake))
     assert code == 1 and "not written by `affpipe index`" in _one_error(output)
     assert json.loads((fake / "index.json").read_text()) == {"schema_version": 1}
+
+
+def test_an_unmarked_index_of_another_root_is_adopted_as_that_root_and_refused(trees, tmp_path):
+    """Issue 24: adoption compares what the old index was made from, not file names."""
+    out = tmp_path / "i"
+    assert _index(str(trees / "a"), "-o", str(out))[0] == 0
+    (out / MARKER).unlink()  # an affpipe 0.2 index of tree a
+    (out / LOCK).unlink()
+    before = (out / "frames.parquet").read_bytes()
+    code, output = _index(str(trees / "b"), "-o", str(out))
+    err = _one_error(output)
+    assert code == 1 and "other inputs" in err and str(trees / "a") in err and str(trees / "b") in err
+    assert (out / "frames.parquet").read_bytes() == before
+    assert read_marker(out)["inputs"]["root"] == str((trees / "a").resolve())
+    assert _index(str(trees / "b"), "-o", str(out), "--overwrite")[0] == 0
+
+
+def test_index_at_0_bytes_free_names_the_file(trees, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def full(fd, data, offset):  # the first write into the folder: the lock's pid
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    code, output = _index(str(trees / "b"), "-o", str(tmp_path / "i"))
+    assert code == 1 and _one_error(output).startswith(f"Error: {tmp_path / 'i' / LOCK}: disk full")

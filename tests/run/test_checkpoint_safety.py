@@ -50,3 +50,23 @@ def test_load_checkpoint_refuses_hostile_and_non_checkpoint_files(tmp_path):
     torch.save(torch.zeros(2), plain)
     with pytest.raises(ValueError, match="not an affpipe checkpoint"):
         load_checkpoint(plain)
+
+
+# ---- issue 24: a truncated file is damage, not a security refusal --------------------------
+
+
+@pytest.mark.parametrize("cut", [0.5, 100, -10])
+@pytest.mark.parametrize("reader", ["checkpoint", "weight file"])
+def test_a_truncated_checkpoint_is_called_truncated_not_refused(tmp_path, cut, reader):
+    from affpipe.models.weights import read_weights
+    from affpipe.run.checkpoint import load_checkpoint
+
+    whole = tmp_path / "best.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}, "config": {}}, whole)
+    data = whole.read_bytes()
+    n = int(len(data) * cut) if isinstance(cut, float) else cut % len(data)
+    (tmp_path / "cut.pt").write_bytes(data[:n])
+    load = load_checkpoint if reader == "checkpoint" else read_weights
+    with pytest.raises(ValueError, match=rf"cut\.pt: truncated or corrupt {reader} \({n} bytes") as err:
+        load(tmp_path / "cut.pt")
+    assert "refused" not in str(err.value) and "run code" not in str(err.value)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,3 +169,104 @@ def test_kill_9_then_another_source_is_refused_and_the_same_source_resumes(runs,
     again = subprocess.run(cli(runs[0]), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
     assert sha256_file(out / "features.arrow") == sha256_file(whole / "features.arrow")
+
+
+# ---- issue 24: names from weight files, the skip path, NaN output, a failed merge ----------
+
+
+def test_a_weight_file_whose_stem_is_dotdot_never_names_a_folder(tmp_path):
+    from pathlib import Path
+
+    cfg = EmbedConfig(source="weights", shards=tmp_path, out=tmp_path / "F", backbone=("resnet18", "resnet18"),
+                      weights=(Path("/w/...pt"), Path("/w/b.pt")))  # stem ".."
+    with pytest.raises(ValueError, match=r"--weights /w/\.\.\.pt: name '\.\.' is empty or a relative folder"):
+        cfg.folders()
+    cfg = EmbedConfig(source="weights", shards=tmp_path, out=tmp_path / "F", backbone=("resnet18", "resnet18"),
+                      weights=(Path("/w/a\nb.pt"), Path("/w/b.pt")))
+    with pytest.raises(ValueError, match="control character"):
+        cfg.folders()
+
+
+def test_a_temporal_head_on_a_table_embedded_with_weights_starts_its_skip_path_fresh(shard_dir, tmp_path):
+    from affpipe.temporal.train import build_model_for
+
+    from affpipe.temporal.features import open_features, source_checkpoint
+
+    weights = tmp_path / "backbone.pt"
+    torch.save(build_model(ModelConfig()).backbone.state_dict(), weights)
+    out = tmp_path / "F"
+    manifest = embed(_cfg("weights", shard_dir, out, weights=(weights,), image_size=32))
+    assert manifest["source_kind"] == "weights" and source_checkpoint(out, manifest) is None
+    table = open_features(out)
+    cfg = TrainConfig.of(task="mtl", features=out, image_size=32)
+    model = build_model_for(cfg, table.dim, table)  # was: "backbone.pt: not an affpipe checkpoint"
+    assert model is not None
+
+
+def test_a_table_from_a_run_still_starts_its_skip_path_from_its_heads(whole, runs):
+    from affpipe.temporal.features import read_manifest, source_checkpoint
+
+    assert source_checkpoint(whole, read_manifest(whole)).resolve() == runs[0].resolve()
+
+
+def _parts_of(tmp_path, feats):
+    from affpipe.temporal.features import write_part
+
+    (tmp_path / "parts").mkdir()
+    n = len(feats)
+    part = write_part(tmp_path / "parts" / "train-000000.arrow", np.arange(n), feats)
+    lookup = lambda rid: (np.array(["v"] * len(rid), object), np.asarray(rid, np.int32) + 1,  # noqa: E731
+                          np.array(["train"] * len(rid), object))
+    return [part], lookup
+
+
+def test_an_all_nan_table_is_refused_before_it_is_written(tmp_path):
+    from affpipe.temporal.features import SCRATCH_FILE, TABLE_FILE, merge_parts
+
+    parts, lookup = _parts_of(tmp_path, np.full((6, 4), np.nan, np.float16))
+    with pytest.raises(ValueError, match=r"6 of 6 rows of features are NaN or infinite \(first: video v frame 1"):
+        merge_parts(parts, tmp_path, lookup)
+    assert not (tmp_path / TABLE_FILE).exists() and not (tmp_path / SCRATCH_FILE).exists()
+
+
+def test_a_merge_on_a_full_disk_leaves_no_scratch_and_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from affpipe.temporal.features import SCRATCH_FILE, TABLE_FILE, merge_parts
+
+    parts, lookup = _parts_of(tmp_path, np.ones((6, 4), np.float16))
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(features_mod, "write_table", full)
+    with pytest.raises(OSError, match="No space left"):
+        merge_parts(parts, tmp_path, lookup)
+    assert not (tmp_path / SCRATCH_FILE).exists() and not (tmp_path / TABLE_FILE).exists()
+
+
+def test_a_merge_on_a_full_disk_fails_at_the_reservation_naming_the_scratch(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from affpipe.temporal.features import SCRATCH_FILE, TABLE_FILE, merge_parts
+
+    parts, lookup = _parts_of(tmp_path, np.ones((6, 4), np.float16))
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=rf"^{tmp_path / SCRATCH_FILE}: disk full"):
+        merge_parts(parts, tmp_path, lookup)
+    assert not (tmp_path / SCRATCH_FILE).exists() and not (tmp_path / TABLE_FILE).exists()
+
+
+def test_embed_with_nan_weights_is_refused_at_the_first_part_and_writes_no_table(shard_dir, tmp_path):
+    backbone = build_model(ModelConfig()).backbone.state_dict()
+    backbone = {k: torch.full_like(v, float("nan")) if k.endswith("conv1.weight") else v for k, v in backbone.items()}
+    torch.save(backbone, tmp_path / "nan.pt")
+    out = tmp_path / "F"
+    with pytest.raises(ValueError, match=r"parts/train-000000\.arrow: \d+ of \d+ frames embedded by .*nan\.pt are NaN"):
+        embed(_cfg("weights", shard_dir, out, weights=(tmp_path / "nan.pt",), image_size=32))
+    assert not (out / "features.arrow").exists() and not list(out.rglob("*.arrow"))

@@ -155,11 +155,18 @@ def test_evaluation_variants_write_files_of_their_own(tmp_path):
 
 
 def test_best_is_the_start_is_said(tmp_path):
-    from affpipe.train.evaluate import write_eval
+    """A kind whose step-0 state is a best.pt candidate (temporal) marks an evaluation of that
+    state; eval.md says it; a per-frame kind never does."""
+    from affpipe.run.config import TrainConfig
+    from affpipe.runs.kinds import kind_named
+    from affpipe.train.evaluate import report_evaluation
 
-    (tmp_path / "config.json").write_text(json.dumps({"task": "va", "features": ["feats"]}))
-    write_eval(tmp_path, {"task": "va", "split": "val", "va_ccc": 0.4, "step": 0})
-    assert json.loads((tmp_path / "eval.json").read_text())["best_is_start"] is True
-    assert "Best is the start (no step improved)" in (tmp_path / "eval.md").read_text()
-    write_eval(tmp_path, {"task": "va", "split": "val", "va_ccc": 0.4, "step": 10})
-    assert "Best is the start" not in (tmp_path / "eval.md").read_text()
+    assert kind_named("temporal").start_is_candidate and not kind_named("frames").start_is_candidate
+    s = _state([f"v{i}" for i in range(4)])
+    cfg = TrainConfig.of(task="mtl")
+    for step, said in ((0, True), (10, False)):
+        report_evaluation(s["acc"], 120, cfg, tmp_path / "best.pt", {"step": step}, "val", start_is_candidate=True)
+        assert json.loads((tmp_path / "eval.json").read_text())["best_is_start"] is said
+        assert ("Best is the start (no step improved)" in (tmp_path / "eval.md").read_text()) is said
+    report_evaluation(s["acc"], 120, cfg, tmp_path / "best.pt", {"step": 0}, "val")
+    assert "best_is_start" not in json.loads((tmp_path / "eval.json").read_text())

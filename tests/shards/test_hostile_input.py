@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -248,3 +249,95 @@ def test_index_beside_the_shards_moves_with_them(small, tmp_path):
     shutil.rmtree(moved / "index")
     with pytest.raises(FileNotFoundError, match="pass --index"):
         manifest_index(moved / "shards" / "tiny")
+
+
+# ---- issue 24: symlinked split and state folders; a full disk ------------------------------
+
+
+@pytest.mark.parametrize("folder", ["split", ".state"])
+def test_a_symlinked_split_or_state_folder_is_refused_and_the_users_files_kept(small, tmp_path, folder):
+    out = tmp_path / "shards"
+    manifest = _shard(small[1], out)
+    split = next(iter(manifest["splits"]))
+    name = split if folder == "split" else ".state"
+    user = tmp_path / "userS"
+    user.mkdir()
+    stale = f"{split}-000007.tar" if folder == "split" else f"{split}-000007.json"  # named as ours would be
+    (user / stale).write_text("the user's\n")
+    shutil.rmtree(out / name)
+    os.symlink(user, out / name)
+    with pytest.raises(FileExistsError, match=rf"{name} \(symlink\)"):
+        _shard(small[1], out)
+    assert sorted(p.name for p in user.iterdir()) == [stale] and (user / stale).read_text() == "the user's\n"
+
+
+def test_a_symlink_deeper_in_a_split_folder_is_refused(small, tmp_path):
+    out = tmp_path / "shards"
+    manifest = _shard(small[1], out)
+    split = next(iter(manifest["splits"]))
+    (tmp_path / "elsewhere").write_text("x")
+    os.symlink(tmp_path / "elsewhere", out / split / f"{split}-000009.tar")
+    with pytest.raises(FileExistsError, match=rf"{split}/{split}-000009\.tar \(symlink\)"):
+        _shard(small[1], out)
+    assert (tmp_path / "elsewhere").read_text() == "x"
+
+
+def test_a_full_disk_leaves_no_temporary_of_a_stopped_worker(small, tmp_path, monkeypatch):
+    import errno
+
+    import affpipe.shards.write as write_mod
+
+    def stopped(spec):  # a worker stopped mid-shard (pool.terminate): its .tar.tmp stays behind
+        spec.tar.with_name(spec.tar.name + ".tmp").write_bytes(b"")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(write_mod, "write_shard", stopped)
+    with pytest.raises(OSError):
+        _shard(small[1], tmp_path / "full")
+    assert not list((tmp_path / "full").rglob("*.tmp"))
+
+
+def test_a_full_disk_at_the_lock_names_the_lock_file(small, tmp_path, monkeypatch):
+    import errno
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError, match=rf"^{tmp_path / 'full' / '.lock'}: disk full"):
+        _shard(small[1], tmp_path / "full")
+
+
+def test_a_val_shard_listed_under_train_is_never_read_as_train(shards, tmp_path):
+    from affpipe.loaders import make_loader
+
+    out = tmp_path / "s"
+    shutil.copytree(shards, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"].append(dict(manifest["splits"]["val"]["shards"][0]))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    pattern = r"splits\.train\.shards\[\d+\]\.file: 'val/val-000000\.tar' is not a train shard's name"
+    with pytest.raises(ValueError, match=pattern):
+        make_loader(out, "train", batch_size=4, train=False, backend="torch", num_workers=0)
+    with pytest.raises(ValueError, match=pattern):
+        verify_shards(out)
+
+
+@pytest.mark.parametrize("rel, what", [("train/old/train-000001.tar", "file"), (".state/old/train-000001.json", "file"),
+                                       ("train/old", "link to a folder"), (".state/train-000003.json", "link to a file"),
+                                       ("notes/deep/a.txt", "file")])
+def test_user_files_and_links_at_each_depth_of_a_shard_folder_are_refused_and_kept(small, tmp_path, rel, what):
+    out = tmp_path / "shards"
+    _shard(small[1], out)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "train-000001.tar").write_text("the user's\n")
+    (out / rel).parent.mkdir(parents=True, exist_ok=True)
+    if what == "file":
+        (out / rel).write_text("the user's\n")
+    else:
+        os.symlink(elsewhere if what == "link to a folder" else elsewhere / "train-000001.tar", out / rel)
+    with pytest.raises(FileExistsError, match=re.escape(rel)):
+        _shard(small[1], out, seed=1, overwrite=True)
+    assert os.path.lexists(out / rel) and (elsewhere / "train-000001.tar").read_text() == "the user's\n"
+    assert verify_shards(out) == []

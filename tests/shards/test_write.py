@@ -199,13 +199,18 @@ def test_resume_after_kill(index, shards, tmp_path):
 def test_rerun_with_fewer_shards_removes_stale_ones(index, tmp_path):
     out = tmp_path / "s"
     write_shards(ShardConfig(index=index, out=out, split="val", samples_per_shard=5, workers=1))
-    assert len(list((out / "val").glob("*.tar"))) > 2
-    write_shards(ShardConfig(index=index, out=out, split="val", samples_per_shard=1000, workers=1))
+    before = sorted(p.name for p in (out / "val").iterdir())
+    assert len(before) > 4
+    # issue 24: nothing shard wrote is deleted without --overwrite; other options are refused naming them
+    with pytest.raises(FileExistsError, match=r"samples_per_shard: 5 \(in the folder\) vs 1000 \(now\).*--overwrite"):
+        write_shards(ShardConfig(index=index, out=out, split="val", samples_per_shard=1000, workers=1))
+    assert sorted(p.name for p in (out / "val").iterdir()) == before
+    write_shards(ShardConfig(index=index, out=out, split="val", samples_per_shard=1000, workers=1, overwrite=True))
     assert sorted(p.name for p in (out / "val").iterdir()) == ["val-000000.idx", "val-000000.tar"]
     assert verify_shards(out) == []
     # Same shard names, another seed: every shard is rewritten, none is wrongly reused.
-    write_shards(ShardConfig(index=index, out=out, split="train", samples_per_shard=20, workers=1, seed=0))
-    write_shards(ShardConfig(index=index, out=out, split="train", samples_per_shard=20, workers=1, seed=9))
+    write_shards(ShardConfig(index=index, out=out, split="train", samples_per_shard=20, workers=1, seed=0, overwrite=True))
+    write_shards(ShardConfig(index=index, out=out, split="train", samples_per_shard=20, workers=1, seed=9, overwrite=True))
     fresh = tmp_path / "fresh"
     write_shards(ShardConfig(index=index, out=fresh, split="train", samples_per_shard=20, workers=1, seed=9))
     assert {k: v for k, v in _tree_bytes(out).items() if not k.startswith("val")} == _tree_bytes(fresh)

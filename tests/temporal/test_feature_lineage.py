@@ -150,3 +150,32 @@ def test_features_and_index_moved_together_still_open(data, tmp_path):
     moved = tmp_path / "elsewhere"
     shutil.move(str(data), str(moved))
     assert len(open_features(moved / "feats")) > 0
+
+
+# ---- issue 24: every column a consumer uses is checked against the index -------------------
+
+
+def test_a_validation_video_relabelled_train_is_refused_at_open(data):
+    t = read_table(data / "feats")
+    val = t.rows_of("val")
+    video = t.videos[t.video[val[0]]]
+    rows = val[t.video[val] == t.video[val[0]]]
+    split = np.array(t.split, dtype=object)
+    split[rows] = "train"  # evaluate would score part of validation as training, train would train on it
+    feats, vids = np.array(t.features), np.asarray(t.videos, object)[t.video]
+    row_id, frame = t.row_id.copy(), t.frame.copy()
+    del t
+    write_table(data / "feats" / "features.arrow", row_id=row_id, video=vids, frame=frame, split=split, features=feats)
+    with pytest.raises(ValueError, match=rf"{len(rows)} rows carry another split than in the index .*video {video} "
+                                         r"frame \d+ .* is 'train' here, val there"):
+        open_features(data / "feats")
+    err = _train(data)
+    assert "carry another split" in err
+
+
+def test_weights_with_features_is_refused_not_ignored(data, tmp_path):
+    (tmp_path / "w.pt").write_bytes(b"x")
+    result = CliRunner().invoke(main, ["train", "--task", "mtl", "--features", str(data / "feats"), "-o",
+                                       str(data / "run"), "--device", "cpu", "--weights", str(tmp_path / "w.pt")])
+    assert result.exit_code == 2 and "Error: --weights initializes a per-frame backbone" in result.output
+    assert "--features" in result.output and not (data / "run").exists()

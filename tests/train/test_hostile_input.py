@@ -114,3 +114,25 @@ def test_train_and_predict_after_moving_shards_and_index(mtl_run, shard_dir, tmp
         _predict(tmp_path / "run" / "best.pt", shards, tmp_path / "pred2", "abaw-single", loader=TORCH)
     _predict(tmp_path / "run" / "best.pt", shards, tmp_path / "pred2", "abaw-single", loader=TORCH,
              index=tmp_path / "idx-elsewhere")
+
+
+# ---- issue 24: a NaN task weight -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weights", [(math.nan, 1.0, 1.0), (1.0, math.inf, 1.0)])
+def test_a_nonfinite_task_weight_is_refused_before_training(weights):
+    from affpipe.scoring.tasks import LossConfig
+
+    with pytest.raises(ValueError, match=r"task_weights must be 3 finite non-negative floats"):
+        LossConfig(task_weights=weights)
+
+
+def test_a_loss_that_diverges_before_any_checkpoint_names_no_missing_file(tmp_path):
+    from affpipe.train.loop import TrainingDiverged, check_finite
+
+    class State:
+        step, epoch = 1, 0
+
+    with pytest.raises(TrainingDiverged, match="stopped before any checkpoint was written") as err:
+        check_finite([0.0], 1, State(), math.nan, 1e-3, tmp_path)
+    assert "last.pt" not in str(err.value)
