@@ -1,0 +1,35 @@
+"""Shared fixtures of the crop tests: small videos of a real face, cropped once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("facenet_pytorch", reason="affpipe crop needs facenet-pytorch (make install)")
+pytest.importorskip("skimage", reason="the test face is scikit-image's astronaut (the dev extra)")
+
+from video import media  # noqa: E402  (tests/ is on sys.path: pyproject's pythonpath)
+
+# Settings for the small test videos: a 4-frame track is a real one here.
+TEST_SETTINGS = {"min_track": 4, "progress": False, "workers": 2}
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory) -> Path:
+    """clips/single.avi (one face moving, growing, tilting; frames 7-9 blank) and clips/pair.avi
+    (a second, mirrored face on the right from frame 4)."""
+    root = tmp_path_factory.mktemp("clips")
+    media.write_video(root / "single.avi", media.single_face_frames())
+    media.write_video(root / "pair.avi", media.two_face_frames())
+    return root
+
+
+@pytest.fixture(scope="session")
+def cropped(clips, tmp_path_factory) -> tuple[Path, dict]:
+    """The tree ``affpipe crop clips/`` writes, and its summary."""
+    from affpipe.video import CropConfig, crop
+
+    tree = tmp_path_factory.mktemp("crop") / "tree"
+    summary = crop(CropConfig(inputs=(clips,), out=tree, **TEST_SETTINGS))
+    return tree, summary
