@@ -10,9 +10,7 @@ pytest.importorskip("facenet_pytorch", reason="affpipe crop needs facenet-pytorc
 pytest.importorskip("skimage", reason="the test face is scikit-image's astronaut (the dev extra)")
 
 from video import media  # noqa: E402  (tests/ is on sys.path: pyproject's pythonpath)
-
-# Settings for the small test videos: a 4-frame track is a real one here.
-TEST_SETTINGS = {"min_track": 4, "progress": False, "workers": 2}
+from video.media import TEST_SETTINGS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
