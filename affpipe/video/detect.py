@@ -9,6 +9,7 @@ five points of the ArcFace/InsightFace 112×112 template the crops are aligned t
 from __future__ import annotations
 
 import importlib.metadata
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from affpipe._optional import import_mtcnn
+from affpipe.video.mtcnn import detect_batch
 
 CROP_SIZE = 112
 # ArcFace/InsightFace's 112×112 five-point template: left eye, right eye, nose, mouth left, mouth right
@@ -65,7 +67,7 @@ class FaceDetector:
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             nets.append(net.to(device).eval())
         self.pnet, self.rnet, self.onet = nets
-        self._detect_face = mod.detect_face
+        self._helpers = sys.modules[mod.detect_face.__module__]  # facenet-pytorch's box arithmetic
         self.device = torch.device(device)
         self.min_face = min_face
         self.thresholds = list(thresholds)
@@ -75,8 +77,9 @@ class FaceDetector:
         """Faces of ``frames_rgb`` (``[B,H,W,3]`` uint8), divided by ``scale`` (the factor the
         frames were shrunk by for detection) to full-resolution coordinates."""
         with torch.inference_mode():
-            boxes, points = self._detect_face(frames_rgb, self.min_face, self.pnet, self.rnet, self.onet,
-                                              self.thresholds, self.factor, self.device)
+            boxes, points = detect_batch(frames_rgb, (self.pnet, self.rnet, self.onet), self._helpers,
+                                         min_face=self.min_face, thresholds=self.thresholds, factor=self.factor,
+                                         device=self.device)
         out = []
         for box, pts in zip(boxes, points, strict=True):
             box = np.asarray(box, np.float64).reshape(-1, 5)
