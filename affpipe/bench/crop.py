@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import statistics
 import sys
@@ -123,6 +124,7 @@ def bench_crop(out: Path, *, frames: int = 48, repeats: int = 3) -> dict:
     (out / "work").mkdir(parents=True)
     video = out / "work" / "clip.avi"
     face = make_video(video, frames)
+    load = [round(os.getloadavg()[0], 1)] if hasattr(os, "getloadavg") else []
     rates: dict[str, list[float]] = {"naive": [], "naive_affpipe_detector": [], "crop": []}
     runs = (("naive", naive_loop), ("naive_affpipe_detector", lambda v, o: naive_loop(v, o, stock=False)),
             ("crop", crop_pipeline))
@@ -133,6 +135,7 @@ def bench_crop(out: Path, *, frames: int = 48, repeats: int = 3) -> dict:
             n = fn(video, dst)
             rates[name].append(n / (time.perf_counter() - t0))
             shutil.rmtree(dst)
+    load += [round(os.getloadavg()[0], 1)] if hasattr(os, "getloadavg") else []
     med = {k: statistics.median(v) for k, v in rates.items()}
     naive, fast = med["naive"], med["crop"]
     shutil.rmtree(out / "work", ignore_errors=True)
@@ -140,7 +143,8 @@ def bench_crop(out: Path, *, frames: int = 48, repeats: int = 3) -> dict:
             "naive_fps": round(naive, 2), "naive_affpipe_detector_fps": round(med["naive_affpipe_detector"], 2),
             "crop_fps": round(fast, 2), "ratio": round(fast / naive, 2),
             "ratio_vs_affpipe_detector": round(fast / med["naive_affpipe_detector"], 2),
-            "runs_fps": {k: [round(x, 2) for x in v] for k, v in rates.items()}, "target_ratio": TARGET_RATIO}
+            "runs_fps": {k: [round(x, 2) for x in v] for k, v in rates.items()}, "target_ratio": TARGET_RATIO,
+            "load_average_1min": load}  # at start and end: above the cores, the machine was shared
 
 
 def crop_markdown(row: dict, machine: dict) -> str:
@@ -149,7 +153,9 @@ def crop_markdown(row: dict, machine: dict) -> str:
         return f"Machine: {machine_line(machine)}. Not measured: {row['error']}"
     met = "met" if row["ratio"] >= TARGET_RATIO else "NOT met"
     return "\n".join([
-        f"Machine: {machine_line(machine)}. Clip: {row['video']}; CPU, {row['torch_threads']} torch threads; "
+        f"Machine: {machine_line(machine)}; {machine.get('date', '')[:10]}; 1-min load average at start/end "
+        f"{row.get('load_average_1min')} on {row['cores']} cores (above the cores: other work shared the machine). "
+        f"Clip: {row['video']}; CPU, {row['torch_threads']} torch threads; "
         f"median of {len(row['runs_fps']['crop'])} alternating runs, "
         "the detector loaded inside each timed run.",
         "",

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from affpipe.dist import usable_cores
 from affpipe.io import atomic_write_text, write_parquet
-from affpipe.outdir import Claim, Owner, claim, preflight
+from affpipe.outdir import Claim, Owner, claim
 from affpipe.video.detect import ALIGNMENT, CROP_SIZE, TEMPLATE_112, FaceDetector, detector_version
 from affpipe.video.pipeline import VideoFaces, find_faces
 from affpipe.video.sources import Source, find_sources, probe
@@ -102,16 +103,15 @@ def crop(cfg: CropConfig) -> dict:
     for s in sources:
         probe(s)
     inputs = {"sources": {s.name: s.fingerprint() for s in sources}, "settings": cfg.settings()}
-    preflight(cfg.out, CROP_OWNER, inputs, overwrite=cfg.overwrite)
     names = {s.name for s in sources}
     records: list[dict] = []
+    # the detector is loaded before the folder is claimed: a missing package leaves nothing behind
+    todo = cfg.overwrite or any(_done_record(Path(cfg.out), s.name) is None for s in sources)
+    detector = FaceDetector(_device(cfg.device), cfg.min_face) if todo else None
     with claim(cfg.out, CROP_OWNER, inputs, overwrite=cfg.overwrite) as folder:
-        todo = [s for s in sources if _done_record(folder, s.name) is None]
-        detector = FaceDetector(_device(cfg.device), cfg.min_face) if todo else None
-        workers = cfg.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="crop-encode") as pool:
+        with ThreadPoolExecutor(cfg.workers or usable_cores(), thread_name_prefix="crop-encode") as pool:
             for s in sources:
-                rec = _done_record(folder, s.name)
+                rec = _done_record(folder.out, s.name)
                 if rec is None:
                     rec = _crop_one(s, folder, detector, pool, cfg, names - {s.name})
                 else:
@@ -123,8 +123,8 @@ def crop(cfg: CropConfig) -> dict:
     return summary
 
 
-def _done_record(folder: Claim, name: str) -> dict | None:
-    path = folder.out / TABLES / f"{name}.done.json"
+def _done_record(out: Path, name: str) -> dict | None:
+    path = out / TABLES / f"{name}.done.json"
     if not path.is_file() or path.is_symlink():
         return None
     try:

@@ -67,7 +67,7 @@ def _reader(source: Source, info: FrameInfo, detect_size: int, batch_size: int, 
 
 
 def _batches(source: Source, info: FrameInfo, detect_size: int, batch_size: int) -> Iterator[list]:
-    q: queue.Queue = queue.Queue(maxsize=3)  # bounds the full-resolution frames held in memory
+    q: queue.Queue = queue.Queue(maxsize=2)  # bounds the full-resolution frames held in memory
     stop = threading.Event()
     th = threading.Thread(target=_reader, args=(source, info, detect_size, batch_size, q, stop),
                           name="crop-reader", daemon=True)

@@ -101,6 +101,19 @@ def test_two_inputs_of_one_name_are_refused(tmp_path):
     _one_error(_run("crop", str(a), str(b), "-o", str(tmp_path / "tree"), *FLAGS), "a.avi")
 
 
+def test_a_missing_detector_package_is_one_line_saying_how_to_install_it(tmp_path, monkeypatch):
+    from affpipe import _optional
+    from affpipe.video import detect
+
+    def missing():
+        raise ImportError(_optional.MTCNN_HINT)
+
+    monkeypatch.setattr(detect, "import_mtcnn", missing)
+    clip = _face_video(tmp_path / "v.avi", 1)
+    _one_error(_run("crop", str(clip), "-o", str(tmp_path / "tree"), *FLAGS), "pip install --no-deps facenet-pytorch")
+    assert not (tmp_path / "tree").exists()
+
+
 def test_symlinks_in_the_output_are_refused(tmp_path):
     clip = _face_video(tmp_path / "v.avi", 1)
     (tmp_path / "tree").mkdir()
