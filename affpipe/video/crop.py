@@ -111,6 +111,7 @@ def crop(cfg: CropConfig) -> dict:
     with claim(cfg.out, CROP_OWNER, inputs, overwrite=cfg.overwrite) as folder:
         with ThreadPoolExecutor(cfg.workers or usable_cores(), thread_name_prefix="crop-encode") as pool:
             for s in sources:
+                _tidy(folder, s.name)
                 rec = _done_record(folder.out, s.name)
                 if rec is None:
                     rec = _crop_one(s, folder, detector, pool, cfg, names - {s.name})
@@ -132,6 +133,16 @@ def _done_record(out: Path, name: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return rec if isinstance(rec, dict) and rec.get("name") == name else None
+
+
+def _tidy(folder: Claim, name: str) -> None:
+    """Remove what a kill can leave of video ``name`` beside whole files: temporaries of the
+    atomic writes, and the plan of a video whose done record was written just before the kill."""
+    tables = folder.out / TABLES
+    for suffix in (".parquet.tmp", ".plan.json.tmp", ".done.json.tmp"):
+        (tables / f"{name}{suffix}").unlink(missing_ok=True)
+    if _done_record(folder.out, name) is not None:
+        (tables / f"{name}.plan.json").unlink(missing_ok=True)
 
 
 def _clean_unfinished(folder: Claim, name: str) -> None:

@@ -5,12 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("facenet_pytorch", reason="affpipe crop needs facenet-pytorch (make install)")
-pytest.importorskip("skimage", reason="the test face is scikit-image's astronaut (the dev extra)")
-
-from video import media  # noqa: E402  (tests/ is on sys.path: pyproject's pythonpath)
-from video.media import TEST_SETTINGS  # noqa: E402
+from video import media  # tests/ is on sys.path (pyproject's pythonpath)
+from video.media import TEST_SETTINGS
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,15 @@ import numpy as np
 W, H = 200, 112
 # crop settings for these small videos: a 4-frame track is a real one here.
 TEST_SETTINGS = {"min_track": 4, "progress": False, "workers": 2}
+
+
+def need_detector_and_face() -> None:
+    """Skip the calling test module where facenet-pytorch or scikit-image is not installed."""
+    import pytest
+
+    pytest.importorskip("facenet_pytorch", reason="affpipe crop needs facenet-pytorch (make install)",
+                        exc_type=ImportError)
+    pytest.importorskip("skimage", reason="the test face is scikit-image's astronaut (the dev extra)")
 FPS = 25
 
 

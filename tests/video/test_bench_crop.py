@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from video import media
 
 from affpipe.bench.crop import bench_crop, crop_markdown
+
+media.need_detector_and_face()
 
 
 def test_the_crop_row_compares_crop_with_the_naive_loop(tmp_path):

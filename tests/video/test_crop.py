@@ -15,6 +15,8 @@ from video import media
 from affpipe.cli import main
 from affpipe.video import TEMPLATE_112, FaceDetector, similarity_matrix
 
+media.need_detector_and_face()
+
 
 def _table(tree: Path, video: str):
     return pq.read_table(tree / "crop_tables" / f"{video}.parquet").to_pylist()

@@ -21,6 +21,8 @@ from video.media import TEST_SETTINGS
 from affpipe.cli import main
 from affpipe.video import CropConfig, crop
 
+media.need_detector_and_face()
+
 FLAGS = ["--min-track", "1", "--workers", "2", "--no-progress"]
 
 
@@ -262,6 +264,16 @@ def test_an_unfinished_video_is_redone_cleanly(small, tmp_path):
     (tree / "cropped_aligned" / "b" / "00004.jpg.tmp").write_bytes(b"x")
     s = crop(CropConfig(inputs=(small / "in",), out=tree, **TEST_SETTINGS))
     assert s["resumed"] == 1 and _files(tree) == _files(small / "ref")
+
+
+def test_leftovers_of_a_kill_between_writes_are_tidied(small, tmp_path):
+    tree = tmp_path / "tree"
+    shutil.copytree(small / "ref", tree)
+    (tree / "crop_tables" / "a.plan.json").write_text('{"name": "a", "folders": ["a"]}')  # done, then killed
+    for name in ("a.done.json.tmp", "b.parquet.tmp", "b.plan.json.tmp"):
+        (tree / "crop_tables" / name).write_bytes(b"half")
+    s = crop(CropConfig(inputs=(small / "in",), out=tree, **TEST_SETTINGS))
+    assert s["resumed"] == 2 and _files(tree) == _files(small / "ref")
 
 
 def test_kill_9_then_rerun_gives_the_same_bytes(small, tmp_path):
