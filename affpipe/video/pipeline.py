@@ -48,17 +48,20 @@ def _reader(source: Source, info: FrameInfo, detect_size: int, batch_size: int, 
     ``batch_size`` frames and where the detector's input size changes (photos)."""
     try:
         batch: list = []
+        shape = None  # the detector input size of the batch (frames that failed to decode have none)
         for frame_no, t, bgr in read_frames(source, info):
             if stop.is_set():
                 return
             small, scale = shrink_for_detection(bgr, detect_size) if bgr is not None else (None, 1.0)
-            if batch and small is not None and batch[-1][3] is not None and batch[-1][3].shape != small.shape:
+            if small is not None and shape is not None and small.shape != shape:
                 out.put(batch)
                 batch = []
+            if small is not None:
+                shape = small.shape
             batch.append((frame_no, t, bgr, small, scale))
             if len(batch) == batch_size:
                 out.put(batch)
-                batch = []
+                batch, shape = [], None
         if batch:
             out.put(batch)
         out.put(_DONE)

@@ -118,3 +118,22 @@ def test_index_reads_the_bare_tree(cropped, tmp_path):
     tree, _ = cropped
     res = CliRunner().invoke(main, ["index", str(tree), "-o", str(tmp_path / "idx")])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.gpu
+def test_cuda_finds_the_same_tracks_as_the_cpu(clips, cropped, tmp_path):
+    """The batched stages on the GPU: same tracks and crops, landmarks within a pixel of the CPU's."""
+    from video.media import TEST_SETTINGS
+
+    from affpipe.video import CropConfig, crop
+
+    tree, cpu = cropped
+    gpu = crop(CropConfig(inputs=(clips,), out=tmp_path / "tree", device="cuda", **TEST_SETTINGS))
+    assert [(r["name"], r["tracks"]) for r in gpu["per_video"]] == [(r["name"], r["tracks"]) for r in cpu["per_video"]]
+    assert {r["device"] for r in gpu["per_video"]} == {"cuda"}
+    for video in ("single", "pair"):
+        a, b = _table(tree, video), _table(tmp_path / "tree", video)
+        for ra, rb in zip(a, b, strict=True):
+            assert ra["frame"] == rb["frame"] and ra["folder"] == rb["folder"]
+            if ra["landmarks"]:
+                assert np.abs(np.subtract(ra["landmarks"], rb["landmarks"])).max() < 1.0

@@ -171,9 +171,16 @@ def odd(tmp_path_factory):
     cv2.imwrite(str(photos / "a_big.jpg"), big)
     (photos / "b_broken.jpg").write_bytes(b"\xff\xd8 not really")
     (photos / "c_readme.txt").write_text("x")
+    mixed = root / "mixed sizes"  # photos of two sizes with a broken one between: batches never mix sizes
+    mixed.mkdir()
+    for name, (w, h) in (("1.jpg", (300, 200)), ("3.jpg", (320, 240))):
+        img = np.full((h, w, 3), 90, np.uint8)
+        media.place(img, media.astronaut_face(), 150, 100)
+        cv2.imwrite(str(mixed / name), img)
+    (mixed / "2.jpg").write_bytes(b"")
     hidden = _face_video(root / ".hidden.avi", 1)
     tree = root / "tree with space"
-    res = _run("crop", str(src), str(photos), str(hidden), "-o", str(tree), *FLAGS)
+    res = _run("crop", str(src), str(photos), str(mixed), str(hidden), "-o", str(tree), *FLAGS)
     return tree, res
 
 
@@ -217,7 +224,9 @@ def test_a_huge_photo_is_detected_small_and_cropped_from_full_resolution(odd):
     assert rows[0]["time"] is None and rows[0]["box"][2] - rows[0]["box"][0] > 200  # full-resolution pixels
     assert rows[1]["box"] is None  # the broken photo: a frame number with no face
     assert cv2.imread(str(tree / "cropped_aligned" / "holiday photos" / "00001.jpg")).shape == (112, 112, 3)
-    assert "unreadable photos (frames without a crop): 1" in res.output
+    assert "unreadable photos (frames without a crop): 2" in res.output
+    rec = _video(tree, "mixed sizes")
+    assert rec["frames"] == 3 and rec["bad_frames"] == 1 and rec["tracks"] == {"mixed sizes": 2}
     assert "not read (neither video nor photo): 1 file(s)" in res.output
 
 
