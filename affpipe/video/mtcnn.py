@@ -6,7 +6,7 @@ resized differs from its ``detect_face``. There every pyramid level is resized a
 and every candidate box is cropped and resized by its own ``interpolate(mode="area")`` call —
 on a CPU that was half of the detector's time (~2.5 ms a candidate, ~75 candidates a frame).
 Here the pyramid and the candidates are resized by ``cv2.resize(INTER_AREA)`` on the uint8 frame
-(the same area averaging, ~20 µs a candidate, the GIL released), and the networks get one batch
+(the same area averaging, ~0.2 ms a candidate on the same busy machine, the GIL released), and the networks get one batch
 per stage. A candidate box of zero size is dropped together with its box (facenet-pytorch skips
 its image but keeps the box, which shifts the ones after it).
 """
