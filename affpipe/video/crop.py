@@ -102,7 +102,8 @@ def crop(cfg: CropConfig) -> dict:
     sources, ignored = find_sources(tuple(Path(p) for p in cfg.inputs))
     for s in sources:
         probe(s)
-    inputs = {"sources": {s.name: s.fingerprint() for s in sources}, "settings": cfg.settings()}
+    # flat, so a refusal names just what changed ("min_track: 4 ... vs 5", "source a: ...")
+    inputs = cfg.settings() | {f"source {s.name}": s.fingerprint() for s in sources}
     names = {s.name for s in sources}
     records: list[dict] = []
     # the detector is loaded before the folder is claimed: a missing package leaves nothing behind

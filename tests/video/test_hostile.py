@@ -139,7 +139,8 @@ def test_other_inputs_are_refused_and_overwrite_replaces_only_crops_files(tmp_pa
     tree = tmp_path / "tree"
     assert _run("crop", str(a), "-o", str(tree), *FLAGS).exit_code == 0
     err = _one_error(_run("crop", str(b), "-o", str(tree), *FLAGS), "--overwrite")
-    assert "other inputs" in err
+    assert "other inputs" in err and "source a" in err and "source b" in err
+    _one_error(_run("crop", str(a), "-o", str(tree), *FLAGS, "--min-score", "0.5"), "min_score: 0.9 (in the folder) vs 0.5")
     res = _run("crop", str(b), "-o", str(tree), "--overwrite", *FLAGS)
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tree / "cropped_aligned").iterdir()) == ["b"]
