@@ -29,6 +29,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[dev]'
+	# affpipe crop's face detector (weights in its wheel); its metadata pins an old torch: no deps
+	$(PY) -m pip install -q --no-deps 'facenet-pytorch>=2.5.3'
 	touch $(STAMP)
 
 demo: install

@@ -38,3 +38,18 @@ def import_summary_writer() -> type:
         return importlib.import_module("torch.utils.tensorboard").SummaryWriter
     except Exception as exc:  # ImportError: tensorboard missing (torch's module imports it)
         raise ImportError(TENSORBOARD_HINT) from exc
+
+
+MTCNN_HINT = (
+    "affpipe crop needs facenet-pytorch (its MTCNN face detector ships its weights in the wheel): "
+    "pip install --no-deps facenet-pytorch requests (or make install)"
+)
+
+
+def import_mtcnn() -> ModuleType:
+    """``facenet_pytorch.models.mtcnn`` (PNet, RNet, ONet, detect_face; the weights in
+    ``facenet_pytorch/data/``), or an ImportError that says how to get it."""
+    try:
+        return importlib.import_module("facenet_pytorch.models.mtcnn")
+    except Exception as exc:  # ImportError: the package, or `requests` it imports, is missing
+        raise ImportError(f"{MTCNN_HINT} ({type(exc).__name__}: {exc})") from exc

@@ -39,6 +39,8 @@ CASES = {
     "embed-missing": ["embed", "{MISSING}", "--shards", "{EMPTY}", "-o", "{OUT}/f"],
     "train-features-empty": ["train", "--task", "mtl", "--features", "{EMPTY}", "-o", "{OUT}/run"],
     "evaluate-temporal-empty": ["evaluate", "{EMPTY}", "--tune-smoothing"],
+    "crop-missing": ["crop", "{MISSING}", "-o", "{OUT}/tree"],
+    "crop-empty": ["crop", "{EMPTY}", "-o", "{OUT}/tree"],
 }
 
 

@@ -48,6 +48,7 @@ from affpipe.bench.common import (
     measure,
     update_marked,
 )
+from affpipe.bench.crop import CROP_TITLE, bench_crop, crop_markdown
 from affpipe.bench.peers import PEERS, PeerData, PeerMissing, prepare_isolated
 from affpipe.dist import usable_cores
 from affpipe.twin import prepare_data
@@ -239,6 +240,14 @@ def bench_train(cfg: BenchConfig, data: dict, device: str, loader_rows: list[dic
     return rows
 
 
+def _bench_crop(out: Path) -> dict:
+    """``crop`` against the naive loop (affpipe.bench.crop); a row saying why when it cannot run."""
+    try:
+        return bench_crop(out / "crop")
+    except Exception as exc:  # a missing facenet-pytorch or scikit-image: the other rows still count
+        return {"error": _error(exc)}
+
+
 # ---- the command -----------------------------------------------------------------------------
 
 
@@ -259,6 +268,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     loaders = bench_loaders(cfg, data, device)
     decode = bench_decode(cfg, data)
     train = bench_train(cfg, data, device, loaders)
+    crop = _bench_crop(out)
     ref = next((r["fps"] for r in loaders if r["name"] == "research"), None)
     decode["ratio_vs_research"] = round(decode["fps"] / ref, 2) if decode["fps"] and ref else None
     limit = decode_limit(decode, usable_cores())
@@ -285,6 +295,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             "min_met_by": [r["name"] for r in loaders if r["ratio_vs_research"] and r["ratio_vs_research"] >= MIN_RATIO],
         },
         "torch_threads": torch.get_num_threads(),
+        "crop": crop,
     }
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -296,5 +307,6 @@ def run_bench(cfg: BenchConfig) -> dict:
         chart.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "loaders.png", chart)
         update_marked(md, "bench", bench_markdown(results, out.resolve(), md.resolve().parent, chart=chart), title="Loaders and the training step (`make benchmark`)")
+        update_marked(md, "crop", crop_markdown(crop, machine), title=CROP_TITLE)
     log.info("benchmark done in %.0f s: %s", results["wall_s"], out / "results.json")
     return results

@@ -4,7 +4,7 @@ Library modules are imported inside each command so ``affpipe --help`` stays fas
 missing optional dependency only affects the command that needs it.
 """
 
-from affpipe.cli import bench, data, temporal, train  # noqa: F401  (registers the subcommands)
+from affpipe.cli import bench, data, temporal, train, video  # noqa: F401  (registers the subcommands)
 from affpipe.cli.main import main
 
 __all__ = ["main"]
