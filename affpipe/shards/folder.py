@@ -18,8 +18,8 @@ from affpipe.outdir import folder_lock
 
 log = logging.getLogger(__name__)
 
-SHARD_NAME = r"{split}-\d{{6}}\.(?:tar|idx)(?:\.tmp)?"  # what write_shard leaves in <out>/<split>/
-STATE_NAME = r"{split}-\d{{6}}\.json(?:\.tmp)?"  # and in <out>/.state/
+SHARD_NAME = r"{split}-(?:unlabelled-)?\d{{6}}\.(?:tar|idx)(?:\.tmp)?"  # what write_shard leaves in <out>/<split>/
+STATE_NAME = r"{split}-(?:unlabelled-)?\d{{6}}\.json(?:\.tmp)?"  # and in <out>/.state/
 _TOP = ("manifest.json", "manifest.json.tmp", ".state", ".lock", *SPLITS)
 
 
