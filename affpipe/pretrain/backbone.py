@@ -23,8 +23,9 @@ def build_backbone(arch: str, image_size: int) -> tuple[nn.Module, int]:
         if not name or not timm.is_model(name.split(".")[0]):
             raise ValueError(f"backbone {arch!r}: timm has no model {name!r}")
         kwargs: dict = {"num_classes": 0}
-        cfg = timm.models.get_pretrained_cfg(name)
-        if is_vit_name(name) or (cfg is not None and cfg.fixed_input_size):
+        # the per-frame trainer's rule (train.backbones._timm_backbone): a fixed-size model gets image_size
+        cfg = timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(name.split(".")[0])
+        if cfg is not None and cfg.fixed_input_size:
             kwargs["img_size"] = image_size
         model = timm.create_model(name, **kwargs)
         return model, int(getattr(model, "head_hidden_size", None) or model.num_features)
@@ -40,10 +41,6 @@ def build_backbone(arch: str, image_size: int) -> tuple[nn.Module, int]:
     parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
     setattr(parent, name.rpartition(".")[2], nn.Identity())
     return model, int(linear.in_features)
-
-
-def is_vit_name(name: str) -> bool:
-    return name.split(".")[0].startswith(("vit_", "deit_"))
 
 
 def is_vit(model: nn.Module) -> bool:

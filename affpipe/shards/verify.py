@@ -22,6 +22,7 @@ from tqdm import tqdm
 from affpipe.labels import AU_NAMES, RECORD_SIZE, decode_records, records_from_table
 from affpipe.shards.format import (
     BLOCK,
+    frame_counts,
     idx_header,
     idx_line,
     manifest_index,
@@ -257,6 +258,10 @@ def verify_shards(out: Path, *, decode: bool = False, index: Path | None = None)
     out = Path(out)
     manifest = read_manifest(out)
     problems: list[str] = []
+    try:
+        frame_counts(out, manifest)  # labelled / unlabelled counts against the shard entries
+    except ValueError as exc:
+        problems.append(str(exc))
     opts = manifest["options"]
     tbl = None
     try:
