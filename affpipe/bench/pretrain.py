@@ -40,14 +40,15 @@ def _step(method, optimizer, device: torch.device) -> Callable[[ViewBatch], None
 
 def bench_pretrain(shards: Path, *, device: str, batch_size: int = 64, image_size: int = 112, seed: int = 0,
                    warmup: int = 2, max_steps: int = 20, seconds: float = 10.0, repeats: int = 3,
-                   num_workers: int | None = None) -> dict:
-    """Frames/s and data-wait share of a pre-training step fed by the loader, and on synthetic views."""
+                   num_workers: int | None = None, arch: str = "resnet18") -> dict:
+    """Frames/s and data-wait share of a pre-training step fed by the loader, and on synthetic views
+    (``arch``: the backbone; the tests use a tiny one)."""
     from affpipe._optional import dali_available
 
     dev = torch.device(device)
     recipe = default_recipe("simsiam")
     views = tuple(dataclasses.replace(v, size=image_size) for v in recipe.views)
-    recipe = dataclasses.replace(recipe, image_size=image_size, batch_size=batch_size, views=views)
+    recipe = dataclasses.replace(recipe, arch=arch, image_size=image_size, batch_size=batch_size, views=views)
     torch.manual_seed(seed)
     method = make_method(recipe).to(dev)
     step = _step(method, make_optimizer(method, recipe), dev)
