@@ -52,13 +52,13 @@ class DaliPretrainLoader(PretrainLoader):
 
     def __init__(self, shards: Path, data: PretrainData, *, views: tuple[ViewConfig, ...], batch_size: int,
                  seed: int = 0, rank: int = 0, world: int = 1, num_workers: int = 2,
-                 device: torch.device = torch.device("cpu")) -> None:
+                 device: torch.device | str = "cpu") -> None:
         if any(v.solarize_p > 0 for v in views):
             raise ValueError("the DALI pre-training loader has no solarization: set solarize_p = 0 or use "
                              "backend = 'torch'")
         super().__init__(shards, data, views=views, batch_size=batch_size, seed=seed, rank=rank, world=world,
                          num_workers=num_workers, on_bad="error")
-        self.device = device
+        self.device = torch.device(device)
         self._pipe = None
         self._feed: tuple[np.ndarray, int, int] | None = None  # (samples, seed, start batch)
 
