@@ -275,7 +275,10 @@ def make_pretrain_loader(shards: Path, data: PretrainData, *, views: tuple[ViewC
     workers = default_workers() if num_workers is None else int(num_workers)
     device = torch.device(device)
     if backend == "dali":
+        from affpipe._optional import import_dali
         from affpipe.loaders.dali_views import DaliPretrainLoader
+
+        import_dali()  # a clear ImportError when it is missing
 
         return DaliPretrainLoader(shards, data, views=views, batch_size=batch_size, seed=seed, rank=rank, world=world,
                                   num_workers=workers, device=device)

@@ -150,3 +150,12 @@ def test_unlabelled_shards_are_ours_to_remove(index, tmp_path):
     write_shards(ShardConfig(index=index, out=out, split="val", samples_per_shard=1000, workers=1, unlabelled=False))
     assert len(many) > 1 and not list((out / "val").glob("val-unlabelled-*"))
     assert "unlabelled" not in read_manifest(out)["splits"]["val"] and verify_shards(out) == []
+
+
+def test_adding_the_unlabelled_shards_keeps_the_labelled_ones(index, tmp_path):
+    out = tmp_path / "grow"
+    write_shards(ShardConfig(index=index, out=out, split="train", samples_per_shard=23, workers=1, unlabelled=False))
+    before = {t: t.stat().st_mtime_ns for t, _ in shard_paths(out, "train")}
+    manifest = write_shards(ShardConfig(index=index, out=out, split="train", samples_per_shard=23, workers=1))
+    assert {t: t.stat().st_mtime_ns for t, _ in shard_paths(out, "train")} == before  # resumed, not rewritten
+    assert manifest["splits"]["train"]["unlabelled"]["samples"] > 0 and verify_shards(out) == []
