@@ -58,7 +58,12 @@ class PretrainData:
     """Which splits pre-training reads (the ``[data]`` section of a pre-training recipe).
 
     ``splits``: ``("train",)`` by default; add ``"test"`` for transductive pre-training on the
-    test crops; ``"val"`` is refused unless ``allow_val`` (``--force-val``)."""
+    test crops; ``"val"`` is refused unless ``allow_val`` (``--force-val``).
+
+    Where the frames are: ``shard --split train`` writes train's labelled and unlabelled shards;
+    the test crops are the test split's own shards (every crop, records masked), written only by
+    ``shard --split test`` or ``--split all`` — a shard folder without them cannot pre-train
+    transductively, and says so."""
 
     splits: tuple[str, ...] = ("train",)
     allow_val: bool = False
@@ -88,6 +93,22 @@ class PretrainData:
                              f"write them with `affpipe shard --split {missing[0]}`")
         frame_counts(shards, manifest)  # a manifest whose counts were edited stops here
         return [p for s in self.splits for p in pretrain_shard_paths(shards, s, manifest)]
+
+
+def describe_data(shards: Path, data: PretrainData) -> dict:
+    """What a pre-training run records of its data (config and lineage): the split choice,
+    labelled/unlabelled frames per chosen split, the plain note when they hold no unlabelled
+    frame (``shards.format.unlabelled_note``; None otherwise) and the fingerprint of every frame
+    read (``shards.format.pretrain_fingerprint``)."""
+    from affpipe.shards.format import pretrain_fingerprint, unlabelled_note
+
+    manifest = read_manifest(shards, full=False)
+    data.shard_pairs(shards)  # the chosen splits exist and their counts are whole
+    counts = frame_counts(shards, manifest)
+    return {"splits": list(data.splits), "allow_val": data.allow_val, "transductive": data.transductive,
+            "frames": {s: counts[s] for s in data.splits},
+            "unlabelled_note": unlabelled_note(shards, data.splits, manifest),
+            "fingerprint": pretrain_fingerprint(manifest)}
 
 
 @dataclass

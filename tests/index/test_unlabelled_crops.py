@@ -26,3 +26,4 @@ def test_every_crop_on_disk_is_a_row_labelled_or_not(tmp_path):
     assert (has & ~labelled & (split != "test")).any()
     assert counts["images_without_line"] > 0 and (has & (split == "test")).any()
 
+    assert counts["unlabelled_crops"] == {s: int((has & ~labelled & (split == s)).sum()) for s in ("train", "val", "test")}

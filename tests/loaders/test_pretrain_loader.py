@@ -88,3 +88,20 @@ def test_draws_depend_only_on_seed_batch_and_view():
         ViewConfig(scale=(0.5, 0.2))
     with pytest.raises(ValueError, match="unknown key"):
         ViewConfig.from_dict({"blur": 1})
+
+
+def test_describe_data_is_what_a_run_records(shard_dir):
+    from affpipe.loaders.pretrain import describe_data
+
+    d = describe_data(shard_dir, PretrainData())
+    assert d["splits"] == ["train"] and not d["transductive"] and d["frames"]["train"]["unlabelled"] > 0
+    assert d["unlabelled_note"] is None and isinstance(d["fingerprint"], str)
+    assert describe_data(shard_dir, PretrainData(splits=("train", "test")))["transductive"]
+
+
+def test_transductive_without_test_shards_names_the_command(index_dir, tmp_path):
+    from affpipe.shards.write import ShardConfig, write_shards
+
+    write_shards(ShardConfig(index=index_dir, out=tmp_path / "t", split="train", samples_per_shard=100, workers=1))
+    with pytest.raises(ValueError, match=r"no test shards .*affpipe shard --split test"):
+        PretrainLoader(tmp_path / "t", PretrainData(splits=("train", "test")), views=TWO, batch_size=8)
