@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from affpipe.bench.common import Endless, machine_line, measure
-from affpipe.loaders.pretrain import PretrainData, ViewBatch, make_pretrain_loader
+from affpipe.loaders.factory import make_pretrain_loader
+from affpipe.loaders.pretrain import PretrainData, ViewBatch
 from affpipe.pretrain import default_recipe, make_method, make_optimizer
-from affpipe.shards.format import frame_counts
+from affpipe.shards.unlabelled import frame_counts
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ labels — the test shards carry none) only when asked; ``val`` never, unless ``
 on purpose (validation frames seen in pre-training make the validation score optimistic).
 
 The frames are the split's labelled shards then its unlabelled shards
-(``affpipe.shards.format.pretrain_shard_paths``), split after split; the epoch plan is the
+(``affpipe.shards.unlabelled.pretrain_shard_paths``), split after split; the epoch plan is the
 supervised one (``affpipe.loaders.plan.EpochPlan``, train rules: seeded shard order, block
 shuffle, drop-last), so ranks, resume at batch ``k`` and determinism work the same way. Each
 batch is a :class:`ViewBatch`: one uint8 ``[N,3,H,W]`` tensor per view and the frames' row ids.
@@ -43,12 +43,11 @@ from affpipe.loaders.views import (
     view_size,
 )
 from affpipe.shards.format import (
-    frame_counts,
-    pretrain_shard_paths,
     read_manifest,
     sample_key,
     split_frame_size,
 )
+from affpipe.shards.unlabelled import frame_counts, pretrain_shard_paths
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +97,9 @@ class PretrainData:
 def describe_data(shards: Path, data: PretrainData) -> dict:
     """What a pre-training run records of its data (config and lineage): the split choice,
     labelled/unlabelled frames per chosen split, the plain note when they hold no unlabelled
-    frame (``shards.format.unlabelled_note``; None otherwise) and the fingerprint of every frame
-    read (``shards.format.pretrain_fingerprint``)."""
-    from affpipe.shards.format import pretrain_fingerprint, unlabelled_note
+    frame (``shards.unlabelled.unlabelled_note``; None otherwise) and the fingerprint of every frame
+    read (``shards.unlabelled.pretrain_fingerprint``)."""
+    from affpipe.shards.unlabelled import pretrain_fingerprint, unlabelled_note
 
     manifest = read_manifest(shards, full=False)
     data.shard_pairs(shards)  # the chosen splits exist and their counts are whole
@@ -282,28 +281,3 @@ class PretrainLoader(EpochCursor):
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-
-def make_pretrain_loader(shards: Path, data: PretrainData, *, views: tuple[ViewConfig, ...], batch_size: int,
-                         seed: int = 0, backend: str = "torch", device: str | torch.device = "cpu",
-                         rank: int | None = None, world_size: int | None = None, num_workers: int | None = None,
-                         on_bad: str = "error"):
-    """The pre-training loader over ``shards`` (see the module docstring): ``backend="torch"``
-    (CPU threads) or ``"dali"`` (``affpipe.loaders.dali_views``; on a CUDA ``device`` the GPU
-    decodes and augments)."""
-    from affpipe.dist import default_workers, dist_env
-
-    rank, world = dist_env(rank, world_size)
-    workers = default_workers() if num_workers is None else int(num_workers)
-    device = torch.device(device)
-    if backend == "dali":
-        from affpipe._optional import import_dali
-        from affpipe.loaders.dali_views import DaliPretrainLoader
-
-        import_dali()  # a clear ImportError when it is missing
-
-        return DaliPretrainLoader(shards, data, views=views, batch_size=batch_size, seed=seed, rank=rank, world=world,
-                                  num_workers=workers, device=device)
-    if backend != "torch":
-        raise ValueError(f"pre-training loader backend must be 'torch' or 'dali', got {backend!r}")
-    return PretrainLoader(shards, data, views=views, batch_size=batch_size, seed=seed, rank=rank, world=world,
-                          num_workers=workers, on_bad=on_bad, pin_memory=device.type == "cuda")

@@ -84,21 +84,6 @@ class ViewParams:
     sigma: np.ndarray  # float64, 0: no blur
     solarize: np.ndarray  # bool
 
-    def matrices(self, size: int, *, corner: bool = False) -> np.ndarray:
-        """Forward (source → view) ``[n, 2, 3]`` matrices: crop box → ``size``², then the flip.
-        ``corner``: DALI's pixel-corner convention; else OpenCV's pixel-index one."""
-        x0, y0, w, h = self.box.T
-        sx, sy = size / w, size / h
-        s = np.where(self.flip, -1.0, 1.0)
-        half = 0.0 if corner else 0.5
-        # x' = (x + half - x0) * sx - half, mirrored about the output centre when flipped
-        cx = size / 2.0 - half
-        a = s * sx
-        bx = s * ((half - x0) * sx - half - cx) + cx
-        by = (half - y0) * sy - half
-        zero = np.zeros_like(a)
-        return np.stack([np.stack([a, zero, bx], 1), np.stack([zero, sy, by], 1)], 1)
-
 
 def _crop_boxes(rng: np.random.Generator, n: int, height: int, width: int, cfg: ViewConfig) -> np.ndarray:
     """torchvision's ``RandomResizedCrop.get_params``, vectorized: ten tries of (area, log-ratio),

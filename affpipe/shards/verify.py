@@ -22,19 +22,17 @@ from tqdm import tqdm
 from affpipe.labels import AU_NAMES, RECORD_SIZE, decode_records, records_from_table
 from affpipe.shards.format import (
     BLOCK,
-    frame_counts,
     idx_header,
     idx_line,
     manifest_index,
     parse_tar,
     read_manifest,
 )
+from affpipe.shards.unlabelled import frame_counts, ordered_unlabelled, recorded_skips
 from affpipe.shards.write import (
     ShardConfig,
     load_table,
     ordered_rows,
-    ordered_unlabelled,
-    recorded_skips,
 )
 
 log = logging.getLogger(__name__)
@@ -217,7 +215,7 @@ def _check_unlabelled(out: Path, split: str, info: dict, tbl, cfg: ShardConfig |
     expected = records = row_pos = None
     bad: set = set()
     if cfg is not None:
-        rows = ordered_unlabelled(cfg, tbl, split)
+        rows = ordered_unlabelled(tbl, split, cfg.tasks, cfg.seed, cfg.unlabelled)
         expected = [f"{int(r):010d}" for r in rows["row_id"].to_numpy()]
         records = records_from_table(rows, labels=False)
         order = np.argsort(records["row_id"], kind="stable")
@@ -289,7 +287,7 @@ def verify_shards(out: Path, *, decode: bool = False, index: Path | None = None)
             if tbl is not None:
                 kept, skipped = ordered_rows(cfg, tbl, split)
                 expected = [f"{int(r):010d}" for r in kept["row_id"].to_numpy()]
-                problems += _split_counts(split, info, recorded_skips(cfg, split, skipped), len(expected), bad)
+                problems += _split_counts(split, info, recorded_skips(cfg.unlabelled, split, skipped), len(expected), bad)
             if info["samples"] == 0 and sum(v for v in info["skipped"].values() if isinstance(v, int)):
                 problems.append(f"{split}: 0 samples, all {sum(info['skipped'].values())} rows skipped "
                                 f"({info['skipped']}); was the index built with the right --images?")

@@ -38,7 +38,7 @@ Bad frames (:mod:`affpipe.shards.checks`): zero-byte or non-JPEG files are skipp
 (``bad_image``, listed in the manifest); a frame of another size than the shards' one
 ``frame_size`` is refused, or re-encoded with ``resize_off_size``.
 
-(A little over 400 lines: the plan and the crash-safe writer share ``ShardSpec``; the format
+(About 450 lines: the plan — labelled and unlabelled shards — and the crash-safe writer share ``ShardSpec``; the format
 itself is in ``affpipe.shards.format``, the folder's ownership in ``affpipe.shards.folder``.)
 """
 
@@ -84,6 +84,7 @@ from affpipe.shards.format import (
     write_idx_lines,
     write_manifest,
 )
+from affpipe.shards.unlabelled import ordered_unlabelled, recorded_skips
 
 log = logging.getLogger(__name__)
 
@@ -205,35 +206,6 @@ def select_rows(tbl: pa.Table, split: str, tasks: tuple[str, ...]) -> tuple[pa.T
     return kept.sort_by([("video", "ascending"), ("frame", "ascending")]), skipped
 
 
-def unlabelled_rows(tbl: pa.Table, split: str, tasks: tuple[str, ...]) -> pa.Table:
-    """Rows of ``split`` with an image and no valid label of ``tasks``, sorted by (video, frame)
-    (none for ``test``, whose every crop is in its ordinary shards)."""
-    if split == "test":
-        return tbl.schema.empty_table()
-    tbl = tbl.filter(pc.equal(tbl["split"], split))
-    has_image = tbl["has_image"].to_numpy(zero_copy_only=False) & tbl["image"].is_valid().to_numpy(zero_copy_only=False)
-    labelled = np.zeros(len(tbl), bool)
-    for t in tasks:
-        labelled |= tbl[f"{t}_valid"].to_numpy(zero_copy_only=False)
-    return tbl.filter(pa.array(has_image & ~labelled)).sort_by([("video", "ascending"), ("frame", "ascending")])
-
-
-def ordered_unlabelled(cfg: ShardConfig, tbl: pa.Table, split: str) -> pa.Table:
-    """The unlabelled rows of ``split`` in the order they are written (train: their own seeded
-    shuffle, drawn apart from the labelled rows' so that one never moves the other)."""
-    kept = unlabelled_rows(tbl, split, cfg.tasks) if cfg.unlabelled else tbl.schema.empty_table()
-    if split == "train" and len(kept):
-        order = np.random.default_rng([cfg.seed, 0x0BEE]).permutation(len(kept))
-        kept = kept.take(pa.array(order, pa.int64()))
-    return kept
-
-
-def recorded_skips(cfg: ShardConfig, split: str, skipped: dict[str, int]) -> dict[str, int]:
-    """The skip counts the manifest records: ``no_label`` frames are not skipped when they went
-    into the unlabelled shards."""
-    return {**skipped, "no_label": 0} if cfg.unlabelled and split != "test" else dict(skipped)
-
-
 def ordered_rows(cfg: ShardConfig, tbl: pa.Table, split: str) -> tuple[pa.Table, dict[str, int]]:
     """The rows of ``split`` in the order they are written (train: one global seeded shuffle)."""
     kept, skipped = select_rows(tbl, split, cfg.tasks)
@@ -247,7 +219,8 @@ def plan_split(cfg: ShardConfig, tbl: pa.Table, meta: dict, split: str) -> tuple
     """Deterministic shard plan of one split: the same index, options and seed → the same plan."""
     kept, skipped = ordered_rows(cfg, tbl, split)
     specs = _specs(cfg, kept, meta, split, unlabelled=False)
-    return specs + _specs(cfg, ordered_unlabelled(cfg, tbl, split), meta, split, unlabelled=True), skipped
+    rest = ordered_unlabelled(tbl, split, cfg.tasks, cfg.seed, cfg.unlabelled)
+    return specs + _specs(cfg, rest, meta, split, unlabelled=True), skipped
 
 
 def _specs(cfg: ShardConfig, kept: pa.Table, meta: dict, split: str, *, unlabelled: bool) -> list[ShardSpec]:
@@ -456,7 +429,7 @@ def _write_locked(cfg: ShardConfig, out: Path, tbl: pa.Table, meta: dict) -> dic
     }
     for split in cfg.splits:
         info = _split_entry([results[(split, s.name)] for s in plans[split][0] if not s.unlabelled])
-        info["skipped"] = {**recorded_skips(cfg, split, plans[split][1]), "bad_image": len(info["bad_images"])}
+        info["skipped"] = {**recorded_skips(cfg.unlabelled, split, plans[split][1]), "bad_image": len(info["bad_images"])}
         info["frame_size"] = [size, size]
         unl = [results[(split, s.name)] for s in plans[split][0] if s.unlabelled]
         if cfg.unlabelled and split != "test":
@@ -483,5 +456,5 @@ def _write_indexed(item: tuple[int, ShardSpec]) -> tuple[int, dict]:
 
 __all__ = [
     "ShardConfig", "ShardSpec", "write_shards", "write_shard", "plan_split", "select_rows", "ordered_rows",
-    "load_table", "unlabelled_rows", "ordered_unlabelled", "recorded_skips",
+    "load_table",
 ]

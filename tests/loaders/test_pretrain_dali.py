@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from affpipe.loaders.pretrain import PretrainData, PretrainLoader, make_pretrain_loader
+from affpipe.loaders.factory import make_pretrain_loader
+from affpipe.loaders.pretrain import PretrainData, PretrainLoader
 from affpipe.loaders.views import ViewConfig
 
 pytestmark = pytest.mark.dali

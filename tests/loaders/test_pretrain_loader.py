@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from affpipe.loaders.pretrain import PretrainData, PretrainLoader, make_pretrain_loader
+from affpipe.loaders.factory import make_pretrain_loader
+from affpipe.loaders.pretrain import PretrainData, PretrainLoader
 from affpipe.loaders.views import ViewConfig, color_matrices, draw_view, draw_views, render_view
-from affpipe.shards.format import frame_counts
+from affpipe.shards.unlabelled import frame_counts
 
 TWO = (ViewConfig(), ViewConfig(blur_p=1.0, solarize_p=0.2))  # asymmetric views, BYOL-style
 

@@ -15,12 +15,11 @@ from support import make_index
 from affpipe.labels import FLAG_VA, RECORD_SIZE, decode_records
 from affpipe.loaders import make_loader
 from affpipe.shards import verify_shards
-from affpipe.shards.format import (
+from affpipe.shards.format import read_manifest, shard_paths
+from affpipe.shards.unlabelled import (
     frame_counts,
     pretrain_fingerprint,
     pretrain_shard_paths,
-    read_manifest,
-    shard_paths,
     unlabelled_note,
 )
 from affpipe.shards.write import ShardConfig, write_shards
