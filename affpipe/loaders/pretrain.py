@@ -222,7 +222,7 @@ class PretrainLoader(EpochCursor):
         bad = sorted(k for f in futs for k in f.result())
         records = self.table.records(sel)
         if records is None:
-            missing = np.flatnonzero(self.table._gather(self.table.lbl, sel)[:, 1] != RECORD_SIZE)
+            missing = np.flatnonzero(self.table.lbl_sizes(sel) != RECORD_SIZE)
             bad = sorted(set(bad) | set(missing.tolist()))
             row_id = np.zeros(len(sel), np.int64)
         else:

@@ -106,3 +106,24 @@ def test_transductive_without_test_shards_names_the_command(index_dir, tmp_path)
     write_shards(ShardConfig(index=index_dir, out=tmp_path / "t", split="train", samples_per_shard=100, workers=1))
     with pytest.raises(ValueError, match=r"no test shards .*affpipe shard --split test"):
         PretrainLoader(tmp_path / "t", PretrainData(splits=("train", "test")), views=TWO, batch_size=8)
+
+
+def test_an_undecodable_frame_is_named_or_skipped_and_counted(shard_dir, tmp_path):
+    import shutil
+
+    from affpipe.shards.format import idx_member_arrays, shard_paths
+
+    out = tmp_path / "bad"
+    shutil.copytree(shard_dir, out)
+    tar, idx = shard_paths(out, "train")[0]
+    off, size = (int(v) for v in idx_member_arrays(idx)["jpg"][0])
+    data = bytearray(tar.read_bytes())
+    data[off:off + size] = bytes(size)  # not a JPEG any more
+    tar.write_bytes(bytes(data))
+    strict = PretrainLoader(out, PretrainData(), views=TWO, batch_size=16, num_workers=1)
+    with pytest.raises(ValueError, match=r"train-000000\.tar: sample \d{10}: missing, undecodable"):
+        list(strict)
+    lenient = PretrainLoader(out, PretrainData(), views=TWO, batch_size=16, num_workers=1, on_bad="skip")
+    sizes = [len(b) for b in lenient]
+    assert lenient.skipped == {"bad_sample": 1} and sorted(sizes)[0] == 15 and sum(sizes) == 16 * len(lenient) - 1
+    strict.close(), lenient.close()
