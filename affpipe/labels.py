@@ -135,16 +135,20 @@ def decode_records(raw: np.ndarray | bytes) -> np.ndarray:
     return rec
 
 
-def records_from_table(table: pa.Table) -> np.ndarray:
+def records_from_table(table: pa.Table, *, labels: bool = True) -> np.ndarray:
     """Records for every row of a label table (``FRAMES_SCHEMA`` columns).
 
     A ``test`` row's record carries no label (every mask false), whatever the table holds:
     a video a test list names may be annotated for another task, and a test frame must never
-    train or score a model.
+    train or score a model. ``labels=False``: no row's record carries a label (the records of
+    the unlabelled shards, which pre-training reads: a frame outside the chosen tasks may hold
+    another task's label, and it must not reach a head through them).
     """
     col = lambda name: table.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
     au = np.stack([col(a) for a in AU_NAMES], axis=1).astype(np.int8) if len(table) else np.zeros((0, NUM_AU), np.int8)
     keep = col("split") != "test" if len(table) else np.zeros(0, bool)
+    if not labels:
+        keep = np.zeros(len(table), bool)
     return encode_records(
         col("row_id"), col("valence"), col("arousal"), col("expr"), au,
         col("va_valid") & keep, col("expr_valid") & keep, col("au_valid") & keep,

@@ -21,7 +21,7 @@ import affpipe
 ROOT = Path(affpipe.__file__).resolve().parent
 # Pipeline order; the shared modules (level 0) may be imported by anyone.
 LEVEL = {"labels": 0, "batch": 0, "dist": 0, "io": 0, "_optional": 0, "lineage": 0, "outdir": 0, "synth": 1, "video": 1.5, "index": 2, "shards": 3,
-         "twin": 3.5, "loaders": 4, "models": 4.3, "scoring": 4.5, "run": 4.7, "train": 5, "temporal": 6, "runs": 6.5, "experiments": 7, "bench": 8, "cli": 9,
+         "twin": 3.5, "loaders": 4, "models": 4.3, "scoring": 4.5, "run": 4.7, "train": 5, "pretrain": 5.5, "temporal": 6, "runs": 6.5, "experiments": 7, "bench": 8, "cli": 9,
          "__main__": 9, "__init__": 0}
 
 # Cycles being removed by changes not merged yet, each as the set of modules it joins. Only

@@ -86,6 +86,7 @@ class BenchConfig:
     device: str = "auto"
     markdown: Path | None = Path("BENCHMARKS.md")
     peers: bool = True  # time WebDataset, LitData and FFCV too (affpipe.bench.peers)
+    pretrain: bool = True  # time a pre-training step fed two views a frame (affpipe.bench.pretrain)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -248,6 +249,20 @@ def _bench_crop(out: Path) -> dict:
         return {"error": _error(exc)}
 
 
+def bench_pretrain_case(cfg: BenchConfig, data: dict, device: str) -> dict:
+    """The pre-training case (``affpipe.bench.pretrain``), or its error."""
+    from affpipe.bench.pretrain import bench_pretrain
+
+    log.info("pre-training step fed two views a frame (%s)", device)
+    try:
+        return {"status": "ok", **bench_pretrain(Path(data["shards"]), device=device, batch_size=cfg.train_batch_size,
+                                                  image_size=cfg.image_size, seed=cfg.seed, warmup=cfg.train_warmup,
+                                                  max_steps=cfg.train_max_steps, seconds=cfg.train_seconds,
+                                                  repeats=cfg.repeats)}
+    except Exception as exc:
+        return {"name": "pretrain-simsiam", "status": _error(exc)}
+
+
 # ---- the command -----------------------------------------------------------------------------
 
 
@@ -269,6 +284,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     decode = bench_decode(cfg, data)
     train = bench_train(cfg, data, device, loaders)
     crop = _bench_crop(out)
+    pretrain = bench_pretrain_case(cfg, data, device) if cfg.pretrain else None
     ref = next((r["fps"] for r in loaders if r["name"] == "research"), None)
     decode["ratio_vs_research"] = round(decode["fps"] / ref, 2) if decode["fps"] and ref else None
     limit = decode_limit(decode, usable_cores())
@@ -286,6 +302,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         "decode_limit": limit,
         "peer_conversions": conversions,
         "train": train,
+        "pretrain": pretrain,
         "target": {
             "ratio": TARGET_RATIO,
             "fps": round(TARGET_RATIO * ref, 1) if ref else None,
@@ -308,5 +325,10 @@ def run_bench(cfg: BenchConfig) -> dict:
         shutil.copyfile(out / "loaders.png", chart)
         update_marked(md, "bench", bench_markdown(results, out.resolve(), md.resolve().parent, chart=chart), title="Loaders and the training step (`make benchmark`)")
         update_marked(md, "crop", crop_markdown(crop, machine), title=CROP_TITLE)
+        if pretrain is not None and pretrain.get("status", "ok") == "ok":
+            from affpipe.bench.pretrain import pretrain_markdown
+
+            update_marked(md, "pretrain", pretrain_markdown(pretrain, machine),
+                          title="Pre-training: data wait of a two-view step (`make benchmark`)")
     log.info("benchmark done in %.0f s: %s", results["wall_s"], out / "results.json")
     return results

@@ -32,6 +32,8 @@ from affpipe.cli.main import main
 @click.option("--no-markdown", is_flag=True, help="Do not touch any markdown file.")
 @click.option("--peers/--no-peers", default=True,
               help="Also time WebDataset, LitData and FFCV (pip install -e '.[bench]'); rows say when one is missing.")
+@click.option("--pretrain/--no-pretrain", default=True,
+              help="Also time a pre-training step fed two views a frame (its data-wait share; section 'pretrain').")
 @click.option("--seed", type=int, default=0)
 def bench(out: Path, markdown: Path, no_markdown: bool, **kw) -> None:
     """Loaders (the research's, the peers', affpipe's) and the training step, frames/s side by side."""

@@ -105,19 +105,24 @@ def stats_cmd(index: Path, out: Path) -> None:
 @click.option("--resize-off-size", is_flag=True, help="Resize (re-encode) frames of another size instead of refusing them.")
 @click.option("--overwrite", is_flag=True,
               help="-o holds shards of other inputs: replace them (deletes only affpipe's own shard files).")
+@click.option("--unlabelled/--no-unlabelled", default=True, show_default=True,
+              help="Also write train/val crops without a label of --tasks, in shards of their own that only "
+                   "pre-training reads (supervised loaders never see them).")
 def shard(index: Path, out: Path, split: str, table: str, tasks: str, samples_per_shard: int | None,
-          workers: int, seed: int, frame_size: int | None, resize_off_size: bool, overwrite: bool) -> None:
+          workers: int, seed: int, frame_size: int | None, resize_off_size: bool, overwrite: bool, unlabelled: bool) -> None:
     """Pack INDEX's frames into WebDataset shards (+ DALI .idx); resumes a killed run."""
     from affpipe.shards.write import ShardConfig, write_shards
 
     cfg = ShardConfig(index=index, out=out, split=split, table=table,
                       tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
                       samples_per_shard=samples_per_shard, workers=workers, seed=seed,
-                      frame_size=frame_size, resize_off_size=resize_off_size, overwrite=overwrite)
+                      frame_size=frame_size, resize_off_size=resize_off_size, overwrite=overwrite, unlabelled=unlabelled)
     manifest = write_shards(cfg)
     for name, info in manifest["splits"].items():
         skipped = ", ".join(f"{k} {v}" for k, v in info["skipped"].items())
-        click.echo(f"{name}: {info['samples']} samples in {len(info['shards'])} shards, "
+        unl = info.get("unlabelled")
+        extra = f" + {unl['samples']} unlabelled in {len(unl['shards'])} shards" if unl and unl["samples"] else ""
+        click.echo(f"{name}: {info['samples']} samples in {len(info['shards'])} shards{extra}, "
                    f"{info['bytes'] / 1e6:.1f} MB; skipped: {skipped}")
     click.echo(f"manifest: {out / 'manifest.json'}")
 

@@ -448,6 +448,8 @@ def _build(cfg: IndexConfig, held: contextlib.ExitStack) -> dict:
         "splits": {s: int(pc.sum(pc.equal(frames.column("split"), s)).as_py() or 0) for s in SPLITS},
         "tasks": _task_counts(results),
         "missing_images": int((annotated & ~has).sum()),
+        # crops with no valid label of any task, per split: what only pre-training can use
+        "unlabelled_crops": _unlabelled_crops(frames, has),
         "images_without_line": int((~annotated & has).sum()),
         "line_image_mismatches": sum(1 for s in stats if s["mismatch"] != 0),
         "split_conflicts": split_info["split_conflicts"],
@@ -501,6 +503,14 @@ def _check_some_images(layout: Layout, results: list[_Video]) -> None:
             f"(image roots: {roots}); point --images at the folder holding <video>/<frame>.jpg"
         )
 
+
+
+def _unlabelled_crops(frames: pa.Table, has: np.ndarray) -> dict[str, int]:
+    labelled = np.zeros(frames.num_rows, bool)
+    for t in TASKS:
+        labelled |= frames.column(f"{t}_valid").to_numpy(zero_copy_only=False)
+    split = frames.column("split").to_numpy(zero_copy_only=False)
+    return {s: int((has & ~labelled & (split == s)).sum()) for s in SPLITS}
 
 
 def _header_kinds(results: list[_Video], task: str) -> dict[str, int]:

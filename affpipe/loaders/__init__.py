@@ -16,10 +16,13 @@ from affpipe.loaders.base import (
     check_shard,
     find_shards,
 )
-from affpipe.loaders.factory import make_loader
+from affpipe.loaders.factory import make_loader, make_pretrain_loader
 from affpipe.loaders.plan import EpochPlan, epoch_samples, epoch_seed, rank_range, shard_order
+from affpipe.loaders.pretrain import PretrainData, PretrainLoader, ViewBatch, describe_data
+from affpipe.loaders.views import ViewConfig
 
 __all__ = [
     "BACKENDS", "ON_BAD", "AugmentConfig", "BaseLoader", "LoaderConfig", "EpochPlan", "Loader", "Shard", "check_shard",
     "epoch_samples", "epoch_seed", "find_shards", "make_loader", "rank_range", "shard_order",
+    "make_pretrain_loader", "PretrainData", "PretrainLoader", "ViewBatch", "ViewConfig", "describe_data",
 ]

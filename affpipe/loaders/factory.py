@@ -18,7 +18,10 @@ from affpipe.dist import default_workers, dist_env
 from affpipe.loaders.augment import AugmentConfig
 from affpipe.loaders.base import Loader, LoaderConfig
 from affpipe.loaders.dali_backend import DaliLoader
+from affpipe.loaders.dali_views import DaliPretrainLoader
+from affpipe.loaders.pretrain import PretrainData, PretrainLoader
 from affpipe.loaders.torch_backend import TorchLoader
+from affpipe.loaders.views import ViewConfig
 
 log = logging.getLogger(__name__)
 
@@ -77,3 +80,24 @@ def make_loader(
         import_dali()  # a clear ImportError when it is missing
         return DaliLoader(**kwargs)
     return TorchLoader(parallel=parallel, **kwargs)
+
+
+def make_pretrain_loader(shards: Path, data: PretrainData, *, views: tuple[ViewConfig, ...], batch_size: int,
+                         seed: int = 0, backend: str = "torch", device: str | torch.device = "cpu",
+                         rank: int | None = None, world_size: int | None = None, num_workers: int | None = None,
+                         on_bad: str = "error"):
+    """The pre-training loader over ``shards`` (``affpipe.loaders.pretrain``): ``backend="torch"``
+    (CPU threads) or ``"dali"`` (``affpipe.loaders.dali_views``; on a CUDA ``device`` the GPU
+    decodes and augments)."""
+    rank, world = dist_env(rank, world_size)
+    workers = default_workers() if num_workers is None else int(num_workers)
+    device = torch.device(device)
+    if backend == "dali":
+        import_dali()  # a clear ImportError when it is missing
+
+        return DaliPretrainLoader(shards, data, views=views, batch_size=batch_size, seed=seed, rank=rank, world=world,
+                                  num_workers=workers, device=device)
+    if backend != "torch":
+        raise ValueError(f"pre-training loader backend must be 'torch' or 'dali', got {backend!r}")
+    return PretrainLoader(shards, data, views=views, batch_size=batch_size, seed=seed, rank=rank, world=world,
+                          num_workers=workers, on_bad=on_bad, pin_memory=device.type == "cuda")

@@ -45,6 +45,10 @@ class ShardTable:
             out[rows] = arrays[int(shard)][sel[rows, 1]]
         return out
 
+    def lbl_sizes(self, sel: np.ndarray) -> np.ndarray:
+        """The ``.lbl`` member size of each selected sample (0 where it lacks one)."""
+        return np.where(self._gather(self.lbl, sel)[:, 0] == MISSING, 0, self._gather(self.lbl, sel)[:, 1])
+
     def jpeg_where(self, sel: np.ndarray) -> list[tuple[int, int, int]]:
         """``(shard, offset, size)`` of each selected sample's JPEG, as Python ints (numpy
         scalars cost ~1 µs each on the per-sample path)."""

@@ -24,8 +24,8 @@ from affpipe.outdir import folder_lock, input_differences, walk
 
 log = logging.getLogger(__name__)
 
-SHARD_NAME = r"{split}-\d{{6}}\.(?:tar|idx)(?:\.tmp)?"  # what write_shard leaves in <out>/<split>/
-STATE_NAME = r"{split}-\d{{6}}\.json(?:\.tmp)?"  # and in <out>/.state/
+SHARD_NAME = r"{split}-(?:unlabelled-)?\d{{6}}\.(?:tar|idx)(?:\.tmp)?"  # what write_shard leaves in <out>/<split>/
+STATE_NAME = r"{split}-(?:unlabelled-)?\d{{6}}\.json(?:\.tmp)?"  # and in <out>/.state/
 _TOP = ("manifest.json", "manifest.json.tmp", ".state", ".lock", *SPLITS)
 INPUTS = "inputs.json"  # in .state/: what the shards are made from (the index's fingerprint, the options)
 

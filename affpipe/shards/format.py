@@ -6,6 +6,13 @@ source JPEG bytes) then ``<key>.lbl`` (a 32-byte record, :mod:`affpipe.labels`) 
 members with fixed metadata; ``<split>-NNNNNN.idx`` beside it is DALI's ``wds2idx`` v1.2
 index (``ext offset size name`` per member, one line per sample); ``manifest.json`` lists
 every shard with its sample count, size and sha256.
+
+A split's unlabelled frames (train/val crops without a label of the shards' tasks; written by
+default since affpipe 0.4) sit in shards of their own, listed under ``splits.<split>.unlabelled``
+(same entry layout); ``splits.<split>.counts`` holds ``{"labelled", "unlabelled"}``. A manifest
+without them (affpipe 0.3, or ``--no-unlabelled``) holds no unlabelled frames: the key is
+additive, so the schema version stays 1 and 0.3's readers still read the labelled shards
+(``affpipe.shards.unlabelled`` reads them).
 """
 
 from __future__ import annotations
@@ -266,19 +273,27 @@ def check_manifest(manifest: dict, path: Path, *, full: bool = True) -> None:
         where = f"splits.{split}."
         if split not in SPLITS:
             raise ValueError(f"{path}: unknown split {clip(split)} (expected one of {SPLITS})")
-        for i, entry in enumerate(_field(info, "shards", list, path, where)):
-            at = f"{where}shards[{i}]."
-            for key, kind in (("file", str), ("index_file", str), ("samples", int)):
-                _field(entry, key, kind, path, at)
-            for key, ext in (("file", "tar"), ("index_file", "idx")):
-                confined_path(out, entry[key], f"{path}: {at}{key}")
-                # a shard's split is its folder and name: one listed under another split (val
-                # shards under train) would be trained on as training
-                if re.fullmatch(rf"{split}/{split}-\d{{6}}\.{ext}", entry[key]) is None:
-                    raise ValueError(f"{path}: {at}{key}: {clip(entry[key])} is not a {split} shard's name "
-                                     f"({split}/{split}-NNNNNN.{ext}); a shard of another split is never read as {split}")
+        _check_entries(info, path, where, out, split)
+        if isinstance(info, dict) and "unlabelled" in info:
+            _check_entries(info["unlabelled"], path, where + "unlabelled.", out, split, unlabelled=True)
     if full:
         _check_full(manifest, path)
+
+
+def _check_entries(info: Any, path: Path, where: str, out: Path, split: str, *, unlabelled: bool = False) -> None:
+    """One list of shard entries (a split's ``shards``, or its ``unlabelled.shards``)."""
+    stem = f"{split}-unlabelled" if unlabelled else split
+    for i, entry in enumerate(_field(info, "shards", list, path, where)):
+        at = f"{where}shards[{i}]."
+        for key, kind in (("file", str), ("index_file", str), ("samples", int)):
+            _field(entry, key, kind, path, at)
+        for key, ext in (("file", "tar"), ("index_file", "idx")):
+            confined_path(out, entry[key], f"{path}: {at}{key}")
+            # a shard's split is its folder and name: one listed under another split (val shards
+            # under train) would be trained on as training
+            if re.fullmatch(rf"{re.escape(split)}/{re.escape(stem)}-\d{{6}}\.{ext}", entry[key]) is None:
+                raise ValueError(f"{path}: {at}{key}: {clip(entry[key])} is not a {split} shard's name "
+                                 f"({split}/{stem}-NNNNNN.{ext}); a shard of another split is never read as {split}")
 
 
 def _check_full(manifest: dict, path: Path) -> None:
@@ -429,3 +444,4 @@ def index_tar(tar: Path, idx: Path) -> int:
         lines.append(idx_line(group))
     write_idx_lines(Path(idx), lines)
     return len(lines)
+

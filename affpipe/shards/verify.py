@@ -28,7 +28,12 @@ from affpipe.shards.format import (
     parse_tar,
     read_manifest,
 )
-from affpipe.shards.write import ShardConfig, load_table, ordered_rows
+from affpipe.shards.unlabelled import frame_counts, ordered_unlabelled, recorded_skips
+from affpipe.shards.write import (
+    ShardConfig,
+    load_table,
+    ordered_rows,
+)
 
 log = logging.getLogger(__name__)
 MAX_PROBLEMS_PER_SHARD = 20
@@ -198,6 +203,50 @@ def _split_counts(split: str, info: dict, skipped: dict[str, int], planned: int,
     return problems
 
 
+def _check_unlabelled(out: Path, split: str, info: dict, tbl, cfg: ShardConfig | None, decode: bool,
+                      seen: dict[str, str]) -> list[str]:
+    """The split's unlabelled shards: the keys the index gives, records that carry no label."""
+    entry = info.get("unlabelled")
+    if entry is None:
+        return []
+    problems = []
+    if sum(s["samples"] for s in entry["shards"]) != entry.get("samples"):
+        problems.append(f"{split}: unlabelled shard sample counts do not add up to {entry.get('samples')}")
+    expected = records = row_pos = None
+    bad: set = set()
+    if cfg is not None:
+        rows = ordered_unlabelled(tbl, split, cfg.tasks, cfg.seed, cfg.unlabelled)
+        expected = [f"{int(r):010d}" for r in rows["row_id"].to_numpy()]
+        records = records_from_table(rows, labels=False)
+        order = np.argsort(records["row_id"], kind="stable")
+        row_pos = (records["row_id"][order], order)
+        bad = {b.get("key") for b in entry.get("bad_images", []) if isinstance(b, dict)}
+        if len(expected) - len(bad) != entry.get("samples"):
+            problems.append(f"{split}: manifest has {entry.get('samples')} unlabelled samples, the index gives {len(expected)}")
+    per = cfg.options()["samples_per_shard"] if cfg is not None else 0
+    return problems + _check_shards(out, entry["shards"], (records, row_pos), expected, bad, per, decode, seen)
+
+
+def _check_shards(out: Path, entries: list[dict], table: tuple, expected: list[str] | None, bad: set, per: int,
+                  decode: bool, seen: dict[str, str], bar=None) -> list[str]:
+    """Every shard of ``entries`` against its part of ``expected`` (``table``: the records the
+    label table gives and their positions); a key in two shards is a problem too."""
+    problems = []
+    for number, entry in enumerate(entries):
+        want = expected[number * per:(number + 1) * per] if expected is not None else None
+        if want is not None and bad:  # frames skipped while writing (zero-byte, not a JPEG)
+            want = [k for k in want if k not in bad]
+        checker = _Checker(out, entry, *table, want, decode)
+        problems += checker.run()
+        for key in checker.keys:
+            if key in seen:
+                problems.append(f"{entry['file']}: key {key} also in {seen[key]}")
+            seen[key] = entry["file"]
+        if bar is not None:
+            bar.update(entry["samples"])
+    return problems
+
+
 def verify_shards(out: Path, *, decode: bool = False, index: Path | None = None) -> list[str]:
     """Re-read every shard of ``out``; the problems found (empty when all is well).
 
@@ -207,6 +256,10 @@ def verify_shards(out: Path, *, decode: bool = False, index: Path | None = None)
     out = Path(out)
     manifest = read_manifest(out)
     problems: list[str] = []
+    try:
+        frame_counts(out, manifest)  # labelled / unlabelled counts against the shard entries
+    except ValueError as exc:
+        problems.append(str(exc))
     opts = manifest["options"]
     tbl = None
     try:
@@ -223,7 +276,8 @@ def verify_shards(out: Path, *, decode: bool = False, index: Path | None = None)
         cfg = ShardConfig(index=index, out=out, split=opts["split"], table=manifest["table"],
                           tasks=tuple(opts["tasks"]), samples_per_shard=opts["samples_per_shard"],
                           seed=opts["seed"], frame_size=opts.get("frame_size"),
-                          resize_off_size=bool(opts.get("resize_off_size", False)))
+                          resize_off_size=bool(opts.get("resize_off_size", False)),
+                          unlabelled=bool(opts.get("unlabelled", False)))
     if not manifest["splits"]:
         problems.append("the manifest lists no split")
     total = sum(s["samples"] for sp in manifest["splits"].values() for s in sp["shards"])
@@ -233,7 +287,7 @@ def verify_shards(out: Path, *, decode: bool = False, index: Path | None = None)
             if tbl is not None:
                 kept, skipped = ordered_rows(cfg, tbl, split)
                 expected = [f"{int(r):010d}" for r in kept["row_id"].to_numpy()]
-                problems += _split_counts(split, info, skipped, len(expected), bad)
+                problems += _split_counts(split, info, recorded_skips(cfg.unlabelled, split, skipped), len(expected), bad)
             if info["samples"] == 0 and sum(v for v in info["skipped"].values() if isinstance(v, int)):
                 problems.append(f"{split}: 0 samples, all {sum(info['skipped'].values())} rows skipped "
                                 f"({info['skipped']}); was the index built with the right --images?")
@@ -241,17 +295,9 @@ def verify_shards(out: Path, *, decode: bool = False, index: Path | None = None)
                 problems.append(f"{split}: shard sample counts do not add up to {info['samples']}")
             per = opts["samples_per_shard"]
             seen: dict[str, str] = {}
-            for number, entry in enumerate(info["shards"]):
-                want = expected[number * per:(number + 1) * per] if expected is not None else None
-                if want is not None and bad:  # frames skipped while writing (zero-byte, not a JPEG)
-                    want = [k for k in want if k not in bad]
-                checker = _Checker(out, entry, table_records, row_pos, want, decode)
-                problems += checker.run()
-                for key in checker.keys:
-                    if key in seen:
-                        problems.append(f"{entry['file']}: key {key} also in {seen[key]}")
-                    seen[key] = entry["file"]
-                bar.update(entry["samples"])
+            problems += _check_shards(out, info["shards"], (table_records, row_pos), expected, bad, per, decode,
+                                      seen, bar)
+            problems += _check_unlabelled(out, split, info, tbl, cfg if tbl is not None else None, decode, seen)
     if problems:
         log.warning("%d problems in %s", len(problems), out)
     return problems

@@ -10,6 +10,14 @@ record of :mod:`affpipe.labels`), key = ``f"{row_id:010d}"``. Output::
 Rows are kept when they have an image and at least one valid label of the chosen tasks; the
 others are counted per reason (``no_image``, ``no_label``). The ``test`` split keeps every frame
 with an image, and its records carry no label (every mask false; ``labels.records_from_table``).
+
+Unlabelled frames (an image, no valid label of the chosen tasks) of train and val go, by default
+(``unlabelled=False`` / ``--no-unlabelled``: counted as ``no_label`` as before), into shards of
+their own, ``<split>/<split>-unlabelled-NNNNNN.tar``, listed under the split's ``unlabelled``
+key of the manifest, with records that carry no label (every mask false). They are never mixed
+into the labelled shards: those keep the bytes, plan digest and manifest fingerprint they have
+without them, so supervised loaders (which read ``shards`` only) see exactly the same batches.
+Only pre-training reads them (``affpipe.shards.format.pretrain_shard_paths``).
 An image the index lists but the disk lacks is an error naming the file (the index is stale; a
 silently smaller dataset would be worse), not a skip.
 
@@ -30,7 +38,7 @@ Bad frames (:mod:`affpipe.shards.checks`): zero-byte or non-JPEG files are skipp
 (``bad_image``, listed in the manifest); a frame of another size than the shards' one
 ``frame_size`` is refused, or re-encoded with ``resize_off_size``.
 
-(A little over 400 lines: the plan and the crash-safe writer share ``ShardSpec``; the format
+(About 450 lines: the plan — labelled and unlabelled shards — and the crash-safe writer share ``ShardSpec``; the format
 itself is in ``affpipe.shards.format``, the folder's ownership in ``affpipe.shards.folder``.)
 """
 
@@ -84,6 +92,7 @@ from affpipe.shards.format import (
     write_idx_lines,
     write_manifest,
 )
+from affpipe.shards.unlabelled import ordered_unlabelled, recorded_skips
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +117,7 @@ class ShardConfig:
     frame_size: int | None = None  # frames must be frame_size² (None: the size most sampled frames have)
     resize_off_size: bool = False  # re-encode frames of another size to frame_size, on purpose
     overwrite: bool = False  # shards of other inputs in ``out``: delete them (our files only) and start afresh
+    unlabelled: bool = True  # also write train/val frames without a label, in shards of their own
 
     def __post_init__(self) -> None:
         if self.split not in (*SPLITS, "all"):
@@ -139,7 +149,13 @@ class ShardConfig:
             "seed": self.seed,
             "frame_size": self.frame_size,
             "resize_off_size": self.resize_off_size,
+            "unlabelled": self.unlabelled,
         }
+
+    def labelled_options(self) -> dict[str, Any]:
+        """The options the labelled shards depend on (their plan digest): ``unlabelled`` does not
+        change them, so a folder written without unlabelled frames resumes in place."""
+        return {k: v for k, v in self.options().items() if k != "unlabelled"}
 
 
 # ---- the plan ------------------------------------------------------------------------------
@@ -158,10 +174,11 @@ class ShardSpec:
     plan_digest: str
     frame_size: int = 112
     resize_off_size: bool = False
+    unlabelled: bool = False  # one of the split's unlabelled shards (pre-training only)
 
     @property
     def name(self) -> str:
-        return f"{self.split}-{self.number:06d}"
+        return f"{self.split}-{'unlabelled-' if self.unlabelled else ''}{self.number:06d}"
 
     @property
     def tar(self) -> Path:
@@ -210,23 +227,30 @@ def ordered_rows(cfg: ShardConfig, tbl: pa.Table, split: str) -> tuple[pa.Table,
 def plan_split(cfg: ShardConfig, tbl: pa.Table, meta: dict, split: str) -> tuple[list[ShardSpec], dict[str, int]]:
     """Deterministic shard plan of one split: the same index, options and seed → the same plan."""
     kept, skipped = ordered_rows(cfg, tbl, split)
-    records = records_from_table(kept).tobytes()
+    specs = _specs(cfg, kept, meta, split, unlabelled=False)
+    rest = ordered_unlabelled(tbl, split, cfg.tasks, cfg.seed, cfg.unlabelled)
+    return specs + _specs(cfg, rest, meta, split, unlabelled=True), skipped
+
+
+def _specs(cfg: ShardConfig, kept: pa.Table, meta: dict, split: str, *, unlabelled: bool) -> list[ShardSpec]:
+    records = records_from_table(kept, labels=not unlabelled).tobytes()
     row_ids = kept["row_id"].to_numpy()
     roots = [str(Path(r)) for r in meta["image_roots"]]
     check_image_paths(kept, len(roots), Path(cfg.index))
     paths = [f"{roots[r]}/{img}" for r, img in zip(kept["image_root"].to_pylist(), kept["image"].to_pylist(), strict=True)]
     per = cfg.options()["samples_per_shard"]
-    opts = json.dumps(cfg.options(), sort_keys=True).encode()
+    opts = json.dumps(cfg.labelled_options(), sort_keys=True).encode()
+    kind = b"unlabelled" if unlabelled else b""
     specs = []
     for number, lo in enumerate(range(0, len(kept), per)):
         hi = min(lo + per, len(kept))
         keys = [f"{int(r):010d}" for r in row_ids[lo:hi]]
         rec = records[lo * RECORD_SIZE:hi * RECORD_SIZE]
-        h = hashlib.sha256(opts + split.encode() + b"%d" % number + rec)
+        h = hashlib.sha256(opts + kind + split.encode() + b"%d" % number + rec)
         h.update("\n".join(paths[lo:hi]).encode())
         specs.append(ShardSpec(split, number, str(cfg.out), keys, paths[lo:hi], rec, h.hexdigest(),
-                               cfg.frame_size or DEFAULT_FRAME_SIZE, cfg.resize_off_size))
-    return specs, skipped
+                               cfg.frame_size or DEFAULT_FRAME_SIZE, cfg.resize_off_size, unlabelled))
+    return specs
 
 
 # ---- writing -------------------------------------------------------------------------------
@@ -379,7 +403,7 @@ def _write_locked(cfg: ShardConfig, out: Path, tbl: pa.Table, meta: dict) -> dic
     # "manifest.json exists" means "every shard it lists is complete": drop it before touching any.
     remove_manifest(out)
     plans = {split: plan_split(cfg, tbl, meta, split) for split in cfg.splits}
-    check_not_empty(cfg.index, cfg.tasks, {k: v[1] for k, v in plans.items() if not v[0]})
+    check_not_empty(cfg.index, cfg.tasks, {k: v[1] for k, v in plans.items() if not any(not s.unlabelled for s in v[0])})
     size = cfg.frame_size or common_frame_size([p for sp in plans.values() for s in sp[0] for p in s.paths])
     plans = {k: ([dataclasses.replace(s, frame_size=size) for s in v[0]], v[1]) for k, v in plans.items()}
     specs = [s for split in cfg.splits for s in plans[split][0]]
@@ -387,7 +411,7 @@ def _write_locked(cfg: ShardConfig, out: Path, tbl: pa.Table, meta: dict) -> dic
         _prepare_dirs(out, split, plans[split][0])
     total = sum(len(s.keys) for s in specs)
     log.info("writing %d samples into %d shards with %d workers", total, len(specs), cfg.workers)
-    results: dict[tuple[str, int], dict] = {}
+    results: dict[tuple[str, str], dict] = {}
     with tqdm(total=total, unit="frame", desc="shard", unit_scale=True, disable=None) as bar:
         if cfg.workers == 1 or len(specs) <= 1:
             done_iter = map(_write_indexed, enumerate(specs))
@@ -398,7 +422,7 @@ def _write_locked(cfg: ShardConfig, out: Path, tbl: pa.Table, meta: dict) -> dic
             done_iter = pool.imap_unordered(_write_indexed, enumerate(specs))
         try:
             for i, state in done_iter:
-                results[(specs[i].split, specs[i].number)] = state
+                results[(specs[i].split, specs[i].name)] = state
                 bar.update(state["samples"])
         except BaseException:
             if pool is not None:  # workers stopped mid-shard leave their temporaries: none may stay
@@ -425,24 +449,26 @@ def _write_locked(cfg: ShardConfig, out: Path, tbl: pa.Table, meta: dict) -> dic
         "splits": {},
     }
     for split in cfg.splits:
-        shards = [
-            {k: results[(split, s.number)][k] for k in ("file", "index_file", "samples", "bytes", "sha256")}
-            for s in plans[split][0]
-        ]
-        states = [results[(split, s.number)] for s in plans[split][0]]
-        bad = [b for st in states for b in st.get("bad_images", [])]
-        manifest["splits"][split] = {
-            "shards": shards,
-            "samples": sum(s["samples"] for s in shards),
-            "bytes": sum(s["bytes"] for s in shards),
-            "skipped": {**plans[split][1], "bad_image": len(bad)},
-            "bad_images": bad,
-            "resized": sum(st.get("resized", 0) for st in states),
-            "frame_size": [size, size],
-        }
+        info = _split_entry([results[(split, s.name)] for s in plans[split][0] if not s.unlabelled])
+        info["skipped"] = {**recorded_skips(cfg.unlabelled, split, plans[split][1]), "bad_image": len(info["bad_images"])}
+        info["frame_size"] = [size, size]
+        unl = [results[(split, s.name)] for s in plans[split][0] if s.unlabelled]
+        if cfg.unlabelled and split != "test":
+            info["unlabelled"] = _split_entry(unl)
+        info["counts"] = ({"labelled": 0, "unlabelled": info["samples"]} if split == "test" else  # no test label is kept
+                          {"labelled": info["samples"], "unlabelled": info.get("unlabelled", {}).get("samples", 0)})
+        manifest["splits"][split] = info
     manifest["fingerprint"] = shards_fingerprint(manifest)
     write_manifest(out, manifest)
     return manifest
+
+
+def _split_entry(states: list[dict]) -> dict:
+    """A manifest entry of shards (a split's labelled ones, or its unlabelled ones)."""
+    shards = [{k: st[k] for k in ("file", "index_file", "samples", "bytes", "sha256")} for st in states]
+    return {"shards": shards, "samples": sum(s["samples"] for s in shards), "bytes": sum(s["bytes"] for s in shards),
+            "bad_images": [b for st in states for b in st.get("bad_images", [])],
+            "resized": sum(st.get("resized", 0) for st in states)}
 
 
 def _write_indexed(item: tuple[int, ShardSpec]) -> tuple[int, dict]:

@@ -70,17 +70,16 @@ def test_round_trip_and_skip_counts(index, shards):
     manifest = read_manifest(shards)
     assert manifest["options"] == {"split": "all", "table": "frames", "tasks": ["au", "expr", "va"],
                                    "samples_per_shard": 17, "seed": 3, "frame_size": None,
-                                   "resize_off_size": False}
+                                   "resize_off_size": False, "unlabelled": True}
     for split in ("train", "val"):
         rows_s = [r for r in rows if r["split"] == split]
         kept = {r["row_id"] for r in rows_s if r["has_image"] and (r["va_valid"] or r["expr_valid"] or r["au_valid"])}
         info = manifest["splits"][split]
-        assert info["skipped"] == {
-            "no_image": sum(not r["has_image"] for r in rows_s),
-            "no_label": sum(r["has_image"] and not (r["va_valid"] or r["expr_valid"] or r["au_valid"]) for r in rows_s),
-            "bad_image": 0,
-        }
-        assert info["skipped"]["no_image"] > 0 and info["skipped"]["no_label"] > 0
+        no_label = sum(r["has_image"] and not (r["va_valid"] or r["expr_valid"] or r["au_valid"]) for r in rows_s)
+        # the unlabelled frames are written (in shards of their own), not skipped
+        assert info["skipped"] == {"no_image": sum(not r["has_image"] for r in rows_s), "no_label": 0, "bad_image": 0}
+        assert info["skipped"]["no_image"] > 0 and no_label > 0 and info["unlabelled"]["samples"] == no_label
+        assert info["counts"] == {"labelled": info["samples"], "unlabelled": no_label}
         seen = []
         for (tar, _idx), entry in zip(shard_paths(shards, split), info["shards"], strict=True):
             samples = read_samples(tar)
@@ -141,13 +140,19 @@ def test_deterministic_and_parallel(index, shards, tmp_path):
 
 
 def test_task_filter(index, tmp_path):
-    manifest = write_shards(ShardConfig(index=index, out=tmp_path / "e", split="val", tasks=("expr",), workers=1))
+    manifest = write_shards(ShardConfig(index=index, out=tmp_path / "e", split="val", tasks=("expr",), workers=1,
+                                        unlabelled=False))
     tbl, _ = load_table(index)
     val = tbl.filter(pa.compute.equal(tbl["split"], "val")).to_pylist()
     assert manifest["splits"]["val"]["samples"] == sum(r["has_image"] and r["expr_valid"] for r in val)
     assert manifest["splits"]["val"]["skipped"]["no_label"] == sum(r["has_image"] and not r["expr_valid"] for r in val)
     assert list(manifest["splits"]) == ["val"] and len(manifest["splits"]["val"]["shards"]) == 1
+    assert "unlabelled" not in manifest["splits"]["val"]
     assert verify_shards(tmp_path / "e") == []
+    # by default the frames without an EXPR label go to the unlabelled shards, their records masked
+    default = write_shards(ShardConfig(index=index, out=tmp_path / "d", split="val", tasks=("expr",), workers=1))
+    assert default["splits"]["val"]["unlabelled"]["samples"] == sum(r["has_image"] and not r["expr_valid"] for r in val)
+    assert verify_shards(tmp_path / "d") == []
 
 
 def test_missing_image_is_an_error_naming_it(tmp_path):
@@ -206,7 +211,8 @@ def test_rerun_with_fewer_shards_removes_stale_ones(index, tmp_path):
         write_shards(ShardConfig(index=index, out=out, split="val", samples_per_shard=1000, workers=1))
     assert sorted(p.name for p in (out / "val").iterdir()) == before
     write_shards(ShardConfig(index=index, out=out, split="val", samples_per_shard=1000, workers=1, overwrite=True))
-    assert sorted(p.name for p in (out / "val").iterdir()) == ["val-000000.idx", "val-000000.tar"]
+    assert sorted(p.name for p in (out / "val").iterdir()) == ["val-000000.idx", "val-000000.tar",
+                                                               "val-unlabelled-000000.idx", "val-unlabelled-000000.tar"]
     assert verify_shards(out) == []
     # Same shard names, another seed: every shard is rewritten, none is wrongly reused.
     write_shards(ShardConfig(index=index, out=out, split="train", samples_per_shard=20, workers=1, seed=0, overwrite=True))
@@ -280,7 +286,8 @@ def test_session_fixtures_shard_and_verify(index_dir, shard_dir, tmp_path):
     manifest = read_manifest(shard_dir)
     for split, info in manifest["splits"].items():
         n = sum(1 for r in tbl.filter(pa.compute.equal(tbl["split"], split)).to_pylist())
-        assert info["samples"] + sum(info["skipped"].values()) == n
+        unlabelled = info.get("unlabelled", {}).get("samples", 0)
+        assert info["samples"] + unlabelled + sum(info["skipped"].values()) == n
     if (index_dir / "mtl_frames.parquet").exists():
         out = tmp_path / "mtl"
         m = write_shards(ShardConfig(index=index_dir, out=out, table="mtl", samples_per_shard=50, workers=1))
