@@ -146,6 +146,8 @@ def make_index(root: Path, videos: int = 6, frames: int = 30, seed: int = 0) -> 
 
 # The session's trained artifacts (``conftest.trained_world``): tiny images, two steps, the torch
 # loader in-process.
+# A tiny backbone (timm's ``test_resnet``, 0.4M parameters) wherever a test is not about the backbone.
 TINY_RUN = {"task": "mtl", "epochs": 1, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2,
-            "loader.num_workers": 0, "loader.backend": "torch", "device": "cpu", "log_every": 1}
+            "model.arch": "timm/test_resnet", "loader.num_workers": 0, "loader.backend": "torch", "device": "cpu",
+            "log_every": 1}
 TINY_TEMPORAL = {"window": 8, "stride": 4, "hidden": 16, "layers": 1}

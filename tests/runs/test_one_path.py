@@ -16,49 +16,17 @@ from click.testing import CliRunner
 
 from affpipe.cli import main
 from affpipe.labels import AU_NAMES
-from affpipe.loaders import LoaderConfig
-from affpipe.run.config import TemporalConfig, TrainConfig, load_config
 
 FAST = ["--backend", "torch", "--num-workers", "0", "--device", "cpu"]
-TINY = {"task": "mtl", "epochs": 1, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2, "max_val_steps": 1,
-        "loader.num_workers": 0, "loader.backend": "torch", "device": "cpu", "log_every": 1}
-
-
-def _lineage(run: Path, index: Path, *, shards: Path | None = None, features: Path | None = None) -> None:
-    """``RUN/lineage.json`` as ``train`` records it (paths relative to RUN), for a run made
-    before the trainer wrote it itself (kept when it is there)."""
-    from affpipe.index.build import index_fingerprint
-    from affpipe.lineage import rel_path
-
-    if (run / "lineage.json").is_file():
-        return
-    rec = {"kind": "temporal" if features else "frames", "table": "frames", "index": rel_path(run, index),
-           "index_fingerprint": index_fingerprint(index), "shards": rel_path(run, shards) if shards else None,
-           "shards_fingerprint": None, "features": [rel_path(run, features)] if features else None,
-           "features_fingerprint": None}
-    (run / "lineage.json").write_text(json.dumps(rec))
 
 
 @pytest.fixture(scope="module")
-def world(index_dir, tmp_path_factory) -> Path:
-    """world/{index, shards, feats, runs/frame, runs/temporal}: a per-frame MTL run, its features,
-    and a temporal head on them, each recording what it was made from."""
-    from affpipe.runs.embed import EmbedConfig, embed
-    from affpipe.runs.train import train
-    from affpipe.runs.train import train as train_temporal
-    from affpipe.shards.write import ShardConfig, write_shards
-
+def world(trained_world, tmp_path_factory) -> Path:
+    """world/{index, shards, feats, runs/frame, runs/temporal}: the session's trained world (a
+    per-frame MTL run, its features and a temporal head on them, each recording what it was made
+    from), copied for this module's tests, which write into the runs and move the data."""
     w = tmp_path_factory.mktemp("one_path") / "world"
-    shutil.copytree(index_dir, w / "index")
-    write_shards(ShardConfig(index=w / "index", out=w / "shards", split="all", samples_per_shard=100, workers=1))
-    frame = train(load_config(None, {**TINY, "shards": w / "shards", "out": w / "runs" / "frame"}))
-    _lineage(frame, w / "index", shards=w / "shards")
-    embed(EmbedConfig(source=str(frame / "best.pt"), shards=w / "shards", out=w / "feats", batch_size=64,
-                      device="cpu", loader=LoaderConfig(backend="torch", num_workers=0)))
-    temporal = train_temporal(TrainConfig.of(task="mtl", features=w / "feats", out=w / "runs" / "temporal", epochs=1,
-                                          batch_size=4, device="cpu", temporal=TemporalConfig(window=8, stride=4,
-                                                                                              hidden=16, layers=1)))
-    _lineage(temporal, w / "index", features=w / "feats")
+    shutil.copytree(trained_world, w, symlinks=True)
     return w
 
 
