@@ -62,7 +62,8 @@ def test_run_owner_covers_what_train_and_evaluate_write(run):
     assert read_marker(run)["command"] == "train"
     for name in ("config.json", "lineage.json", "metrics.jsonl", "last.pt", "best.pt", "last.pt.tmp", "curves.png",
                  "eval.json", "eval.md", "eval_train.json", "eval_smoothed.md", "au_thresholds.json",
-                 "smoothing.json", "eval_predictions.csv", "events.out.tfevents.1733.host.42.0"):
+                 "smoothing.json", "eval_predictions.npz", "eval_smoothed_cv_predictions.npz",
+                 "events.out.tfevents.1733.host.42.0"):
         assert RUN_OWNER.owns(name), name
     for name in ("thesis.txt", "notes.md", "config.toml", "other.pt", "data/x.json"):
         assert not RUN_OWNER.owns(name), name
@@ -145,6 +146,7 @@ def test_a_second_train_into_a_busy_run_folder_is_refused(run, shard_dir, tmp_pa
 
 def test_only_rank_0_claims(shard_dir, tmp_path):
     from affpipe.dist import DistContext
+    from affpipe.runs.kinds import kind_of
     from affpipe.train.loop import prepare_run_dir
 
     out = tmp_path / "mine"
@@ -152,10 +154,10 @@ def test_only_rank_0_claims(shard_dir, tmp_path):
     (out / "config.json").write_text("mine\n")
     cfg = load_config(None, {"task": "va", "shards": shard_dir, "out": out})
     with contextlib.ExitStack() as held:  # rank 1 neither checks nor writes: rank 0 refuses for all
-        assert prepare_run_dir(cfg, DistContext(1, 2, torch.device("cpu")), held) == out
+        assert prepare_run_dir(cfg, kind_of(cfg), DistContext(1, 2, torch.device("cpu")), held) == out
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
     with contextlib.ExitStack() as held, pytest.raises(FileExistsError, match="not written by `affpipe train`"):
-        prepare_run_dir(cfg, DistContext(0, 2, torch.device("cpu")), held)
+        prepare_run_dir(cfg, kind_of(cfg), DistContext(0, 2, torch.device("cpu")), held)
 
 
 def test_a_run_of_affpipe_0_2_resumes_a_lookalike_does_not(run, shard_dir, tmp_path):
