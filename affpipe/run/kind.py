@@ -56,6 +56,7 @@ class RunKind:
     ``lineage.json`` records) and ``data_type`` (the config's data class they serve)."""
 
     name: str = ""
+    title: str = ""  # what messages call a run of this kind ("per-frame", "temporal")
     data_type: type = object
     # Whether the state before the first step is a best.pt candidate (a temporal head starts at
     # its source run's predictions through the skip path).

@@ -107,15 +107,11 @@ def apply_smoothing(run: Run, c: Collected, split: str, *, smooth: bool, tune_sm
 
 def thresholds_tuned_on(run: Run) -> str | None:
     """The split the run folder's ``au_thresholds.json`` was tuned on (None: no such file)."""
-    import json
-
-    from affpipe.train.evaluate import THRESHOLDS_FILE
-
-    path = run.folder / THRESHOLDS_FILE
     try:
-        return str(json.loads(path.read_text()).get("split")) if path.is_file() else None
-    except (OSError, ValueError, AttributeError):
+        saved = run.files.read_thresholds()
+    except ValueError:
         return None
+    return None if saved is None else str(saved.get("split"))
 
 
 def nested_cross_validated(run: Run, c: Collected, raw: MetricAccumulator, smoothing: dict[str, Any] | None,

@@ -150,7 +150,7 @@ def open_run(inputs: RunInputs) -> Run:
     given = {k.data_flag: tuple(_flagged(p, k.data_flag) for p in _given(inputs, k.data_flag)) for k in KINDS}
     for flag, paths in given.items():
         if paths and flag != kind.data_flag:
-            raise ValueError(f"{flag}: {ckpt} is a {kind.name} run; pass {kind.data_flag} (or nothing)")
+            raise ValueError(f"{flag}: {ckpt} is a {kind.title} run; pass {kind.data_flag} (or nothing)")
     index = _flagged(inputs.index, "--index")
     if index is not None and rec and rec.get("index_fingerprint"):  # refused before any data is read
         from affpipe.index.build import index_fingerprint

@@ -65,6 +65,7 @@ class TemporalKind(RunKind):
     """Temporal heads over feature tables (see the module docstring)."""
 
     name = "temporal"
+    title = "temporal"
     data_type = FeaturesData
     data_flag = "--features"
     start_is_candidate = True  # the skip path starts at the source run's predictions

@@ -40,6 +40,7 @@ class FramesKind(RunKind):
     """Per-frame runs (see the module docstring)."""
 
     name = "frames"
+    title = "per-frame"
     data_type = ShardsData
     data_flag = "--shards"
 

@@ -188,9 +188,8 @@ def test_a_weight_file_whose_stem_is_dotdot_never_names_a_folder(tmp_path):
 
 
 def test_a_temporal_head_on_a_table_embedded_with_weights_starts_its_skip_path_fresh(shard_dir, tmp_path):
-    from affpipe.temporal.train import build_model_for
-
     from affpipe.temporal.features import open_features, source_checkpoint
+    from affpipe.temporal.kind import build_model_for
 
     weights = tmp_path / "backbone.pt"
     torch.save(build_model(ModelConfig()).backbone.state_dict(), weights)

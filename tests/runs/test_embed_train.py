@@ -92,7 +92,7 @@ def test_temporal_run_folder_like_a_per_frame_run(feats, tmp_path, arch):
     from affpipe.runs.train import train as train_temporal
 
     cfg = _temporal_cfg(feats, tmp_path / "run")
-    cfg = replace(cfg, temporal=replace(cfg.temporal, arch=arch))
+    cfg = replace(cfg, data=replace(cfg.data, temporal=replace(cfg.data.temporal, arch=arch)))
     run = train_temporal(cfg)
     for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "eval.json", "eval.md", "curves.png"):
         assert (run / name).is_file(), name
