@@ -73,7 +73,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     thresholds = run.au_thresholds() if cfg.au_thresholds is None else list(cfg.au_thresholds)
     rows = run.split_rows(cfg.split)
     inputs = {"checkpoint": str(run.ckpt.resolve()), "checkpoint_sha256": sha256_file(run.ckpt),
-              "data": [str(Path(p).resolve()) for p in (run.shards, *run.features) if p is not None],
+              "data": [str(Path(p).resolve()) for p in run.data.inputs],
               "split": cfg.split, "format": cfg.format, "edition": cfg.edition, "smooth": cfg.smooth,
               "templates": [str(Path(t).resolve()) for t in cfg.templates], "fill_missing": cfg.fill_missing,
               "au_thresholds": thresholds}
