@@ -103,10 +103,10 @@ def predict_video(cfg: VideoPredictConfig) -> dict[str, Any]:
                 tracks += _predict_one(run, model, folder, rec, thresholds, windows, cfg)
         summary = {"run": str(run.ckpt), "exported": run.exported, "kind": run.kind.name, "heads": list(run.cfg.heads),
                    "au_thresholds": thresholds, "au_thresholds_from": how, "smoothing": windows,
-                   "videos": len(cropped["per_video"]), "frames": cropped["frames"],
-                   "crops_reused": cropped["resumed"], "tracks": tracks,
+                   "videos": len(cropped["per_video"]), "frames": cropped["frames"], "tracks": tracks,
                    "frames_without_face": sum(t["rows_empty"] for t in tracks)}
         atomic_write_text(folder.path("summary.json"), json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        summary["crops_reused"] = cropped["resumed"]  # not in the file: a rerun writes the same bytes
     log.info("predicted %d track(s) of %d video(s) under %s", len(tracks), summary["videos"], cfg.out)
     return summary
 

@@ -88,9 +88,7 @@ def test_rerun_gives_the_same_bytes(predicted):
     before = {n: (cfg.out / n).read_bytes() for n in names}
     again = predict_video(cfg)
     assert again["crops_reused"] == 1
-    summary = before.pop("summary.json")
-    assert {n: (cfg.out / n).read_bytes() for n in before} == before
-    assert (cfg.out / "summary.json").read_bytes() != b"" and summary
+    assert {n: (cfg.out / n).read_bytes() for n in names} == before
 
 
 def test_run_predict_api_matches_the_csv(predicted, trained_world):
@@ -163,3 +161,15 @@ def test_bad_input_is_one_error_line(case, clips, trained_world, tmp_path):
     res = CliRunner().invoke(main, ["predict", str(run), "--video", str(video), "-o", str(tmp_path / "o")])
     assert res.exit_code != 0 and res.output.count("Error:") == 1, res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_video_without_a_face_is_one_file_of_empty_rows(trained_world, tmp_path):
+    from affpipe.runs.video import VideoPredictConfig, predict_video
+
+    clip = media.write_video(tmp_path / "blank.avi", [media.background() for _ in range(5)])
+    s = predict_video(VideoPredictConfig(run=trained_world / "runs" / "frame", videos=(clip,), out=tmp_path / "o",
+                                         device="cpu", progress=False, crop=CROP))
+    assert [t["track"] for t in s["tracks"]] == ["blank"] and s["frames_without_face"] == 5
+    lines = (tmp_path / "o" / "blank.csv").read_text().splitlines()
+    assert len(lines) == 6 and all(ln.split(",")[2] == "0" for ln in lines[1:])
+    assert cv2.imread(str(tmp_path / "o" / "blank.png")) is not None
