@@ -173,3 +173,19 @@ def test_a_video_without_a_face_is_one_file_of_empty_rows(trained_world, tmp_pat
     lines = (tmp_path / "o" / "blank.csv").read_text().splitlines()
     assert len(lines) == 6 and all(ln.split(",")[2] == "0" for ln in lines[1:])
     assert cv2.imread(str(tmp_path / "o" / "blank.png")) is not None
+
+
+def test_export_never_replaces_a_foreign_file(trained_world, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    user = tmp_path / "user.safetensors"
+    save_file({"x": torch.zeros(1)}, str(user))
+    before = user.read_bytes()
+    run = str(trained_world / "runs" / "frame")
+    for extra, says in (([], "--overwrite"), (["--overwrite"], "not an affpipe export")):
+        res = CliRunner().invoke(main, ["export", run, "-o", str(user), *extra])
+        assert res.exit_code == 1 and res.output.count("Error:") == 1 and says in res.output, res.output
+    assert user.read_bytes() == before
+    res = CliRunner().invoke(main, ["export", run, "-o", str(tmp_path / "m.pt")])
+    assert res.exit_code == 1 and ".safetensors" in res.output
