@@ -41,6 +41,9 @@ CASES = {
     "evaluate-temporal-empty": ["evaluate", "{EMPTY}", "--tune-smoothing"],
     "crop-missing": ["crop", "{MISSING}", "-o", "{OUT}/tree"],
     "crop-empty": ["crop", "{EMPTY}", "-o", "{OUT}/tree"],
+    "export-empty": ["export", "{EMPTY}", "-o", "{OUT}/m.safetensors"],
+    "export-missing": ["export", "{MISSING}", "-o", "{OUT}/m.safetensors"],
+    "predict-video-empty-run": ["predict", "{EMPTY}", "--video", "{MISSING}", "-o", "{OUT}/p"],
 }
 
 

@@ -115,6 +115,30 @@ def crop_pipeline(video: Path, out: Path) -> int:
     return crop(CropConfig(inputs=(video,), out=out, device="cpu", progress=False))["frames"]
 
 
+def bench_model(path: Path) -> Path:
+    """A multi-task ResNet-18 at 112 px (random weights: the figure is speed, not accuracy),
+    exported as ``affpipe export`` writes it, for the ``predict --video`` figure."""
+    import torch
+
+    from affpipe.models.model import build_model
+    from affpipe.run.config import TrainConfig, to_dict
+    from affpipe.run.exported import write_export
+    from affpipe.train.frames import FRAMES
+
+    cfg = FRAMES.resolve(TrainConfig.of(task="mtl", shards=path.parent, device="cpu"))
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    write_export({"model": model.state_dict(), "config": to_dict(cfg)}, path, source=path, source_sha256="bench")
+    return path
+
+
+def predict_pipeline(video: Path, out: Path, model: Path) -> int:
+    """``affpipe predict MODEL --video VIDEO`` on the CPU, from nothing (crop included); returns frames."""
+    from affpipe.runs.video import VideoPredictConfig, predict_video
+
+    return predict_video(VideoPredictConfig(run=model, videos=(video,), out=out, device="cpu", progress=False))["frames"]
+
+
 def bench_crop(out: Path, *, frames: int = 48, repeats: int = 3) -> dict:
     """Frames/s of the naive loop and of ``crop`` (median of ``repeats`` alternating runs)."""
     import torch
@@ -125,9 +149,10 @@ def bench_crop(out: Path, *, frames: int = 48, repeats: int = 3) -> dict:
     video = out / "work" / "clip.avi"
     face = make_video(video, frames)
     load = [round(os.getloadavg()[0], 1)] if hasattr(os, "getloadavg") else []
-    rates: dict[str, list[float]] = {"naive": [], "naive_affpipe_detector": [], "crop": []}
+    model = bench_model(out / "work" / "model.safetensors")
+    rates: dict[str, list[float]] = {"naive": [], "naive_affpipe_detector": [], "crop": [], "predict_video": []}
     runs = (("naive", naive_loop), ("naive_affpipe_detector", lambda v, o: naive_loop(v, o, stock=False)),
-            ("crop", crop_pipeline))
+            ("crop", crop_pipeline), ("predict_video", lambda v, o: predict_pipeline(v, o, model)))
     for r in range(repeats):
         for name, fn in runs:
             dst = out / "work" / f"{name}-{r}"
@@ -142,6 +167,7 @@ def bench_crop(out: Path, *, frames: int = 48, repeats: int = 3) -> dict:
     return {"video": f"{W}x{H}, {frames} frames, {face}", "cores": usable_cores(), "torch_threads": torch.get_num_threads(),
             "naive_fps": round(naive, 2), "naive_affpipe_detector_fps": round(med["naive_affpipe_detector"], 2),
             "crop_fps": round(fast, 2), "ratio": round(fast / naive, 2),
+            "predict_video_fps": round(med["predict_video"], 2),
             "ratio_vs_affpipe_detector": round(fast / med["naive_affpipe_detector"], 2),
             "runs_fps": {k: [round(x, 2) for x in v] for k, v in rates.items()}, "target_ratio": TARGET_RATIO,
             "load_average_1min": load}  # at start and end: above the cores, the machine was shared
@@ -165,6 +191,9 @@ def crop_markdown(row: dict, machine: dict) -> str:
         f"| the same loop with affpipe's detector (OpenCV cuts the candidates), one frame a call | "
         f"{row['naive_affpipe_detector_fps']:.2f} | {row['naive_affpipe_detector_fps'] / row['naive_fps']:.2f} |",
         f"| `affpipe crop` (batched MTCNN, decode/encode threads) | {row['crop_fps']:.2f} | {row['ratio']:.2f} |",
+        *([f"| `affpipe predict MODEL --video` end to end (crop, then a ResNet-18 MTL model at 112 px on every "
+           f"crop, CSV/parquet/plot per track) | {row['predict_video_fps']:.2f} | "
+           f"{row['predict_video_fps'] / row['naive_fps']:.2f} |"] if "predict_video_fps" in row else []),
         "",
         f"Target (DESIGN.md): ≥ {TARGET_RATIO:.0f}× the naive loop on 2 cores — {met} in this run. "
         f"Batching and overlapping alone (crop against the loop with affpipe's detector): "

@@ -185,15 +185,27 @@ def evaluate(run_or_ckpt: Path, shards: Path | None, features: tuple[Path, ...],
 @click.option("--smooth", is_flag=True, help="Smooth with the windows `evaluate --tune-smoothing` stored.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--overwrite", is_flag=True, help="Replace predict's earlier files in -o (deletes only those).")
+@click.option("--video", "videos", multiple=True, type=click.Path(path_type=Path),
+              help="Predict on your own VIDEO files or folders instead (repeatable): OUT/crops (cropped once, "
+                   "reused), OUT/<track>.csv/.parquet/.png per face.")
+@click.option("--overlay", is_flag=True, help="With --video: also OUT/<video>.overlay.avi, the faces annotated.")
 @_loader_options
 def predict(ckpt: Path, shards: Path | None, features: tuple[Path, ...], index: Path | None, out: Path, fmt: str,
             split: str, templates: tuple[Path, ...], fill_missing: bool, edition: str, smooth: bool,
-            batch_size: int | None, overwrite: bool, backend: str, device: str, num_workers: int | None,
-            on_bad: str) -> None:
-    """Write CKPT's predictions (a per-frame or temporal run) in an ABAW submission format under OUT."""
+            batch_size: int | None, overwrite: bool, videos: tuple[Path, ...], overlay: bool, backend: str,
+            device: str, num_workers: int | None, on_bad: str) -> None:
+    """Write CKPT's predictions (a per-frame or temporal run, a run folder or an exported .safetensors)
+    in an ABAW submission format under OUT; with --video, per-frame predictions on your own videos."""
     from affpipe.loaders import LoaderConfig
     from affpipe.runs import PredictConfig
     from affpipe.runs import predict as run_predict
+
+    if videos:
+        _predict_videos(ckpt, videos, out, smooth=smooth, overlay=overlay, batch_size=batch_size, device=device,
+                        overwrite=overwrite, given=bool(shards or features or index or templates or fill_missing))
+        return
+    if overlay:
+        raise click.UsageError("--overlay goes with --video")
 
     summary = run_predict(PredictConfig(
         **_inputs(ckpt, shards, features, index), out=out, format=fmt, split=split, templates=tuple(templates),
@@ -205,3 +217,38 @@ def predict(ckpt: Path, shards: Path | None, features: tuple[Path, ...], index: 
         click.echo(f"{summary['lines']} template rows; {summary['past_last_frame']} past a video's last indexed "
                    f"frame; {summary['filled_missing']} given the default (--fill-missing); columns without "
                    f"a model output (written 0): {summary['unpredicted_columns'] or 'none'}")
+
+
+def _predict_videos(ckpt: Path, videos: tuple[Path, ...], out: Path, *, smooth: bool, overlay: bool,
+                    batch_size: int | None, device: str, overwrite: bool, given: bool) -> None:
+    from affpipe.runs.video import VideoPredictConfig, predict_video
+
+    if given:
+        raise click.UsageError("--video predicts on the videos' crops: --shards/--features/--index/--template/"
+                               "--fill-missing do not apply")
+    s = predict_video(VideoPredictConfig(run=ckpt, videos=tuple(videos), out=out, smooth=smooth, overlay=overlay,
+                                         device=device, batch_size=batch_size or 64, overwrite=overwrite))
+    click.echo(f"AU thresholds: {s['au_thresholds_from']}" if "au" in s["heads"] else "no AU head")
+    if s["smoothing"]:
+        click.echo(f"smoothed with the run's windows {s['smoothing']}")
+    for t in s["tracks"]:
+        click.echo(f"{t['track']}: {t['rows']} frames, {t['rows_with_face']} with a face, "
+                   f"{t['rows_empty']} without (empty rows) → {out}/{t['track']}.csv")
+    click.echo(f"{s['videos']} video(s), {s['frames']} frames ({s['crops_reused']} video(s) cropped before, reused), "
+               f"{s['frames_without_face']} track rows without a face → {out}")
+
+
+@main.command("export")
+@click.argument("run", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The file to write: FILE.safetensors.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier export of that name.")
+def export_cmd(run: Path, out: Path, overwrite: bool) -> None:
+    """Write RUN's model (weights only, no optimizer) with its config, tuned thresholds and smoothing
+    to one .safetensors file that predict and open_run take in place of the run folder."""
+    from affpipe.runs.export import ExportConfig, export
+
+    s = export(ExportConfig(run=run, out=out, overwrite=overwrite))
+    click.echo(f"{s['file']}: {s['bytes']} bytes (from {s['source']}, {s['source_bytes']} bytes, "
+               f"sha256 {s['source_sha256'][:16]}…); AU thresholds: {'tuned' if s['au_thresholds'] else 'none'}, "
+               f"smoothing: {'yes' if s['smoothing'] else 'none'}")

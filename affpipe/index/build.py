@@ -413,9 +413,13 @@ def _build(cfg: IndexConfig, held: contextlib.ExitStack) -> dict:
     """
     t0 = time.perf_counter()
     layout = find_layout(cfg.root, tuple(cfg.images))
-    if not layout.files and not layout.mtl_files:
-        raise ValueError(f"{layout.root}: no challenge folders ({', '.join(sorted(CHALLENGE_DIRS))}) "
-                         "or MTL files found")
+    annotated_tree = bool(layout.files or layout.mtl_files)
+    if not annotated_tree and not layout.image_roots:  # neither labels nor crops: a wrong folder
+        raise ValueError(f"{layout.root}: no challenge folders ({', '.join(sorted(CHALLENGE_DIRS))}), "
+                         "no MTL files and no image root (<video>/<frame>.jpg folders, such as cropped_aligned/) "
+                         "found")
+    if not annotated_tree:  # a tree of crops alone (affpipe crop's): every video is a test video
+        log.warning("%s: no annotation file found; indexing the crops alone (every video split test)", layout.root)
     if not layout.image_roots:
         log.warning("no image roots found under %s (use --images DIR)", layout.root)
     log.info("layout: %s; image roots: %s", {t: p.name for t, p in layout.challenges.items()},
@@ -467,6 +471,7 @@ def _build(cfg: IndexConfig, held: contextlib.ExitStack) -> dict:
         fingerprints["mtl"] = table_fingerprint(mtl_table)
     else:  # a rerun without MTL files: no MTL table of the earlier inputs is left beside this one
         folder.path(TABLE_FILES["mtl"]).unlink(missing_ok=True)
+    counts["annotations"] = annotated_tree
     counts["seconds"] = round(time.perf_counter() - t0, 3)
     meta = {
         "schema_version": TABLE_SCHEMA_VERSION,
@@ -612,4 +617,7 @@ def format_summary(counts: dict) -> str:
         rows.append(f"MTL: {m['rows']} rows (train {m['train_rows']}, val {m['val_rows']}), "
                     f"{m['with_image']} with image, {m['duplicates_collapsed']} duplicates collapsed, "
                     f"{m['bad_lines']} bad lines skipped")
+    if counts.get("annotations") is False:
+        rows.insert(1, "no annotation files in this tree: images alone, every video split test "
+                       "(for predict; train needs labels)")
     return "\n".join(rows + release_lines(counts))

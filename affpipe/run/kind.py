@@ -106,6 +106,14 @@ class RunKind:
         raise ValueError(f"{source}: a {self.name} run has no frame encoder; embed the per-frame run its "
                          "features came from")
 
+    def image_model(self, cfg: TrainConfig, state: dict[str, Any], source: str) -> torch.nn.Module:
+        """The model that maps uint8 face crops ``[N, 3, H, W]`` (at ``cfg.image_size``) to raw
+        outputs (what ``Run.predict`` and ``predict --video`` run); a kind that does not read
+        images says so in one line."""
+        raise ValueError(f"{source}: a {self.name} run does not predict from face crops; use a per-frame run "
+                         "(for this run: index and shard the crops, embed them with its source run, "
+                         "then `affpipe predict`)")
+
     def describe(self, config: dict[str, Any]) -> dict[str, Any]:
         """What sets a run of this kind apart in a report (from its config.json)."""
         return {}

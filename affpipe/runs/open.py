@@ -42,13 +42,29 @@ class RunInputs:
 
 @dataclass
 class Run:
-    """An opened run (see the module docstring). ``source`` names its data in messages."""
+    """An opened run (see the module docstring). ``source`` names its data in messages.
+
+    ``data`` is None when opened with ``open_run(..., data=False)`` (predicting on images or
+    videos needs the model alone) and for an exported file (``affpipe export``) without data
+    flags; what reads the data then says so in one line."""
 
     ckpt: Path
     state: dict[str, Any]
     cfg: TrainConfig
     kind: RunKind
-    data: OpenedData
+    _data: OpenedData | None
+
+    @property
+    def data(self) -> OpenedData:
+        if self._data is None:
+            raise ValueError(f"{self.ckpt}: opened without its data (an exported model, or open_run(data=False)); "
+                             f"it predicts on images and videos only (pass {self.kind.data_flag} for the rest)")
+        return self._data
+
+    @property
+    def exported(self) -> bool:
+        """Whether the model comes from an ``affpipe export`` file (not a run folder)."""
+        return "export" in self.state
 
     @property
     def folder(self) -> Path:
@@ -87,17 +103,66 @@ class Run:
         return self.kind.batches(self.cfg, self.data, split, device, batch_size=batch_size, loader=loader)
 
     def au_thresholds(self) -> list[float] | None:
-        """The AU thresholds ``evaluate --tune-au-thresholds`` stored in the run folder (None: 0.5)."""
-        path = self.files.thresholds
-        if "au" not in self.cfg.heads or not path.is_file():
+        """The AU thresholds ``evaluate --tune-au-thresholds`` stored in the run folder, or the
+        ones an exported file carries (None: 0.5)."""
+        if "au" not in self.cfg.heads:
             return None
+        if self.exported:
+            saved = self.state.get("au_thresholds")
+            path = self.ckpt
+            if saved is None:
+                return None
+        else:
+            path = self.files.thresholds
+            if not path.is_file():
+                return None
         try:
-            saved = self.files.read_thresholds()["au_thresholds"]
+            saved = saved if self.exported else self.files.read_thresholds()["au_thresholds"]
             values = [float(saved[name]) for name in AU_NAMES]
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: not an AU threshold file ({type(exc).__name__}: {exc})") from None
         log.info("using the tuned AU thresholds of %s", path)
         return values
+
+    def smoothing_windows(self) -> dict[str, int]:
+        """The windows of the run's ``smoothing.json`` (or the ones an export carries)."""
+        from affpipe.temporal.smoothing import load_windows
+
+        if self.exported:
+            if not self.state.get("smoothing"):
+                raise ValueError(f"--smooth: {self.ckpt} was exported without smoothing windows "
+                                 "(tune them with `affpipe evaluate RUN --tune-smoothing`, then export again)")
+            return {str(t): int(w) for t, w in self.state["smoothing"].items()}
+        return load_windows(self.folder)
+
+    def image_model(self, device: torch.device) -> torch.nn.Module:
+        """The model that takes uint8 face crops (the kind's; a kind without one: one error)."""
+        return self.kind.image_model(self.cfg, self.state, str(self.ckpt)).to(device)
+
+    def predict(self, images, *, device: str = "auto", batch_size: int = 64,
+                model: torch.nn.Module | None = None) -> dict[str, np.ndarray]:
+        """The model's outputs on aligned face crops: ``images`` uint8 ``[N, 112, 112, 3]`` RGB (or a
+        list of ``[112, 112, 3]``). Returns numpy arrays: ``valence``, ``arousal`` ``[N]``,
+        ``expr_probs [N, 8]`` (softmax), ``au_probs [N, 12]`` (sigmoid), for the heads the run has.
+        Crops are resized to the run's image size as its loaders do; a temporal run refuses."""
+        from affpipe.dist import pick_device
+        from affpipe.loaders.augment import resize_linear
+
+        arr = images if isinstance(images, np.ndarray) else np.stack([np.asarray(i) for i in images]) \
+            if len(images) else np.zeros((0, 112, 112, 3), np.uint8)
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(f"predict: images must be uint8 [N, H, W, 3] RGB crops, got {arr.dtype} {list(arr.shape)}")
+        dev = pick_device(device)
+        model = model if model is not None else self.image_model(dev)
+        size = self.cfg.image_size
+        outs: dict[str, list[np.ndarray]] = {}
+        with torch.inference_mode():
+            for i in range(0, len(arr), batch_size):
+                chunk = np.stack([resize_linear(np.ascontiguousarray(a), size) for a in arr[i:i + batch_size]])
+                x = torch.from_numpy(chunk).permute(0, 3, 1, 2).contiguous().to(dev)
+                for task, y in model(x).items():
+                    outs.setdefault(task, []).append(y.float().cpu().numpy())
+        return _probabilities(outs, self.cfg.heads, len(arr))
 
     def split_rows(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(row_id, video, frame, has_image) of ``split`` of the label table, in (video, frame) order."""
@@ -126,25 +191,53 @@ class Run:
         return video.astype(object), self.label_table.column("frame").to_numpy()[pos].astype(np.int64)
 
 
+def _probabilities(outs: dict[str, list[np.ndarray]], heads, n: int) -> dict[str, np.ndarray]:
+    """Raw outputs → VA, softmax EXPR and sigmoid AU probabilities (float32)."""
+    from affpipe.labels import NUM_AU, NUM_EXPR
+
+    cat = {t: np.concatenate(v) if v else None for t, v in outs.items()}
+    res: dict[str, np.ndarray] = {}
+    if "va" in heads:
+        va = cat.get("va") if cat.get("va") is not None else np.zeros((n, 2), np.float32)
+        res["valence"], res["arousal"] = va[:, 0].astype(np.float32), va[:, 1].astype(np.float32)
+    if "expr" in heads:
+        z = cat.get("expr") if cat.get("expr") is not None else np.zeros((n, NUM_EXPR), np.float32)
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        res["expr_probs"] = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    if "au" in heads:
+        z = cat.get("au") if cat.get("au") is not None else np.zeros((n, NUM_AU), np.float32)
+        res["au_probs"] = (1.0 / (1.0 + np.exp(-z.astype(np.float64)))).astype(np.float32)
+    return res
+
+
 def _flagged(path: Path | None, flag: str) -> Path | None:
     if path is not None and not Path(path).exists():
         raise FileNotFoundError(f"{flag} {path}: no such folder")
     return None if path is None else Path(path)
 
 
-def open_run(inputs: RunInputs) -> Run:
-    """Open ``inputs.run`` once (see the module docstring)."""
+def open_run(inputs: RunInputs, *, data: bool = True) -> Run:
+    """Open ``inputs.run`` once (see the module docstring): a run folder, a checkpoint, or a file
+    ``affpipe export`` wrote. ``data=False``: the model alone (no shards or features read), for
+    predicting on images and videos; an export without data flags opens that way too."""
     from affpipe.run.checkpoint import load_checkpoint
     from affpipe.run.config import from_dict
     from affpipe.run.data import lineage_of_run, run_data_path
+    from affpipe.run.exported import is_export, read_export
     from affpipe.run.folder import resolve_checkpoint
     from affpipe.runs.kinds import KINDS, kind_of
 
     ckpt = resolve_checkpoint(Path(inputs.run))
-    state = load_checkpoint(ckpt, map_location="cpu")
+    exported = is_export(ckpt)
+    state = read_export(ckpt) if exported else load_checkpoint(ckpt, map_location="cpu")
     cfg = from_dict(state["config"], source=f"{ckpt} (config)")
     kind = kind_of(cfg)
-    rec = state.get("lineage") if isinstance(state.get("lineage"), dict) else lineage_of_run(ckpt.parent)
+    if exported and not (inputs.shards or inputs.features or inputs.index):
+        data = False  # an export carries no data paths of its own: the model alone
+    if not data:
+        return Run(ckpt, state, cfg, kind, None)
+    rec = (state.get("lineage") if isinstance(state.get("lineage"), dict)
+           else None if exported else lineage_of_run(ckpt.parent))
     if rec is not None and rec.get("kind", kind.name) != kind.name:
         raise ValueError(f"{ckpt}: its lineage says a {rec.get('kind')} run, its config a {kind.name} run")
     given = {k.data_flag: tuple(_flagged(p, k.data_flag) for p in _given(inputs, k.data_flag)) for k in KINDS}
@@ -158,9 +251,9 @@ def open_run(inputs: RunInputs) -> Run:
         lineage.check("label index", rec["index_fingerprint"], index_fingerprint(index, rec.get("table", "frames")),
                       f"{ckpt} (what it trained on)", f"{index}")
     index = run_data_path(ckpt.parent, (rec or {}).get("index"), index, cfg.index)
-    data = kind.open_data(ckpt, cfg, rec, inputs=given[kind.data_flag], index=index,
-                          index_flag=inputs.index is not None)
-    return Run(ckpt, state, cfg, kind, data)
+    opened = kind.open_data(ckpt, cfg, rec, inputs=given[kind.data_flag], index=index,
+                            index_flag=inputs.index is not None)
+    return Run(ckpt, state, cfg, kind, opened)
 
 
 def _given(inputs: RunInputs, flag: str) -> tuple[Path, ...]:

@@ -110,6 +110,9 @@ class FramesKind(RunKind):
     def frame_encoder(self, cfg: TrainConfig, state: dict[str, Any], source: str) -> torch.nn.Module:
         return self.restore_model(cfg, state, None, source)
 
+    def image_model(self, cfg: TrainConfig, state: dict[str, Any], source: str) -> torch.nn.Module:
+        return self.restore_model(cfg, state, None, source)
+
     def describe(self, config: dict[str, Any]) -> dict[str, Any]:
         return {}
 

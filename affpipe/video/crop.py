@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 IMAGES = "cropped_aligned"
 TABLES = "crop_tables"
-CROP_OWNER = Owner("crop", (f"{IMAGES}/*.jpg", f"{TABLES}/*.parquet", f"{TABLES}/*.json"))
+CROP_OWNER = Owner("crop", (f"{IMAGES}/*/*.jpg", f"{TABLES}/*.parquet", f"{TABLES}/*.json"))
 CROP_VERSION = 1
 
 TABLE_SCHEMA = pa.schema([

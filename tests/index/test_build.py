@@ -183,10 +183,21 @@ def test_same_video_twice_in_a_task_is_an_error(tmp_path):
         build_index(IndexConfig(root=root, out=tmp_path / "i"))
 
 
-def test_no_annotations_is_an_error(tmp_path):
-    write_images(tmp_path / "t", "a", [1])
-    with pytest.raises(ValueError, match="no challenge folders"):
+def test_no_annotations_and_no_images_is_an_error(tmp_path):
+    (tmp_path / "t" / "notes").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no challenge folders .*no image root"):
         build_index(IndexConfig(root=tmp_path / "t", out=tmp_path / "i"))
+    assert not (tmp_path / "i").exists()
+
+
+def test_images_without_annotations_are_test_videos(tmp_path):
+    """A tree of crops alone (affpipe crop's) indexes: every video test, the summary says why."""
+    from affpipe.index.build import format_summary
+
+    write_images(tmp_path / "t" / "cropped_aligned", "a", [1, 2])
+    counts = build_index(IndexConfig(root=tmp_path / "t", out=tmp_path / "i"))
+    assert counts["splits"]["test"] == 2 and counts["annotations"] is False
+    assert "no annotation files" in format_summary(counts)
 
 
 MTL_HEADER = "image,valence,arousal,expression," + ",".join(AU_NAMES)

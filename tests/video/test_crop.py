@@ -111,13 +111,25 @@ def test_index_reads_the_tree_as_test_videos(cropped, tmp_path):
     assert sum(f["has_image"] for f in frames) == 11 + 10 + 7
 
 
-@pytest.mark.xfail(strict=True, reason="affpipe index refuses a tree with no annotation file at all "
-                                       "(index/build.py: 'no challenge folders ... or MTL files found'); "
-                                       "an index change, not crop's")
 def test_index_reads_the_bare_tree(cropped, tmp_path):
     tree, _ = cropped
     res = CliRunner().invoke(main, ["index", str(tree), "-o", str(tmp_path / "idx")])
     assert res.exit_code == 0, res.output
+    assert "no annotation files in this tree" in res.output
+    frames = pq.read_table(tmp_path / "idx" / "frames.parquet").to_pylist()
+    assert {f["split"] for f in frames} == {"test"}
+    assert {f["video"] for f in frames} == {"single", "pair_left", "pair_right"}
+    assert sum(f["has_image"] for f in frames) == 11 + 10 + 7
+
+
+def test_index_still_refuses_a_folder_of_neither_labels_nor_crops(tmp_path):
+    """A wrong folder (no annotations, no <video>/<frame>.jpg root) stays one clear error."""
+    (tmp_path / "wrong" / "notes").mkdir(parents=True)
+    (tmp_path / "wrong" / "notes" / "a.txt").write_text("hello\n")
+    res = CliRunner().invoke(main, ["index", str(tmp_path / "wrong"), "-o", str(tmp_path / "idx")])
+    assert res.exit_code != 0
+    assert res.output.count("Error:") == 1 and "no image root" in res.output, res.output
+    assert not (tmp_path / "idx").exists()
 
 
 @pytest.mark.gpu
