@@ -44,6 +44,19 @@ class TrainState:
     wall_time: float = 0.0  # seconds trained and validated, summed over resumed segments
 
 
+@dataclass
+class Validation:
+    """What one validation pass gives the loop (``Trainer.validation``; a kind's trainer may
+    compute it its own way, e.g. the pre-training probe): the metrics, the frames scored, the
+    stored predictions (``arrays()``, for intervals by video; None: none kept) and whether the
+    state may become ``best.pt`` (``candidate``: false for a collapsed representation)."""
+
+    metrics: dict[str, Any]
+    frames: int
+    arrays: Callable[[], dict[str, np.ndarray]] | None = None
+    candidate: bool = True
+
+
 def configure_device(device: torch.device) -> None:
     """Backend settings every run and benchmark on ``device`` shares (set here only): cudnn
     autotuning — the training shapes are fixed, so the fastest kernels are picked once."""
@@ -113,6 +126,15 @@ class Trainer:
         """The model validation runs: the unwrapped module, never the compiled one (eval mode and
         the partial last batch would each recompile it; DDP needs no gradient sync there)."""
         return self.raw_model
+
+    def validation(self, loader) -> Validation:
+        """The supervised validation pass over ``loader`` (reduced over ranks)."""
+        from affpipe.train.evaluate import evaluate_model
+
+        acc, frames = evaluate_model(self.eval_model, loader, self.cfg.heads, device=self.ctx.device, amp=self.amp,
+                                     channels_last=self.channels_last, max_steps=self.cfg.max_val_steps,
+                                     distributed=self.ctx.distributed)
+        return Validation(acc.compute(), frames, acc.state)
 
     # ---- one optimizer step ----------------------------------------------------------------
 
