@@ -46,7 +46,7 @@ class FramesKind(RunKind):
     def resolve(self, cfg: TrainConfig) -> TrainConfig:
         from affpipe.models.model import resolve_input
 
-        return replace(cfg, model=resolve_input(cfg.model, cfg.image_size))  # as config.json records it
+        return replace(cfg, model=resolve_input(init_from_run(cfg.model), cfg.image_size))  # as config.json records it
 
     def data_fingerprint(self, cfg: TrainConfig) -> str:
         from affpipe.shards.format import read_manifest, shards_fingerprint
@@ -60,6 +60,7 @@ class FramesKind(RunKind):
         from affpipe.train.trainer import Trainer
 
         shards = _shards(cfg)
+        cfg = replace(cfg, model=init_from_run(cfg.model))
         labels = shard_labels(shards, override=cfg.index)  # frames.parquet, read once for the run
         trainer = Trainer.build(cfg, ctx, label_statistics(labels.table))
         trainer.row_videos = row_videos(labels.table)
@@ -111,6 +112,22 @@ class FramesKind(RunKind):
 
     def describe(self, config: dict[str, Any]) -> dict[str, Any]:
         return {}
+
+
+def init_from_run(model):
+    """``--init RUN`` (a run folder, e.g. a pre-training run's) as the checkpoint it names: its
+    ``best.pt``, else its ``last.pt``; anything else is kept as given."""
+    from affpipe.run.folder import RunFolder
+
+    path = Path(model.init)
+    if model.init in ("random", "imagenet", "pretrained") or not path.is_dir():
+        return model
+    folder = RunFolder(path)
+    ckpt = folder.best if folder.best.is_file() else folder.last
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"--init {path}: a folder without a checkpoint ({folder.best.name} or "
+                                f"{folder.last.name}); give a run folder or a weight file")
+    return replace(model, init=str(ckpt))
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, Any], source: str, what: str) -> torch.nn.Module:
