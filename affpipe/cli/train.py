@@ -76,6 +76,8 @@ def _csv_floats(value: str | None) -> tuple[float, ...] | None:
 @click.option("--tensorboard/--no-tensorboard", default=None,
               help="TensorBoard event files in the run folder (pip install 'affpipe[tensorboard]').")
 @click.option("--seed", type=click.IntRange(min=0), default=None)
+@click.option("--label-fraction", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=None,
+              help="Train on the labels of this share of the train videos (drawn by --seed; recorded).")
 @click.option("--index", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Label index, when it is not where the shard (or feature) manifest says; checked against it.")
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last.pt.")

@@ -99,6 +99,9 @@ class ShardsData:
     kind: ClassVar[str] = "frames"
     shards: Path | None = None
     index: Path | None = None
+    # Train on the labels of this share of the train videos (drawn by the run's seed; the other
+    # videos' frames are still read, their labels masked): the labelled-fraction experiments.
+    label_fraction: float = 1.0
 
     @property
     def inputs(self) -> tuple[Path, ...]:
@@ -114,6 +117,8 @@ class ShardsData:
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
 
 
 @dataclass(frozen=True)
@@ -239,7 +244,7 @@ class SSLData:
 
 RunData = ShardsData | FeaturesData | SSLData
 # The keys of a config file (recipe TOML, config.json) that make up ``TrainConfig.data``.
-DATA_KEYS = ("shards", "features", "index", "temporal", "pretrain")
+DATA_KEYS = ("shards", "features", "index", "temporal", "pretrain", "label_fraction")
 
 
 @dataclass(frozen=True)
@@ -370,8 +375,10 @@ def data_dict(data: RunData) -> dict[str, Any]:
         return {"shards": None if data.shards is None else str(data.shards), "features": None,
                 "index": None if data.index is None else str(data.index), "temporal": to_dict(TemporalConfig()),
                 "pretrain": own}
+    fraction = {} if data.label_fraction == 1.0 else {"label_fraction": data.label_fraction}  # 0.4's keys otherwise
     return {"shards": None if data.shards is None else str(data.shards), "features": None,
-            "index": None if data.index is None else str(data.index), "temporal": to_dict(TemporalConfig())}
+            "index": None if data.index is None else str(data.index), "temporal": to_dict(TemporalConfig()),
+            **fraction}
 
 
 # Keys that lived at the top level before the [loader] section (affpipe 0.1 run folders).
@@ -460,6 +467,10 @@ def _build_train(data: Mapping[str, Any], source: str, text: str | None, overrid
     if not isinstance(temporal, TemporalConfig):
         temporal = _build(TemporalConfig, temporal, source, "temporal.", text)
     features = picked.get("features")
+    fraction = picked.get("label_fraction")
+    if fraction is not None and (features is not None or picked.get("pretrain") is not None):
+        raise ValueError(f"{named('label_fraction', '--label-fraction')}: a labelled fraction applies to a per-frame "
+                         "run on shards (a temporal head or pre-training reads no subset); drop it")
     if picked.get("pretrain") is not None:  # a pre-training run (``affpipe pretrain``)
         if features is not None:
             raise ValueError(f"{named('features', '--features')}: a pre-training run reads shards, not a feature table")
@@ -492,7 +503,12 @@ def _build_train(data: Mapping[str, Any], source: str, text: str | None, overrid
                              "temporal head over a feature table; add --features FEATS (from `affpipe embed`) "
                              "or drop the option")
         shards = _coerce(picked.get("shards"), Path | None, f"{source}{_line_of(text, 'shards')}: shards")
-        run_data = ShardsData(shards, index)
+        where = f"{source}{_line_of(text, 'label_fraction')}: label_fraction"
+        fraction = 1.0 if fraction is None else _coerce(fraction, float, where)
+        try:
+            run_data = ShardsData(shards, index, fraction)
+        except ValueError as exc:
+            raise ValueError(f"{named('label_fraction', '--label-fraction')}: {exc}") from None
     return _build(TrainConfig, {**data, "data": run_data}, source, "", text)
 
 

@@ -156,3 +156,40 @@ def test_splits_val_without_force_val_is_refused(shard_dir, tmp_path):
     res = CliRunner().invoke(main, ["pretrain", "--shards", str(shard_dir), "-o", str(tmp_path / "r"), "--splits",
                                     "train,val", "--device", "cpu"])
     assert res.exit_code != 0 and "--force-val" in res.output and "Traceback" not in res.output
+
+
+def test_torchrun_two_process_gloo(shard_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ddp"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "affpipe.cli",
+           "pretrain", "--shards", str(shard_dir), "-o", str(out), "--image-size", "32", "--batch-size", "8",
+           "--epochs", "1", "--max-steps-per-epoch", "2", "--device", "cpu", "--num-workers", "1",
+           "--probe-frames", "32", "--max-val-steps", "2", "--log-every", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"] == [1, 2]  # rank 0 alone
+    assert (out / "best.pt").is_file() and lineage_of_run(out)["kind"] == "pretrain"
+
+
+def test_label_fraction_trains_on_a_seeded_share_of_the_videos_and_records_it(shard_dir, tmp_path):
+    from support import TINY_RUN
+
+    run = train(load_config(None, {**TINY_RUN, "shards": shard_dir, "out": tmp_path / "f", "label_fraction": 0.5}))
+    lin = lineage_of_run(run)
+    assert lin["label_fraction"] == 0.5 and 0 < lin["label_videos"] < lin["label_videos_of"]
+    assert json.loads((run / "config.json").read_text())["label_fraction"] == 0.5
+    assert load_config(run / "config.json").data.label_fraction == 0.5
+    with pytest.raises(ValueError, match="label_fraction"):
+        load_config(None, {**TINY_RUN, "shards": shard_dir, "label_fraction": 0.0})
