@@ -108,11 +108,7 @@ class PretrainTrainer:
         self.raw_model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
-        self.state = TrainState(
-            epoch=ckpt["epoch"], step=ckpt["step"], step_in_epoch=ckpt["step_in_epoch"],
-            best_score=ckpt["best_score"], best_metrics=ckpt.get("best_metrics"),
-            best_step=int(ckpt.get("best_step", -1)), epoch_acc=dict(ckpt.get("epoch_acc", {})),
-            wall_time=float(ckpt.get("wall_time", 0.0)))
+        self.state = TrainState.of_checkpoint(ckpt)
 
 
 def init_backbone(backbone: nn.Module, cfg: TrainConfig) -> dict[str, Any]:

@@ -91,6 +91,14 @@ class TemporalConfig:
         return self.eval_stride or max(1, self.window // 2)
 
 
+def _as_paths(obj: Any, names: tuple[str, ...]) -> None:
+    """A frozen dataclass's path fields given as strings, as ``Path``s."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not isinstance(value, Path):
+            object.__setattr__(obj, name, Path(value))
+
+
 @dataclass(frozen=True)
 class ShardsData:
     """A per-frame run's data: WebDataset shards (``affpipe shard``) and, when it is not where
@@ -113,10 +121,7 @@ class ShardsData:
         return str(self.shards)
 
     def __post_init__(self) -> None:
-        for name in ("shards", "index"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
-                object.__setattr__(self, name, Path(value))
+        _as_paths(self, ("shards", "index"))
         if not 0.0 < self.label_fraction <= 1.0:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
 
@@ -219,19 +224,11 @@ class SSLData:
     probe_k: int = 20
     probe_frames: int = 2000
 
-    @property
-    def inputs(self) -> tuple[Path, ...]:
-        return () if self.shards is None else (self.shards,)
-
-    @property
-    def source(self) -> str:
-        return str(self.shards)
+    inputs = ShardsData.inputs  # the shard folder, as a per-frame run's
+    source = ShardsData.source
 
     def __post_init__(self) -> None:
-        for name in ("shards", "index"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
-                object.__setattr__(self, name, Path(value))
+        _as_paths(self, ("shards", "index"))
         if self.method not in PRETRAIN_METHODS:
             raise ValueError(f"pretrain.method must be one of {PRETRAIN_METHODS}, got {self.method!r}")
         if not self.views:

@@ -43,6 +43,14 @@ class TrainState:
     epoch_acc: dict[str, float] = field(default_factory=dict)
     wall_time: float = 0.0  # seconds trained and validated, summed over resumed segments
 
+    @classmethod
+    def of_checkpoint(cls, ckpt: dict[str, Any]) -> TrainState:
+        """The counters a checkpoint (``state_dict`` of any kind's trainer) holds."""
+        return cls(epoch=ckpt["epoch"], step=ckpt["step"], step_in_epoch=ckpt["step_in_epoch"],
+                   best_score=ckpt["best_score"], best_metrics=ckpt.get("best_metrics"),
+                   best_step=int(ckpt.get("best_step", -1)), epoch_acc=dict(ckpt.get("epoch_acc", {})),
+                   wall_time=float(ckpt.get("wall_time", 0.0)))
+
 
 @dataclass
 class Validation:
@@ -188,11 +196,7 @@ class Trainer:
         self.loss_fn.load_state_dict(ckpt["loss"])
         self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
-        self.state = TrainState(
-            epoch=ckpt["epoch"], step=ckpt["step"], step_in_epoch=ckpt["step_in_epoch"],
-            best_score=ckpt["best_score"], best_metrics=ckpt.get("best_metrics"),
-            best_step=int(ckpt.get("best_step", -1)), epoch_acc=dict(ckpt.get("epoch_acc", {})),
-            wall_time=float(ckpt.get("wall_time", 0.0)))
+        self.state = TrainState.of_checkpoint(ckpt)
 
     @property
     def lr(self) -> float:
