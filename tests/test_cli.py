@@ -40,6 +40,8 @@ CASES = {
     "train-features-empty": ["train", "--task", "mtl", "--features", "{EMPTY}", "-o", "{OUT}/run"],
     "evaluate-temporal-empty": ["evaluate", "{EMPTY}", "--tune-smoothing"],
     "crop-missing": ["crop", "{MISSING}", "-o", "{OUT}/tree"],
+    "pretrain-empty": ["pretrain", "--shards", "{EMPTY}", "-o", "{OUT}/run", "--device", "cpu"],
+    "pretrain-missing": ["pretrain", "--shards", "{MISSING}", "-o", "{OUT}/run"],
     "crop-empty": ["crop", "{EMPTY}", "-o", "{OUT}/tree"],
     "export-empty": ["export", "{EMPTY}", "-o", "{OUT}/m.safetensors"],
     "export-missing": ["export", "{MISSING}", "-o", "{OUT}/m.safetensors"],

@@ -76,6 +76,8 @@ def _csv_floats(value: str | None) -> tuple[float, ...] | None:
 @click.option("--tensorboard/--no-tensorboard", default=None,
               help="TensorBoard event files in the run folder (pip install 'affpipe[tensorboard]').")
 @click.option("--seed", type=click.IntRange(min=0), default=None)
+@click.option("--label-fraction", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=None,
+              help="Train on the labels of this share of the train videos (drawn by --seed; recorded).")
 @click.option("--index", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Label index, when it is not where the shard (or feature) manifest says; checked against it.")
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last.pt.")
@@ -252,3 +254,92 @@ def export_cmd(run: Path, out: Path, overwrite: bool) -> None:
     click.echo(f"{s['file']}: {s['bytes']} bytes (from {s['source']}, {s['source_bytes']} bytes, "
                f"sha256 {s['source_sha256'][:16]}…); AU thresholds: {'tuned' if s['au_thresholds'] else 'none'}, "
                f"smoothing: {'yes' if s['smoothing'] else 'none'}")
+
+
+@main.command()
+@click.option("--config", "recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Pre-training recipe TOML (pipelines/pretrain_*.toml); the flags below override it.")
+@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--index", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Label index (the probe's labels), when it is not where the shard manifest says.")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Run folder.")
+@click.option("--method", type=click.Choice(["simsiam", "mae"]), default=None,
+              help="Without --config: that method's published recipe.")
+@click.option("--splits", default=None, help="Splits to pre-train on, comma-separated: train (default); "
+              "train,test = transductive (the test crops, never labels); val only with --force-val.")
+@click.option("--force-val", is_flag=True, help="Allow the validation frames in --splits (recorded; scores optimistic).")
+@click.option("--epochs", type=int, default=None)
+@click.option("--batch-size", type=int, default=None, help="Per process (per GPU).")
+@click.option("--image-size", type=int, default=None)
+@click.option("--backbone", default=None, help="torchvision name or timm/NAME (MAE: a timm ViT).")
+@click.option("--init", default=None, help="random (default) | imagenet (ImageNet, then SSL) | a weight file.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
+@click.option("--ckpt-every", type=int, default=None, help="Also write last.pt every N steps.")
+@click.option("--max-steps-per-epoch", type=int, default=None)
+@click.option("--max-val-steps", type=int, default=None, help="Probe: at most N validation batches.")
+@click.option("--probe-every", type=click.IntRange(min=1), default=None, help="k-NN probe every N epochs (and at the end).")
+@click.option("--probe-k", type=click.IntRange(min=1), default=None)
+@click.option("--probe-frames", type=click.IntRange(min=1), default=None, help="Labelled train frames the probe keeps.")
+@click.option("--num-workers", type=int, default=None)
+@click.option("--log-every", type=int, default=None)
+@click.option("--tensorboard/--no-tensorboard", default=None)
+@click.option("--seed", type=click.IntRange(min=0), default=None)
+@click.option("--resume", is_flag=True, help="Continue the run in -o from its last.pt.")
+@click.option("--overwrite", is_flag=True, help="-o holds a run: start afresh (deletes only the run's own files).")
+def pretrain(recipe: Path | None, shards: Path | None, index: Path | None, out: Path | None, method: str | None,
+             splits: str | None, force_val: bool, epochs: int | None, batch_size: int | None, image_size: int | None,
+             backbone: str | None, init: str | None, device: str | None, ckpt_every: int | None,
+             max_steps_per_epoch: int | None, max_val_steps: int | None, probe_every: int | None,
+             probe_k: int | None, probe_frames: int | None, num_workers: int | None, log_every: int | None,
+             tensorboard: bool | None, seed: int | None, resume: bool, overwrite: bool) -> None:
+    """Pre-train a backbone self-supervised (SimSiam, MAE) on every crop of the shards, labelled or
+    not, with a k-NN probe on the labelled validation frames; the run folder's best.pt initializes
+    `affpipe train --init RUN`."""
+    from affpipe.dist import dist_env
+    from affpipe.pretrain.recipe import default_recipe, load_recipe, run_config
+    from affpipe.run.claim import check_run_folder
+    from affpipe.run.config import load_config
+    from affpipe.run.folder import RunFolder
+    from affpipe.runs.train import train as train_run
+
+    if out is None or (shards is None and not resume):
+        raise click.UsageError("--shards and -o/--out are required")
+    run_flags = {"device": device, "ckpt_every": ckpt_every, "max_steps_per_epoch": max_steps_per_epoch,
+                 "max_val_steps": max_val_steps, "val_every": probe_every, "log_every": log_every, "seed": seed}
+    if recipe is None and resume and RunFolder(out).has_config():
+        check_run_folder(out)  # resume with the run's own resolved config
+        cfg = load_config(RunFolder(out).config, {**run_flags, "epochs": epochs, "resume": True, "shards": shards,
+                                                  "index": index})
+    else:
+        top = {"method": method, "epochs": epochs, "batch_size": batch_size, "image_size": image_size,
+               "arch": backbone, "seed": seed}
+        if recipe is not None:
+            rec = load_recipe(recipe, **top)
+        else:
+            import dataclasses
+
+            rec = default_recipe(method or "simsiam")
+            rec = dataclasses.replace(rec, **{k: v for k, v in top.items() if v is not None and k != "method"},
+                                      views=tuple(dataclasses.replace(v, size=image_size or rec.image_size)
+                                                  for v in rec.views))
+        if splits is not None or force_val:
+            import dataclasses
+
+            from affpipe.loaders.pretrain import PretrainData
+
+            chosen = tuple(s.strip() for s in splits.split(",") if s.strip()) if splits else rec.data.splits
+            try:
+                rec = dataclasses.replace(rec, data=PretrainData(chosen, allow_val=force_val or rec.data.allow_val))
+            except ValueError as exc:
+                raise click.UsageError(str(exc).replace("set data.allow_val = true (--force-val)",
+                                                        "add --force-val")) from None
+        extra = {"loader": {"num_workers": num_workers, "backend": "torch"}, "logging": {"tensorboard": tensorboard}}
+        extra = {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in extra.items()}
+        cfg = run_config(rec, shards=shards, index=index, out=out, resume=resume, probe_k=probe_k,
+                         probe_frames=probe_frames, model={"init": init} if init else None,
+                         **{k: v for k, v in run_flags.items() if v is not None and k != "seed"}, **extra)
+    run = train_run(cfg, overwrite=overwrite)
+    if dist_env()[0] == 0:
+        if (text := RunFolder(run).eval_markdown_text()) is not None:
+            click.echo(text)
+        click.echo(f"run folder: {run}")

@@ -200,7 +200,7 @@ def best_uni(cells: Sequence[Cell]) -> dict[str, Cell | None]:
     """Per task, the uni-task cell with the best mean score (the strongest baseline)."""
     out: dict[str, Cell | None] = {}
     for task in ("va", "expr", "au"):
-        cands = [c for c in cells if c.kind.task == task and not c.kind.temporal and c.mean(TASK_METRIC[task]) is not None]
+        cands = [c for c in cells if c.kind.task == task and c.kind.per_frame and c.mean(TASK_METRIC[task]) is not None]
         out[task] = max(cands, key=lambda c: c.mean(TASK_METRIC[task])) if cands else None
     return out
 
@@ -214,11 +214,12 @@ QUESTION = {"init": "init", "va_loss": "loss", "expr_weighted": "loss", "au_weig
 def variant_pairs(cells: Sequence[Cell]) -> list[tuple[str, Cell, Cell]]:
     """``(question, cell, reference cell)`` for per-frame cells one setting away from a reference."""
     out = []
-    frame = [c for c in cells if not c.kind.temporal]
+    frame = [c for c in cells if c.kind.per_frame]
     for c in frame:
         for ref in frame:
             diffs = [f for f in REFERENCE if getattr(c.kind, f) != getattr(ref.kind, f)]
-            if c.kind.task == ref.kind.task and len(diffs) == 1 and getattr(ref.kind, diffs[0]) == REFERENCE[diffs[0]]:
+            same = c.kind.task == ref.kind.task and c.kind.label_fraction == ref.kind.label_fraction
+            if same and len(diffs) == 1 and getattr(ref.kind, diffs[0]) == REFERENCE[diffs[0]]:
                 out.append((QUESTION[diffs[0]], c, ref))
     return out
 
@@ -295,7 +296,7 @@ def uni_vs_mtl_rows(cells: Sequence[Cell], rs: Resampler) -> list[dict[str, Any]
     side_u, point_u = uni_side(rs, uni)
     rows = []
     for c in cells:
-        if c.kind.mtl and not c.kind.temporal:
+        if c.kind.mtl and c.kind.per_frame and c.kind.label_fraction == 1.0:
             side = rs.side(c.runs)
             for m in MAIN_METRICS:
                 rows.append(_row(f"`{c.name}`", "uni-task", m,

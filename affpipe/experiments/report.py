@@ -241,7 +241,7 @@ def write_figures(runs: Sequence[RunSummary], out: Path) -> dict[str, Path]:
     style = _styles(runs)
     cells = group_cells(runs)
     uni = best_uni(cells)
-    mtl = [c for c in cells if c.kind.mtl and not c.kind.temporal]
+    mtl = [c for c in cells if c.kind.mtl and c.kind.per_frame]
     if mtl and any(uni.values()):
         metrics = ("va_ccc", "expr_f1", "au_f1")
         series = [("uni-task (best)", [uni[t].mean(TASK_METRIC[t]) if uni[t] else None for t in ("va", "expr", "au")],
@@ -327,8 +327,10 @@ def write_report(cfg: ReportConfig) -> Path:
     if "uni_vs_mtl" in figs:
         lines += [f"![uni-task vs multi-task]({figs['uni_vs_mtl'].name})", ""]
     lines += _temporal(cells, rs)
-    lines += _variants(cells, rs, "init", "Initialization", "Multi-task models from other initializations against "
-                       "the same model from random weights; Δ = run − reference.")
+    lines += _variants(cells, rs, "init", "Initialization", "Multi-task models from other initializations (ImageNet, "
+                       "another run's backbone, a self-supervised pre-training run on every frame, ImageNet then "
+                       "pre-training) against the same model from random weights trained on the labels of the same "
+                       "share of the videos; Δ = run − reference.")
     lines += _variants(cells, rs, "loss", "Loss variants and task weighting", "Each variant against the cell that "
                        "differs from it only in that setting (CCC loss, class-weighted EXPR, pos-weighted AU, fixed "
                        "task weights); Δ = variant − reference.")

@@ -48,10 +48,17 @@ class RunLabel:
     au_weighted: bool | None = None
     task_weighting: str | None = None
     temporal: str | None = None  # the temporal head's arch (tcn | transformer); None: per-frame
+    pretrain: str | None = None  # a pre-training run's method (its scores are a k-NN probe's)
+    label_fraction: float = 1.0  # the share of the train videos whose labels the run trained on
 
     @property
     def mtl(self) -> bool:
         return self.task == "mtl"
+
+    @property
+    def per_frame(self) -> bool:
+        """A per-frame model with heads (neither a temporal head nor a pre-training probe)."""
+        return not self.temporal and not self.pretrain
 
     def label(self) -> str:
         """Short human label, e.g. ``MTL · init uni_va · CCC · weighted · fixed``."""
@@ -66,6 +73,10 @@ class RunLabel:
             parts.append("AU " + ("weighted" if self.au_weighted else "unweighted"))
         if self.mtl and self.task_weighting:
             parts.append(f"{self.task_weighting} task weights")
+        if self.pretrain:
+            parts = [f"{self.pretrain} pre-training (k-NN probe)", f"init {self.init}"]
+        if self.label_fraction < 1.0:
+            parts.append(f"labels of {self.label_fraction:.0%} of the videos")
         return " · ".join(parts)
 
     def short(self) -> str:
@@ -79,6 +90,10 @@ class RunLabel:
             parts.append("AU unweighted")
         if self.task_weighting not in (None, "fixed"):
             parts.append(f"{self.task_weighting} task weights")
+        if self.pretrain:
+            parts.insert(0, f"{self.pretrain} probe")
+        if self.label_fraction < 1.0:
+            parts.append(f"{self.label_fraction:.0%} labels")
         return " · ".join(parts)
 
 
@@ -140,6 +155,8 @@ def run_label(config: dict) -> RunLabel:
         task=task,
         init=init,
         temporal=own.get("temporal"),
+        pretrain=own.get("method"),
+        label_fraction=float(config.get("label_fraction") or 1.0),
         va_loss=loss.get("va_loss", "ccc") if "va" in tasks else None,
         expr_weighted=bool(loss.get("expr_class_weights", True)) if "expr" in tasks else None,
         au_weighted=bool(loss.get("au_pos_weight", True)) if "au" in tasks else None,

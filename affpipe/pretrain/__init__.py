@@ -3,8 +3,9 @@
 ``recipe.py`` (``PretrainRecipe``, ``load_recipe``, ``make_method``, ``make_optimizer``,
 ``lr_at``), ``methods.py`` (the interface; SimSiam for CNNs), ``mae.py`` (MAE for timm ViTs),
 ``backbone.py`` (the per-frame trainer's backbone, built alike), ``stats.py`` (input checks,
-collapse statistics). The data side is ``affpipe.loaders.pretrain``. Sits above ``loaders``
-and below ``train``.
+collapse statistics), ``kind.py`` (the pre-training kind of run: ``affpipe pretrain``, its trainer
+and k-NN probe). The data side is ``affpipe.loaders.pretrain``. Sits above ``train`` (its kind trains
+through ``affpipe.train.loop``) and below ``temporal``.
 """
 
 from affpipe.pretrain.mae import MAE

@@ -41,6 +41,10 @@ class PretrainMethod(nn.Module):
     def loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``loss(views)``: what a DDP-wrapped method runs."""
+        return self.loss(views)
+
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """The backbone's tensors (key names of the per-frame backbone; no classifier, no heads)."""
         return {k: v.detach().clone().contiguous() for k, v in self.backbone.state_dict().items()}

@@ -21,48 +21,10 @@ import torch
 from affpipe.loaders.pretrain import PretrainData
 from affpipe.loaders.views import ViewConfig
 
+# The sections a run records (config.json) live beside the run's other configs.
+from affpipe.run.config import MAEConfig, OptimConfig, SimSiamConfig
+
 METHODS = ("mae", "simsiam")
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """Optimizer and schedule. ``lr = blr * batch_size / 256`` (the linear scaling rule both
-    papers use); cosine decay to ``min_lr`` after ``warmup_epochs`` of linear warm-up."""
-
-    optimizer: str = "adamw"  # adamw | sgd
-    blr: float = 1.5e-4
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    momentum: float = 0.9
-    warmup_epochs: float = 40.0
-    min_lr: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"optim.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        if self.blr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0 or self.min_lr < 0:
-            raise ValueError("optim: blr must be > 0; weight_decay, warmup_epochs and min_lr >= 0")
-
-    def lr(self, batch_size: int) -> float:
-        """The peak learning rate for ``batch_size`` (summed over ranks)."""
-        return self.blr * batch_size / 256
-
-
-@dataclass(frozen=True)
-class MAEConfig:
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-
-
-@dataclass(frozen=True)
-class SimSiamConfig:
-    proj_dim: int = 2048
-    pred_dim: int = 512
-    proj_layers: int = 3
 
 
 @dataclass(frozen=True)
@@ -185,3 +147,30 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         if not g.get("fix_lr"):
             g["lr"] = lr
+
+
+def run_config(recipe: PretrainRecipe, **run: Any):
+    """The ``TrainConfig`` of a pre-training run of ``recipe``: its data an ``SSLData`` (so the
+    registry picks the pre-training kind), the recipe's common keys as the run's (``epochs``,
+    ``batch_size``, ``image_size``, ``seed``, the backbone as ``model.arch``), ``run`` the run's
+    own keys (``shards``, ``index``, ``out``, ``device``, ``ckpt_every``, ... as ``TrainConfig.of`` takes
+    them; ``probe_k``/``probe_frames`` go to the data)."""
+    from affpipe.run.config import SSLData, TrainConfig
+
+    probe = {k: run.pop(k) for k in ("probe_k", "probe_frames") if run.get(k) is not None}
+    for k in ("probe_k", "probe_frames"):
+        run.pop(k, None)
+    data = SSLData(run.pop("shards", None), run.pop("index", None), recipe.method, recipe.data, recipe.optim,
+                   recipe.mae, recipe.simsiam, recipe.views, **probe)
+    model = {"arch": recipe.arch, **(run.pop("model", None) or {})}
+    return TrainConfig.of(pretrain=data, task=run.pop("task", "mtl"), epochs=recipe.epochs, batch_size=recipe.batch_size,
+                          image_size=recipe.image_size, seed=recipe.seed, lr=recipe.optim.lr(recipe.batch_size),
+                          model=model, **run)
+
+
+def recipe_of(cfg) -> PretrainRecipe:
+    """The ``PretrainRecipe`` a pre-training run's ``TrainConfig`` records (see :func:`run_config`)."""
+    d = cfg.data
+    return PretrainRecipe(method=d.method, arch=cfg.model.arch, image_size=cfg.image_size, epochs=cfg.epochs,
+                          batch_size=cfg.batch_size, seed=cfg.seed, optim=d.optim, mae=d.mae, simsiam=d.simsiam,
+                          views=d.views, data=d.data)

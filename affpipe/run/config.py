@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from affpipe.loaders.base import LoaderConfig
+from affpipe.loaders.pretrain import PretrainData
+from affpipe.loaders.views import ViewConfig
 from affpipe.models.model import ModelConfig
 from affpipe.scoring.tasks import LossConfig
 
@@ -89,6 +91,14 @@ class TemporalConfig:
         return self.eval_stride or max(1, self.window // 2)
 
 
+def _as_paths(obj: Any, names: tuple[str, ...]) -> None:
+    """A frozen dataclass's path fields given as strings, as ``Path``s."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not isinstance(value, Path):
+            object.__setattr__(obj, name, Path(value))
+
+
 @dataclass(frozen=True)
 class ShardsData:
     """A per-frame run's data: WebDataset shards (``affpipe shard``) and, when it is not where
@@ -97,6 +107,9 @@ class ShardsData:
     kind: ClassVar[str] = "frames"
     shards: Path | None = None
     index: Path | None = None
+    # Train on the labels of this share of the train videos (drawn by the run's seed; the other
+    # videos' frames are still read, their labels masked): the labelled-fraction experiments.
+    label_fraction: float = 1.0
 
     @property
     def inputs(self) -> tuple[Path, ...]:
@@ -108,10 +121,9 @@ class ShardsData:
         return str(self.shards)
 
     def __post_init__(self) -> None:
-        for name in ("shards", "index"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
-                object.__setattr__(self, name, Path(value))
+        _as_paths(self, ("shards", "index"))
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
 
 
 @dataclass(frozen=True)
@@ -146,9 +158,90 @@ class FeaturesData:
             object.__setattr__(self, "index", Path(self.index))
 
 
-RunData = ShardsData | FeaturesData
+# ---- pre-training (the third kind): its recipe's sections, recorded in config.json -----------
+
+PRETRAIN_METHODS = ("mae", "simsiam")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and schedule. ``lr = blr * batch_size / 256`` (the linear scaling rule both
+    papers use); cosine decay to ``min_lr`` after ``warmup_epochs`` of linear warm-up."""
+
+    optimizer: str = "adamw"  # adamw | sgd
+    blr: float = 1.5e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    momentum: float = 0.9
+    warmup_epochs: float = 40.0
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optim.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if self.blr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0 or self.min_lr < 0:
+            raise ValueError("optim: blr must be > 0; weight_decay, warmup_epochs and min_lr >= 0")
+
+    def lr(self, batch_size: int) -> float:
+        """The peak learning rate for ``batch_size`` (summed over ranks)."""
+        return self.blr * batch_size / 256
+
+
+@dataclass(frozen=True)
+class MAEConfig:
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+
+
+@dataclass(frozen=True)
+class SimSiamConfig:
+    proj_dim: int = 2048
+    pred_dim: int = 512
+    proj_layers: int = 3
+
+
+@dataclass(frozen=True)
+class SSLData:
+    """A pre-training run's data and method (``affpipe pretrain``): the shard folder (every crop
+    of ``data.splits``, labelled or not), the label index (when it is not where the manifest
+    says; the probe reads the labelled frames), the method and its recipe sections, the views,
+    and the probe (``probe_k`` neighbours among ``probe_frames`` labelled train frames).
+    ``config.json`` keeps it under ``pretrain`` (with ``shards``/``index`` at the top level)."""
+
+    kind: ClassVar[str] = "pretrain"
+    shards: Path | None = None
+    index: Path | None = None
+    method: str = "simsiam"
+    data: PretrainData = field(default_factory=PretrainData)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
+    views: tuple[ViewConfig, ...] = (ViewConfig(), ViewConfig())
+    probe_k: int = 20
+    probe_frames: int = 2000
+
+    inputs = ShardsData.inputs  # the shard folder, as a per-frame run's
+    source = ShardsData.source
+
+    def __post_init__(self) -> None:
+        _as_paths(self, ("shards", "index"))
+        if self.method not in PRETRAIN_METHODS:
+            raise ValueError(f"pretrain.method must be one of {PRETRAIN_METHODS}, got {self.method!r}")
+        if not self.views:
+            raise ValueError("pretrain.views: give at least one view")
+        if self.method == "simsiam" and len(self.views) != 2:
+            raise ValueError(f"simsiam takes exactly 2 views, the recipe has {len(self.views)}")
+        if self.probe_k < 1 or self.probe_frames < 1:
+            raise ValueError(f"pretrain.probe_k and probe_frames must be >= 1, got {self.probe_k}, {self.probe_frames}")
+
+
+RunData = ShardsData | FeaturesData | SSLData
 # The keys of a config file (recipe TOML, config.json) that make up ``TrainConfig.data``.
-DATA_KEYS = ("shards", "features", "index", "temporal")
+DATA_KEYS = ("shards", "features", "index", "temporal", "pretrain", "label_fraction")
 
 
 @dataclass(frozen=True)
@@ -157,7 +250,7 @@ class TrainConfig:
 
     task: str = "mtl"
     # What the run trains on, and so its kind: shards (per-frame) or feature tables (temporal).
-    data: ShardsData | FeaturesData = field(default_factory=ShardsData)
+    data: ShardsData | FeaturesData | SSLData = field(default_factory=ShardsData)
     out: Path | None = None
     epochs: int = 10
     batch_size: int = 256
@@ -221,8 +314,8 @@ class TrainConfig:
             object.__setattr__(self, "model", replace(self.model, tasks=heads))
         if self.out is not None and not isinstance(self.out, Path):
             object.__setattr__(self, "out", Path(self.out))
-        if not isinstance(self.data, ShardsData | FeaturesData):
-            raise ValueError(f"data must be ShardsData or FeaturesData, got {type(self.data).__name__}")
+        if not isinstance(self.data, ShardsData | FeaturesData | SSLData):
+            raise ValueError(f"data must be ShardsData, FeaturesData or SSLData, got {type(self.data).__name__}")
 
     @classmethod
     def of(cls, **flat: Any) -> TrainConfig:
@@ -267,15 +360,22 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
-def data_dict(data: ShardsData | FeaturesData) -> dict[str, Any]:
+def data_dict(data: RunData) -> dict[str, Any]:
     """The config-file keys of a run's data (``DATA_KEYS``): one feature table as a path, several
     as a list, ``features`` null and the default temporal options for a per-frame run."""
     if isinstance(data, FeaturesData):
         tables = [str(p) for p in data.features]
         return {"shards": None, "features": tables[0] if len(tables) == 1 else tables,
                 "index": None if data.index is None else str(data.index), "temporal": to_dict(data.temporal)}
+    if isinstance(data, SSLData):  # a pre-training run: its method and recipe under ``pretrain``
+        own = {f.name: to_dict(getattr(data, f.name)) for f in fields(SSLData) if f.name not in ("shards", "index")}
+        return {"shards": None if data.shards is None else str(data.shards), "features": None,
+                "index": None if data.index is None else str(data.index), "temporal": to_dict(TemporalConfig()),
+                "pretrain": own}
+    fraction = {} if data.label_fraction == 1.0 else {"label_fraction": data.label_fraction}  # 0.4's keys otherwise
     return {"shards": None if data.shards is None else str(data.shards), "features": None,
-            "index": None if data.index is None else str(data.index), "temporal": to_dict(TemporalConfig())}
+            "index": None if data.index is None else str(data.index), "temporal": to_dict(TemporalConfig()),
+            **fraction}
 
 
 # Keys that lived at the top level before the [loader] section (affpipe 0.1 run folders).
@@ -364,6 +464,22 @@ def _build_train(data: Mapping[str, Any], source: str, text: str | None, overrid
     if not isinstance(temporal, TemporalConfig):
         temporal = _build(TemporalConfig, temporal, source, "temporal.", text)
     features = picked.get("features")
+    fraction = picked.get("label_fraction")
+    if fraction is not None and (features is not None or picked.get("pretrain") is not None):
+        raise ValueError(f"{named('label_fraction', '--label-fraction')}: a labelled fraction applies to a per-frame "
+                         "run on shards (a temporal head or pre-training reads no subset); drop it")
+    if picked.get("pretrain") is not None:  # a pre-training run (``affpipe pretrain``)
+        if features is not None:
+            raise ValueError(f"{named('features', '--features')}: a pre-training run reads shards, not a feature table")
+        section = picked["pretrain"]
+        if not isinstance(section, Mapping | SSLData):
+            raise ValueError(f"{source}{_line_of(text, 'pretrain')}: [pretrain] must be a table")
+        if isinstance(section, SSLData):
+            run_data = replace(section, shards=picked.get("shards") or section.shards, index=index or section.index)
+        else:
+            shards = _coerce(picked.get("shards"), Path | None, f"{source}{_line_of(text, 'shards')}: shards")
+            run_data = _build(SSLData, {**section, "shards": shards, "index": index}, source, "pretrain.", text)
+        return _build(TrainConfig, {**data, "data": run_data}, source, "", text)
     if features is not None:
         if picked.get("shards") is not None:
             raise ValueError(f"{named('shards', '--shards')}: a run on a feature table (--features) reads no shards "
@@ -372,7 +488,7 @@ def _build_train(data: Mapping[str, Any], source: str, text: str | None, overrid
         tables = _coerce(features, tuple[Path, ...], where) if isinstance(features, list | tuple) else (
             _coerce(features, Path, where),)
         try:
-            run_data: ShardsData | FeaturesData = FeaturesData(tables, index, temporal)
+            run_data: RunData = FeaturesData(tables, index, temporal)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
     else:
@@ -384,7 +500,12 @@ def _build_train(data: Mapping[str, Any], source: str, text: str | None, overrid
                              "temporal head over a feature table; add --features FEATS (from `affpipe embed`) "
                              "or drop the option")
         shards = _coerce(picked.get("shards"), Path | None, f"{source}{_line_of(text, 'shards')}: shards")
-        run_data = ShardsData(shards, index)
+        where = f"{source}{_line_of(text, 'label_fraction')}: label_fraction"
+        fraction = 1.0 if fraction is None else _coerce(fraction, float, where)
+        try:
+            run_data = ShardsData(shards, index, fraction)
+        except ValueError as exc:
+            raise ValueError(f"{named('label_fraction', '--label-fraction')}: {exc}") from None
     return _build(TrainConfig, {**data, "data": run_data}, source, "", text)
 
 

@@ -7,12 +7,13 @@ A new kind implements ``affpipe.run.kind.RunKind`` in its own package and is add
 
 from __future__ import annotations
 
+from affpipe.pretrain.kind import PRETRAIN
 from affpipe.run.config import TrainConfig
 from affpipe.run.kind import RunKind
 from affpipe.temporal.kind import TEMPORAL
 from affpipe.train.frames import FRAMES
 
-KINDS: tuple[RunKind, ...] = (FRAMES, TEMPORAL)
+KINDS: tuple[RunKind, ...] = (FRAMES, TEMPORAL, PRETRAIN)
 
 
 def kind_of(cfg: TrainConfig) -> RunKind:

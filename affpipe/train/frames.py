@@ -47,7 +47,7 @@ class FramesKind(RunKind):
     def resolve(self, cfg: TrainConfig) -> TrainConfig:
         from affpipe.models.model import resolve_input
 
-        return replace(cfg, model=resolve_input(cfg.model, cfg.image_size))  # as config.json records it
+        return replace(cfg, model=resolve_input(init_from_run(cfg.model), cfg.image_size))  # as config.json records it
 
     def data_fingerprint(self, cfg: TrainConfig) -> str:
         from affpipe.shards.format import read_manifest, shards_fingerprint
@@ -61,17 +61,23 @@ class FramesKind(RunKind):
         from affpipe.train.trainer import Trainer
 
         shards = _shards(cfg)
+        cfg = replace(cfg, model=init_from_run(cfg.model))
         labels = shard_labels(shards, override=cfg.index)  # frames.parquet, read once for the run
         trainer = Trainer.build(cfg, ctx, label_statistics(labels.table))
         trainer.row_videos = row_videos(labels.table)
 
+        subset = LabelSubset.draw(labels.table, cfg.data.label_fraction, cfg.seed, ctx.device)
+
         def loaders():
             kw = dict(device=ctx.device, rank=ctx.rank, world=ctx.world)
-            return (frame_loader(shards, "train", cfg, train=True, **kw),
+            train = frame_loader(shards, "train", cfg, train=True, **kw)
+            return (train if subset is None else subset.wrap(train),
                     frame_loader(shards, "val", cfg, train=False, **kw))
 
+        extra = {} if subset is None else {"label_fraction": cfg.data.label_fraction, **subset.record}
         rec = lineage_record(self.name, labels.table_name, lineage.rel_path(run, labels.index), labels.fingerprint,
-                             shards=lineage.rel_path(run, shards), shards_fingerprint=shards_fingerprint(labels.manifest))
+                             shards=lineage.rel_path(run, shards), shards_fingerprint=shards_fingerprint(labels.manifest),
+                             **extra)
         return Setup(trainer, loaders, f"on {shards}", rec)
 
     def open_data(self, ckpt: Path, cfg: TrainConfig, rec: dict[str, Any] | None, *,
@@ -115,6 +121,77 @@ class FramesKind(RunKind):
 
     def describe(self, config: dict[str, Any]) -> dict[str, Any]:
         return {}
+
+
+class LabelSubset:
+    """``label_fraction``: the labels of a seeded share of the train videos. The frames of the
+    other videos are still read (the epoch plan is unchanged), their label masks are cleared on
+    the device (a lookup by row id, no host sync), so the loss sees only the chosen videos'."""
+
+    def __init__(self, keep: torch.Tensor, record: dict[str, Any]) -> None:
+        self.keep, self.record = keep, record
+
+    @classmethod
+    def draw(cls, table, fraction: float, seed: int, device: torch.device) -> LabelSubset | None:
+        """``ceil(fraction * videos)`` of the train split's videos (at least one), drawn by ``seed``
+        from the sorted names; None for the whole split."""
+        import math
+
+        import numpy as np
+
+        if fraction >= 1.0:
+            return None
+        split = table.column("split").to_numpy(zero_copy_only=False)
+        video = table.column("video").to_numpy(zero_copy_only=False)
+        rid = table.column("row_id").to_numpy()
+        names = np.unique(video[split == "train"])
+        n = max(1, math.ceil(fraction * len(names)))
+        chosen = np.sort(np.random.default_rng(seed).choice(names, size=n, replace=False))
+        keep = np.zeros(int(rid.max()) + 1 if len(rid) else 1, dtype=bool)
+        keep[rid[np.isin(video, chosen)]] = True
+        record = {"label_videos": int(n), "label_videos_of": int(len(names)),
+                  "label_videos_fingerprint": lineage.fingerprint(chosen.tolist())}
+        return cls(torch.from_numpy(keep).to(device), record)
+
+    def wrap(self, loader):
+        return _Masked(loader, self.keep)
+
+
+class _Masked:
+    """A train loader whose batches keep the labels of ``keep``'s rows only."""
+
+    def __init__(self, loader, keep: torch.Tensor) -> None:
+        self.loader, self.keep = loader, keep
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        from dataclasses import replace as dc_replace
+
+        for batch in self.loader:
+            k = self.keep[batch.row_id.to(self.keep.device).long().clamp(0, len(self.keep) - 1)]
+            yield dc_replace(batch, va_mask=batch.va_mask & k, expr_mask=batch.expr_mask & k,
+                             au_mask=batch.au_mask & k[:, None])
+
+
+def init_from_run(model):
+    """``--init RUN`` (a run folder, e.g. a pre-training run's) as the checkpoint it names: its
+    ``best.pt``, else its ``last.pt``; anything else is kept as given."""
+    from affpipe.run.folder import RunFolder
+
+    path = Path(model.init)
+    if model.init in ("random", "imagenet", "pretrained") or not path.is_dir():
+        return model
+    folder = RunFolder(path)
+    ckpt = folder.best if folder.best.is_file() else folder.last
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"--init {path}: a folder without a checkpoint ({folder.best.name} or "
+                                f"{folder.last.name}); give a run folder or a weight file")
+    return replace(model, init=str(ckpt))
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, Any], source: str, what: str) -> torch.nn.Module:

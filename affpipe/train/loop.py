@@ -31,7 +31,7 @@ from affpipe.run.config import TrainConfig, config_json, to_dict
 from affpipe.run.data import check_same_data, lineage_of_run, write_lineage
 from affpipe.run.folder import BEST, LAST, RunFolder
 from affpipe.run.kind import RunKind
-from affpipe.train.evaluate import evaluate_model, write_eval
+from affpipe.train.evaluate import write_eval
 from affpipe.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -197,23 +197,21 @@ def validate(trainer: Trainer, loader, summary: dict[str, Any], *, schedule: boo
     the best score and fills ``summary``; True when the score improved."""
     cfg, ctx, state = trainer.cfg, trainer.ctx, trainer.state
     t0 = time.perf_counter()
-    acc, frames = evaluate_model(trainer.eval_model, loader, cfg.heads, device=ctx.device, amp=trainer.amp,
-                                 channels_last=trainer.channels_last, max_steps=cfg.max_val_steps,
-                                 distributed=ctx.distributed)
-    metrics = jsonable(acc.compute())
+    result = trainer.validation(loader)  # the kind's trainer scores the state (supervised pass, or a probe)
+    metrics, frames = jsonable(result.metrics), result.frames
     score = metrics.get(cfg.score_key)
     score = -math.inf if score is None else float(score)
     if schedule:
         trainer.scheduler.step(score)
-    improved = score > state.best_score
+    improved = result.candidate and score > state.best_score
     if improved:
         state.best_score = score
         state.best_step = state.step
         state.best_metrics = {**metrics, "frames": frames, "epoch": state.epoch, "step": state.step}
-        if ctx.main and trainer.row_videos is not None:  # intervals by video: ~1 s at 1M frames
+        if ctx.main and trainer.row_videos is not None and result.arrays is not None:  # ~1 s at 1M frames
             from affpipe.scoring.bootstrap import bootstrap_result
 
-            arrays = acc.state()
+            arrays = result.arrays()
             state.best_metrics.update(bootstrap_result(arrays, trainer.row_videos(arrays["row_id"])))
             trainer.best_predictions = arrays
     summary.update(val={k: v for k, v in metrics.items() if not isinstance(v, dict)}, score_key=cfg.score_key,

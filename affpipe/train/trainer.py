@@ -43,6 +43,27 @@ class TrainState:
     epoch_acc: dict[str, float] = field(default_factory=dict)
     wall_time: float = 0.0  # seconds trained and validated, summed over resumed segments
 
+    @classmethod
+    def of_checkpoint(cls, ckpt: dict[str, Any]) -> TrainState:
+        """The counters a checkpoint (``state_dict`` of any kind's trainer) holds."""
+        return cls(epoch=ckpt["epoch"], step=ckpt["step"], step_in_epoch=ckpt["step_in_epoch"],
+                   best_score=ckpt["best_score"], best_metrics=ckpt.get("best_metrics"),
+                   best_step=int(ckpt.get("best_step", -1)), epoch_acc=dict(ckpt.get("epoch_acc", {})),
+                   wall_time=float(ckpt.get("wall_time", 0.0)))
+
+
+@dataclass
+class Validation:
+    """What one validation pass gives the loop (``Trainer.validation``; a kind's trainer may
+    compute it its own way, e.g. the pre-training probe): the metrics, the frames scored, the
+    stored predictions (``arrays()``, for intervals by video; None: none kept) and whether the
+    state may become ``best.pt`` (``candidate``: false for a collapsed representation)."""
+
+    metrics: dict[str, Any]
+    frames: int
+    arrays: Callable[[], dict[str, np.ndarray]] | None = None
+    candidate: bool = True
+
 
 def configure_device(device: torch.device) -> None:
     """Backend settings every run and benchmark on ``device`` shares (set here only): cudnn
@@ -114,6 +135,15 @@ class Trainer:
         the partial last batch would each recompile it; DDP needs no gradient sync there)."""
         return self.raw_model
 
+    def validation(self, loader) -> Validation:
+        """The supervised validation pass over ``loader`` (reduced over ranks)."""
+        from affpipe.train.evaluate import evaluate_model
+
+        acc, frames = evaluate_model(self.eval_model, loader, self.cfg.heads, device=self.ctx.device, amp=self.amp,
+                                     channels_last=self.channels_last, max_steps=self.cfg.max_val_steps,
+                                     distributed=self.ctx.distributed)
+        return Validation(acc.compute(), frames, acc.state)
+
     # ---- one optimizer step ----------------------------------------------------------------
 
     def step(self, batch) -> dict[str, torch.Tensor]:
@@ -166,11 +196,7 @@ class Trainer:
         self.loss_fn.load_state_dict(ckpt["loss"])
         self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
-        self.state = TrainState(
-            epoch=ckpt["epoch"], step=ckpt["step"], step_in_epoch=ckpt["step_in_epoch"],
-            best_score=ckpt["best_score"], best_metrics=ckpt.get("best_metrics"),
-            best_step=int(ckpt.get("best_step", -1)), epoch_acc=dict(ckpt.get("epoch_acc", {})),
-            wall_time=float(ckpt.get("wall_time", 0.0)))
+        self.state = TrainState.of_checkpoint(ckpt)
 
     @property
     def lr(self) -> float:

@@ -66,8 +66,9 @@ def test_invalid_combinations_cannot_be_built(bad, why):
 
 def test_the_registry_names_every_kind_once():
     assert len({k.name for k in KINDS}) == len(KINDS) and kind_named("temporal") is KINDS[1]
-    with pytest.raises(ValueError, match="unknown kind of run 'pretrain'"):
-        kind_named("pretrain", "lineage.json")
+    assert kind_named("pretrain") is KINDS[2]  # the third kind (issue 26)
+    with pytest.raises(ValueError, match="unknown kind of run 'distill'"):
+        kind_named("distill", "lineage.json")
 
 
 def test_each_command_reads_frames_parquet_once(copy_world, monkeypatch):
