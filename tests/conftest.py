@@ -31,7 +31,9 @@ def _gpu_required() -> bool:
     return os.environ.get("AFFPIPE_REQUIRE_GPU", "") not in ("", "0")
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the measured marks must be there
 def pytest_collection_modifyitems(config, items):
+    _mark_measured_slow(items)
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_dali = pytest.mark.skip(reason="needs NVIDIA DALI")
     cuda = _has_cuda()
@@ -123,3 +125,35 @@ def copy_world(trained_world, tmp_path) -> Path:
     dst = tmp_path / "world"
     shutil.copytree(trained_world, dst, symlinks=True)
     return dst
+
+
+# ---- the cost budget: measured durations decide what `make test-fast` leaves out ---------------
+# tests/durations.json holds each test's measured seconds (``scripts/test-durations.py`` writes it
+# from a whole run on 2 idle cores). A test over ``FAST_LIMIT_S`` is marked ``slow`` unless it is
+# its file's fastest test, so the edit loop (``-m 'not slow'``) still touches every module.
+
+FAST_LIMIT_S = 1.5
+_DURATIONS = Path(__file__).with_name("durations.json")
+
+
+def _measured_slow(items) -> set[str]:
+    import json
+
+    if not _DURATIONS.is_file():
+        return set()
+    seconds: dict[str, float] = json.loads(_DURATIONS.read_text()).get("seconds", {})
+    fastest: dict[str, tuple[float, str]] = {}
+    for item in items:
+        t = seconds.get(item.nodeid)
+        if t is not None and (item.fspath not in fastest or t < fastest[item.fspath][0]):
+            fastest[item.fspath] = (t, item.nodeid)
+    keep = {nodeid for _, nodeid in fastest.values()}
+    return {item.nodeid for item in items
+            if seconds.get(item.nodeid, 0.0) > FAST_LIMIT_S and item.nodeid not in keep}
+
+
+def _mark_measured_slow(items) -> None:
+    slow = _measured_slow(items)
+    for item in items:
+        if item.nodeid in slow and "slow" not in item.keywords:
+            item.add_marker(pytest.mark.slow)
