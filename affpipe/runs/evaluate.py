@@ -95,8 +95,10 @@ def apply_smoothing(run: Run, c: Collected, split: str, *, smooth: bool, tune_sm
         windows, scores = sm.tune(c.acc, c.video, c.frame, au_thresholds=run.au_thresholds())
         info.update(tuned_on=split, scores=scores)
         if write:
-            sm.save_windows(run.folder, windows, split=split, checkpoint=run.ckpt.name, scores=scores)
+            sm.save_windows(run.folder, windows, split=split, checkpoint=run.ckpt.name, scores=scores,
+                            step=int(run.state.get("step", 0)))
     else:
+        run.check_tuned(run.files.read_smoothing(), run.files.smoothing)
         windows, info["tuned_on"] = sm.load_windows(run.folder, with_split=True)
     before = c.acc.compute()
     info["unsmoothed"] = {k: before[k] for k in ("va_ccc", "expr_f1", "au_f1", "p_mtl") if k in before}
@@ -107,15 +109,11 @@ def apply_smoothing(run: Run, c: Collected, split: str, *, smooth: bool, tune_sm
 
 def thresholds_tuned_on(run: Run) -> str | None:
     """The split the run folder's ``au_thresholds.json`` was tuned on (None: no such file)."""
-    import json
-
-    from affpipe.train.evaluate import THRESHOLDS_FILE
-
-    path = run.folder / THRESHOLDS_FILE
     try:
-        return str(json.loads(path.read_text()).get("split")) if path.is_file() else None
-    except (OSError, ValueError, AttributeError):
+        record = run.files.read_thresholds()
+    except ValueError:
         return None
+    return None if record is None else str(record.get("split"))
 
 
 def nested_cross_validated(run: Run, c: Collected, raw: MetricAccumulator, smoothing: dict[str, Any] | None,

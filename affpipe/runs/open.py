@@ -38,6 +38,9 @@ class RunInputs:
     shards: Path | None = None  # per-frame runs
     features: tuple[Path, ...] = ()  # temporal runs (one table today; a list for fused tables)
     index: Path | None = None  # the label index
+    # Tuned state (au_thresholds.json, smoothing.json) applies only to the checkpoint it was tuned
+    # on; naming that checkpoint here applies it to the one opened anyway (loudly).
+    tuned_from: str | None = None
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Run:
     cfg: TrainConfig
     kind: RunKind
     data: OpenedData
+    tuned_from: str | None = None  # RunInputs.tuned_from
 
     @property
     def folder(self) -> Path:
@@ -87,17 +91,39 @@ class Run:
         return self.kind.batches(self.cfg, self.data, split, device, batch_size=batch_size, loader=loader)
 
     def au_thresholds(self) -> list[float] | None:
-        """The AU thresholds ``evaluate --tune-au-thresholds`` stored in the run folder (None: 0.5)."""
+        """The AU thresholds ``evaluate --tune-au-thresholds`` stored in the run folder (None: 0.5),
+        when they were tuned on this checkpoint (:meth:`check_tuned`)."""
         path = self.files.thresholds
         if "au" not in self.cfg.heads or not path.is_file():
             return None
+        record = self.files.read_thresholds()
         try:
-            saved = self.files.read_thresholds()["au_thresholds"]
+            saved = record["au_thresholds"]
             values = [float(saved[name]) for name in AU_NAMES]
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: not an AU threshold file ({type(exc).__name__}: {exc})") from None
+        self.check_tuned(record, path)
         log.info("using the tuned AU thresholds of %s", path)
         return values
+
+    def check_tuned(self, record: dict[str, Any], path: Path) -> str:
+        """Refuse tuned state (``record``, read from ``path``) tuned on another checkpoint than
+        this one (its name, or the step it then held), unless ``tuned_from`` names that one;
+        returns where it was tuned, as ``best.pt (step N, split val)``."""
+        tuned_on, step = record.get("checkpoint"), record.get("step")
+        at = f"step {step}, " if step is not None else ""
+        where = f"{tuned_on or 'an unnamed checkpoint'} ({at}split {record.get('split', '?')})"
+        here = int(self.state.get("step", -1))
+        same = tuned_on == self.ckpt.name and (step is None or int(step) == here)
+        if same:
+            return where
+        if self.tuned_from is not None and self.tuned_from == tuned_on:
+            log.warning("%s was tuned on %s; applying it to %s (step %d) as --tuned-from %s asks", path, where,
+                        self.ckpt.name, here, tuned_on)
+            return where
+        hint = f"--tuned-from {tuned_on}" if tuned_on else "--tuned-from <checkpoint>"
+        raise ValueError(f"{path} was tuned on {where}, not on {self.ckpt.name} (step {here}): tune it again on "
+                         f"{self.ckpt.name}, or pass {hint} to apply it anyway")
 
     def split_rows(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(row_id, video, frame, has_image) of ``split`` of the label table, in (video, frame) order."""
@@ -160,7 +186,7 @@ def open_run(inputs: RunInputs) -> Run:
     index = run_data_path(ckpt.parent, (rec or {}).get("index"), index, cfg.index)
     data = kind.open_data(ckpt, cfg, rec, inputs=given[kind.data_flag], index=index,
                           index_flag=inputs.index is not None)
-    return Run(ckpt, state, cfg, kind, data)
+    return Run(ckpt, state, cfg, kind, data, tuned_from=inputs.tuned_from)
 
 
 def _given(inputs: RunInputs, flag: str) -> tuple[Path, ...]:
