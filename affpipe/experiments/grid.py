@@ -19,7 +19,6 @@ keyed on the grid file's content; ``overwrite`` deletes experiments' own files a
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -34,20 +33,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from affpipe.experiments.cells import (
+    cell_inputs,
+    changed,
+    experiments_owner,
+    read_state,
+    save_state,
+    seeded,
+)
 from affpipe.lineage import fingerprint
-from affpipe.outdir import LOCK, MARKER, Owner, claim, input_differences, read_marker
-from affpipe.run.folder import RUN_OWNER, RunFolder
+from affpipe.outdir import claim
+from affpipe.run.folder import RunFolder
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GRID = Path(__file__).resolve().parent / "recipes" / "grid.toml"
 SCALES = ("synthetic", "full")
 NEEDS = ("imagenet",)
-STATE = "experiments.json"
-# What `affpipe experiments` writes at its folder's top: its state and the report (figures).
-_TOP = (STATE, "report.md", "report.json", "*.png")
-# The data it prepares (affpipe.twin: the twin's tree, the index, the shards and the cache stamp).
-_DATA = ("data/cache.json", "data/tree/**", "data/index/**", "data/shards/**")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -202,11 +204,6 @@ def _flat(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def seeded(name: str, seed: int) -> str:
-    """The run folder name of grid run ``name`` trained with ``seed`` (seed 0 keeps the plain name)."""
-    return name if seed == 0 else f"{name}-seed{seed}"
-
-
 def run_overrides(grid: Grid, run: GridRun, *, scale: str, shards: Path, runs_dir: Path,
                   extra: Mapping[str, Any] = (), seed: int | None = None) -> dict[str, Any]:
     """The ``load_config`` overrides for one run: the cell, data and run folder, scale, seed,
@@ -230,61 +227,6 @@ def run_overrides(grid: Grid, run: GridRun, *, scale: str, shards: Path, runs_di
     if RunFolder(out).last.exists():
         ov["resume"] = True  # killed midway: continue from last.pt rather than refuse the folder
     return ov
-
-
-def experiments_owner(grid: Grid, seeds: int, out: Path) -> Owner:
-    """What ``experiments`` writes into ``out``, name by name: its state and report, the data it
-    prepares, a feature table per ``features_from`` run and each cell's run folder (the names a
-    run folder holds, ``RUN_OWNER``) for every seed, this time's and those its state records."""
-    state = _read_state(out)
-    every = range(max(seeds, int(state.get("seeds", 1) or 1)))
-    names = {seeded(r.name, k) for r in grid.runs for k in every} | set(state.get("cells", {}))
-    sources = {seeded(r.features_from, k) for r in grid.runs if r.features_from for k in every}
-    run_names = (*RUN_OWNER.patterns, MARKER, LOCK)
-    patterns = [*_TOP, *_DATA, *(f"data/features/{s}/**" for s in sorted(sources) if _NAME.match(s)),
-                *(f"runs/{n}/{p}" for n in sorted(names) if _NAME.match(n) for p in run_names)]
-    return Owner("experiments", tuple(patterns))
-
-
-def _read_state(out: Path) -> dict[str, Any]:
-    """``experiments.json`` of a folder experiments marked ({} when there is none or it is not ours)."""
-    path = Path(out) / STATE
-    try:
-        marker = read_marker(Path(out))
-        if (marker or {}).get("command") != "experiments" or not path.is_file() or path.is_symlink():
-            return {}
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return state if isinstance(state, dict) and isinstance(state.get("cells", {}), dict) else {}
-
-
-# Keys of a resolved config that do not change what a cell trains (where it runs from, its log,
-# loader worker processes) or that the folder's inputs already fix (its data paths).
-_CELL_IGNORED = ("resume", "out", "shards", "features", "index", "loader.num_workers", "loader.backend")
-
-
-def cell_inputs(recipe: Path, overrides: Mapping[str, Any], runs_dir: Path) -> dict[str, Any]:
-    """What a cell is trained from: its recipe resolved with every override (the grid's cell and
-    synthetic keys, ``--set``, seed, init) through :func:`affpipe.run.config.load_config`,
-    flattened; a backbone from another cell is named relative to ``runs_dir``."""
-    from affpipe.run.config import load_config, to_dict
-
-    flat: dict[str, Any] = {}
-
-    def walk(d: Mapping[str, Any], prefix: str) -> None:
-        for key, value in d.items():
-            name = prefix + key
-            if isinstance(value, Mapping):
-                walk(value, name + ".")
-            elif name not in _CELL_IGNORED and not name.startswith("logging."):
-                flat[name] = value
-
-    walk(to_dict(load_config(recipe, dict(overrides))), "")
-    init = flat.get("model.init")
-    if isinstance(init, str) and Path(init).is_relative_to(runs_dir):
-        flat["model.init"] = Path(init).relative_to(runs_dir).as_posix()
-    return flat
 
 
 def imagenet_available() -> tuple[bool, str]:
@@ -485,8 +427,8 @@ def _run_grid(cfg: ExperimentsConfig, grid: Grid) -> dict[str, Any]:
     scale = cfg.resolved_scale
     shards, data_desc = prepare_data(cfg, grid)
     status: dict[str, dict[str, Any]] = {}
-    state = {**_read_state(out), "grid": str(grid.source), "scale": scale, "shards": str(shards),
-             "seeds": max(cfg.seeds, int(_read_state(out).get("seeds", 1) or 1))}
+    state = {**read_state(out), "grid": str(grid.source), "scale": scale, "shards": str(shards),
+             "seeds": max(cfg.seeds, int(read_state(out).get("seeds", 1) or 1))}
     state.setdefault("cells", {})
     state["runs"] = status
     imagenet: list = []  # the ImageNet check, made once when a run needs it
@@ -495,7 +437,7 @@ def _run_grid(cfg: ExperimentsConfig, grid: Grid) -> dict[str, Any]:
             if not cfg.only or run.name in cfg.only:
                 name = seeded(run.name, seed)
                 status[name] = _one_run(cfg, grid, run, seed, runs_dir, shards, status, imagenet, state)
-                _save_state(out, state)
+                save_state(out, state)
     notes = [f"Data: {data_desc}; scale `{scale}`"
              + (" (size overrides from the grid's [synthetic.overrides])" if scale == "synthetic" else "")
              + (f"; every run trained with seeds 0..{cfg.seeds - 1}" if cfg.seeds > 1 else "") + "."]
@@ -506,7 +448,7 @@ def _run_grid(cfg: ExperimentsConfig, grid: Grid) -> dict[str, Any]:
                      "(or `--shards`) on the real data for the research answers.")
     notes += [f"`{n}` {s['status']}: {s['reason']}" for n, s in status.items() if s["status"] in ("skipped", "failed")]
     notes += [f"`{n}` {what}: {s[what]}" for n, s in status.items() for what in ("evaluation", "smoothing") if what in s]
-    _save_state(out, state)
+    save_state(out, state)
     finished = tuple(runs_dir / n for n, s in status.items() if s["status"] in ("trained", "done"))
     report = None
     if finished:
@@ -515,26 +457,6 @@ def _run_grid(cfg: ExperimentsConfig, grid: Grid) -> dict[str, Any]:
     else:
         log.error("experiments: no run finished; no report written")
     return {"report": report, "runs": {n: s["status"] for n, s in status.items()}, "notes": notes}
-
-
-def _save_state(out: Path, state: dict[str, Any]) -> None:
-    """``experiments.json``: the statuses of this call, and every cell's resolved config (kept
-    across calls: what its run folder was trained from)."""
-    from affpipe.io import atomic_write_text
-
-    atomic_write_text(Path(out) / STATE, json.dumps(state, indent=2, default=str) + "\n")
-
-
-def _changed(name: str, recorded: Mapping[str, Any] | None, now: Mapping[str, Any]) -> str | None:
-    """Why the cell's folder cannot stand for its config now (None: the same, or never recorded)."""
-    if not isinstance(recorded, Mapping) or not isinstance(recorded.get("inputs"), Mapping):
-        return None
-    if recorded.get("fingerprint") == fingerprint(dict(now)):
-        return None
-    diffs = input_differences(recorded["inputs"], now)
-    more = f"; and {len(diffs) - 4} more" if len(diffs) > 4 else ""
-    return (f"`{name}` was trained from another config ({'; '.join(diffs[:4])}{more}); rerun with the grid and "
-            "--set it was trained with, or pass --overwrite (deletes only experiments' files) or choose another -o")
 
 
 def _one_run(cfg: ExperimentsConfig, grid: Grid, run: GridRun, seed: int, runs_dir: Path, shards: Path,
@@ -549,10 +471,10 @@ def _one_run(cfg: ExperimentsConfig, grid: Grid, run: GridRun, seed: int, runs_d
         now = cell_inputs(run.recipe, {k: v for k, v in overrides.items() if k != "resume"}, runs_dir)
     except (ValueError, TypeError) as exc:  # a --set key the recipe does not know: the cell's error
         return {"status": "failed", "reason": _failure(name, exc)}
-    changed = _changed(name, state["cells"].get(name), now) if run_dir.exists() else None
-    if changed:
-        log.error("experiments: %s", changed)
-        return {"status": "failed", "reason": changed}
+    why = changed(name, state["cells"].get(name), now) if run_dir.exists() else None
+    if why:
+        log.error("experiments: %s", why)
+        return {"status": "failed", "reason": why}
     if RunFolder(run_dir).has_eval():
         log.info("experiments: %s already trained (eval.json exists)", name)
         done: dict[str, Any] = {"status": "done", "reason": "eval.json exists"}
@@ -564,7 +486,7 @@ def _one_run(cfg: ExperimentsConfig, grid: Grid, run: GridRun, seed: int, runs_d
         return {"status": "skipped", "reason": reason}
     log.info("experiments: training %s (%s)", name, run.recipe.name)
     state["cells"][name] = {"fingerprint": fingerprint(now), "inputs": now}
-    _save_state(runs_dir.parent, state)  # before training: a killed grid still knows what the folder holds
+    save_state(runs_dir.parent, state)  # before training: a killed grid still knows what the folder holds
     t0 = time.perf_counter()
     try:
         train_run(run.recipe, overrides)
