@@ -3,9 +3,10 @@
 
 A user's ``config.json`` (or any file a run does not write) is refused and untouched, a symlink
 is never followed, ``--resume`` continues only a run of the same config and data, ``--overwrite``
-deletes only the run's files, a run stopped before its first checkpoint starts afresh, two runs
-never write at once, only rank 0 claims, and a 0.2 run (no marker) resumes when its ``last.pt``
-loads as an affpipe checkpoint."""
+deletes only the run's files, two runs never write at once, only rank 0 claims, and a 0.2 run (no
+marker) resumes when its ``last.pt`` loads as an affpipe checkpoint made from the config and data
+given. Issue 24: nothing a run produced is deleted without ``--overwrite`` (a missing ``last.pt``
+is a finished or resumable run); only a run that never reached a step is reused."""
 
 from __future__ import annotations
 
