@@ -68,19 +68,10 @@ def cell_inputs(recipe: Path, overrides: Mapping[str, Any], runs_dir: Path) -> d
     """What a cell is trained from: its recipe resolved with every override (the grid's cell and
     synthetic keys, ``--set``, seed, init) through :func:`affpipe.run.config.load_config`,
     flattened; a backbone from another cell is named relative to ``runs_dir``."""
-    from affpipe.run.config import load_config, to_dict
+    from affpipe.run.config import flat_config, load_config
 
-    flat: dict[str, Any] = {}
-
-    def walk(d: Mapping[str, Any], prefix: str) -> None:
-        for key, value in d.items():
-            name = prefix + key
-            if isinstance(value, Mapping):
-                walk(value, name + ".")
-            elif name not in _CELL_IGNORED and not name.startswith("logging."):
-                flat[name] = value
-
-    walk(to_dict(load_config(recipe, dict(overrides))), "")
+    flat = flat_config(load_config(recipe, dict(overrides)),
+                       lambda name: name in _CELL_IGNORED or name.startswith("logging."))
     init = flat.get("model.init")
     if isinstance(init, str) and Path(init).is_relative_to(runs_dir):
         flat["model.init"] = Path(init).relative_to(runs_dir).as_posix()

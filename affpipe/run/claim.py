@@ -31,7 +31,7 @@ from typing import Any
 from affpipe.lineage import fingerprint
 from affpipe.outdir import MARKER, Claim, adopt, check_folder, claim, unmarked_and_only_own
 from affpipe.run.checkpoint import RESUME_MUTABLE, config_differences, load_checkpoint
-from affpipe.run.config import DATA_KEYS, TrainConfig, to_dict
+from affpipe.run.config import DATA_KEYS, TrainConfig, flat_config, to_dict
 from affpipe.run.folder import RUN_OWNER, RunFolder
 from affpipe.run.kind import RunKind
 
@@ -46,17 +46,7 @@ def run_inputs(cfg: TrainConfig, data_fingerprint: str) -> dict[str, Any]:
     """What a run is made from, as the folder's marker records it: every config key that must
     match on ``--resume`` (flattened, ``model.arch``...; ``cfg`` as its kind resolved it) and the
     fingerprint of its data (the kind's: ``RunKind.data_fingerprint``)."""
-    flat: dict[str, Any] = {}
-
-    def walk(d: dict[str, Any], prefix: str) -> None:
-        for key, value in d.items():
-            name = prefix + key
-            if isinstance(value, dict):
-                walk(value, name + ".")
-            elif name not in RESUME_MUTABLE and name not in _DATA_KEYS:
-                flat[name] = value
-
-    walk(to_dict(cfg), "")
+    flat = flat_config(cfg, lambda name: name in RESUME_MUTABLE or name in _DATA_KEYS)
     return {**flat, "data": data_fingerprint}
 
 
