@@ -270,7 +270,8 @@ def die_with_parent(parent: int) -> None:
         threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
-def _train_child(recipe: str, overrides: dict[str, Any], level: int, conn, parent: int | None = None) -> None:
+def _train_child(recipe: str, overrides: dict[str, Any], level: int, conn, parent: int | None = None,
+                 overwrite: bool = False) -> None:
     """Body of the training process: resolve, train, send back the run folder or the error. It
     dies with the grid's process (``parent``): a killed grid leaves no training behind."""
     if parent is not None:
@@ -280,14 +281,15 @@ def _train_child(recipe: str, overrides: dict[str, Any], level: int, conn, paren
         from affpipe.run.config import load_config
         from affpipe.runs.train import train
 
-        conn.send(("ok", str(train(load_config(recipe, overrides)))))
+        conn.send(("ok", str(train(load_config(recipe, overrides), overwrite=overwrite))))
     except BaseException as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         raise SystemExit(1) from None
 
 
-def train_run(recipe: Path, overrides: Mapping[str, Any]) -> Path:
-    """Resolve the recipe with ``overrides`` and train it in a fresh process (tests replace this).
+def train_run(recipe: Path, overrides: Mapping[str, Any], *, overwrite: bool = False) -> Path:
+    """Resolve the recipe with ``overrides`` and train it in a fresh process (tests replace this);
+    ``overwrite``: the cell's folder holds nothing it produced (see ``_one_run``), start afresh.
 
     A fresh (spawned) process per run: the data preparation before it leaves thread pools
     (pyarrow, OpenCV) behind, and DataLoader workers forked from such a process can deadlock;
@@ -296,7 +298,8 @@ def train_run(recipe: Path, overrides: Mapping[str, Any]) -> Path:
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_train_child, name=f"train-{Path(str(overrides.get('out', recipe))).name}",
-                       args=(str(recipe), dict(overrides), logging.getLogger().getEffectiveLevel(), send, os.getpid()))
+                       args=(str(recipe), dict(overrides), logging.getLogger().getEffectiveLevel(), send, os.getpid(),
+                             overwrite))
     proc.start()
     send.close()
     try:
@@ -489,7 +492,11 @@ def _one_run(cfg: ExperimentsConfig, grid: Grid, run: GridRun, seed: int, runs_d
     save_state(runs_dir.parent, state)  # before training: a killed grid still knows what the folder holds
     t0 = time.perf_counter()
     try:
-        train_run(run.recipe, overrides)
+        # A cell killed before its first checkpoint left only its log (no checkpoint, evaluation or
+        # predictions): the grid's own, worth nothing; train refuses such a folder without --overwrite.
+        files = RunFolder(run_dir)
+        restart = run_dir.is_dir() and not files.results() and files.logged_steps() > 0
+        train_run(run.recipe, overrides, **({"overwrite": True} if restart else {}))
     except Exception as exc:  # one broken run must not cost the rest of the grid
         line = _failure(name, exc)
         return {"status": "failed", "reason": line, "seconds": time.perf_counter() - t0,

@@ -124,8 +124,9 @@ def check_resume_from_best(out: Path, cfg: TrainConfig) -> None:
 
     ``best.pt`` is written beside ``last.pt`` at the end of an improving epoch, from the same
     state: when no checkpoint was written after it (no later epoch line in ``metrics.jsonl``,
-    nor a ``ckpt_every`` step), it *is* the state ``last.pt`` held, and resuming from it redoes
-    only what resuming from ``last.pt`` would. Otherwise continuing from it would drop epochs the
+    nor a ``ckpt_every`` step, but one whose write a kill may have cut short), it *is* the
+    state ``last.pt`` held (or, for a run killed before its first ``last.pt`` landed, the newest
+    state there is), and resuming from it redoes only what resuming from ``last.pt`` would. Otherwise continuing from it would drop epochs the
     log and ``eval.json`` describe: refused. A finished run (its epochs done) is refused too,
     saying so: nothing to resume."""
     files = RunFolder(out)
@@ -142,7 +143,10 @@ def check_resume_from_best(out: Path, cfg: TrainConfig) -> None:
         s = int(r.get("step", 0))
         return s > step and (r.get("kind") == "epoch" or bool(every and r.get("kind") == "train" and s % every == 0))
 
-    later = [int(r.get("step", 0)) for r in records if checkpointed(r)]
+    # A checkpoint's log line is written just before its last.pt: a run that did not finish (no
+    # eval.json) may have been killed in that write, so its newest such line proves nothing landed.
+    marks = [int(r.get("step", 0)) for r in records if checkpointed(r)]
+    later = marks if files.has_eval() else marks[:-1]
     advice = "evaluate best.pt as it is, or start afresh with --overwrite (deletes only the run's files) or another -o"
     if not records or later:
         why = (f"its last checkpoint was at step {max(later)} (metrics.jsonl)" if later

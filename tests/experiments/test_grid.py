@@ -97,9 +97,11 @@ class FakeTrainer:
         self.calls: list[tuple[str, dict]] = []
         self.fail = fail
 
-    def __call__(self, recipe: Path, overrides: dict) -> Path:
+    def __call__(self, recipe: Path, overrides: dict, **kw) -> Path:
         cfg = load_config(recipe, overrides)
         self.calls.append((cfg.out.name, dict(overrides)))
+        self.kwargs = getattr(self, "kwargs", {})
+        self.kwargs[cfg.out.name] = kw
         if cfg.out.name in self.fail:
             raise RuntimeError("boom")
         fake_run(cfg.out.parent, cfg.out.name, cfg.task, init=cfg.model.init, va_loss=cfg.loss.va_loss,
@@ -360,6 +362,19 @@ def test_a_cell_trained_from_another_config_is_refused_not_reported_as_the_new_o
     result = ex.run_experiments(ex.ExperimentsConfig(out=out, grid=grid, shards=shards, overwrite=True))
     assert result["runs"] == {"uni_va": "trained"} and [n for n, _ in trainer.calls] == ["uni_va"]
     assert json.loads((out / "runs" / "uni_va" / "config.json").read_text())["task"] == "expr"
+
+
+def test_a_cell_killed_before_its_first_checkpoint_is_restarted_by_the_grid(tmp_path, monkeypatch, offline):
+    trainer = FakeTrainer()
+    monkeypatch.setattr(ex, "train_run", trainer)
+    cfg = ex.ExperimentsConfig(out=tmp_path / "e", grid=_small_grid(tmp_path), shards=_shards(tmp_path))
+    ex.run_experiments(cfg)
+    cell = tmp_path / "e" / "runs" / "uni_va"
+    for p in cell.iterdir():
+        if p.name not in ("config.json", "metrics.jsonl"):
+            p.unlink()  # as a kill mid-epoch 1 leaves it: the log of steps, nothing produced
+    assert ex.run_experiments(cfg)["runs"] == {"uni_va": "trained"}
+    assert trainer.kwargs["uni_va"] == {"overwrite": True}
 
 
 def test_a_failed_cell_is_one_line_without_a_traceback(tmp_path, monkeypatch, offline, caplog):
