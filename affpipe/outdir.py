@@ -25,7 +25,7 @@ import fnmatch
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,22 +193,28 @@ def check_folder(out: Path, owner: Owner, *, also: tuple[Owner, ...] = ()) -> di
 
 @contextlib.contextmanager
 def claim(out: Path | str, owner: Owner, inputs: Mapping[str, Any], *, overwrite: bool = False,
-          also: tuple[Owner, ...] = ()) -> Iterator[Claim]:
+          also: tuple[Owner, ...] = (), reuse: Callable[[Path], bool] | None = None) -> Iterator[Claim]:
     """Claim ``out`` for ``owner`` (see the module docstring) and hold its lock while the body runs.
 
     ``inputs`` (JSON values) fingerprint what the output is made from: a folder made from other
     inputs is refused naming both sides, unless ``overwrite`` (which deletes only our files).
+    ``reuse(out)`` true (asked again under the lock): the folder holds nothing of ours worth
+    keeping (a run that failed before its first step), so its files go as with ``overwrite``.
     """
     out = Path(out)
     inputs = jsonable(dict(inputs))
-    preflight(out, owner, inputs, overwrite=overwrite, also=also)  # read-only: no lock file in a foreign folder
+    reused = not overwrite and reuse is not None and out.is_dir() and check_folder(out, owner, also=also) is not None \
+        and reuse(out)
+    preflight(out, owner, inputs, overwrite=overwrite or reused, also=also)  # read-only: no lock file in a foreign folder
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, LOCK, f"affpipe {owner.command}"):
-        keep = preflight(out, owner, inputs, overwrite=overwrite, also=also)  # again, under the lock
+        reused = reused and reuse(out)  # again, under the lock: nothing of worth appeared meanwhile
+        keep = preflight(out, owner, inputs, overwrite=overwrite or reused, also=also)  # again, under the lock
         c = Claim(out, owner, fresh=not keep)
-        if keep and overwrite:
+        if keep and (overwrite or reused):
             n = c.remove_own()
-            log.info("--overwrite: removed %d file(s) of `affpipe %s` from %s", n, owner.command, out)
+            log.info("%s: removed %d file(s) of `affpipe %s` from %s", "--overwrite" if overwrite else
+                     "nothing kept of a run that never started", n, owner.command, out)
             c.fresh = True
         c.existing = [rel for rel, kind in walk(out) if kind == "file" and rel not in _OURS]
         _write_marker(out, owner, inputs)

@@ -123,13 +123,15 @@ def _parse_set(values: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
 @click.option("--set", "set_", multiple=True, metavar="KEY=VALUE", help="Override for every run, e.g. --set device=cuda --set batch_size=512 (repeatable).")
 @click.option("--workers", default=2, type=click.IntRange(min=1), help="Processes for indexing and shard writing.")
 @click.option("--seeds", default=1, type=click.IntRange(min=1), help="Train every run with seeds 0..N-1; the report gives the mean, the spread across seeds and comparisons pooled over seeds.")
+@click.option("--overwrite", is_flag=True, help="Delete what experiments wrote in OUT (data, runs, report; nothing else) and start afresh: after the grid, a recipe or --set changed.")
 def experiments(out: Path, root: Path | None, shards: Path | None, scale: str | None, grid: Path | None,
-                only: tuple[str, ...], set_: tuple[str, ...], workers: int, seeds: int) -> None:
+                only: tuple[str, ...], set_: tuple[str, ...], workers: int, seeds: int, overwrite: bool) -> None:
     """Run the research grid (uni vs multi-task, init, loss variants) and write OUT/report.md."""
     from affpipe.experiments.grid import DEFAULT_GRID, ExperimentsConfig, run_experiments
 
     cfg = ExperimentsConfig(out=out, grid=grid or DEFAULT_GRID, root=root, shards=shards, scale=scale,
-                            only=only, overrides=_parse_set(set_), workers=workers, seeds=seeds)
+                            only=only, overrides=_parse_set(set_), workers=workers, seeds=seeds,
+                            overwrite=overwrite)
     result = run_experiments(cfg)
     for name, status in result["runs"].items():
         click.echo(f"{name:24s} {status}")

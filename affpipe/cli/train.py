@@ -133,13 +133,17 @@ def _data_options(fn):
                      help="A temporal run's feature table (default: the one it trained on)."),
         click.option("--index", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                      help="The label index (default: the one the run trained on)."),
+        click.option("--tuned-from", default=None, metavar="CHECKPOINT",
+                     help="Apply the AU thresholds and smoothing windows tuned on this checkpoint of the run (e.g. "
+                          "best.pt) to the one evaluated; without it tuned state applies only where it was tuned."),
     ]):
         fn = opt(fn)
     return fn
 
 
-def _inputs(run: Path, shards: Path | None, features: tuple[Path, ...], index: Path | None) -> dict:
-    return {"run": run, "shards": shards, "features": tuple(features), "index": index}
+def _inputs(run: Path, shards: Path | None, features: tuple[Path, ...], index: Path | None,
+            tuned_from: str | None = None) -> dict:
+    return {"run": run, "shards": shards, "features": tuple(features), "index": index, "tuned_from": tuned_from}
 
 
 @main.command()
@@ -154,7 +158,8 @@ def _inputs(run: Path, shards: Path | None, features: tuple[Path, ...], index: P
                    "(the cross-validated figure is reported beside the in-split one; stored values use the whole split).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @_loader_options
-def evaluate(run_or_ckpt: Path, shards: Path | None, features: tuple[Path, ...], index: Path | None, split: str,
+def evaluate(run_or_ckpt: Path, shards: Path | None, features: tuple[Path, ...], index: Path | None,
+             tuned_from: str | None, split: str,
              tune_au_thresholds: bool, smooth: bool, tune_smoothing: bool, tune_folds: int | None,
              batch_size: int | None, backend: str, device: str, num_workers: int | None, on_bad: str) -> None:
     """Evaluate a run's best.pt (or a checkpoint), per-frame or temporal: eval.json + eval.md beside it."""
@@ -164,7 +169,7 @@ def evaluate(run_or_ckpt: Path, shards: Path | None, features: tuple[Path, ...],
     from affpipe.train.evaluate import eval_markdown
 
     result = run_evaluate(EvalConfig(
-        **_inputs(run_or_ckpt, shards, features, index), split=split, tune_au_thresholds=tune_au_thresholds,
+        **_inputs(run_or_ckpt, shards, features, index, tuned_from), split=split, tune_au_thresholds=tune_au_thresholds,
         smooth=smooth, tune_smoothing=tune_smoothing, tune_folds=tune_folds, batch_size=batch_size, device=device,
         loader=LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad)))
     click.echo(eval_markdown(result))
@@ -192,7 +197,8 @@ def evaluate(run_or_ckpt: Path, shards: Path | None, features: tuple[Path, ...],
                    "reused), OUT/<track>.csv/.parquet/.png per face.")
 @click.option("--overlay", is_flag=True, help="With --video: also OUT/<video>.overlay.avi, the faces annotated.")
 @_loader_options
-def predict(ckpt: Path, shards: Path | None, features: tuple[Path, ...], index: Path | None, out: Path, fmt: str,
+def predict(ckpt: Path, shards: Path | None, features: tuple[Path, ...], index: Path | None, tuned_from: str | None,
+            out: Path, fmt: str,
             split: str, templates: tuple[Path, ...], fill_missing: bool, edition: str, smooth: bool,
             batch_size: int | None, overwrite: bool, videos: tuple[Path, ...], overlay: bool, backend: str,
             device: str, num_workers: int | None, on_bad: str) -> None:
@@ -210,9 +216,11 @@ def predict(ckpt: Path, shards: Path | None, features: tuple[Path, ...], index: 
         raise click.UsageError("--overlay goes with --video")
 
     summary = run_predict(PredictConfig(
-        **_inputs(ckpt, shards, features, index), out=out, format=fmt, split=split, templates=tuple(templates),
+        **_inputs(ckpt, shards, features, index, tuned_from), out=out, format=fmt, split=split, templates=tuple(templates),
         fill_missing=fill_missing, edition=edition, smooth=smooth, batch_size=batch_size, device=device,
         overwrite=overwrite, loader=LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad)))
+    if summary.get("au_thresholds_source") not in (None, "0.5"):
+        click.echo(f"AU thresholds: {summary['au_thresholds_source']}")
     click.echo(f"{len(summary['files'])} file(s), {summary['videos']} videos, "
                f"{summary['filled_from_neighbour']} frame(s) filled from a neighbour → {out}")
     if templates:

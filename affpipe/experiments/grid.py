@@ -4,9 +4,13 @@
 dependencies, and the size of the synthetic twin. ``run_experiments`` prepares the data
 (synthetic twin → index → shards, or real Aff-Wild2 via ``root``, or ready ``shards``), trains
 every run into ``<out>/runs/<name>/`` and writes ``<out>/report.md`` (``affpipe.experiments.report``).
-A run whose ``eval.json`` exists is skipped; one killed midway (``last.pt``, no ``eval.json``)
-resumes; a run that fails is reported and only the runs that depend on it are skipped. With
-``seeds`` every run is trained once per seed (``<name>-seed<k>``), each seed's cells cached.
+A run whose ``eval.json`` exists is skipped when it was trained from the same resolved config
+(grid, recipe and ``--set`` included: its fingerprint is kept in ``experiments.json``), refused
+naming the keys that changed otherwise; one killed midway (``last.pt``, no ``eval.json``)
+resumes; a run that fails is one line in the log and the report (its traceback with ``--debug``
+and in ``experiments.json``) and only the runs that depend on it are skipped. With ``seeds``
+every run is trained once per seed (``<name>-seed<k>``), each seed's cells cached. The folder is
+keyed on the grid file's content; ``overwrite`` deletes experiments' own files and starts afresh.
 
 (A little over 400 lines: the grid file's checks and the per-run orchestration share the
 ``GridRun`` records and the seeded names; the cells' evaluations live in ``temporal.py``.)
@@ -14,10 +18,12 @@ resumes; a run that fails is reported and only the runs that depend on it are sk
 
 from __future__ import annotations
 
-import json
+import ctypes
 import logging
 import multiprocessing as mp
+import os
 import re
+import signal
 import socket
 import time
 import tomllib
@@ -27,7 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from affpipe.outdir import Owner, claim
+from affpipe.experiments.cells import (
+    cell_inputs,
+    changed,
+    experiments_owner,
+    read_state,
+    save_state,
+    seeded,
+)
+from affpipe.lineage import fingerprint
+from affpipe.outdir import claim
 from affpipe.run.folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -35,8 +50,6 @@ log = logging.getLogger(__name__)
 DEFAULT_GRID = Path(__file__).resolve().parent / "recipes" / "grid.toml"
 SCALES = ("synthetic", "full")
 NEEDS = ("imagenet",)
-# What `affpipe experiments` writes into its folder: the data it prepares, the runs, the report.
-OWNER = Owner("experiments", ("data/**", "runs/**", "experiments.json", "report.md", "report.json", "*.png"))
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -79,6 +92,7 @@ class ExperimentsConfig:
     overrides: tuple[tuple[str, Any], ...] = ()  # TrainConfig overrides for every run, e.g. device
     workers: int = 2  # processes for indexing and shard writing
     seeds: int = 1  # train every run with seeds 0..seeds-1
+    overwrite: bool = False  # delete experiments' own files in out and start afresh
 
     def __post_init__(self) -> None:
         if self.root is not None and self.shards is not None:
@@ -190,11 +204,6 @@ def _flat(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def seeded(name: str, seed: int) -> str:
-    """The run folder name of grid run ``name`` trained with ``seed`` (seed 0 keeps the plain name)."""
-    return name if seed == 0 else f"{name}-seed{seed}"
-
-
 def run_overrides(grid: Grid, run: GridRun, *, scale: str, shards: Path, runs_dir: Path,
                   extra: Mapping[str, Any] = (), seed: int | None = None) -> dict[str, Any]:
     """The ``load_config`` overrides for one run: the cell, data and run folder, scale, seed,
@@ -237,21 +246,50 @@ def imagenet_available() -> tuple[bool, str]:
         socket.setdefaulttimeout(old)
 
 
-def _train_child(recipe: str, overrides: dict[str, Any], level: int, conn) -> None:
-    """Body of the training process: resolve, train, send back the run folder or the error."""
+def die_with_parent(parent: int) -> None:
+    """End this process when ``parent`` dies, kill -9 included: the kernel's parent-death signal
+    on Linux (``prctl(PR_SET_PDEATHSIG, SIGKILL)``), else a watchdog thread polling the parent pid.
+    A parent already gone (before the signal was armed) ends it at once."""
+    armed = False
+    if hasattr(os, "getppid") and os.uname().sysname == "Linux":
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent:
+        os._exit(1)
+    if not armed:
+        import threading
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _train_child(recipe: str, overrides: dict[str, Any], level: int, conn, parent: int | None = None,
+                 overwrite: bool = False) -> None:
+    """Body of the training process: resolve, train, send back the run folder or the error. It
+    dies with the grid's process (``parent``): a killed grid leaves no training behind."""
+    if parent is not None:
+        die_with_parent(parent)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         from affpipe.run.config import load_config
         from affpipe.runs.train import train
 
-        conn.send(("ok", str(train(load_config(recipe, overrides)))))
+        conn.send(("ok", str(train(load_config(recipe, overrides), overwrite=overwrite))))
     except BaseException as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         raise SystemExit(1) from None
 
 
-def train_run(recipe: Path, overrides: Mapping[str, Any]) -> Path:
-    """Resolve the recipe with ``overrides`` and train it in a fresh process (tests replace this).
+def train_run(recipe: Path, overrides: Mapping[str, Any], *, overwrite: bool = False) -> Path:
+    """Resolve the recipe with ``overrides`` and train it in a fresh process (tests replace this);
+    ``overwrite``: the cell's folder holds nothing it produced (see ``_one_run``), start afresh.
 
     A fresh (spawned) process per run: the data preparation before it leaves thread pools
     (pyarrow, OpenCV) behind, and DataLoader workers forked from such a process can deadlock;
@@ -260,7 +298,8 @@ def train_run(recipe: Path, overrides: Mapping[str, Any]) -> Path:
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_train_child, name=f"train-{Path(str(overrides.get('out', recipe))).name}",
-                       args=(str(recipe), dict(overrides), logging.getLogger().getEffectiveLevel(), send))
+                       args=(str(recipe), dict(overrides), logging.getLogger().getEffectiveLevel(), send, os.getpid(),
+                             overwrite))
     proc.start()
     send.close()
     try:
@@ -271,8 +310,9 @@ def train_run(recipe: Path, overrides: Mapping[str, Any]) -> Path:
     if msg and msg[0] == "ok":
         return Path(msg[1])
     if msg:
-        log.debug("training process traceback:\n%s", msg[2])
-        raise RuntimeError(msg[1])
+        err = RuntimeError(msg[1])
+        err.child_traceback = msg[2]  # type: ignore[attr-defined]  # (for --debug and experiments.json)
+        raise err
     raise RuntimeError(f"the training process died (exit code {proc.exitcode})")
 
 
@@ -310,8 +350,7 @@ def _before_run(run: GridRun, runs_dir: Path, shards: Path, seed: int) -> str | 
     try:
         ensure_features(runs_dir, source, shards)
     except Exception as exc:  # the run is skipped with the reason, the grid goes on
-        log.exception("experiments: embedding %s failed", source)
-        return f"embedding `{source}` failed: {type(exc).__name__}: {exc}"
+        return f"embedding `{source}` failed: {_failure(f'embedding {source}', exc)}"
     return None
 
 
@@ -328,13 +367,15 @@ def _after_run(run: GridRun, run_dir: Path, shards: Path, status: dict[str, Any]
         try:
             fn(run_dir)
         except Exception as exc:  # reported, the grid goes on
-            log.exception("experiments: %s of %s failed", what, run_dir.name)
-            status[what] = f"failed: {type(exc).__name__}: {exc}"
+            status[what] = f"failed: {_failure(f'{what} of {run_dir.name}', exc)}"
 
 
 def _skip_reason(run: GridRun, runs_dir: Path, seed: int, status: dict[str, dict[str, Any]],
                  imagenet: list) -> str | None:
     """Why ``run`` (with ``seed``) cannot train now, or None."""
+    blocked = [seeded(d, seed) for d in run.after if status.get(seeded(d, seed), {}).get("status") in ("failed", "skipped")]
+    if blocked:  # (a refused cell's old eval.json is not the dependency's result)
+        return "depends on " + ", ".join(f"`{d}`" for d in blocked) + ", which did not finish"
     missing = [seeded(d, seed) for d in run.after if not RunFolder(runs_dir / seeded(d, seed)).has_eval()]
     if run.init_from and not RunFolder(runs_dir / seeded(run.init_from, seed)).best.exists():
         return f"needs `{seeded(run.init_from, seed)}`'s best.pt, which is not there"
@@ -361,17 +402,27 @@ def run_experiments(cfg: ExperimentsConfig) -> dict[str, Any]:
     unknown = set(cfg.only) - {r.name for r in grid.runs}
     if unknown:
         raise ValueError(f"--only: no run(s) {sorted(unknown)} in {grid.source}")
-    inputs = {"grid": str(grid.source.resolve()), "scale": cfg.resolved_scale,
+    # The grid by content, not by path: an edited grid.toml is other inputs (the recipes and --set
+    # are checked per cell, by their resolved config).
+    inputs = {"grid": fingerprint(Path(grid.source).read_text()), "scale": cfg.resolved_scale,
               "root": str(Path(cfg.root).resolve()) if cfg.root else None,
               "shards": str(Path(cfg.shards).resolve()) if cfg.shards else None}
-    with claim(cfg.out, OWNER, inputs):
+    with claim(cfg.out, experiments_owner(grid, cfg.seeds, Path(cfg.out)), inputs, overwrite=cfg.overwrite):
         return _run_grid(cfg, grid)
+
+
+def _failure(what: str, exc: BaseException) -> str:
+    """One line for a failed step (the log, the report); its traceback at DEBUG (``--debug``)."""
+    line = f"{type(exc).__name__}: {exc}" if not hasattr(exc, "child_traceback") else str(exc)
+    tb = getattr(exc, "child_traceback", None) or traceback.format_exc()
+    log.error("experiments: %s failed: %s", what, line.splitlines()[0] if line else type(exc).__name__)
+    log.debug("experiments: %s traceback:\n%s", what, tb)
+    return line
 
 
 def _run_grid(cfg: ExperimentsConfig, grid: Grid) -> dict[str, Any]:
     """``run_experiments`` inside its claimed output folder."""
     from affpipe.experiments.report import ReportConfig, write_report
-    from affpipe.io import atomic_write_text
 
     out = Path(cfg.out)
     runs_dir = out / "runs"
@@ -379,12 +430,17 @@ def _run_grid(cfg: ExperimentsConfig, grid: Grid) -> dict[str, Any]:
     scale = cfg.resolved_scale
     shards, data_desc = prepare_data(cfg, grid)
     status: dict[str, dict[str, Any]] = {}
+    state = {**read_state(out), "grid": str(grid.source), "scale": scale, "shards": str(shards),
+             "seeds": max(cfg.seeds, int(read_state(out).get("seeds", 1) or 1))}
+    state.setdefault("cells", {})
+    state["runs"] = status
     imagenet: list = []  # the ImageNet check, made once when a run needs it
     for seed in range(cfg.seeds):
         for run in grid.runs:
             if not cfg.only or run.name in cfg.only:
                 name = seeded(run.name, seed)
-                status[name] = _one_run(cfg, grid, run, seed, runs_dir, shards, status, imagenet)
+                status[name] = _one_run(cfg, grid, run, seed, runs_dir, shards, status, imagenet, state)
+                save_state(out, state)
     notes = [f"Data: {data_desc}; scale `{scale}`"
              + (" (size overrides from the grid's [synthetic.overrides])" if scale == "synthetic" else "")
              + (f"; every run trained with seeds 0..{cfg.seeds - 1}" if cfg.seeds > 1 else "") + "."]
@@ -395,9 +451,7 @@ def _run_grid(cfg: ExperimentsConfig, grid: Grid) -> dict[str, Any]:
                      "(or `--shards`) on the real data for the research answers.")
     notes += [f"`{n}` {s['status']}: {s['reason']}" for n, s in status.items() if s["status"] in ("skipped", "failed")]
     notes += [f"`{n}` {what}: {s[what]}" for n, s in status.items() for what in ("evaluation", "smoothing") if what in s]
-    atomic_write_text(out / "experiments.json", json.dumps(
-        {"grid": str(grid.source), "scale": scale, "shards": str(shards), "seeds": cfg.seeds, "runs": status},
-        indent=2) + "\n")
+    save_state(out, state)
     finished = tuple(runs_dir / n for n, s in status.items() if s["status"] in ("trained", "done"))
     report = None
     if finished:
@@ -409,10 +463,21 @@ def _run_grid(cfg: ExperimentsConfig, grid: Grid) -> dict[str, Any]:
 
 
 def _one_run(cfg: ExperimentsConfig, grid: Grid, run: GridRun, seed: int, runs_dir: Path, shards: Path,
-             status: dict[str, dict[str, Any]], imagenet: list) -> dict[str, Any]:
-    """Train (or reuse, or skip) one run with one seed; its status entry."""
+             status: dict[str, dict[str, Any]], imagenet: list, state: dict[str, Any]) -> dict[str, Any]:
+    """Train (or reuse, or skip, or refuse: trained from another config) one run with one seed;
+    its status entry."""
     name = seeded(run.name, seed)
     run_dir = runs_dir / name
+    overrides = run_overrides(grid, run, scale=cfg.resolved_scale, shards=shards, runs_dir=runs_dir,
+                              extra=dict(cfg.overrides), seed=seed if cfg.seeds > 1 else None)
+    try:
+        now = cell_inputs(run.recipe, {k: v for k, v in overrides.items() if k != "resume"}, runs_dir)
+    except (ValueError, TypeError) as exc:  # a --set key the recipe does not know: the cell's error
+        return {"status": "failed", "reason": _failure(name, exc)}
+    why = changed(name, state["cells"].get(name), now) if run_dir.exists() else None
+    if why:
+        log.error("experiments: %s", why)
+        return {"status": "failed", "reason": why}
     if RunFolder(run_dir).has_eval():
         log.info("experiments: %s already trained (eval.json exists)", name)
         done: dict[str, Any] = {"status": "done", "reason": "eval.json exists"}
@@ -422,15 +487,20 @@ def _one_run(cfg: ExperimentsConfig, grid: Grid, run: GridRun, seed: int, runs_d
     if reason:
         log.warning("experiments: %s skipped: %s", name, reason)
         return {"status": "skipped", "reason": reason}
-    overrides = run_overrides(grid, run, scale=cfg.resolved_scale, shards=shards, runs_dir=runs_dir,
-                              extra=dict(cfg.overrides), seed=seed if cfg.seeds > 1 else None)
     log.info("experiments: training %s (%s)", name, run.recipe.name)
+    state["cells"][name] = {"fingerprint": fingerprint(now), "inputs": now}
+    save_state(runs_dir.parent, state)  # before training: a killed grid still knows what the folder holds
     t0 = time.perf_counter()
     try:
-        train_run(run.recipe, overrides)
+        # A cell killed before its first checkpoint left only its log (no checkpoint, evaluation or
+        # predictions): the grid's own, worth nothing; train refuses such a folder without --overwrite.
+        files = RunFolder(run_dir)
+        restart = run_dir.is_dir() and not files.results() and files.logged_steps() > 0
+        train_run(run.recipe, overrides, **({"overwrite": True} if restart else {}))
     except Exception as exc:  # one broken run must not cost the rest of the grid
-        log.exception("experiments: %s failed", name)
-        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - t0}
+        line = _failure(name, exc)
+        return {"status": "failed", "reason": line, "seconds": time.perf_counter() - t0,
+                "traceback": getattr(exc, "child_traceback", None) or traceback.format_exc()}
     ok = RunFolder(run_dir).has_eval()
     result = {"status": "trained" if ok else "failed", "seconds": round(time.perf_counter() - t0, 1),
               **({} if ok else {"reason": "training ended without eval.json"})}

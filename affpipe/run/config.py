@@ -16,7 +16,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -358,6 +358,23 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         out = {k: v for k, v in plain(cfg).items() if k != "data"}
         return {**out, **data_dict(cfg.data)}
     return plain(cfg)
+
+
+def flat_config(cfg: TrainConfig, leave_out: Callable[[str], bool] = lambda name: False) -> dict[str, Any]:
+    """``to_dict(cfg)`` flattened to dotted keys (``model.arch``, ``loss.va_loss``...), without the
+    keys ``leave_out`` names: what a run folder's marker and an experiments cell record."""
+    flat: dict[str, Any] = {}
+
+    def walk(d: Mapping[str, Any], prefix: str) -> None:
+        for key, value in d.items():
+            name = prefix + key
+            if isinstance(value, Mapping):
+                walk(value, name + ".")
+            elif not leave_out(name):
+                flat[name] = value
+
+    walk(to_dict(cfg), "")
+    return flat
 
 
 def data_dict(data: RunData) -> dict[str, Any]:

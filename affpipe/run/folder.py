@@ -66,6 +66,9 @@ RUN_FILES: tuple[RunFile, ...] = (
     RunFile(TENSORBOARD, "train --tensorboard", "TensorBoard event files"),
 )
 RUN_OWNER = Owner("train", tuple(f.pattern for f in RUN_FILES))
+# What a run produced that is worth keeping: a folder holding one of these is never reused or
+# emptied without --overwrite (the run log of a run that never reached a step may be).
+RESULTS = (LAST, BEST, "step-*.pt", f"{EVAL_STEM}*", THRESHOLDS, SMOOTHING)
 
 
 def eval_stem(split: str = "val", *, smoothed: bool = False, cross_validated: bool = False) -> str:
@@ -215,6 +218,22 @@ class RunFolder:
     def write_smoothing(self, record: Mapping[str, Any]) -> Path:
         atomic_write_text(self.smoothing, json.dumps(dict(record), indent=2) + "\n")
         return self.smoothing
+
+    # ---- what the run produced ---------------------------------------------------------------
+    def results(self) -> list[str]:
+        """The names of the files in the folder that are results (``RESULTS``: checkpoints,
+        evaluations, predictions, tuned state), sorted; [] for a new folder."""
+        import fnmatch
+
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir()
+                      if p.is_file() and any(fnmatch.fnmatchcase(p.name, r) for r in RESULTS))
+
+    def logged_steps(self) -> int:
+        """The highest optimizer step ``metrics.jsonl`` records (train and epoch lines; 0: none)."""
+        return max((int(r.get("step", 0)) for r in self.read_metrics() if r.get("kind") in ("train", "epoch")),
+                   default=0)
 
     # ---- which checkpoint ------------------------------------------------------------------
     def opened_checkpoint(self) -> Path:

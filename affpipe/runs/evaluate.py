@@ -95,8 +95,10 @@ def apply_smoothing(run: Run, c: Collected, split: str, *, smooth: bool, tune_sm
         windows, scores = sm.tune(c.acc, c.video, c.frame, au_thresholds=run.au_thresholds())
         info.update(tuned_on=split, scores=scores)
         if write:
-            sm.save_windows(run.folder, windows, split=split, checkpoint=run.ckpt.name, scores=scores)
+            sm.save_windows(run.folder, windows, split=split, checkpoint=run.ckpt.name, scores=scores,
+                            step=int(run.state.get("step", 0)))
     else:
+        run.check_tuned(run.files.read_smoothing(), run.files.smoothing)
         windows, info["tuned_on"] = sm.load_windows(run.folder, with_split=True)
     before = c.acc.compute()
     info["unsmoothed"] = {k: before[k] for k in ("va_ccc", "expr_f1", "au_f1", "p_mtl") if k in before}

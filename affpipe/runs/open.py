@@ -38,6 +38,9 @@ class RunInputs:
     shards: Path | None = None  # per-frame runs
     features: tuple[Path, ...] = ()  # temporal runs (one table today; a list for fused tables)
     index: Path | None = None  # the label index
+    # Tuned state (au_thresholds.json, smoothing.json) applies only to the checkpoint it was tuned
+    # on; naming that checkpoint here applies it to the one opened anyway (loudly).
+    tuned_from: str | None = None
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Run:
     def exported(self) -> bool:
         """Whether the model comes from an ``affpipe export`` file (not a run folder)."""
         return "export" in self.state
+    tuned_from: str | None = None  # RunInputs.tuned_from
 
     @property
     def folder(self) -> Path:
@@ -104,23 +108,27 @@ class Run:
 
     def au_thresholds(self) -> list[float] | None:
         """The AU thresholds ``evaluate --tune-au-thresholds`` stored in the run folder, or the
-        ones an exported file carries (None: 0.5)."""
+        ones an exported file carries (None: 0.5); a run folder's only when they were tuned on this
+        checkpoint (:meth:`check_tuned`)."""
         if "au" not in self.cfg.heads:
             return None
         if self.exported:
-            saved = self.state.get("au_thresholds")
+            record = {"au_thresholds": self.state.get("au_thresholds")}
             path = self.ckpt
-            if saved is None:
+            if record["au_thresholds"] is None:
                 return None
         else:
             path = self.files.thresholds
             if not path.is_file():
                 return None
+            record = self.files.read_thresholds()
         try:
-            saved = saved if self.exported else self.files.read_thresholds()["au_thresholds"]
+            saved = record["au_thresholds"]
             values = [float(saved[name]) for name in AU_NAMES]
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: not an AU threshold file ({type(exc).__name__}: {exc})") from None
+        if not self.exported:  # an export carries the thresholds of the checkpoint it was made from
+            self.check_tuned(record, path)
         log.info("using the tuned AU thresholds of %s", path)
         return values
 
@@ -133,6 +141,7 @@ class Run:
                 raise ValueError(f"--smooth: {self.ckpt} was exported without smoothing windows "
                                  "(tune them with `affpipe evaluate RUN --tune-smoothing`, then export again)")
             return {str(t): int(w) for t, w in self.state["smoothing"].items()}
+        self.check_tuned(self.files.read_smoothing(), self.files.smoothing)  # tuned on this checkpoint
         return load_windows(self.folder)
 
     def image_model(self, device: torch.device) -> torch.nn.Module:
@@ -163,6 +172,25 @@ class Run:
                 for task, y in model(x).items():
                     outs.setdefault(task, []).append(y.float().cpu().numpy())
         return _probabilities(outs, self.cfg.heads, len(arr))
+
+    def check_tuned(self, record: dict[str, Any], path: Path) -> str:
+        """Refuse tuned state (``record``, read from ``path``) tuned on another checkpoint than
+        this one (its name, or the step it then held), unless ``tuned_from`` names that one;
+        returns where it was tuned, as ``best.pt (step N, split val)``."""
+        tuned_on, step = record.get("checkpoint"), record.get("step")
+        at = f"step {step}, " if step is not None else ""
+        where = f"{tuned_on or 'an unnamed checkpoint'} ({at}split {record.get('split', '?')})"
+        here = int(self.state.get("step", -1))
+        same = tuned_on == self.ckpt.name and (step is None or int(step) == here)
+        if same:
+            return where
+        if self.tuned_from is not None and self.tuned_from == tuned_on:
+            log.warning("%s was tuned on %s; applying it to %s (step %d) as --tuned-from %s asks", path, where,
+                        self.ckpt.name, here, tuned_on)
+            return where
+        hint = f"--tuned-from {tuned_on}" if tuned_on else "--tuned-from <checkpoint>"
+        raise ValueError(f"{path} was tuned on {where}, not on {self.ckpt.name} (step {here}): tune it again on "
+                         f"{self.ckpt.name}, or pass {hint} to apply it anyway")
 
     def split_rows(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(row_id, video, frame, has_image) of ``split`` of the label table, in (video, frame) order."""
@@ -235,7 +263,7 @@ def open_run(inputs: RunInputs, *, data: bool = True) -> Run:
     if exported and not (inputs.shards or inputs.features or inputs.index):
         data = False  # an export carries no data paths of its own: the model alone
     if not data:
-        return Run(ckpt, state, cfg, kind, None)
+        return Run(ckpt, state, cfg, kind, None, tuned_from=inputs.tuned_from)
     rec = (state.get("lineage") if isinstance(state.get("lineage"), dict)
            else None if exported else lineage_of_run(ckpt.parent))
     if rec is not None and rec.get("kind", kind.name) != kind.name:
@@ -253,7 +281,7 @@ def open_run(inputs: RunInputs, *, data: bool = True) -> Run:
     index = run_data_path(ckpt.parent, (rec or {}).get("index"), index, cfg.index)
     opened = kind.open_data(ckpt, cfg, rec, inputs=given[kind.data_flag], index=index,
                             index_flag=inputs.index is not None)
-    return Run(ckpt, state, cfg, kind, opened)
+    return Run(ckpt, state, cfg, kind, opened, tuned_from=inputs.tuned_from)
 
 
 def _given(inputs: RunInputs, flag: str) -> tuple[Path, ...]:

@@ -70,7 +70,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     if cfg.format == "mtl" and set(heads) != {"va", "expr", "au"}:
         raise ValueError(f"--format mtl needs a multi-task model; {run.ckpt} has heads {list(heads)}")
     check_templates(cfg.templates, cfg.format, heads)  # a wrong template stops here, before any work
-    thresholds = run.au_thresholds() if cfg.au_thresholds is None else list(cfg.au_thresholds)
+    thresholds, source = _thresholds(run, cfg)
     rows = run.split_rows(cfg.split)
     inputs = {"checkpoint": str(run.ckpt.resolve()), "checkpoint_sha256": sha256_file(run.ckpt),
               "data": [str(Path(p).resolve()) for p in run.data.inputs],
@@ -84,11 +84,27 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
         p = index_predictions(pred, heads, rows[1], rows[2], _positions(rows[0], pred["row_id"]), rows[3])
         summary = write_submission(p, out, cfg.format, templates=tuple(cfg.templates), fill_missing=cfg.fill_missing,
                                    edition=cfg.edition)
-    summary.update(split=cfg.split, checkpoint=str(run.ckpt), au_thresholds=thresholds, videos=len(p.last),
+    summary.update(split=cfg.split, checkpoint=str(run.ckpt), au_thresholds=thresholds, au_thresholds_source=source,
+                   videos=len(p.last),
                    predicted_frames=int(len(pred["row_id"])), skipped=c.skipped, **smoothing)
     log.info("wrote %d file(s) under %s (%d rows, %d filled from a neighbouring frame)", len(summary["files"]),
              cfg.out, summary["lines"], summary["filled_from_neighbour"])
     return summary
+
+
+def _thresholds(run, cfg: PredictConfig) -> tuple[list[float] | None, str]:
+    """The AU thresholds predict applies and where they come from: ``--au-thresholds``, the run's
+    ``au_thresholds.json`` (only when tuned on this checkpoint, or ``--tuned-from``; said loudly,
+    since they change every AU column), or none (0.5)."""
+    if cfg.au_thresholds is not None:
+        return list(cfg.au_thresholds), "given"
+    thresholds = run.au_thresholds()
+    if thresholds is None:
+        return None, "0.5"
+    record = run.files.read_thresholds() or {}
+    where = f"{run.files.thresholds.name} (tuned on {record.get('checkpoint')}, split {record.get('split')})"
+    log.warning("predict: applying the tuned AU thresholds of %s to %s's AU predictions", where, run.ckpt.name)
+    return thresholds, where
 
 
 def _positions(row_id: np.ndarray, predicted: np.ndarray) -> np.ndarray:

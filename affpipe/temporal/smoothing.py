@@ -152,10 +152,12 @@ def cross_validated_result(acc: MetricAccumulator, video: np.ndarray, frame: np.
 
 
 def save_windows(folder: Path, windows: Mapping[str, int], *, split: str, checkpoint: str,
-                 scores: Mapping[str, Mapping[int, float]]) -> Path:
-    """``folder/smoothing.json``: the tuned windows, where they were tuned and every candidate's score."""
+                 scores: Mapping[str, Mapping[int, float]], step: int | None = None) -> Path:
+    """``folder/smoothing.json``: the tuned windows, where they were tuned (split, checkpoint and
+    the step it held) and every candidate's score."""
     return RunFolder(folder).write_smoothing({
         "windows": dict(windows), "split": split, "checkpoint": checkpoint,
+        **({} if step is None else {"step": step}),
         "scores": {t: {str(w): s for w, s in v.items()} for t, v in scores.items()}})
 
 

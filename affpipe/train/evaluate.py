@@ -93,7 +93,7 @@ def report_evaluation(acc: Any, frames: int, cfg: TrainConfig, ckpt: Path, state
         result["tuned"] = jsonable({k: tuned[k] for k in ("au_f1", "au_f1_per_au", "p_mtl") if k in tuned})
         if write:
             folder.write_thresholds({"au_thresholds": dict(zip(AU_NAMES, thresholds, strict=True)), "split": split,
-                                     "checkpoint": ckpt.name})
+                                     "checkpoint": ckpt.name, "step": int(state.get("step", 0))})
     if videos is not None:
         from affpipe.scoring.bootstrap import evaluation_intervals
 

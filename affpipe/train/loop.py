@@ -50,9 +50,11 @@ def prepare_run_dir(cfg: TrainConfig, kind: RunKind, ctx: dist.DistContext, held
 
 
 def resume(trainer: Trainer, run: Path) -> bool:
-    """Load ``run/last.pt`` into ``trainer`` (its config must match); False when there is none."""
+    """Load ``run/last.pt`` into ``trainer`` (its config must match); without one, a ``best.pt``
+    that is the run's latest checkpoint (``claim_run`` checked that: removing ``last.pt`` to
+    save space never costs a run); False when there is neither."""
     folder = RunFolder(run)
-    last = folder.last
+    last = folder.last if folder.last.exists() else folder.best
     if not last.exists():
         if trainer.ctx.main:
             log.warning("--resume: %s has no %s yet; starting from scratch", run, LAST)
@@ -66,7 +68,8 @@ def resume(trainer: Trainer, run: Path) -> bool:
     trainer.load_state_dict(ckpt)
     s = trainer.state
     if trainer.ctx.main:
-        repair_best(run, ckpt)
+        if last == folder.last:
+            repair_best(run, ckpt)
         folder.truncate_metrics(step=s.step, epoch=s.epoch)
         log.info("resuming %s at epoch %d, step %d (%d batches into the epoch)", run, s.epoch + 1, s.step, s.step_in_epoch)
     return True

@@ -97,9 +97,11 @@ class FakeTrainer:
         self.calls: list[tuple[str, dict]] = []
         self.fail = fail
 
-    def __call__(self, recipe: Path, overrides: dict) -> Path:
+    def __call__(self, recipe: Path, overrides: dict, **kw) -> Path:
         cfg = load_config(recipe, overrides)
         self.calls.append((cfg.out.name, dict(overrides)))
+        self.kwargs = getattr(self, "kwargs", {})
+        self.kwargs[cfg.out.name] = kw
         if cfg.out.name in self.fail:
             raise RuntimeError("boom")
         fake_run(cfg.out.parent, cfg.out.name, cfg.task, init=cfg.model.init, va_loss=cfg.loss.va_loss,
@@ -301,10 +303,13 @@ def test_experiments_and_report_refuse_folders_they_did_not_write(tmp_path, monk
     assert sorted(p.name for p in mine.iterdir()) == ["chapter1.tex"]
     out = tmp_path / "e"
     assert CliRunner().invoke(main, [*args[:4], str(out), *args[5:]]).exit_code == 0
-    (out / "runs" / "notes.txt").write_text("mine")  # inside runs/: the grid's, so allowed
-    (out / "todo.txt").write_text("mine")
-    res = CliRunner().invoke(main, [*args[:4], str(out), *args[5:]])
-    assert res.exit_code == 1 and "todo.txt" in res.output
+    for rel in ("runs/notes.txt", "data/mine.csv", "runs/uni_va/thesis.txt", "todo.txt"):  # owned by name only
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text("mine")
+        res = CliRunner().invoke(main, [*args[:4], str(out), *args[5:]])
+        assert res.exit_code == 1 and rel in res.output, (rel, res.output)
+        if rel != "todo.txt":
+            (out / rel).unlink()
     # The report refuses a folder of someone else's, and the experiments folder itself.
     run = out / "runs" / "uni_va"
     for target in (mine, out):
@@ -318,3 +323,137 @@ def test_experiments_and_report_refuse_folders_they_did_not_write(tmp_path, monk
     (out / "todo.txt").unlink()
     res = CliRunner().invoke(main, ["experiments", "--shards", str(tmp_path / "s2"), "-o", str(out), "--only", "uni_va"])
     assert res.exit_code == 1 and "from other inputs" in res.output and "s2" in res.output
+
+
+def _small_grid(tmp_path: Path, task: str = "va") -> Path:
+    recipe = (GRID.parent / "exp_frame.toml").as_posix()
+    grid = tmp_path / "grid.toml"
+    grid.write_text(f'[[run]]\nname = "uni_va"\nrecipe = "{recipe}"\noverrides = {{ task = "{task}" }}\n')
+    return grid
+
+
+def _shards(tmp_path: Path) -> Path:
+    (tmp_path / "s").mkdir(exist_ok=True)
+    (tmp_path / "s" / "manifest.json").write_text('{"schema_version": 1, "splits": {}}')
+    return tmp_path / "s"
+
+
+def test_a_cell_trained_from_another_config_is_refused_not_reported_as_the_new_one(tmp_path, monkeypatch, offline):
+    """Issue 24: --set (or a recipe) that changes a cell's resolved config; an edited grid file at
+    the same path; --overwrite deletes experiments' own files and retrains."""
+    trainer = FakeTrainer()
+    monkeypatch.setattr(ex, "train_run", trainer)
+    grid, shards, out = _small_grid(tmp_path), _shards(tmp_path), tmp_path / "e"
+    cfg = ex.ExperimentsConfig(out=out, grid=grid, shards=shards)
+    assert ex.run_experiments(cfg)["runs"] == {"uni_va": "trained"}
+    state = json.loads((out / "experiments.json").read_text())
+    assert state["cells"]["uni_va"]["inputs"]["task"] == "va" and state["cells"]["uni_va"]["fingerprint"]
+    trainer.calls.clear()
+    changed = ex.ExperimentsConfig(out=out, grid=grid, shards=shards,
+                                   overrides=(("lr", 0.5), ("loss.va_loss", "mse")))
+    result = ex.run_experiments(changed)
+    assert trainer.calls == [] and result["runs"] == {"uni_va": "failed"}
+    note = next(n for n in result["notes"] if n.startswith("`uni_va` failed"))
+    assert "lr: 0.001 (in the folder) vs 0.5 (now)" in note and "loss.va_loss: 'ccc'" in note and "--overwrite" in note
+    assert ex.run_experiments(cfg)["runs"] == {"uni_va": "done"}  # the config it was trained from: still done
+    _small_grid(tmp_path, task="expr")  # the same path, another content
+    with pytest.raises(FileExistsError, match="from other inputs .grid:"):
+        ex.run_experiments(cfg)
+    result = ex.run_experiments(ex.ExperimentsConfig(out=out, grid=grid, shards=shards, overwrite=True))
+    assert result["runs"] == {"uni_va": "trained"} and [n for n, _ in trainer.calls] == ["uni_va"]
+    assert json.loads((out / "runs" / "uni_va" / "config.json").read_text())["task"] == "expr"
+
+
+def test_a_cell_killed_before_its_first_checkpoint_is_restarted_by_the_grid(tmp_path, monkeypatch, offline):
+    trainer = FakeTrainer()
+    monkeypatch.setattr(ex, "train_run", trainer)
+    cfg = ex.ExperimentsConfig(out=tmp_path / "e", grid=_small_grid(tmp_path), shards=_shards(tmp_path))
+    ex.run_experiments(cfg)
+    cell = tmp_path / "e" / "runs" / "uni_va"
+    for p in cell.iterdir():
+        if p.name not in ("config.json", "metrics.jsonl"):
+            p.unlink()  # as a kill mid-epoch 1 leaves it: the log of steps, nothing produced
+    assert ex.run_experiments(cfg)["runs"] == {"uni_va": "trained"}
+    assert trainer.kwargs["uni_va"] == {"overwrite": True}
+
+
+def test_a_failed_cell_is_one_line_without_a_traceback(tmp_path, monkeypatch, offline, caplog):
+    import logging
+
+    from affpipe.cli import main
+
+    monkeypatch.setattr(ex, "train_run", FakeTrainer(fail=("uni_va",)))
+    args = ["experiments", "--shards", str(_shards(tmp_path)), "-o", str(tmp_path / "e"), "--grid",
+            str(_small_grid(tmp_path))]
+    with caplog.at_level(logging.INFO):
+        res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    failed = [r for r in caplog.records if "uni_va failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info is None and failed[0].getMessage().endswith("RuntimeError: boom")
+    assert all(r.exc_info is None and "Traceback" not in r.getMessage() for r in caplog.records
+               if r.levelno >= logging.INFO)
+    state = json.loads((tmp_path / "e" / "experiments.json").read_text())
+    assert "Traceback" in state["runs"]["uni_va"]["traceback"]  # kept for whoever debugs it
+    assert "--overwrite" in CliRunner().invoke(main, ["experiments", "--help"]).output
+
+
+_PARENT = """
+import os, sys, time
+import multiprocessing as mp
+from tests_child import child
+if __name__ == "__main__":
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(target=child, args=(os.getpid(), sys.argv[1]))
+    p.start()
+    time.sleep(600)
+"""
+
+_CHILD = """
+import os, time
+from affpipe.experiments.grid import die_with_parent
+
+def child(parent, pidfile):
+    die_with_parent(parent)
+    with open(pidfile, "w") as fh:
+        fh.write(str(os.getpid()))
+    time.sleep(600)
+"""
+
+
+def test_the_training_child_dies_with_a_killed_grid(tmp_path):
+    """kill -9 of the grid's process ends its training process (the kernel's parent-death signal)."""
+    import inspect
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "tests_child.py").write_text(_CHILD)
+    (tmp_path / "parent.py").write_text(_PARENT)
+    pidfile = tmp_path / "child.pid"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py"), str(pidfile)], env=env, cwd=tmp_path)
+    child = None
+    try:
+        deadline = time.monotonic() + 120
+        while not (pidfile.is_file() and pidfile.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        child = int(pidfile.read_text())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+            state = Path(f"/proc/{child}/stat").read_text().split()[2] if Path(f"/proc/{child}/stat").exists() else "X"
+            if state == "Z":  # reaped by init soon; dead already
+                break
+            time.sleep(0.2)
+        alive = Path(f"/proc/{child}").exists() and Path(f"/proc/{child}/stat").read_text().split()[2] != "Z"
+        assert not alive, "the training child outlived its killed parent"
+        assert "die_with_parent(parent)" in inspect.getsource(ex._train_child)
+        assert "os.getpid()" in inspect.getsource(ex.train_run)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if child is not None and Path(f"/proc/{child}").exists():
+            os.kill(child, signal.SIGKILL)

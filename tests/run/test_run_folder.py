@@ -3,9 +3,10 @@
 
 A user's ``config.json`` (or any file a run does not write) is refused and untouched, a symlink
 is never followed, ``--resume`` continues only a run of the same config and data, ``--overwrite``
-deletes only the run's files, a run stopped before its first checkpoint starts afresh, two runs
-never write at once, only rank 0 claims, and a 0.2 run (no marker) resumes when its ``last.pt``
-loads as an affpipe checkpoint."""
+deletes only the run's files, two runs never write at once, only rank 0 claims, and a 0.2 run (no
+marker) resumes when its ``last.pt`` loads as an affpipe checkpoint made from the config and data
+given. Issue 24: nothing a run produced is deleted without ``--overwrite`` (a missing ``last.pt``
+is a finished or resumable run); only a run that never reached a step is reused."""
 
 from __future__ import annotations
 
@@ -128,13 +129,76 @@ def test_resume_with_other_data_is_one_line_naming_both_sides(run, shard_dir, tm
     assert (out / "last.pt").read_bytes() == (run / "last.pt").read_bytes()
 
 
-def test_a_run_stopped_before_its_first_checkpoint_starts_afresh(run, shard_dir, tmp_path):
+def test_a_run_stopped_after_steps_before_its_first_checkpoint_is_refused_not_wiped(run, shard_dir, tmp_path):
     out = _copy(run, tmp_path)
-    for name in ("last.pt", "best.pt", "eval.json", "eval.md"):
-        (out / name).unlink()
+    for name in ("last.pt", "best.pt", "eval.json", "eval.md", "eval_predictions.npz"):
+        (out / name).unlink(missing_ok=True)
     stale = (out / "metrics.jsonl").read_text()
-    assert _train(shard_dir, out)[0] == 0
-    assert (out / "metrics.jsonl").read_text().count('"kind": "epoch"') == 1 and stale.count('"kind": "epoch"') == 1
+    for extra in ((), ("--resume",)):
+        code, output = _train(shard_dir, out, *extra)
+        assert code == 1 and "stopped at step 2 before its first checkpoint" in _one_error(output), output
+        assert (out / "metrics.jsonl").read_text() == stale
+    assert _train(shard_dir, out, "--overwrite")[0] == 0
+    assert (out / "metrics.jsonl").read_text().count('"kind": "epoch"') == 1
+
+
+def test_a_run_that_failed_before_its_first_step_is_reused_with_another_batch_size(run, shard_dir, tmp_path):
+    """Issue 25: nothing produced, no step logged: the folder is taken again, whatever its config."""
+    out = _copy(run, tmp_path)
+    for p in list(out.iterdir()):
+        if p.name not in (MARKER, "config.json", "lineage.json"):
+            p.unlink()
+    (out / "metrics.jsonl").write_text(json.dumps({"kind": "init", "epoch": -1, "step": 0}) + "\n")
+    code, output = _train(shard_dir, out, "--batch-size", "8")
+    assert code == 0, output[-2000:]
+    assert load_checkpoint(out / "last.pt")["config"]["batch_size"] == 8
+
+
+def test_a_finished_run_without_last_pt_is_never_wiped(run, shard_dir, tmp_path):
+    """Issue 24: last.pt removed to save space; train refuses, --resume says finished, or
+    continues from best.pt (its latest state) with more epochs; nothing is deleted."""
+    out = _copy(run, tmp_path)
+    (out / "last.pt").unlink()
+    (out / "au_thresholds.json").write_text('{"split": "val", "checkpoint": "best.pt", "au_thresholds": {}}')
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != MARKER}
+    assert {"best.pt", "eval.json", "metrics.jsonl", "eval_predictions.npz"} <= set(before)
+    code, output = _train(shard_dir, out)
+    line = _one_error(output)
+    assert code == 1 and "already holds a run" in line and "best.pt" in line and "no last.pt" in line
+    code, output = _train(shard_dir, out, "--resume")
+    assert code == 1 and "is finished" in _one_error(output) and "nothing to resume" in output
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name not in (MARKER, LOCK)} == before
+    code, output = _train(shard_dir, out, "--resume", "--epochs", "2")
+    assert code == 0, output[-2000:]
+    assert load_checkpoint(out / "last.pt")["epoch"] == 2
+    assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "epoch"] == [0, 1]
+
+
+def test_resume_from_a_best_pt_older_than_the_last_checkpoint_is_refused(run, shard_dir, tmp_path):
+    out = _copy(run, tmp_path)
+    (out / "last.pt").unlink()
+    with open(out / "metrics.jsonl", "a") as fh:  # a later epoch, not the best: its last.pt is gone
+        fh.write(json.dumps({"kind": "epoch", "epoch": 1, "step": 4}) + "\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name not in (MARKER, LOCK)}
+    code, output = _train(shard_dir, out, "--resume", "--epochs", "3")
+    line = _one_error(output)
+    assert code == 1 and "best.pt (step 2)" in line and "last checkpoint was at step 4" in line, line
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name not in (MARKER, LOCK)} == before
+
+
+def test_a_temporal_run_without_last_pt_is_never_wiped(copy_world):
+    from affpipe.run.config import from_dict
+    from affpipe.runs.train import train
+
+    out = copy_world / "runs" / "temporal"
+    (out / "last.pt").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name not in (MARKER, LOCK)}
+    cfg = from_dict({**json.loads((out / "config.json").read_text()), "out": str(out)})
+    with pytest.raises(FileExistsError, match="already holds a run .*best.pt.*no last.pt"):
+        train(cfg)
+    with pytest.raises(FileExistsError, match="is finished"):
+        train(from_dict({**json.loads((out / "config.json").read_text()), "out": str(out), "resume": True}))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name not in (MARKER, LOCK)} == before
 
 
 def test_a_second_train_into_a_busy_run_folder_is_refused(run, shard_dir, tmp_path):
@@ -170,10 +234,30 @@ def test_a_run_of_affpipe_0_2_resumes_a_lookalike_does_not(run, shard_dir, tmp_p
     assert code == 0, output[-2000:]
     assert read_marker(out)["command"] == "train" and load_checkpoint(out / "last.pt")["epoch"] == 2
     fake = tmp_path / "fake"
-    fake.mkdir()
+    fake.mkdir()  # (a user's lookalike)
     (fake / "config.json").write_text((run / "config.json").read_text())
     (fake / "last.pt").write_text("epoch 3: 0.41\n")  # a user's notes under a run's name
     assert not legacy_run(fake)
     code, output = _train(shard_dir, fake, "--resume", "--epochs", "2")
     assert code == 1 and "not written by `affpipe train`" in _one_error(output)
     assert (fake / "last.pt").read_text() == "epoch 3: 0.41\n" and not (fake / MARKER).exists()
+
+
+def test_a_0_2_run_of_other_data_or_config_is_not_adopted(run, shard_dir, tmp_path):
+    """Issue 24: adoption checks what last.pt was made from, not only the names in the folder."""
+    out = _copy(run, tmp_path)
+    (out / MARKER).unlink()
+    other = tmp_path / "shards"
+    shutil.copytree(shard_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    code, output = _train(other, out, "--resume", "--epochs", "2")
+    line = _one_error(output)
+    assert code == 1 and "older affpipe" in line and "data:" in line and "(its lineage) !=" in line, line
+    assert not (out / MARKER).exists()
+    code, output = _train(shard_dir, out, "--resume", "--epochs", "2", "--lr", "0.5")
+    line = _one_error(output)
+    assert code == 1 and "older affpipe" in line and "lr: 0.001 (checkpoint) != 0.5 (now)" in line, line
+    assert not (out / MARKER).exists()
+    assert (out / "last.pt").read_bytes() == (run / "last.pt").read_bytes()
