@@ -292,6 +292,9 @@ def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> TrainConfig:
     return _build_train(data, source, None, {})
 
 
+RESOLVED_KEY = "resolved"  # config.json's record of what `auto` became (RunFolder.write_config); never an input
+
+
 def config_json(cfg: TrainConfig) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n"
 
@@ -316,6 +319,8 @@ def load_config(recipe: Path | str | None = None, overrides: Mapping[str, Any] |
             data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
+        if path.suffix == ".json" and isinstance(data, dict):
+            data.pop(RESOLVED_KEY, None)  # a run's config.json: what auto resolved to there is no input
     section = data.get("temporal")
     if isinstance(section, dict) and "features" in section:  # `[temporal] features = [...]`: the same key
         if "features" in data:

@@ -146,7 +146,16 @@ class RunFolder:
         """``config.json`` as a dict (a damaged one is an error naming the file)."""
         return _read_json(self.config, "a run's config")
 
-    def write_config(self, text: str) -> None:
+    def write_config(self, text: str, resolved: Mapping[str, Any] | None = None) -> None:
+        """``text`` (``config_json``: what was asked, ``auto`` values as given) with, under
+        ``RESOLVED_KEY``, what they resolved to on this machine (device, amp, loader backend).
+        That section is a record only: recipes and ``--resume`` comparisons ignore it."""
+        if resolved:
+            from affpipe.run.config import RESOLVED_KEY
+
+            data = json.loads(text)
+            data[RESOLVED_KEY] = jsonable(dict(resolved))
+            text = json.dumps(data, indent=2, sort_keys=True) + "\n"
         atomic_write_text(self.config, text)
 
     # ---- lineage ---------------------------------------------------------------------------

@@ -79,6 +79,7 @@ class Trainer:
         self.state = TrainState()
         # The video of each row id (set by the run's setup): validation intervals by video.
         self.row_videos: Callable[[np.ndarray], np.ndarray] | None = None
+        self.val_batches: list[int] | None = None  # --max-val-steps: the batches validation scores
         self.best_predictions: dict[str, np.ndarray] | None = None  # the best validation's, for eval_predictions.npz
         self.model = model  # wrapped by wrap() (compile, DDP); raw_model is what is saved
 

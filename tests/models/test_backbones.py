@@ -16,9 +16,9 @@ from affpipe.run.checkpoint import read_metrics
 from affpipe.run.config import from_dict, load_config
 
 TIMM = "timm/mobilenetv3_small_050"  # 0.57M parameters: a tiny timm model
-TINY = {"image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2, "max_val_steps": 1, "loader.num_workers": 0,
+TINY = {"image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2, "max_val_steps": 3, "loader.num_workers": 0,
         "loader.backend": "torch", "device": "cpu", "log_every": 1, "epochs": 1}
-FLAGS = ["--image-size", "32", "--batch-size", "16", "--max-steps-per-epoch", "2", "--max-val-steps", "1",
+FLAGS = ["--image-size", "32", "--batch-size", "16", "--max-steps-per-epoch", "2", "--max-val-steps", "3",
          "--num-workers", "0", "--backend", "torch", "--device", "cpu", "--log-every", "1", "--epochs", "1"]
 
 

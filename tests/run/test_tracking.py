@@ -14,7 +14,7 @@ from affpipe.run.checkpoint import read_metrics
 
 pytest.importorskip("tensorboard")
 
-FLAGS = ["--image-size", "32", "--batch-size", "16", "--max-steps-per-epoch", "3", "--max-val-steps", "2",
+FLAGS = ["--image-size", "32", "--batch-size", "16", "--max-steps-per-epoch", "3", "--max-val-steps", "3",
          "--num-workers", "0", "--backend", "torch", "--device", "cpu", "--log-every", "1", "--epochs", "2"]
 
 
@@ -82,7 +82,7 @@ def test_recipe_key_and_resume_keep_one_value_per_step(shard_dir, tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text('task = "va"\n[logging]\ntensorboard = true\n')
     over = {"shards": shard_dir, "out": tmp_path / "run", "image_size": 32, "batch_size": 16, "epochs": 1,
-            "max_steps_per_epoch": 3, "max_val_steps": 1, "loader.num_workers": 0, "loader.backend": "torch",
+            "max_steps_per_epoch": 3, "max_val_steps": 3, "loader.num_workers": 0, "loader.backend": "torch",
             "device": "cpu", "log_every": 1}
     cfg = load_config(recipe, over)
     assert cfg.logging.tensorboard

@@ -15,7 +15,7 @@ from affpipe.run.config import load_config
 TORCH = LoaderConfig(backend="torch", num_workers=0)
 
 TINY = {"task": "mtl", "epochs": 1, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 3,
-        "max_val_steps": 2, "loader.num_workers": 0, "loader.backend": "torch", "device": "cpu", "log_every": 1}
+        "max_val_steps": 3, "loader.num_workers": 0, "loader.backend": "torch", "device": "cpu", "log_every": 1}
 
 
 @pytest.fixture(scope="module")

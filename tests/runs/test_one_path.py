@@ -20,7 +20,7 @@ from affpipe.loaders import LoaderConfig
 from affpipe.run.config import TemporalConfig, TrainConfig, load_config
 
 FAST = ["--backend", "torch", "--num-workers", "0", "--device", "cpu"]
-TINY = {"task": "mtl", "epochs": 1, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2, "max_val_steps": 1,
+TINY = {"task": "mtl", "epochs": 1, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2, "max_val_steps": 3,
         "loader.num_workers": 0, "loader.backend": "torch", "device": "cpu", "log_every": 1}
 
 

@@ -21,7 +21,7 @@ def predict(run, shards, out, fmt, **kw):
 
     return run_predict(PredictConfig(run=run, shards=shards, out=out, format=fmt, device="cpu", **kw))
 
-TINY = {"epochs": 1, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2, "max_val_steps": 1,
+TINY = {"epochs": 1, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2, "max_val_steps": 3,
         "loader.num_workers": 0, "loader.backend": "torch", "device": "cpu", "log_every": 1}
 
 
