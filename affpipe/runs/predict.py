@@ -17,15 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from affpipe.labels import EDITIONS
+from affpipe.labels import AU_NAMES, EDITIONS
 from affpipe.loaders.base import LoaderConfig
 from affpipe.runs.evaluate import apply_smoothing, collect
 from affpipe.runs.open import RunInputs, open_run
 from affpipe.runs.submission import (
     FORMATS,
     PREDICT_OWNER,
+    PROBABILITIES,
     check_templates,
     index_predictions,
+    write_probabilities,
     write_submission,
 )
 
@@ -71,9 +73,15 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
         raise ValueError(f"--format mtl needs a multi-task model; {run.ckpt} has heads {list(heads)}")
     check_templates(cfg.templates, cfg.format, heads)  # a wrong template stops here, before any work
     thresholds = run.au_thresholds() if cfg.au_thresholds is None else list(cfg.au_thresholds)
+    if thresholds is not None and "au" in heads:  # AU labels are not the plain 0.5 cut: say so, loudly
+        source = run.files.thresholds if cfg.au_thresholds is None else "--au-thresholds"
+        log.warning("AU labels use thresholds other than 0.5 (from %s): %s; recorded in %s's .affpipe.json, "
+                    "the probabilities are in %s/", source,
+                    ", ".join(f"{n} {t:.2f}" for n, t in zip(AU_NAMES, thresholds, strict=True)), cfg.out,
+                    PROBABILITIES)
     rows = run.split_rows(cfg.split)
     inputs = {"checkpoint": str(run.ckpt.resolve()), "checkpoint_sha256": sha256_file(run.ckpt),
-              "data": [str(Path(p).resolve()) for p in (run.shards, *run.features) if p is not None],
+              "data": [str(Path(p).resolve()) for p in run.data.inputs],  # the shard folder or the feature tables
               "split": cfg.split, "format": cfg.format, "edition": cfg.edition, "smooth": cfg.smooth,
               "templates": [str(Path(t).resolve()) for t in cfg.templates], "fill_missing": cfg.fill_missing,
               "au_thresholds": thresholds}
@@ -84,6 +92,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
         p = index_predictions(pred, heads, rows[1], rows[2], _positions(rows[0], pred["row_id"]), rows[3])
         summary = write_submission(p, out, cfg.format, templates=tuple(cfg.templates), fill_missing=cfg.fill_missing,
                                    edition=cfg.edition)
+        summary["probabilities"] = [str(f) for f in write_probabilities(p, out)]
     summary.update(split=cfg.split, checkpoint=str(run.ckpt), au_thresholds=thresholds, videos=len(p.last),
                    predicted_frames=int(len(pred["row_id"])), skipped=c.skipped, **smoothing)
     log.info("wrote %d file(s) under %s (%d rows, %d filled from a neighbouring frame)", len(summary["files"]),

@@ -166,6 +166,13 @@ def report_evaluation(acc: Any, frames: int, cfg: TrainConfig, ckpt: Path, state
                                            au_thresholds=result.get("au_thresholds")))
     if write:
         write_eval(ckpt.parent, result, stem=stem)
+        from affpipe.run.diagnostics import write_diagnostics
+
+        write_diagnostics(folder, stem, acc.state(), videos, au_thresholds=result.get("au_thresholds"))
+        if cfg.logging.tensorboard:  # the run folder has TensorBoard on: its event files get this evaluation
+            from affpipe.run.tracking import record_evaluation
+
+            record_evaluation(folder.path, stem, result)
     return result
 
 

@@ -252,6 +252,9 @@ def validate(trainer: Trainer, loader, summary: dict[str, Any], *, schedule: boo
             arrays = acc.state()
             state.best_metrics.update(bootstrap_result(arrays, trainer.row_videos(arrays["row_id"])))
             trainer.best_predictions = arrays
+    per = {k: v for k, v in metrics.items() if isinstance(v, dict) and k.endswith(("_per_class", "_per_au"))}
+    if per:  # per-class / per-AU F1 (TensorBoard's val/<metric>/<name>)
+        summary["val_per"] = per
     summary.update(val={k: v for k, v in metrics.items() if not isinstance(v, dict)}, score_key=cfg.score_key,
                    score=score, best_score=state.best_score, val_frames=frames, val_time_s=time.perf_counter() - t0)
     if ctx.main:
