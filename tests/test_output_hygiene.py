@@ -53,6 +53,9 @@ def test_config_json_records_resolved_settings_that_recipes_and_resume_ignore(co
     saved = files.read_config()
     assert saved["device"] == "cpu" and saved[RESOLVED_KEY]["device"] == "cpu"
     assert saved[RESOLVED_KEY]["amp"] == "none" and saved[RESOLVED_KEY]["loader_backend"] == "torch"
+    from affpipe.run.config import from_dict
+
+    assert from_dict(saved).device == "cpu"  # read back as a config: `resolved` is no input
     again = load_config(files.config)  # a run's config.json as a recipe: `resolved` is no input
     assert not config_differences(to_dict(again), {k: v for k, v in saved.items() if k != RESOLVED_KEY})
     assert json.loads(files.config.read_text())[RESOLVED_KEY]["world_size"] == 1

@@ -282,17 +282,19 @@ def data_dict(data: ShardsData | FeaturesData) -> dict[str, Any]:
 _MOVED_TO_LOADER = ("backend", "num_workers", "flip_p", "max_rotation")
 
 
+RESOLVED_KEY = "resolved"  # config.json's record of what `auto` became (RunFolder.write_config); never an input
+
+
 def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> TrainConfig:
-    """Rebuild a ``TrainConfig`` from ``to_dict`` output (or a parsed recipe); a 0.1 config's
-    top-level loader keys are read into ``loader``."""
+    """Rebuild a ``TrainConfig`` from ``to_dict`` output (or a parsed recipe, or a run's
+    ``config.json``, whose ``resolved`` record is no input); a 0.1 config's top-level loader keys
+    are read into ``loader``."""
     data = dict(data)
+    data.pop(RESOLVED_KEY, None)
     moved = {k: data.pop(k) for k in _MOVED_TO_LOADER if k in data}
     if moved:
         data["loader"] = {**moved, **dict(data.get("loader", {}))}
     return _build_train(data, source, None, {})
-
-
-RESOLVED_KEY = "resolved"  # config.json's record of what `auto` became (RunFolder.write_config); never an input
 
 
 def config_json(cfg: TrainConfig) -> str:
