@@ -273,8 +273,8 @@ def test_conversion_command_works_on_a_trusted_file(tmp_path):
     path = tmp_path / "whole.pt"
     torch.save(net, path)
     cmd = shlex.split(conversion_command(path))
-    assert cmd[:2] == ["python", "-c"]
-    subprocess.run([sys.executable, *cmd[1:]], check=True, cwd=tmp_path, timeout=120)
+    assert cmd[:2] == [sys.executable, "-c"]  # the interpreter affpipe runs under, not a bare `python`
+    subprocess.run(cmd, check=True, cwd=tmp_path, timeout=120)
     got = read_weights(path.with_suffix(".safetensors"))
     assert set(got) == set(net.state_dict()) and torch.equal(got["0.weight"], net[0].weight)
 
