@@ -43,12 +43,13 @@ def covering_batches(batch_videos: list[Any]) -> list[int]:
 def limited_batches(loader: Any, max_steps: int | None, videos_of: Any, flag: str = "--max-val-steps") -> list[int] | None:
     """Which batches a validation limited to ``max_steps`` batches scores: ones that cover every
     validation video (``covering_batches``), then others spread evenly over the pass; None: the
-    whole pass. Fewer steps than cover every video is one error naming the smallest value."""
+    whole pass (or, for a loader without ``batch_rows``, its first ``max_steps``: ``iterate_outputs``).
+    Fewer steps than cover every video is one error naming the smallest value."""
     n = len(loader)
     if not max_steps or max_steps >= n:
         return None
-    if not hasattr(loader, "batch_rows"):  # a loader that cannot say what its batches hold
-        return list(range(max_steps))
+    if not hasattr(loader, "batch_rows"):  # a loader that cannot say what its batches hold: the first ones
+        return None
     batch_videos = [set(np.unique(videos_of(rows)).tolist()) if len(rows) else set() for rows in loader.batch_rows()]
     need = covering_batches(batch_videos)
     if len(need) > max_steps:
