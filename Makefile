@@ -8,8 +8,9 @@ AFFPIPE := $(VENV)/bin/affpipe
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.install-stamp
 DEMO ?= demo
-DEMO_VIDEOS ?= 24
-DEMO_FRAMES ?= 300
+# many short videos (7.2k frames, as 24 x 300 were): 70+ validation recordings a task for the intervals
+DEMO_VIDEOS ?= 720
+DEMO_FRAMES ?= 10
 DEMO_EPOCHS ?= 4
 
 # The GPU targets run from this checkout on a GPU host without installing anything: the project's

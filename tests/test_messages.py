@@ -87,7 +87,7 @@ def test_train_on_a_full_disk_names_the_checkpoint(shard_dir, tmp_path, monkeypa
     monkeypatch.setattr(checkpoint.torch, "save", full)
     run = tmp_path / "run"
     code, output = _run(["train", "--task", "va", "--shards", str(shard_dir), "-o", str(run), "--epochs", "1",
-                         "--image-size", "32", "--batch-size", "16", "--max-steps-per-epoch", "2", "--max-val-steps", "1",
+                         "--image-size", "32", "--batch-size", "16", "--max-steps-per-epoch", "2", "--max-val-steps", "3",
                          "--num-workers", "0", "--backend", "torch", "--device", "cpu"])
     line = _error_line(output)
     assert code == 1 and line.startswith(f"Error: {run / 'last.pt'}: disk full / could not write ([enforce fail at")

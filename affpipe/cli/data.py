@@ -128,30 +128,35 @@ def shard(index: Path, out: Path, split: str, table: str, tasks: str, samples_pe
 
 
 @main.command()
-@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--decode", is_flag=True, help="Also decode every JPEG.")
 @click.option("--index", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Label index to check against (default: the one in the manifest).")
-def verify(out: Path, decode: bool, index: Path | None) -> None:
-    """Re-read every shard in OUT: checksums, counts, .idx offsets, labels against the table."""
+def verify(shards: Path, decode: bool, index: Path | None) -> None:
+    """Re-read every shard in SHARDS: checksums, counts, .idx offsets, labels against the table."""
     from affpipe.shards import verify_shards
+    from affpipe.shards.format import read_manifest
 
-    problems = verify_shards(out, decode=decode, index=index)
+    problems = verify_shards(shards, decode=decode, index=index)
     for p in problems:
         click.echo(p, err=True)
     if problems:
         raise SystemExit(1)
-    click.echo(f"{out}: all shards OK")
+    for name, info in read_manifest(shards).get("splits", {}).items():
+        unl = info.get("unlabelled")
+        extra = f" + {unl['samples']} unlabelled" if unl and unl.get("samples") else ""
+        click.echo(f"{name}: {info['samples']} samples in {len(info['shards'])} shards{extra}")
+    click.echo(f"{shards}: all shards OK{' (every JPEG decoded)' if decode else ''}")
 
 
 @main.command()
-@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--png", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output PNG.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default=None, help="Default: all splits.")
 @click.option("--n", type=click.IntRange(min=1), default=36, help="Number of samples.")
 @click.option("--seed", type=click.IntRange(min=0), default=0)
-def show(out: Path, png: Path, split: str | None, n: int, seed: int) -> None:
-    """A grid of random samples from OUT's shards with their labels written on them."""
+def show(shards: Path, png: Path, split: str | None, n: int, seed: int) -> None:
+    """A grid of random samples from SHARDS with their labels written on them."""
     from affpipe.shards import write_grid
 
-    click.echo(str(write_grid(out, png, n=n, seed=seed, split=split)))
+    click.echo(str(write_grid(shards, png, n=n, seed=seed, split=split)))

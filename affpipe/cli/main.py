@@ -69,3 +69,8 @@ def main(verbose: int, debug: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    # Log lines go through tqdm.write while a command runs: a progress bar and a log line never
+    # share a line (the bar is redrawn below the message).
+    click.get_current_context().with_resource(logging_redirect_tqdm())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -49,9 +48,17 @@ def embed(source: str | None, shards: Path, out: Path, split: str, backbone: tup
                                    device=device, overwrite=overwrite,
                                    loader=LoaderConfig(backend=backend, num_workers=num_workers)))
     for manifest in result.get("tables", [result]):
-        click.echo(json.dumps({k: manifest[k] for k in ("rows", "feature_dim", "backbone", "image_size", "splits",
-                                                        "loader")}))
+        click.echo(embed_summary(manifest))
     tp = result.get("tables", [result])[-1]["throughput"]
     if tp["frames_per_s"] is not None:
         click.echo(f"{tp['frames']} frames embedded at {tp['frames_per_s']:.0f} frames/s on {tp['device']}, "
                    f"data wait {tp['data_wait_share']:.1%} of the time → {out}")
+
+
+def embed_summary(manifest: dict) -> str:
+    """One line a person reads: rows per split, width, backbone, image size."""
+    splits = manifest.get("splits")
+    per = (", ".join(f"{k} {v}" for k, v in splits.items()) if isinstance(splits, dict)
+           else ", ".join(map(str, splits or ())))
+    return (f"{manifest['rows']} frames ({per}) → {manifest['feature_dim']}-wide features of "
+            f"{manifest['backbone']} at {manifest['image_size']} px")

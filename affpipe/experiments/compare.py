@@ -149,6 +149,17 @@ class Resampler:
         few = {t: c["units"] for t, c in self.per_task.items() if c["units"] < iv.MIN_RECORDINGS}
         return text + (f". **Warning:** {bs.small_sample_warning(few)}" if few else "")
 
+    def underpowered(self) -> str:
+        """One sentence when a task rests on fewer validation recordings than the intervals were
+        shown to cover at (``intervals.MIN_RECORDINGS``), else ''."""
+        few = {t: c["units"] for t, c in (self.per_task or {}).items() if c["units"] < iv.MIN_RECORDINGS}
+        if not few:
+            return ""
+        what = ", ".join(f"{t.upper()} {n}" for t, n in few.items())
+        return (f"**Under-powered:** this question rests on {what} validation recordings, fewer than the "
+                f"{iv.MIN_RECORDINGS} at which the 95% intervals were shown to cover; its intervals are too narrow "
+                "and a difference here is weak evidence (more, shorter videos fix it: see the grid's [synthetic]).")
+
     def method(self) -> str:
         return (f"95% intervals: paired bootstrap over the same {self.videos} validation recordings (a recording's "
                 f"_left/_right subjects are one unit; {self.resamples} resamples, seed {self.seed}), percentile "

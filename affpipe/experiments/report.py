@@ -75,8 +75,9 @@ def _question(title: str, intro: str, header: list[str], body: list[list[str]], 
               cells, rs: Resampler, topic: str) -> list[str]:
     if not body:
         return []
+    weak = rs.underpowered()  # said in the question's own sentence, where its conclusion is read
     return [f"## {title}", "", intro, "", *md_table(header, body),
-            sentence(topic, rows, seeds_of(cells), rs.videos), ""]
+            sentence(topic, rows, seeds_of(cells), rs.videos) + (f" {weak}" if weak else ""), ""]
 
 
 def _headline(cells, rs: Resampler) -> list[str]:

@@ -273,6 +273,20 @@ class BaseLoader(EpochCursor):
         """The key of sample ``j`` of shard ``shard_i`` (for messages)."""
         return sample_key(self.shard_index(shard_i)[j])
 
+    def batch_rows(self) -> list:
+        """The row ids of each batch of this rank's pass over the current epoch, from the shards'
+        keys (zero-padded row ids): nothing is decoded. What picks limited validation batches."""
+        import numpy as np
+
+        samples, _ = self.plan.samples(self.epoch)
+        keys = [np.array([int(sample_key(e)) for e in self.shard_index(i)[:s.samples]], np.int64)
+                for i, s in enumerate(self.shards)]
+        rows = np.empty(len(samples), np.int64)
+        for shard in np.unique(samples[:, 0]):
+            at = np.nonzero(samples[:, 0] == shard)[0]
+            rows[at] = keys[int(shard)][samples[at, 1]]
+        return [rows[b * self.batch_size:(b + 1) * self.batch_size] for b in range(self.num_batches)]
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(split={self.split!r}, shards={len(self.shards)}, samples={self.total}, "
                 f"rank={self.rank}/{self.world}, batches={self.num_batches}, train={self.train})")

@@ -67,7 +67,8 @@ def make_loader(
     if backend == "auto":
         gpu = torch.device(device).type == "cuda"
         backend = "dali" if gpu and dali_available() else "torch"
-        log.info("loader backend: %s (%s)", backend, "CUDA device, DALI importable" if backend == "dali"
+        # the train loader says it; the val loader, made next with the same choice, stays quiet
+        log.log(logging.INFO if train else logging.DEBUG, "loader backend: %s (%s)", backend, "CUDA device, DALI importable" if backend == "dali"
                  else "DALI not importable" if gpu else "CPU device: the torch backend's decode threads")
     aug = AugmentConfig(image_size=image_size, train=train, flip_p=flip_p, max_rotation=max_rotation)
     rank, world = dist_env(rank, world_size)

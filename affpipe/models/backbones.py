@@ -10,7 +10,8 @@ pooled features timm gives (``head_hidden_size`` wide, else ``num_features``).
 ``InputSpec`` is what the backbone expects: size (``None``: any, e.g. a CNN), mean/std and
 interpolation, from timm's pretrained config or torchvision's weights transforms. Published
 weights are looked up in the local caches only (timm: the Hugging Face hub cache, then torch
-hub's; torchvision: torch hub's, downloading when online as ``--init imagenet`` always did).
+hub's; torchvision: torch hub's). Nothing is ever downloaded: a miss is one line naming the exact
+file looked for and the ``--init random`` override.
 """
 
 from __future__ import annotations
@@ -158,8 +159,8 @@ def _timm_backbone(arch: str, state: dict[str, torch.Tensor] | None, input_size:
 
 def pretrained_state_dict(arch: str) -> tuple[dict[str, torch.Tensor], Path]:
     """``arch``'s published weights and the cached file they came from. timm: the Hugging Face
-    hub cache, then torch hub's, never the network; torchvision: torch hub's cache, downloading
-    when it is absent (an offline machine gets one line naming the file)."""
+    hub cache, then torch hub's; torchvision: torch hub's cache file. Never the network: a miss
+    is one line naming the file(s) looked for."""
     check_arch(arch)
     if is_timm(arch):
         from affpipe.models.weights import read_weights
@@ -186,7 +187,7 @@ def timm_cached_weights(arch: str) -> Path:
             hit = try_to_load_from_cache(repo, filename)
             if isinstance(hit, str):
                 return Path(hit)
-            looked.append(f"{repo}/{filename} in the Hugging Face cache")
+            looked.append(f"{filename} of {repo} in the Hugging Face cache {_hf_cache_dir()}")
     if pc.url:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(pc.url).path).name
         if cached.is_file():
@@ -195,9 +196,16 @@ def timm_cached_weights(arch: str) -> Path:
     raise RuntimeError(
         f"the pretrained weights of timm/{name} are not in the local cache (looked for {'; '.join(looked)}); "
         f"download them where there is network with `python -c \"import timm; timm.create_model('{name}', "
-        f"pretrained=True)\"` and copy the cache (~/.cache/huggingface/hub) here, or pass --weights FILE "
-        "or --init random"
+        f"pretrained=True)\"` and copy that machine's Hugging Face cache to {_hf_cache_dir()} (or set "
+        "HF_HUB_CACHE to where it is), or pass --weights FILE or --init random"
     )
+
+
+def _hf_cache_dir() -> str:
+    """The Hugging Face hub cache folder looked in (``HF_HUB_CACHE``, else ``HF_HOME/hub``...)."""
+    import huggingface_hub.constants as hc
+
+    return str(hc.HF_HUB_CACHE)
 
 
 def _imagenet_url(arch: str) -> str:
@@ -214,15 +222,21 @@ def imagenet_cache_file(arch: str = "resnet18") -> Path:
 
 
 def _imagenet_state_dict(arch: str = "resnet18") -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights of ``arch`` from torch hub's cache file only (never the
+    network: ``torch.hub.load_state_dict_from_url`` would download on a miss)."""
     url = _imagenet_url(arch)
     cached = imagenet_cache_file(arch)
-    try:
-        # Finds the cached file first; downloads only when it is absent.
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
-    except Exception as exc:  # URLError, socket errors, hash mismatch, a partial file...
+    if not cached.is_file():
         raise RuntimeError(
-            f"could not load the ImageNet {arch} weights: {cached} is not there and downloading "
-            f"{url} failed ({type(exc).__name__}: {exc}). "
-            f"On an offline machine, copy {cached.name} to {cached}, "
-            f"or pass --init PATH with a checkpoint (an affpipe .pt or that torchvision .pth file)."
-        ) from exc
+            f"the ImageNet {arch} weights are not in the local cache (looked for {cached}; nothing is downloaded). "
+            f"Use --init random (recipes: model.init = \"random\"), or fetch {url} where there is network, "
+            f"copy it to {cached}, or pass --init PATH with a checkpoint (an affpipe .pt or that torchvision .pth file)."
+        )
+    try:
+        state = torch.load(cached, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a partial or corrupt file
+        raise RuntimeError(f"could not read the ImageNet {arch} weights {cached} ({type(exc).__name__}: {exc}); "
+                           "delete it and copy it again, or use --init random") from exc
+    if not isinstance(state, dict):
+        raise RuntimeError(f"{cached}: not a state dict; copy torchvision's {Path(url).name} there, or use --init random")
+    return state

@@ -161,6 +161,8 @@ class MultiTaskNet(nn.Module):
         return self.backbone(self.input_norm(images))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw outputs per head: ``va`` ``[N,2]`` through tanh (in [-1, 1]); ``expr`` ``[N,8]`` and
+        ``au`` ``[N,12]`` logits (softmax / sigmoid for probabilities)."""
         feats = self.dropout(self.features(images))
         out = {t: head(feats) for t, head in self.heads.items()}
         if "va" in out:

@@ -20,6 +20,7 @@ import json
 import logging
 import re
 import shlex
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ def conversion_command(path: Path) -> str:
             'weights_only=False); sd = m.state_dict() if hasattr(m, "state_dict") else m.get("state_dict", m); '
             'st.save_file({k: v.detach().clone().contiguous() for k, v in sd.items() if torch.is_tensor(v)}, '
             f'{json.dumps(str(out))})')
-    return f"python -c {shlex.quote(code)}"
+    return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"  # the interpreter affpipe runs under
 
 
 def read_weights(path: Path | str) -> dict[str, torch.Tensor]:

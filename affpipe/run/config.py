@@ -399,10 +399,15 @@ def data_dict(data: RunData) -> dict[str, Any]:
 _MOVED_TO_LOADER = ("backend", "num_workers", "flip_p", "max_rotation")
 
 
+RESOLVED_KEY = "resolved"  # config.json's record of what `auto` became (RunFolder.write_config); never an input
+
+
 def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> TrainConfig:
-    """Rebuild a ``TrainConfig`` from ``to_dict`` output (or a parsed recipe); a 0.1 config's
-    top-level loader keys are read into ``loader``."""
+    """Rebuild a ``TrainConfig`` from ``to_dict`` output (or a parsed recipe, or a run's
+    ``config.json``, whose ``resolved`` record is no input); a 0.1 config's top-level loader keys
+    are read into ``loader``."""
     data = dict(data)
+    data.pop(RESOLVED_KEY, None)
     moved = {k: data.pop(k) for k in _MOVED_TO_LOADER if k in data}
     if moved:
         data["loader"] = {**moved, **dict(data.get("loader", {}))}
@@ -433,6 +438,8 @@ def load_config(recipe: Path | str | None = None, overrides: Mapping[str, Any] |
             data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
+        if path.suffix == ".json" and isinstance(data, dict):
+            data.pop(RESOLVED_KEY, None)  # a run's config.json: what auto resolved to there is no input
     section = data.get("temporal")
     if isinstance(section, dict) and "features" in section:  # `[temporal] features = [...]`: the same key
         if "features" in data:

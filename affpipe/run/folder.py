@@ -9,6 +9,8 @@ what ``evaluate`` and its tuning options add) is derived from ``RUN_FILES``, nev
         last.pt, best.pt  checkpoints (``affpipe.run.checkpoint``), step-<N>.pt when kept
         eval[_<variant>].json/.md, eval[_<variant>]_predictions.npz
                           an evaluation: metrics with intervals, tables, per-frame predictions
+        eval[_<variant>]_{confusion,au_pr,va_videos}.png
+                          evaluate's diagnostic plots (``affpipe.run.diagnostics``)
         au_thresholds.json, smoothing.json
                           tuned on validation by ``evaluate`` (which checkpoint they belong to inside)
         events.out.tfevents.*   TensorBoard (``affpipe.run.tracking``)
@@ -48,6 +50,10 @@ THRESHOLDS = "au_thresholds.json"
 SMOOTHING = "smoothing.json"
 EVAL_STEM = "eval"  # evaluate's variants: eval_<split>, eval_smoothed, ...
 TENSORBOARD = "events.out.tfevents.*"
+# evaluate's diagnostic plots, one of each per evaluation stem: <stem>_<what>.png
+DIAGNOSTICS = {"confusion": "the EXPR confusion matrix, each label's row normalized",
+               "au_pr": "per-AU precision-recall curves, the threshold in use marked",
+               "va_videos": "valence and arousal predictions against labels over frames, a few videos"}
 CHECKPOINTS = (BEST, LAST)  # what a run folder opens as, in this order
 
 RUN_FILES: tuple[RunFile, ...] = (
@@ -61,6 +67,7 @@ RUN_FILES: tuple[RunFile, ...] = (
     RunFile(f"{EVAL_STEM}*.json", "train, evaluate", "an evaluation's metrics"),
     RunFile(f"{EVAL_STEM}*.md", "train, evaluate", "an evaluation's tables"),
     RunFile(f"{EVAL_STEM}*_predictions.npz", "train, evaluate", "an evaluation's per-frame predictions"),
+    *(RunFile(f"{EVAL_STEM}*_{what}.png", "evaluate", desc) for what, desc in DIAGNOSTICS.items()),
     RunFile(THRESHOLDS, "evaluate --tune-au-thresholds", "tuned AU thresholds"),
     RunFile(SMOOTHING, "evaluate --tune-smoothing", "tuned smoothing windows"),
     RunFile(TENSORBOARD, "train --tensorboard", "TensorBoard event files"),
@@ -141,6 +148,12 @@ class RunFolder:
     def predictions(self, stem: str = EVAL_STEM) -> Path:
         return self.path / predictions_name(stem)
 
+    def diagnostic(self, stem: str, what: str) -> Path:
+        """evaluate's plot ``what`` (a key of ``DIAGNOSTICS``) of the evaluation ``stem``."""
+        if what not in DIAGNOSTICS:
+            raise ValueError(f"no diagnostic plot {what!r} (one of {sorted(DIAGNOSTICS)})")
+        return self.path / f"{stem}_{what}.png"
+
     # ---- config ----------------------------------------------------------------------------
     def has_config(self) -> bool:
         return self.config.is_file()
@@ -149,7 +162,16 @@ class RunFolder:
         """``config.json`` as a dict (a damaged one is an error naming the file)."""
         return _read_json(self.config, "a run's config")
 
-    def write_config(self, text: str) -> None:
+    def write_config(self, text: str, resolved: Mapping[str, Any] | None = None) -> None:
+        """``text`` (``config_json``: what was asked, ``auto`` values as given) with, under
+        ``RESOLVED_KEY``, what they resolved to on this machine (device, amp, loader backend).
+        That section is a record only: recipes and ``--resume`` comparisons ignore it."""
+        if resolved:
+            from affpipe.run.config import RESOLVED_KEY
+
+            data = json.loads(text)
+            data[RESOLVED_KEY] = jsonable(dict(resolved))
+            text = json.dumps(data, indent=2, sort_keys=True) + "\n"
         atomic_write_text(self.config, text)
 
     # ---- lineage ---------------------------------------------------------------------------

@@ -4,7 +4,11 @@
 event files hold exactly what the log holds, at the same steps: ``train/<key>`` for each number of
 a ``train`` record (total and per-task loss, learned task weights, lr, frames/s, data-wait
 share), ``epoch/<key>`` for an ``epoch`` record's numbers and ``val/<metric>`` for its
-validation metrics. Nothing is read from the device: records are host numbers already, so no
+validation metrics, ``val/<metric>/<class or AU>`` for its per-class and per-AU F1
+(``val_per``). When the run ends, ``hparams`` (the resolved ``config.json``, flattened, against the
+last validation's scores) go into the same event file; ``record_evaluation`` adds an
+``evaluate``'s results (``<eval stem>/<metric>``) to a run folder that has TensorBoard on.
+Nothing is read from the device: records are host numbers already, so no
 host sync is added. ``first_batch`` draws a grid of a first batch's images with their labels
 (once per run, a copy to the host). A resumed run passes ``purge_step`` (the first step it logs
 again): TensorBoard then hides what a killed process had logged from there on, as
@@ -43,7 +47,10 @@ class TensorBoardSink:
         from affpipe._optional import import_summary_writer
 
         writer = import_summary_writer()
+        self.run = Path(run)
         self.writer = writer(log_dir=str(run), purge_step=purge_step, flush_secs=30)
+        self.last_val: dict[str, float] = {}
+        self.step = 0
         log.info("TensorBoard event files in %s (tensorboard --logdir %s)", run, run.parent)
 
     def record(self, rec: Mapping[str, Any]) -> None:
@@ -57,6 +64,10 @@ class TensorBoardSink:
                 self.writer.add_scalar(f"epoch/{key}", value, step)
             for key, value in _numbers(rec.get("val") or {}):
                 self.writer.add_scalar(f"val/{key}", value, step)
+                self.last_val[key], self.step = value, step
+            for group, values in (rec.get("val_per") or {}).items():
+                for name, value in _numbers(values if isinstance(values, Mapping) else {}):
+                    self.writer.add_scalar(f"val/{group}/{name}", value, step)
             self.writer.flush()  # an epoch's curves are on disk when its line is
 
     def first_batch(self, batch, step: int = 0) -> None:
@@ -70,8 +81,64 @@ class TensorBoardSink:
         except Exception as exc:  # a picture must never stop a run
             log.warning("TensorBoard: first batch grid not drawn: %s", exc)
 
+    def hparams(self) -> None:
+        """The resolved config (``config.json``, flattened) against the last validation's scores,
+        written into this event file (``SummaryWriter.add_hparams`` would open a sub-folder)."""
+        from affpipe.run.folder import RunFolder
+
+        files = RunFolder(self.run)
+        if not self.last_val or not files.has_config():
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        metrics = {f"hparams/{k}": v for k, v in self.last_val.items()}
+        exp, ssi, sei = hparams(hparam_values(files.read_config()), metrics)
+        fw = self.writer._get_file_writer()
+        for summary in (exp, ssi, sei):
+            fw.add_summary(summary)
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, self.step)
+
     def close(self) -> None:
+        try:
+            self.hparams()
+        except Exception as exc:  # a summary must never stop a run
+            log.warning("TensorBoard: hparams not written: %s", exc)
         self.writer.close()
+
+
+def hparam_values(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config flattened to dotted keys, each value a number, a bool or a string (what the
+    hparams plugin takes)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(hparam_values(value, f"{prefix}{key}."))
+        elif isinstance(value, bool | int | float | str):
+            out[f"{prefix}{key}"] = value
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
+
+
+def record_evaluation(run: Path, stem: str, result: Mapping[str, Any]) -> None:
+    """An evaluation's scores as ``<stem>/<metric>`` (per class / AU: ``<stem>/<metric>/<name>``)
+    at the evaluated checkpoint's step, in a new event file of the run folder."""
+    from affpipe._optional import import_summary_writer
+
+    writer = import_summary_writer()(log_dir=str(run))
+    step = int(result.get("step", 0) or 0)
+    try:
+        for key, value in _numbers(result):
+            if key not in ("frames", "videos"):
+                writer.add_scalar(f"{stem}/{key}", value, step)
+        for key, values in result.items():
+            if key.endswith(("_per_class", "_per_au")) and isinstance(values, Mapping):
+                for name, value in _numbers(values):
+                    writer.add_scalar(f"{stem}/{key}/{name}", value, step)
+    finally:
+        writer.close()
+    log.info("TensorBoard: %s's results added to %s", stem, run)
 
 
 def _grid_figure(batch):

@@ -65,12 +65,15 @@ def collect(run: Run, split: str, *, device: str = "auto", batch_size: int | Non
             loader: LoaderConfig | None = None, max_steps: int | None = None) -> Collected:
     """Run ``run``'s model over ``split`` of its data; refuses non-finite outputs."""
     from affpipe.dist import pick_device
-    from affpipe.train.evaluate import evaluate_model
+    from affpipe.train.evaluate import evaluate_model, limited_batches
 
     dev = pick_device(device)
     model = run.model(dev)
     batches = run.batches(split, dev, batch_size=batch_size, loader=loader)
-    acc, frames = evaluate_model(model, batches, run.cfg.heads, device=dev, amp=run.cfg.amp, max_steps=max_steps)
+    # --max-steps scores batches that hold every video of the split, as training's --max-val-steps
+    only = limited_batches(batches, max_steps, lambda rows: run.frames_of(rows)[0], flag="--max-steps")
+    acc, frames = evaluate_model(model, batches, run.cfg.heads, device=dev, amp=run.cfg.amp, max_steps=max_steps,
+                                 only=only)
     video, frame = run.frames_of(acc.state()["row_id"])
     bad = acc.nonfinite_rows()
     if bad.any():

@@ -96,8 +96,11 @@ class Run:
         return self.data.label_table
 
     def model(self, device: torch.device) -> torch.nn.Module:
-        """The checkpoint's model in eval mode on ``device``, with raw outputs: VA in [-1, 1]
-        (tanh), EXPR and AU as logits (softmax / sigmoid give probabilities)."""
+        """The checkpoint's model in eval mode on ``device``. It returns **raw outputs**, a dict:
+        ``"va"`` ``[N,2]`` valence/arousal in [-1, 1] (already tanh), ``"expr"`` ``[N,8]`` and
+        ``"au"`` ``[N,12]`` **logits** (``.softmax(-1)`` / ``.sigmoid()`` give probabilities; AU
+        decisions: ``au_thresholds()`` or 0.5), for the heads the run has. A per-frame run takes
+        images (uint8 or the loaders' normalized floats); a temporal run takes its window batches."""
         return self.kind.restore_model(self.cfg, self.state, self.data, str(self.ckpt)).to(device)
 
     def batches(self, split: str, device: torch.device, *, batch_size: int | None = None,

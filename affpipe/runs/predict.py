@@ -26,6 +26,7 @@ from affpipe.runs.submission import (
     PREDICT_OWNER,
     check_templates,
     index_predictions,
+    write_probabilities,
     write_submission,
 )
 
@@ -84,6 +85,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
         p = index_predictions(pred, heads, rows[1], rows[2], _positions(rows[0], pred["row_id"]), rows[3])
         summary = write_submission(p, out, cfg.format, templates=tuple(cfg.templates), fill_missing=cfg.fill_missing,
                                    edition=cfg.edition)
+        summary["probabilities"] = [str(f) for f in write_probabilities(p, out)]
     summary.update(split=cfg.split, checkpoint=str(run.ckpt), au_thresholds=thresholds, au_thresholds_source=source,
                    videos=len(p.last),
                    predicted_frames=int(len(pred["row_id"])), skipped=c.skipped, **smoothing)

@@ -53,7 +53,9 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("abaw-per-video", "abaw-single", "mtl")
 DIRS = {"va": "VA", "expr": "EXPR", "au": "AU"}
-PREDICT_OWNER = Owner("predict", ("VA/*.txt", "EXPR/*.txt", "AU/*.txt", "VA.txt", "EXPR.txt", "AU.txt", "MTL.txt"))
+PROBABILITIES = "probabilities"  # predict's sidecar folder: the scores behind the labels, never sent
+PREDICT_OWNER = Owner("predict", ("VA/*.txt", "EXPR/*.txt", "AU/*.txt", "VA.txt", "EXPR.txt", "AU.txt", "MTL.txt",
+                                  f"{PROBABILITIES}/*.csv"))
 
 
 def _fill_nearest(frames: np.ndarray, known_frames: np.ndarray) -> np.ndarray:
@@ -351,3 +353,24 @@ def write_submission(p: Predictions, out: Claim, fmt: str, *, templates: tuple[P
             "files": [str(f) for f in files], "lines": tally.rows // len(lists) if implicit else tally.rows, "filled_from_neighbour": tally.filled_from_neighbour,
             "past_last_frame": tally.past_last_frame, "filled_missing": len(tally.missing),
             "unpredicted_columns": sorted(tally.unpredicted_columns)}
+
+
+def write_probabilities(p: Predictions, out: Claim) -> list[Path]:
+    """``probabilities/<VA|EXPR|AU>.csv`` beside the official files (which stay labels only):
+    one row per predicted frame, in (video, frame) order: ``video,frame`` then valence and
+    arousal, the 8 class probabilities (softmax) or the 12 AU probabilities (sigmoid), as the
+    model gave them, before any threshold or argmax."""
+    columns = {"va": ("va", VA_NAMES), "expr": ("expr_prob", EXPR_CLASSES), "au": ("au_prob", AU_NAMES)}
+    order = [(video, frames, pos) for video, (frames, pos) in sorted(p.known.items()) if len(pos)]
+    files = []
+    for task in p.heads:
+        key, names = columns[task]
+        values = p.pred[key]
+        lines = [",".join(("video", "frame", *names))]
+        for video, frames, pos in order:
+            lines += [f"{video},{int(f)}," + ",".join(f"{x:.6g}" for x in row)
+                      for f, row in zip(frames.tolist(), values[pos].tolist(), strict=True)]
+        path = out.path(f"{PROBABILITIES}/{DIRS[task]}.csv")
+        atomic_write_text(path, "\n".join(lines) + "\n")
+        files.append(path)
+    return files

@@ -164,6 +164,13 @@ class WindowLoader(EpochCursor):
                            row_id=torch.from_numpy(np.where(present, self.row_id[flat], -1)),
                            frames=int(present.sum()), **self.labels.take(flat, present))
 
+    def batch_rows(self) -> list[np.ndarray]:
+        """The row ids each validation batch scores (nothing built): what picks limited
+        validation batches."""
+        if self.train:
+            raise ValueError("batch_rows: validation loaders only")
+        return [self.row_id[owned] for _, owned in self.chunks]
+
     def _eval_batch(self, windows: np.ndarray, owned: np.ndarray) -> WindowBatch:
         rows = self.plan.rows(windows)
         x, mask = _features(self.features, rows)

@@ -25,15 +25,81 @@ log = logging.getLogger(__name__)
 
 
 
+def covering_batches(batch_videos: list[Any]) -> list[int]:
+    """The fewest batches that hold a frame of every video (``batch_videos[b]``: the videos of
+    batch ``b``). Validation runs in video order, so each video spans consecutive batches:
+    greedy stabbing (the earliest-ending uncovered video's last batch) is optimal."""
+    span: dict[Any, list[int]] = {}
+    for b, videos in enumerate(batch_videos):
+        for v in videos:
+            span.setdefault(v, [b, b])[1] = b
+    chosen: list[int] = []
+    for first, last in sorted(span.values(), key=lambda ab: ab[1]):
+        if not chosen or chosen[-1] < first:
+            chosen.append(last)
+    return chosen
+
+
+def limited_batches(loader: Any, max_steps: int | None, videos_of: Any, flag: str = "--max-val-steps") -> list[int] | None:
+    """Which batches a validation limited to ``max_steps`` batches scores: ones that cover every
+    validation video (``covering_batches``), then others spread evenly over the pass; None: the
+    whole pass (or, for a loader without ``batch_rows``, its first ``max_steps``: ``iterate_outputs``).
+    Fewer steps than cover every video is one error naming the smallest value."""
+    n = len(loader)
+    if not max_steps or max_steps >= n:
+        return None
+    if not hasattr(loader, "batch_rows"):  # a loader that cannot say what its batches hold: the first ones
+        return None
+    batch_videos = [set(np.unique(videos_of(rows)).tolist()) if len(rows) else set() for rows in loader.batch_rows()]
+    need = covering_batches(batch_videos)
+    if len(need) > max_steps:
+        videos = len(set().union(*batch_videos))
+        raise ValueError(f"{flag} {max_steps} cannot cover the {videos} validation videos (validation runs in "
+                         f"video order, {n} batches); the smallest value that covers them is {len(need)} "
+                         "(or leave it out for the whole pass)")
+    chosen = set(need)
+    for b in np.linspace(0, n - 1, max_steps).round().astype(int).tolist():
+        if len(chosen) >= max_steps:
+            break
+        chosen.add(int(b))
+    rest = (b for b in range(n) if b not in chosen)
+    while len(chosen) < max_steps:
+        chosen.add(next(rest))
+    return sorted(chosen)
+
+
+def _selected(loader: Any, only: list[int]) -> Iterator[Any]:
+    """Batches ``only`` (sorted) of ``loader``'s current epoch: each run of consecutive batches
+    starts with ``set_epoch(epoch, start_batch=k)``, so the batches between are never built."""
+    runs: list[list[int]] = []
+    for b in only:
+        if runs and runs[-1][-1] + 1 == b:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    for run in runs:
+        loader.set_epoch(loader.epoch, start_batch=run[0])
+        it = iter(loader)
+        try:
+            for _ in run:
+                yield next(it)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+
 def iterate_outputs(model: nn.Module, loader: Iterable, *, device: torch.device, amp: str = "none",
-                    channels_last: bool = False, max_steps: int | None = None) -> Iterator[tuple[dict, Any]]:
-    """Yield ``(float outputs, batch)`` for each batch of ``loader`` without gradients."""
+                    channels_last: bool = False, max_steps: int | None = None,
+                    only: list[int] | None = None) -> Iterator[tuple[dict, Any]]:
+    """Yield ``(float outputs, batch)`` for each batch of ``loader`` (``only``: those batches,
+    see ``limited_batches``; ``max_steps``: the first ones) without gradients."""
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for i, batch in enumerate(loader):
-                if max_steps is not None and i >= max_steps:
+            for i, batch in enumerate(_selected(loader, only) if only is not None else loader):
+                if only is None and max_steps is not None and i >= max_steps:
                     break
                 images = batch.images
                 if channels_last:
@@ -47,14 +113,14 @@ def iterate_outputs(model: nn.Module, loader: Iterable, *, device: torch.device,
 
 def evaluate_model(model: nn.Module, loader: Iterable, heads: tuple[str, ...], *, device: torch.device,
                    amp: str = "none", channels_last: bool = False, max_steps: int | None = None,
-                   distributed: bool = False) -> tuple[Any, int]:
+                   distributed: bool = False, only: list[int] | None = None) -> tuple[Any, int]:
     """A filled ``MetricAccumulator`` (reduced over ranks when ``distributed``) and the frame count."""
     from affpipe.scoring.metrics import MetricAccumulator
 
     acc = MetricAccumulator(heads)
     frames = 0
-    for outputs, batch in iterate_outputs(model, loader, device=device, amp=amp,
-                                          channels_last=channels_last, max_steps=max_steps):
+    for outputs, batch in iterate_outputs(model, loader, device=device, amp=amp, channels_last=channels_last,
+                                          max_steps=max_steps, only=only):
         acc.update(outputs, batch)
         frames += len(batch)
     if distributed:
@@ -101,6 +167,13 @@ def report_evaluation(acc: Any, frames: int, cfg: TrainConfig, ckpt: Path, state
                                            au_thresholds=result.get("au_thresholds")))
     if write:
         write_eval(ckpt.parent, result, stem=stem)
+        from affpipe.run.diagnostics import write_diagnostics
+
+        write_diagnostics(folder, stem, acc.state(), videos, au_thresholds=result.get("au_thresholds"))
+        if cfg.logging.tensorboard:  # the run folder has TensorBoard on: its event files get this evaluation
+            from affpipe.run.tracking import record_evaluation
+
+            record_evaluation(folder.path, stem, result)
     return result
 
 

@@ -114,6 +114,38 @@ def steps_per_epoch(cfg: TrainConfig, ctx: dist.DistContext, loader) -> int:
     return steps
 
 
+def resolved_settings(cfg: TrainConfig, ctx: dist.DistContext, loader) -> dict[str, Any]:
+    """What ``auto`` and GPU-only settings became on this machine (config.json's ``resolved``)."""
+    return {"device": str(ctx.device), "amp": cfg.amp if ctx.device.type == "cuda" else "none",
+            "loader_backend": getattr(loader, "backend", None), "loader_num_workers": getattr(loader, "num_workers", None),
+            "world_size": ctx.world}
+
+
+def val_batches(cfg: TrainConfig, ctx: dist.DistContext, loader, videos_of) -> list[int] | None:
+    """The validation batches ``--max-val-steps`` scores: every validation video's, or one error
+    (on every rank) naming the smallest value that covers them; None: the whole pass."""
+    if not cfg.max_val_steps or videos_of is None:
+        return None
+    from affpipe.train.evaluate import limited_batches
+
+    error, chosen = None, None
+    try:
+        chosen = limited_batches(loader, cfg.max_val_steps, videos_of)
+    except ValueError as exc:
+        error = exc
+    if ctx.distributed:
+        flag = torch.tensor([int(error is not None)], device=ctx.device)
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        if flag.item() and error is None:
+            raise ValueError(f"--max-val-steps {cfg.max_val_steps} cannot cover another rank's validation videos")
+    if error is not None:
+        raise error
+    if chosen is not None and ctx.main:
+        log.info("validation limited to %d of %d batches, chosen to hold every validation video", len(chosen),
+                 len(loader))
+    return chosen
+
+
 def train(cfg: TrainConfig, kind: RunKind, *, overwrite: bool = False) -> Path:
     """Train ``cfg`` into the run folder ``cfg.out`` as ``kind`` sets it up (``affpipe.runs.train``
     picks the kind); returns the folder. ``overwrite``: start afresh in a folder holding a run."""
@@ -122,19 +154,20 @@ def train(cfg: TrainConfig, kind: RunKind, *, overwrite: bool = False) -> Path:
     try:
         run = prepare_run_dir(cfg, kind, ctx, held, overwrite=overwrite)
         if cfg.amp != "none" and ctx.device.type != "cuda" and ctx.main:
-            log.info("amp=%s ignored: autocast is used on GPU only (device %s)", cfg.amp, ctx.device)
+            log.debug("amp=%s ignored: autocast is used on GPU only (device %s)", cfg.amp, ctx.device)
         setup = kind.setup(cfg, ctx, run)
         trainer, data = setup.trainer, setup.lineage
         if cfg.resume:
             if ctx.main and (recorded := lineage_of_run(run)) is not None:
                 check_same_data(recorded, data, run)
             resume(trainer, run)
-        if ctx.main:  # trainer.cfg: with what the setup resolved (the backbone's input)
-            write_lineage(run, data)
-            RunFolder(run).write_config(config_json(trainer.cfg))
         trainer.wrap()
         train_loader, val_loader = setup.loaders()
+        if ctx.main:  # trainer.cfg: with what the setup resolved (the backbone's input)
+            write_lineage(run, data)
+            RunFolder(run).write_config(config_json(trainer.cfg), resolved=resolved_settings(cfg, ctx, train_loader))
         steps = steps_per_epoch(cfg, ctx, train_loader)
+        trainer.val_batches = val_batches(cfg, ctx, val_loader, trainer.row_videos)
         if ctx.main:
             log.info("training %s %s: %d steps/epoch x %d epochs, batch %d x %d process(es), loader %s, device %s",
                      cfg.task, setup.what, steps, cfg.epochs, cfg.batch_size, ctx.world,
@@ -203,6 +236,9 @@ def validate(trainer: Trainer, loader, summary: dict[str, Any], *, schedule: boo
     result = trainer.validation(loader)  # the kind's trainer scores the state (supervised pass, or a probe)
     metrics, frames = jsonable(result.metrics), result.frames
     score = metrics.get(cfg.score_key)
+    if score is None and ctx.main:
+        log.warning("validation gave no %s (%d frames scored: a task without a valid label in them?); this pass "
+                    "cannot make best.pt", cfg.score_key, frames)
     score = -math.inf if score is None else float(score)
     if schedule:
         trainer.scheduler.step(score)
@@ -217,6 +253,9 @@ def validate(trainer: Trainer, loader, summary: dict[str, Any], *, schedule: boo
             arrays = result.arrays()
             state.best_metrics.update(bootstrap_result(arrays, trainer.row_videos(arrays["row_id"])))
             trainer.best_predictions = arrays
+    per = {k: v for k, v in metrics.items() if isinstance(v, dict) and k.endswith(("_per_class", "_per_au"))}
+    if per:  # per-class / per-AU F1 (TensorBoard's val/<metric>/<name>)
+        summary["val_per"] = per
     summary.update(val={k: v for k, v in metrics.items() if not isinstance(v, dict)}, score_key=cfg.score_key,
                    score=score, best_score=state.best_score, val_frames=frames, val_time_s=time.perf_counter() - t0)
     if ctx.main:
@@ -412,6 +451,7 @@ def finish(run: Path, cfg: TrainConfig, state) -> None:
     if "ci" in result and RunFolder(run).predictions().is_file():
         result["predictions"] = RunFolder(run).predictions().name
     if cfg.max_val_steps:
-        result["note"] = f"validation limited to {cfg.max_val_steps} batches per pass"
+        result["note"] = (f"validation limited to {cfg.max_val_steps} batches per pass, chosen to hold every "
+                          "validation video")
     write_eval(run, result)
     plot(run)

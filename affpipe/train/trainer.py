@@ -100,6 +100,7 @@ class Trainer:
         self.state = TrainState()
         # The video of each row id (set by the run's setup): validation intervals by video.
         self.row_videos: Callable[[np.ndarray], np.ndarray] | None = None
+        self.val_batches: list[int] | None = None  # --max-val-steps: the batches validation scores
         self.best_predictions: dict[str, np.ndarray] | None = None  # the best validation's, for eval_predictions.npz
         self.model = model  # wrapped by wrap() (compile, DDP); raw_model is what is saved
 
@@ -141,7 +142,7 @@ class Trainer:
 
         acc, frames = evaluate_model(self.eval_model, loader, self.cfg.heads, device=self.ctx.device, amp=self.amp,
                                      channels_last=self.channels_last, max_steps=self.cfg.max_val_steps,
-                                     distributed=self.ctx.distributed)
+                                     distributed=self.ctx.distributed, only=self.val_batches)
         return Validation(acc.compute(), frames, acc.state)
 
     # ---- one optimizer step ----------------------------------------------------------------

@@ -249,7 +249,7 @@ def test_one_real_tiny_run(tmp_path):
     grid = tmp_path / "grid.toml"
     grid.write_text(f"""[synthetic]\nvideos = 4\nframes = 24\nseed = 1\n
 [synthetic.overrides]\nepochs = 2\nbatch_size = 8\nimage_size = 32\nmax_steps_per_epoch = 2
-max_val_steps = 2\ndevice = "cpu"\n"loader.backend" = "torch"\nlog_every = 1\n
+max_val_steps = 3\ndevice = "cpu"\n"loader.backend" = "torch"\nlog_every = 1\n
 [[run]]\nname = "uni_va"\nrecipe = "{recipe}"\noverrides = {{ task = "va" }}\n""")
     result = ex.run_experiments(ex.ExperimentsConfig(out=tmp_path / "e", grid=grid, workers=1))
     assert result["runs"] == {"uni_va": "trained"}

@@ -16,9 +16,9 @@ from affpipe.run.checkpoint import read_metrics
 from affpipe.run.config import from_dict, load_config
 
 TIMM = "timm/mobilenetv3_small_050"  # 0.57M parameters: a tiny timm model
-TINY = {"image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2, "max_val_steps": 1, "loader.num_workers": 0,
+TINY = {"image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2, "max_val_steps": 3, "loader.num_workers": 0,
         "loader.backend": "torch", "device": "cpu", "log_every": 1, "epochs": 1}
-FLAGS = ["--image-size", "32", "--batch-size", "16", "--max-steps-per-epoch", "2", "--max-val-steps", "1",
+FLAGS = ["--image-size", "32", "--batch-size", "16", "--max-steps-per-epoch", "2", "--max-val-steps", "3",
          "--num-workers", "0", "--backend", "torch", "--device", "cpu", "--log-every", "1", "--epochs", "1"]
 
 
@@ -273,8 +273,8 @@ def test_conversion_command_works_on_a_trusted_file(tmp_path):
     path = tmp_path / "whole.pt"
     torch.save(net, path)
     cmd = shlex.split(conversion_command(path))
-    assert cmd[:2] == ["python", "-c"]
-    subprocess.run([sys.executable, *cmd[1:]], check=True, cwd=tmp_path, timeout=120)
+    assert cmd[:2] == [sys.executable, "-c"]  # the interpreter affpipe runs under, not a bare `python`
+    subprocess.run(cmd, check=True, cwd=tmp_path, timeout=120)
     got = read_weights(path.with_suffix(".safetensors"))
     assert set(got) == set(net.state_dict()) and torch.equal(got["0.weight"], net[0].weight)
 

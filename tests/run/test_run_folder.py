@@ -27,7 +27,7 @@ from affpipe.run.claim import RUN_OWNER, legacy_run
 from affpipe.run.config import load_config
 
 TINY = ["--task", "va", "--epochs", "1", "--image-size", "32", "--batch-size", "16", "--max-steps-per-epoch", "2",
-        "--max-val-steps", "1", "--num-workers", "0", "--backend", "torch", "--device", "cpu", "--log-every", "1"]
+        "--max-val-steps", "3", "--num-workers", "0", "--backend", "torch", "--device", "cpu", "--log-every", "1"]
 
 
 def _train(shards: Path, out: Path, *extra: str) -> tuple[int, str]:

@@ -18,7 +18,7 @@ from affpipe.run.config import load_config
 from affpipe.run.data import lineage_of_run, run_data_path
 from affpipe.shards.format import checked_index, read_manifest, shards_fingerprint
 
-TINY = {"image_size": 32, "batch_size": 16, "max_steps_per_epoch": 1, "max_val_steps": 1, "loader.num_workers": 0,
+TINY = {"image_size": 32, "batch_size": 16, "max_steps_per_epoch": 1, "max_val_steps": 3, "loader.num_workers": 0,
         "loader.backend": "torch", "device": "cpu", "log_every": 1, "epochs": 1}
 
 

@@ -14,7 +14,7 @@ from affpipe.run.checkpoint import read_metrics
 
 pytest.importorskip("tensorboard")
 
-FLAGS = ["--image-size", "32", "--batch-size", "16", "--max-steps-per-epoch", "3", "--max-val-steps", "2",
+FLAGS = ["--image-size", "32", "--batch-size", "16", "--max-steps-per-epoch", "3", "--max-val-steps", "3",
          "--num-workers", "0", "--backend", "torch", "--device", "cpu", "--log-every", "1", "--epochs", "2"]
 
 
@@ -40,13 +40,15 @@ def _expected(records) -> dict[str, dict[int, float]]:
         rows = [(k, v) for k, v in rec.items() if k not in skip and isinstance(v, int | float) and not isinstance(v, bool)]
         rows = [(f"{kind}/{k}", v) for k, v in rows]
         rows += [(f"val/{k}", v) for k, v in (rec.get("val") or {}).items() if isinstance(v, int | float)]
+        rows += [(f"val/{group}/{k}", v) for group, per in (rec.get("val_per") or {}).items()
+                 for k, v in per.items() if isinstance(v, int | float)]
         for tag, value in rows:
             want.setdefault(tag, {})[rec["step"]] = float(value)
     return want
 
 
 def _assert_same(run: Path) -> dict[str, dict[int, float]]:
-    got = _scalars(_events(run))
+    got = {tag: v for tag, v in _scalars(_events(run)).items() if not tag.startswith("hparams/")}  # at run end
     want = _expected(read_metrics(run / "metrics.jsonl"))
     assert set(got) == set(want)
     for tag, series in want.items():
@@ -82,7 +84,7 @@ def test_recipe_key_and_resume_keep_one_value_per_step(shard_dir, tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text('task = "va"\n[logging]\ntensorboard = true\n')
     over = {"shards": shard_dir, "out": tmp_path / "run", "image_size": 32, "batch_size": 16, "epochs": 1,
-            "max_steps_per_epoch": 3, "max_val_steps": 1, "loader.num_workers": 0, "loader.backend": "torch",
+            "max_steps_per_epoch": 3, "max_val_steps": 3, "loader.num_workers": 0, "loader.backend": "torch",
             "device": "cpu", "log_every": 1}
     cfg = load_config(recipe, over)
     assert cfg.logging.tensorboard

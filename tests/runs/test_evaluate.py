@@ -15,7 +15,7 @@ from affpipe.run.config import load_config
 TORCH = LoaderConfig(backend="torch", num_workers=0)
 
 TINY = {"task": "mtl", "epochs": 1, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 3,
-        "max_val_steps": 2, "loader.num_workers": 0, "loader.backend": "torch", "device": "cpu", "log_every": 1}
+        "max_val_steps": 3, "loader.num_workers": 0, "loader.backend": "torch", "device": "cpu", "log_every": 1}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_evaluate_matches_training_and_tunes_thresholds(run, shard_dir):
 
     trained = json.loads((run / "eval.json").read_text())
     # Same weights, same deterministic val batches as the trainer's last validation pass.
-    same = evaluate(EvalConfig(run=run, shards=shard_dir, max_steps=2, write=False, loader=TORCH))
+    same = evaluate(EvalConfig(run=run, shards=shard_dir, max_steps=3, write=False, loader=TORCH))
     for key in ("va_ccc", "expr_f1", "au_f1", "p_mtl"):
         assert same[key] == pytest.approx(trained[key], abs=1e-5), key
 

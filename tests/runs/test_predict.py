@@ -21,7 +21,7 @@ def predict(run, shards, out, fmt, **kw):
 
     return run_predict(PredictConfig(run=run, shards=shards, out=out, format=fmt, device="cpu", **kw))
 
-TINY = {"epochs": 1, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2, "max_val_steps": 1,
+TINY = {"epochs": 1, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2, "max_val_steps": 3,
         "loader.num_workers": 0, "loader.backend": "torch", "device": "cpu", "log_every": 1}
 
 
@@ -101,4 +101,6 @@ def test_mtl_format_needs_all_heads(shard_dir, tmp_path):
     with pytest.raises(ValueError, match="multi-task"):
         predict(run, shard_dir, tmp_path / "x", "mtl", loader=TORCH)
     predict(run, shard_dir, tmp_path / "va_pred", "abaw-per-video", loader=TORCH)
-    assert [p.name for p in (tmp_path / "va_pred").iterdir() if not p.name.startswith(".affpipe")] == ["VA"]
+    written = sorted(p.name for p in (tmp_path / "va_pred").iterdir() if not p.name.startswith(".affpipe"))
+    assert written == ["VA", "probabilities"]  # the official folder, and the probabilities beside it
+    assert [p.name for p in (tmp_path / "va_pred" / "probabilities").iterdir()] == ["VA.csv"]

@@ -12,7 +12,7 @@ from affpipe.loaders import LoaderConfig
 from affpipe.run.config import load_config
 
 TORCH = LoaderConfig(backend="torch", num_workers=0)
-TINY = {"epochs": 1, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2, "max_val_steps": 1,
+TINY = {"epochs": 1, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2, "max_val_steps": 3,
         "loader.num_workers": 0, "loader.backend": "torch", "device": "cpu", "log_every": 1}
 TESTSET = "6th ABAW Annotations/TestSet"
 

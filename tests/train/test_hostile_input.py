@@ -19,7 +19,7 @@ from affpipe.run.config import load_config
 
 TORCH = LoaderConfig(backend="torch", num_workers=0)
 TINY = {"task": "mtl", "epochs": 1, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 2,
-        "max_val_steps": 1, "loader": {"num_workers": 0, "backend": "torch"}, "device": "cpu", "log_every": 1}
+        "max_val_steps": 3, "loader": {"num_workers": 0, "backend": "torch"}, "device": "cpu", "log_every": 1}
 
 
 def test_nonfinite_loss_stops_the_run_naming_the_step(shard_dir, tmp_path):

@@ -86,7 +86,7 @@ def test_kill_free_resume_on_cuda(shard_dir, tmp_path):
     from affpipe.runs.train import train
 
     base = {"task": "mtl", "shards": shard_dir, "out": tmp_path / "run", "image_size": 32, "batch_size": 16,
-            "max_steps_per_epoch": 3, "max_val_steps": 2, "loader.num_workers": 1, "loader.backend": "torch",
+            "max_steps_per_epoch": 3, "max_val_steps": 3, "loader.num_workers": 1, "loader.backend": "torch",
             "device": "cuda", "log_every": 1}
     train(load_config(None, {**base, "epochs": 1}))
     assert load_checkpoint(tmp_path / "run" / "last.pt")["rng"]["cuda"]

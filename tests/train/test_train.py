@@ -18,9 +18,9 @@ from affpipe.run.config import from_dict, load_config
 
 VENV_BIN = Path(sys.executable).parent
 # Tiny everywhere: 32 px, a few steps, no loader worker processes.
-TINY = {"image_size": 32, "batch_size": 16, "max_steps_per_epoch": 3, "max_val_steps": 2, "loader.num_workers": 0,
+TINY = {"image_size": 32, "batch_size": 16, "max_steps_per_epoch": 3, "max_val_steps": 3, "loader.num_workers": 0,
         "loader.backend": "torch", "device": "cpu", "log_every": 1, "lr": 1e-3}
-TINY_FLAGS = ["--image-size", "32", "--batch-size", "16", "--max-val-steps", "2", "--num-workers", "0",
+TINY_FLAGS = ["--image-size", "32", "--batch-size", "16", "--max-val-steps", "3", "--num-workers", "0",
               "--backend", "torch", "--device", "cpu", "--log-every", "1"]
 
 
