@@ -122,6 +122,10 @@ def check_inputs(out: Path, inputs: dict[str, Any], overwrite: bool) -> bool:
     """Refuse shards made from other ``inputs`` (both sides named) unless ``overwrite``; True when
     the folder's own files are to be replaced (``overwrite`` and other inputs)."""
     before = recorded_inputs(out)
+    if before is not None and not before.get("unlabelled", False) and inputs.get("unlabelled"):
+        # adding the unlabelled shards (0.3 folders, --no-unlabelled ones) deletes nothing: the
+        # labelled shards do not depend on them (their plan leaves the option out)
+        before = {**before, "unlabelled": True}
     if before is None or before == inputs:
         return False
     if not overwrite:

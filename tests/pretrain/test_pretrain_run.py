@@ -88,7 +88,8 @@ def test_its_backbone_initializes_a_per_frame_run_and_embeds(whole, shard_dir, t
     from support import TINY_RUN
 
     run, _ = whole
-    frame = train(load_config(None, {**TINY_RUN, "shards": shard_dir, "out": tmp_path / "f", "model.init": str(run)}))
+    frame = train(load_config(None, {**TINY_RUN, "shards": shard_dir, "out": tmp_path / "f", "model.init": str(run),
+                                     "model.arch": "resnet18"}))  # the SSL run's backbone
     init = next(r for r in read_metrics(frame / "metrics.jsonl") if r["kind"] == "init")
     assert init["loaded"] > 0 and json.loads((frame / "config.json").read_text())["model"]["init"].endswith("best.pt")
     state = load_checkpoint(run / "best.pt")

@@ -146,7 +146,11 @@ def test_unlabelled_shards_are_ours_to_remove(index, tmp_path):
     out = tmp_path / "r"
     write_shards(ShardConfig(index=index, out=out, split="val", samples_per_shard=5, workers=1))
     many = sorted(p.name for p in (out / "val").glob("val-unlabelled-*.tar"))
-    write_shards(ShardConfig(index=index, out=out, split="val", samples_per_shard=1000, workers=1, unlabelled=False))
+    with pytest.raises(FileExistsError, match="unlabelled: True .in the folder. vs False .now.*--overwrite"):
+        write_shards(ShardConfig(index=index, out=out, split="val", samples_per_shard=1000, workers=1, unlabelled=False))
+    assert sorted(p.name for p in (out / "val").glob("val-unlabelled-*.tar")) == many  # nothing deleted unasked
+    write_shards(ShardConfig(index=index, out=out, split="val", samples_per_shard=1000, workers=1, unlabelled=False,
+                             overwrite=True))
     assert len(many) > 1 and not list((out / "val").glob("val-unlabelled-*"))
     assert "unlabelled" not in read_manifest(out)["splits"]["val"] and verify_shards(out) == []
 
