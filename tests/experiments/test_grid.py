@@ -62,7 +62,10 @@ def test_every_recipe_loads_with_the_run_overrides(tmp_path):
             # (a temporal run reads its table, which records its shards)
             if scale == "synthetic":
                 want = {**grid.synthetic_overrides, **run.synthetic_overrides}
-                assert all(getattr(cfg, k) == v for k, v in want.items())
+                from affpipe.run.config import flat_config
+
+                flat = flat_config(cfg)  # dotted keys: temporal.window, loss.va_loss...
+                assert all(flat[k] == v for k, v in want.items()), {k: (flat.get(k), v) for k, v in want.items()}
             else:  # full scale: the recipe as written (but for the backbone of init_from runs)
                 plain = {**run.overrides, "shards": ov.get("shards"), "out": str(cfg.out), "model.init": ov.get("model.init"),
                          "features": ov.get("features")}
