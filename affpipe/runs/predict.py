@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from affpipe.labels import EDITIONS
+from affpipe.labels import AU_NAMES, EDITIONS
 from affpipe.loaders.base import LoaderConfig
 from affpipe.runs.evaluate import apply_smoothing, collect
 from affpipe.runs.open import RunInputs, open_run
 from affpipe.runs.submission import (
     FORMATS,
     PREDICT_OWNER,
+    PROBABILITIES,
     check_templates,
     index_predictions,
     write_probabilities,
@@ -105,7 +106,9 @@ def _thresholds(run, cfg: PredictConfig) -> tuple[list[float] | None, str]:
         return None, "0.5"
     record = run.files.read_thresholds() or {}
     where = f"{run.files.thresholds.name} (tuned on {record.get('checkpoint')}, split {record.get('split')})"
-    log.warning("predict: applying the tuned AU thresholds of %s to %s's AU predictions", where, run.ckpt.name)
+    log.warning("predict: AU labels use thresholds other than 0.5: the tuned AU thresholds of %s, on %s's AU "
+                "predictions: %s (the probabilities are in the output's %s/)", where, run.ckpt.name,
+                ", ".join(f"{n} {t:.2f}" for n, t in zip(AU_NAMES, thresholds, strict=True)), PROBABILITIES)
     return thresholds, where
 
 
