@@ -132,7 +132,7 @@ def copy_world(trained_world, tmp_path) -> Path:
 # from a whole run on 2 idle cores). A test over ``FAST_LIMIT_S`` is marked ``slow`` unless it is
 # its file's fastest test, so the edit loop (``-m 'not slow'``) still touches every module.
 
-FAST_LIMIT_S = 1.5
+FAST_LIMIT_S = 0.7
 _DURATIONS = Path(__file__).with_name("durations.json")
 
 
