@@ -141,21 +141,29 @@ def predict_pipeline(video: Path, out: Path, model: Path) -> int:
 
 def bench_crop(out: Path, *, frames: int = 48, repeats: int = 3) -> dict:
     """Frames/s of the naive loop and of ``crop`` (median of ``repeats`` alternating runs)."""
-    import torch
+
+    import tempfile
 
     out = Path(out)
-    shutil.rmtree(out / "work", ignore_errors=True)
-    (out / "work").mkdir(parents=True)
-    video = out / "work" / "clip.avi"
+    out.mkdir(parents=True, exist_ok=True)
+    # a private folder of this run's own (deleted with everything in it, and nothing else of out's)
+    with tempfile.TemporaryDirectory(prefix="affpipe-crop-bench-", dir=out) as work:
+        return _bench_crop(Path(work), frames=frames, repeats=repeats)
+
+
+def _bench_crop(work: Path, *, frames: int, repeats: int) -> dict:
+    import torch
+
+    video = work / "clip.avi"
     face = make_video(video, frames)
     load = [round(os.getloadavg()[0], 1)] if hasattr(os, "getloadavg") else []
-    model = bench_model(out / "work" / "model.safetensors")
+    model = bench_model(work / "model.safetensors")
     rates: dict[str, list[float]] = {"naive": [], "naive_affpipe_detector": [], "crop": [], "predict_video": []}
     runs = (("naive", naive_loop), ("naive_affpipe_detector", lambda v, o: naive_loop(v, o, stock=False)),
             ("crop", crop_pipeline), ("predict_video", lambda v, o: predict_pipeline(v, o, model)))
     for r in range(repeats):
         for name, fn in runs:
-            dst = out / "work" / f"{name}-{r}"
+            dst = work / f"{name}-{r}"
             t0 = time.perf_counter()
             n = fn(video, dst)
             rates[name].append(n / (time.perf_counter() - t0))
@@ -163,7 +171,6 @@ def bench_crop(out: Path, *, frames: int = 48, repeats: int = 3) -> dict:
     load += [round(os.getloadavg()[0], 1)] if hasattr(os, "getloadavg") else []
     med = {k: statistics.median(v) for k, v in rates.items()}
     naive, fast = med["naive"], med["crop"]
-    shutil.rmtree(out / "work", ignore_errors=True)
     return {"video": f"{W}x{H}, {frames} frames, {face}", "cores": usable_cores(), "torch_threads": torch.get_num_threads(),
             "naive_fps": round(naive, 2), "naive_affpipe_detector_fps": round(med["naive_affpipe_detector"], 2),
             "crop_fps": round(fast, 2), "ratio": round(fast / naive, 2),
