@@ -196,11 +196,15 @@ def evaluate(run_or_ckpt: Path, shards: Path | None, features: tuple[Path, ...],
               help="Predict on your own VIDEO files or folders instead (repeatable): OUT/crops (cropped once, "
                    "reused), OUT/<track>.csv/.parquet/.png per face.")
 @click.option("--overlay", is_flag=True, help="With --video: also OUT/<video>.overlay.avi, the faces annotated.")
+@click.option("--au-thresholds", "au_thresholds", default=None, callback=lambda c, p, v: _au_thresholds(v),
+              help="AU decision thresholds instead of the run's tuned ones: one value for every AU, or 12 "
+                   "comma-separated values in AU order (AU1,AU2,AU4,AU6,AU7,AU10,AU12,AU15,AU23,AU24,AU25,AU26).")
 @_loader_options
 def predict(ckpt: Path, shards: Path | None, features: tuple[Path, ...], index: Path | None, tuned_from: str | None,
             out: Path, fmt: str,
             split: str, templates: tuple[Path, ...], fill_missing: bool, edition: str, smooth: bool,
-            batch_size: int | None, overwrite: bool, videos: tuple[Path, ...], overlay: bool, backend: str,
+            batch_size: int | None, overwrite: bool, videos: tuple[Path, ...], overlay: bool,
+            au_thresholds: tuple[float, ...] | None, backend: str,
             device: str, num_workers: int | None, on_bad: str) -> None:
     """Write CKPT's predictions (a per-frame or temporal run, a run folder or an exported .safetensors)
     in an ABAW submission format under OUT; with --video, per-frame predictions on your own videos."""
@@ -210,7 +214,8 @@ def predict(ckpt: Path, shards: Path | None, features: tuple[Path, ...], index: 
 
     if videos:
         _predict_videos(ckpt, videos, out, smooth=smooth, overlay=overlay, batch_size=batch_size, device=device,
-                        overwrite=overwrite, given=bool(shards or features or index or templates or fill_missing))
+                        overwrite=overwrite, given=bool(shards or index or templates or fill_missing),
+                        features=features, au_thresholds=au_thresholds)
         return
     if overlay:
         raise click.UsageError("--overlay goes with --video")
@@ -218,7 +223,7 @@ def predict(ckpt: Path, shards: Path | None, features: tuple[Path, ...], index: 
     summary = run_predict(PredictConfig(
         **_inputs(ckpt, shards, features, index, tuned_from), out=out, format=fmt, split=split, templates=tuple(templates),
         fill_missing=fill_missing, edition=edition, smooth=smooth, batch_size=batch_size, device=device,
-        overwrite=overwrite, loader=LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad)))
+        overwrite=overwrite, au_thresholds=au_thresholds, loader=LoaderConfig(backend=backend, num_workers=num_workers, on_bad=on_bad)))
     if summary.get("au_thresholds_source") not in (None, "0.5"):
         click.echo(f"AU thresholds: {summary['au_thresholds_source']}")
     click.echo(f"{len(summary['files'])} file(s), {summary['videos']} videos, "
@@ -229,15 +234,39 @@ def predict(ckpt: Path, shards: Path | None, features: tuple[Path, ...], index: 
                    f"a model output (written 0): {summary['unpredicted_columns'] or 'none'}")
 
 
+def _au_thresholds(value: str | None) -> tuple[float, ...] | None:
+    """``--au-thresholds``: one value for every AU or one per AU, each in [0, 1]."""
+    import math
+
+    from affpipe.labels import AU_NAMES
+
+    if value is None:
+        return None
+    try:
+        values = [float(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: numbers in [0, 1], comma-separated") from None
+    if len(values) == 1:
+        values = values * len(AU_NAMES)
+    if len(values) != len(AU_NAMES):
+        raise click.BadParameter(f"{len(values)} values; give one, or {len(AU_NAMES)} ({','.join(AU_NAMES)})")
+    bad = [v for v in values if not (math.isfinite(v) and 0.0 <= v <= 1.0)]
+    if bad:
+        raise click.BadParameter(f"{bad[0]} is not a threshold in [0, 1]")
+    return tuple(values)
+
+
 def _predict_videos(ckpt: Path, videos: tuple[Path, ...], out: Path, *, smooth: bool, overlay: bool,
-                    batch_size: int | None, device: str, overwrite: bool, given: bool) -> None:
+                    batch_size: int | None, device: str, overwrite: bool, given: bool, features: tuple[Path, ...],
+                    au_thresholds: tuple[float, ...] | None) -> None:
     from affpipe.runs.video import VideoPredictConfig, predict_video
 
     if given:
-        raise click.UsageError("--video predicts on the videos' crops: --shards/--features/--index/--template/"
-                               "--fill-missing do not apply")
+        raise click.UsageError("--video predicts on the videos' crops: --shards/--index/--template/"
+                               "--fill-missing do not apply (--features: a temporal run's tables, when moved)")
     s = predict_video(VideoPredictConfig(run=ckpt, videos=tuple(videos), out=out, smooth=smooth, overlay=overlay,
-                                         device=device, batch_size=batch_size or 64, overwrite=overwrite))
+                                         device=device, batch_size=batch_size or 64, overwrite=overwrite,
+                                         features=tuple(features), au_thresholds=au_thresholds))
     click.echo(f"AU thresholds: {s['au_thresholds_from']}" if "au" in s["heads"] else "no AU head")
     if s["smoothing"]:
         click.echo(f"smoothed with the run's windows {s['smoothing']}")

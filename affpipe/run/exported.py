@@ -2,7 +2,8 @@
 
 The file holds the model's tensors and, in the safetensors metadata (strings only), everything
 a model needs to be rebuilt and used: the resolved config (``config``), the tuned AU thresholds
-and smoothing windows when the run has them, the source checkpoint's name and sha256, and
+and smoothing windows when the run has them, a temporal run's frozen encoders (``encoders``:
+their specs, ``affpipe.run.crops.EncoderSpec``; their tensors are ``encoders.<k>.*``), the source checkpoint's name and sha256, and
 ``content_sha256``: a digest over the config, the other metadata and every tensor (name, dtype,
 shape, bytes). :func:`read_export` recomputes it and refuses a file whose bytes changed since
 export with one line. (A digest stored in the file proves integrity against damage and edits by
@@ -62,6 +63,8 @@ def write_export(state: dict[str, Any], out: Path, *, source: Path, source_sha25
         meta["au_thresholds"] = json.dumps(au_thresholds, sort_keys=True)
     if smoothing is not None:
         meta["smoothing"] = json.dumps(smoothing, sort_keys=True)
+    if state.get("encoders"):  # a temporal run's frozen encoders (their tensors are in state["model"])
+        meta["encoders"] = json.dumps(state["encoders"], sort_keys=True)
     meta[_DIGEST] = _digest(meta, tensors)
     with atomic_open(out, "wb") as fh:
         fh.write(save(tensors, metadata=meta))
@@ -94,6 +97,8 @@ def read_export(path: Path) -> dict[str, Any]:
             state["au_thresholds"] = json.loads(meta["au_thresholds"])
         if "smoothing" in meta:
             state["smoothing"] = json.loads(meta["smoothing"])
+        if "encoders" in meta:
+            state["encoders"] = json.loads(meta["encoders"])
     except (KeyError, ValueError) as exc:
         raise ValueError(f"{path}: an affpipe export with unreadable metadata ({exc})") from None
     return state

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from affpipe.dist import DistContext
     from affpipe.loaders.base import LoaderConfig
     from affpipe.run.config import TrainConfig
+    from affpipe.run.crops import CropModel
 
 
 @dataclass
@@ -37,6 +38,18 @@ class OpenedData:
     @property
     def source(self) -> str:
         return ", ".join(map(str, self.inputs))
+
+
+@dataclass(frozen=True)
+class CropContext:
+    """What a kind may need, beyond the checkpoint, to read face crops: the run's lineage (None
+    for an export or a run without one), the data paths given by flag, and how to rebuild the
+    frozen encoder a feature table was embedded with (``affpipe.runs.embed.table_encoder``: a
+    feature table's folder → ``(encoder, EncoderSpec)``; the kinds sit below ``runs``)."""
+
+    lineage: dict[str, Any] | None = None
+    inputs: tuple[Path, ...] = ()
+    encoder: Callable[[Path], tuple[Any, Any]] | None = None
 
 
 @dataclass
@@ -106,13 +119,18 @@ class RunKind:
         raise ValueError(f"{source}: a {self.name} run has no frame encoder; embed the per-frame run its "
                          "features came from")
 
-    def image_model(self, cfg: TrainConfig, state: dict[str, Any], source: str) -> torch.nn.Module:
-        """The model that maps uint8 face crops ``[N, 3, H, W]`` (at ``cfg.image_size``) to raw
-        outputs (what ``Run.predict`` and ``predict --video`` run); a kind that does not read
+    def image_model(self, cfg: TrainConfig, state: dict[str, Any], source: str, ctx: CropContext) -> CropModel:
+        """The ``affpipe.run.crops.CropModel`` that maps one face's uint8 crops, in time order, to
+        raw outputs (what ``Run.predict`` and ``predict --video`` run); a kind that does not read
         images says so in one line."""
-        raise ValueError(f"{source}: a {self.name} run does not predict from face crops; use a per-frame run "
-                         "(for this run: index and shard the crops, embed them with its source run, "
-                         "then `affpipe predict`)")
+        raise ValueError(f"{source}: a {self.name} run does not predict from face crops; use a per-frame or "
+                         "temporal run")
+
+    def export_state(self, cfg: TrainConfig, state: dict[str, Any], source: str, ctx: CropContext) -> dict[str, Any]:
+        """What ``affpipe export`` writes of a checkpoint's ``state`` (``model`` tensors, and
+        ``encoders``: the specs of frozen encoders whose tensors it adds); the model alone by
+        default."""
+        return state
 
     def describe(self, config: dict[str, Any]) -> dict[str, Any]:
         """What sets a run of this kind apart in a report (from its config.json)."""

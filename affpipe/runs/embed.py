@@ -133,6 +133,7 @@ class Encoder:
     width: int = 0  # features per frame
     input: dict[str, Any] = field(default_factory=dict)  # what the backbone's input op does
     kind: str = "run"  # "run" | "weights" | "published": only a run's checkpoint holds per-frame heads
+    model_cfg: Any = None  # the resolved ModelConfig it was built from (what rebuilds it: EncoderSpec)
 
 
 def load_encoder(cfg: EmbedConfig, device: torch.device, which: int = 0) -> Encoder:
@@ -147,7 +148,8 @@ def load_encoder(cfg: EmbedConfig, device: torch.device, which: int = 0) -> Enco
     if weights is not None or cfg.source in ("imagenet", "pretrained"):
         arch = backbone or "resnet18"
         init = str(weights) if weights is not None else "imagenet"
-        model = build_model(resolve_input(ModelConfig(arch=arch, tasks=("va",), init=init), cfg.image_size or 112))
+        model_cfg = resolve_input(ModelConfig(arch=arch, tasks=("va",), init=init), cfg.image_size or 112)
+        model = build_model(model_cfg)
         ckpt = Path(model.init_report["file"])  # the offline error and the weight-file checks live in build_model
         size = cfg.image_size or 112
     else:
@@ -159,6 +161,7 @@ def load_encoder(cfg: EmbedConfig, device: torch.device, which: int = 0) -> Enco
         if backbone is not None and backbone != arch:
             raise ValueError(f"--backbone {backbone}: {ckpt} holds a {arch} backbone")
         size = cfg.image_size or run_cfg.image_size
+        model_cfg = resolve_input(run_cfg.model, run_cfg.image_size)
     # The model's input op first: it resizes and normalizes the loader's uint8 frames as the backbone expects.
     net = torch.nn.Sequential(model.input_norm, model.backbone).to(device).eval()
     if device.type == "cuda":
@@ -169,9 +172,48 @@ def load_encoder(cfg: EmbedConfig, device: torch.device, which: int = 0) -> Enco
     source = str(weights) if weights is not None else cfg.source
     kind = "weights" if weights is not None else "published" if cfg.source in ("imagenet", "pretrained") else "run"
     enc = Encoder(net, arch, size, source, ckpt.resolve(), sha256_file(ckpt) if ckpt.is_file() else "", input=spec,
-                  kind=kind)
+                  kind=kind, model_cfg=model_cfg)
     enc.width = _width(enc, device)
     return enc
+
+
+def table_encoder(folder: Path) -> tuple[torch.nn.Module, Any]:
+    """The frozen encoder (input op + backbone, on the CPU) that embedded the feature table in
+    ``folder``, rebuilt from its manifest, and its ``affpipe.run.crops.EncoderSpec``: what a
+    temporal run needs to read face crops. Checked against the manifest: the source's sha256,
+    the feature width and the input op (a changed source, or another affpipe's input op, is one
+    error naming both)."""
+    from affpipe.io import jsonable
+    from affpipe.lineage import check, resolve_path
+    from affpipe.run.crops import spec_of
+
+    folder = Path(folder)
+    m = read_manifest_of(folder)
+    where = folder / MANIFEST_FILE
+    kind = m.get("source_kind", "run")
+    try:
+        backbone, size = str(m["backbone"]), int(m["image_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: no readable {exc} (a feature table's manifest names its backbone and image size)") \
+            from None
+    path = None
+    if kind != "published":
+        if not m.get("source_checkpoint"):
+            raise ValueError(f"{where}: records no source checkpoint; predicting on crops needs the encoder that "
+                             "embedded the table")
+        path = resolve_path(folder, m["source_checkpoint"])
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder}: was embedded by {path}, which is not there (moved?); predicting on "
+                                    "crops needs that encoder")
+    cfg = EmbedConfig(source="imagenet" if kind == "published" else "weights" if kind == "weights" else str(path),
+                      shards=folder, out=folder, backbone=backbone if kind != "run" else None,
+                      weights=path if kind == "weights" else None, image_size=size)
+    enc = load_encoder(cfg, torch.device("cpu"))
+    check("the encoder", m.get("source_sha256"), enc.sha256, str(where), str(enc.checkpoint))
+    if enc.width != m.get("feature_dim") or jsonable(enc.input) != jsonable(m.get("input", enc.input)):
+        raise ValueError(f"{where}: its encoder rebuilt from {enc.checkpoint} gives {enc.width}-wide features with "
+                         f"input {jsonable(enc.input)}, the table {m.get('feature_dim')} with {m.get('input')}")
+    return enc.backbone.cpu().eval(), spec_of(enc.model_cfg, enc.image_size, enc.width, enc.source, enc.sha256)
 
 
 def _splits(cfg: EmbedConfig, manifest: dict) -> list[str]:

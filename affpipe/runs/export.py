@@ -2,7 +2,9 @@
 
 The checkpoint a run opens as (``best.pt``, else ``last.pt``) carries the optimizer and scheduler
 state (~134 MB for a ResNet-18); the export keeps the model's tensors, the resolved config, the
-run's tuned AU thresholds and smoothing windows, and the source checkpoint's sha256
+run's tuned AU thresholds and smoothing windows, the source checkpoint's sha256, and for a
+temporal run the frozen encoders its feature tables were embedded with (so the file alone
+predicts on crops and videos)
 (``affpipe.run.exported``: the format, its digest and the refusal of a changed file).
 ``open_run``, ``predict`` and ``predict --video`` take the file in place of a run folder.
 """
@@ -51,12 +53,14 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         smoothing = run.smoothing_windows()
     except FileNotFoundError:
         smoothing = None
-    meta = write_export(run.state, out, source=run.ckpt, source_sha256=sha256_file(run.ckpt),
+    state = run.kind.export_state(run.cfg, run.state, str(run.ckpt), run.crop_context())
+    meta = write_export(state, out, source=run.ckpt, source_sha256=sha256_file(run.ckpt),
                         au_thresholds=None if thresholds is None else dict(zip(AU_NAMES, thresholds, strict=True)),
                         smoothing=smoothing)
     summary = {"file": str(out), "bytes": out.stat().st_size, "source": str(run.ckpt),
                "source_bytes": run.ckpt.stat().st_size, "source_sha256": meta["source_sha256"],
                "au_thresholds": thresholds is not None, "smoothing": smoothing is not None,
-               "kind": run.kind.name, "heads": list(run.cfg.heads)}
+               "kind": run.kind.name, "heads": list(run.cfg.heads),
+               "encoders": [e["source"] for e in state.get("encoders") or []]}
     log.info("exported %s (%d bytes) from %s (%d bytes)", out, summary["bytes"], run.ckpt, summary["source_bytes"])
     return summary

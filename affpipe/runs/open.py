@@ -24,8 +24,9 @@ from affpipe import lineage
 from affpipe.labels import AU_NAMES
 from affpipe.loaders.base import LoaderConfig
 from affpipe.run.config import TrainConfig
+from affpipe.run.crops import CropModel
 from affpipe.run.folder import RunFolder
-from affpipe.run.kind import OpenedData, RunKind
+from affpipe.run.kind import CropContext, OpenedData, RunKind
 
 log = logging.getLogger(__name__)
 
@@ -147,34 +148,41 @@ class Run:
         self.check_tuned(self.files.read_smoothing(), self.files.smoothing)  # tuned on this checkpoint
         return load_windows(self.folder)
 
-    def image_model(self, device: torch.device) -> torch.nn.Module:
-        """The model that takes uint8 face crops (the kind's; a kind without one: one error)."""
-        return self.kind.image_model(self.cfg, self.state, str(self.ckpt)).to(device)
+    def crop_context(self, features: tuple[Path, ...] = ()) -> CropContext:
+        """What the kind may need to read crops beyond the checkpoint (``features``: tables given
+        by flag, in place of the ones the lineage records)."""
+        from affpipe.run.data import lineage_of_run
+        from affpipe.runs.embed import table_encoder
 
-    def predict(self, images, *, device: str = "auto", batch_size: int = 64,
-                model: torch.nn.Module | None = None) -> dict[str, np.ndarray]:
+        rec = None if self.exported else lineage_of_run(self.folder)
+        return CropContext(lineage=rec, inputs=tuple(Path(f) for f in features), encoder=table_encoder)
+
+    def image_model(self, device: torch.device, *, features: tuple[Path, ...] = ()) -> CropModel:
+        """The model that reads one face's uint8 crops in time order (the kind's; a kind without
+        one: one error): a per-frame run's network, or a temporal run's frozen encoders and head."""
+        return self.kind.image_model(self.cfg, self.state, str(self.ckpt), self.crop_context(features)).to(device)
+
+    def predict(self, images, frames=None, *, device: str = "auto", batch_size: int = 64,
+                model: CropModel | None = None) -> dict[str, np.ndarray]:
         """The model's outputs on aligned face crops: ``images`` uint8 ``[N, 112, 112, 3]`` RGB (or a
-        list of ``[112, 112, 3]``). Returns numpy arrays: ``valence``, ``arousal`` ``[N]``,
-        ``expr_probs [N, 8]`` (softmax), ``au_probs [N, 12]`` (sigmoid), for the heads the run has.
-        Crops are resized to the run's image size as its loaders do; a temporal run refuses."""
+        list of ``[112, 112, 3]``), the crops of **one face in time order**; ``frames``: their
+        frame numbers (default ``0..N-1``; a frame without a crop is left out, a gap). Returns numpy
+        arrays: ``valence``, ``arousal`` ``[N]``, ``expr_probs [N, 8]`` (softmax), ``au_probs [N,
+        12]`` (sigmoid), for the heads the run has. A per-frame run reads each crop alone (resized
+        to its image size as its loaders do); a temporal run embeds every crop with the encoders of
+        its feature tables and averages its windows over the frames, as ``evaluate`` does."""
         from affpipe.dist import pick_device
-        from affpipe.loaders.augment import resize_linear
+        from affpipe.run.crops import check_frames
 
         arr = images if isinstance(images, np.ndarray) else np.stack([np.asarray(i) for i in images]) \
             if len(images) else np.zeros((0, 112, 112, 3), np.uint8)
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
             raise ValueError(f"predict: images must be uint8 [N, H, W, 3] RGB crops, got {arr.dtype} {list(arr.shape)}")
+        frames = check_frames(frames, len(arr))
         dev = pick_device(device)
         model = model if model is not None else self.image_model(dev)
-        size = self.cfg.image_size
-        outs: dict[str, list[np.ndarray]] = {}
-        with torch.inference_mode():
-            for i in range(0, len(arr), batch_size):
-                chunk = np.stack([resize_linear(np.ascontiguousarray(a), size) for a in arr[i:i + batch_size]])
-                x = torch.from_numpy(chunk).permute(0, 3, 1, 2).contiguous().to(dev)
-                for task, y in model(x).items():
-                    outs.setdefault(task, []).append(y.float().cpu().numpy())
-        return _probabilities(outs, self.cfg.heads, len(arr))
+        outs = model.outputs(arr, frames, batch_size=batch_size, device=dev) if len(arr) else {}
+        return _probabilities({t: [v] for t, v in outs.items()}, self.cfg.heads, len(arr))
 
     def check_tuned(self, record: dict[str, Any], path: Path) -> str:
         """Refuse tuned state (``record``, read from ``path``) tuned on another checkpoint than

@@ -1,9 +1,12 @@
 """``affpipe predict RUN --video VIDEO|DIR… -o OUT``: a run's predictions on your own videos.
 
 A video is an input, not a kind of run: ``crop`` (``affpipe.video``) turns it into aligned crops
-in ``OUT/crops`` (a crop tree, owned by ``crop``: a rerun reuses it), and the run's model reads the
-crops through ``Run.predict`` (the kind provides the image model: per-frame runs predict; a kind
-that does not read images refuses in one line before any work). Written per track (a face
+in ``OUT/crops`` (a crop tree, owned by ``crop``: a rerun reuses it), and the run's model reads
+each track's crops, in time order, through ``Run.predict`` (the kind provides the crop model,
+``affpipe.run.crops``: a per-frame run reads each crop alone; a temporal run embeds the crops with
+the frozen encoders of its feature tables and averages its windows over the track's frames,
+frames without a face being gaps; a kind that does not read images refuses in one line before
+any work). Written per track (a face
 followed through the video: ``<video>``, ``<video>_left``/``_right``, …; a video with no face at
 all gets one file named after it, every row empty):
 
@@ -57,6 +60,7 @@ class VideoPredictConfig:
     overwrite: bool = False
     progress: bool = True
     crop: dict[str, Any] = field(default_factory=dict)  # CropConfig options (min_track, min_score, …)
+    features: tuple[Path, ...] = ()  # a temporal run's feature tables, when not where its lineage says
 
     def __post_init__(self) -> None:
         if not self.videos:
@@ -82,7 +86,7 @@ def predict_video(cfg: VideoPredictConfig) -> dict[str, Any]:
 
     run = open_run(RunInputs(run=Path(cfg.run)), data=False)
     dev = pick_device(cfg.device)
-    model = run.image_model(dev)  # a run that cannot read crops refuses here, before any work
+    model = run.image_model(dev, features=cfg.features)  # a run that cannot read crops refuses here, before any work
     sources, _ = find_sources(tuple(Path(p) for p in cfg.videos))
     for s in sources:
         probe(s)
@@ -129,7 +133,7 @@ def _predict_one(run, model, folder, rec: dict, thresholds: list[float], windows
                  if folder_ == name and img}
         have = np.array([f in image for f in frames], bool)
         crops_rgb = [_read_rgb(crops / "cropped_aligned" / image[f]) for f in frames[have]]
-        pred = run.predict(crops_rgb, batch_size=cfg.batch_size, model=model)
+        pred = run.predict(crops_rgb, frames[have], batch_size=cfg.batch_size, model=model)
         pred = _smoothed(pred, frames[have], windows)
         t = _track_table(frames, [times[f] for f in frames], have, pred, thresholds)
         _write_table(folder, name, t)

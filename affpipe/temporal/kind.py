@@ -19,13 +19,16 @@ import torch
 from affpipe import dist, lineage
 from affpipe.loaders.base import LoaderConfig
 from affpipe.run.config import FeaturesData, TrainConfig
+from affpipe.run.crops import CropModel, EncoderSpec
 from affpipe.run.data import index_fingerprint_of, lineage_record, run_data_paths
-from affpipe.run.kind import OpenedData, RunKind, Setup
+from affpipe.run.kind import CropContext, OpenedData, RunKind, Setup
 from affpipe.temporal.data import TemporalData
 from affpipe.temporal.features import FeatureTable, source_checkpoint
 from affpipe.temporal.heads import TemporalModel, build_temporal_model, load_frame_heads
 
 log = logging.getLogger(__name__)
+
+ENCODERS = "encoders."  # an export's encoder tensors: encoders.<k>.<name>
 
 
 def build_model_for(cfg: TrainConfig, dim: int, table: FeatureTable | None = None) -> TemporalModel:
@@ -140,11 +143,73 @@ class TemporalKind(RunKind):
                       source: str) -> torch.nn.Module:
         from affpipe.train.frames import load_weights
 
-        if data is None:
+        if data is not None:
+            dim = data.payload.table.dim
+        elif state.get("encoders"):  # an export carries its encoders' specs (and so the width)
+            dim = sum(s.width for s in _specs(state, source))
+        else:
             raise ValueError(f"{source}: a temporal head needs the width of its feature table")
-        dim = data.payload.table.dim
         model = build_temporal_model(dim, cfg.data.temporal, cfg.heads)
-        return load_weights(model, state, source, f"a {cfg.data.temporal.arch} head over {dim}-wide features")
+        head = {k: v for k, v in state["model"].items() if not k.startswith(ENCODERS)}
+        return load_weights(model, {**state, "model": head}, source,
+                            f"a {cfg.data.temporal.arch} head over {dim}-wide features")
+
+    def image_model(self, cfg: TrainConfig, state: dict[str, Any], source: str, ctx: CropContext) -> CropModel:
+        """The run's frozen encoders (an export's own, else rebuilt from the feature tables the run
+        trained on, each checked against its lineage and its source's sha256) and its head."""
+        from affpipe.temporal.crops import TrackCrops
+
+        if state.get("encoders"):
+            specs = _specs(state, source)
+            encoders = []
+            for k, spec in enumerate(specs):
+                net = spec.build()
+                own = {key[len(f"{ENCODERS}{k}."):]: v for key, v in state["model"].items()
+                       if key.startswith(f"{ENCODERS}{k}.")}
+                try:
+                    net.load_state_dict(own)
+                except RuntimeError as exc:
+                    first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+                    raise ValueError(f"{source}: its encoder #{k + 1} does not fit a {spec.model.get('arch')} "
+                                     f"({first})") from None
+                encoders.append(net)
+        else:
+            encoders, specs = self._table_encoders(cfg, source, ctx)
+        head = self.restore_model(cfg, {**state, "encoders": [s.as_dict() for s in specs]}, None, source)
+        return TrackCrops(encoders, specs, head, window=cfg.data.temporal.window,
+                          stride=cfg.data.temporal.resolved_eval_stride)
+
+    def _table_encoders(self, cfg: TrainConfig, source: str, ctx: CropContext) -> tuple[list, list[EncoderSpec]]:
+        """The encoder of each feature table the run reads (flag, else lineage, else config)."""
+        from affpipe.temporal.features import features_fingerprint, read_manifest
+
+        rec = ctx.lineage or {}
+        feats = run_data_paths(Path(source).parent, rec.get("features"), ctx.inputs, cfg.data.features)
+        if not feats or ctx.encoder is None:
+            raise ValueError(f"{source}: no feature table recorded for this run; pass --features")
+        if len(feats) != len(cfg.data.features):
+            raise ValueError(f"--features: {source} reads {len(cfg.data.features)} feature table(s) (fused in that "
+                             f"order), {len(feats)} given")
+        encoders, specs = [], []
+        for i, f in enumerate(feats):
+            if not (Path(f) / "manifest.json").is_file():
+                raise FileNotFoundError(f"{source}: its feature table {f} is not there (moved?); predicting on crops "
+                                        "needs the encoder that embedded it: pass --features to point at the table")
+            recorded = (rec.get("features_fingerprint") or [None] * len(feats))[i]
+            lineage.check(f"feature table #{i + 1}", recorded, features_fingerprint(read_manifest(f)),
+                          f"{source} (what it trained on)", str(f))
+            net, spec = ctx.encoder(Path(f))
+            encoders.append(net)
+            specs.append(spec)
+        return encoders, specs
+
+    def export_state(self, cfg: TrainConfig, state: dict[str, Any], source: str, ctx: CropContext) -> dict[str, Any]:
+        """The head and the frozen encoders its features came from: the file alone predicts on crops."""
+        encoders, specs = self._table_encoders(cfg, source, ctx)
+        tensors = dict(state["model"])
+        for k, net in enumerate(encoders):
+            tensors |= {f"{ENCODERS}{k}.{name}": t for name, t in net.state_dict().items()}
+        return {**state, "model": tensors, "encoders": [s.as_dict() for s in specs]}
 
     def batches(self, cfg: TrainConfig, data: OpenedData, split: str, device: torch.device, *,
                 batch_size: int | None = None, loader: LoaderConfig | None = None):
@@ -154,6 +219,13 @@ class TemporalKind(RunKind):
         feats = config.get("features")
         sources = [feats] if isinstance(feats, str) else list(feats or [])
         return {"temporal": (config.get("temporal") or {}).get("arch", "tcn"), "sources": sources}
+
+
+def _specs(state: dict[str, Any], source: str) -> list[EncoderSpec]:
+    raw = state.get("encoders")
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"{source}: an export whose encoder records are unreadable")
+    return [EncoderSpec.from_dict(d, f"{source}: encoder #{k + 1}") for k, d in enumerate(raw)]
 
 
 TEMPORAL = TemporalKind()

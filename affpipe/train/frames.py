@@ -16,8 +16,9 @@ import torch
 from affpipe import dist, lineage
 from affpipe.loaders.base import LoaderConfig
 from affpipe.run.config import ShardsData, TrainConfig
+from affpipe.run.crops import CropModel
 from affpipe.run.data import lineage_record, run_data_path
-from affpipe.run.kind import OpenedData, RunKind, Setup
+from affpipe.run.kind import CropContext, OpenedData, RunKind, Setup
 
 
 def _shards(cfg: TrainConfig) -> Path:
@@ -116,8 +117,10 @@ class FramesKind(RunKind):
     def frame_encoder(self, cfg: TrainConfig, state: dict[str, Any], source: str) -> torch.nn.Module:
         return self.restore_model(cfg, state, None, source)
 
-    def image_model(self, cfg: TrainConfig, state: dict[str, Any], source: str) -> torch.nn.Module:
-        return self.restore_model(cfg, state, None, source)
+    def image_model(self, cfg: TrainConfig, state: dict[str, Any], source: str, ctx: CropContext) -> CropModel:
+        from affpipe.run.crops import FrameCrops
+
+        return FrameCrops(self.restore_model(cfg, state, None, source), cfg.image_size)
 
     def describe(self, config: dict[str, Any]) -> dict[str, Any]:
         return {}

@@ -106,12 +106,12 @@ def test_run_predict_api_matches_the_csv(predicted, trained_world):
         run.predict(np.zeros((1, 112, 112, 3), np.float32))
 
 
-def test_temporal_run_refuses_images(trained_world):
-    from affpipe.runs import RunInputs, open_run
+def test_a_kind_without_heads_refuses_images():
+    from affpipe.pretrain.kind import PRETRAIN
+    from affpipe.run.kind import CropContext
 
-    run = open_run(RunInputs(run=trained_world / "runs" / "temporal"), data=False)
     with pytest.raises(ValueError, match="does not predict from face crops"):
-        run.predict(np.zeros((1, 112, 112, 3), np.uint8), device="cpu")
+        PRETRAIN.image_model(None, {}, "runs/ssl/best.pt", CropContext())
 
 
 def test_export_round_trip_and_tamper(predicted, trained_world, tmp_path):
