@@ -194,3 +194,72 @@ def test_label_fraction_trains_on_a_seeded_share_of_the_videos_and_records_it(sh
     assert load_config(run / "config.json").data.label_fraction == 0.5
     with pytest.raises(ValueError, match="label_fraction"):
         load_config(None, {**TINY_RUN, "shards": shard_dir, "label_fraction": 0.0})
+
+
+TINY_RECIPE = """
+method = "simsiam"
+arch = "resnet18"
+image_size = 32
+epochs = 2
+batch_size = 8
+seed = 0
+[optim]
+optimizer = "sgd"
+blr = 0.05
+weight_decay = 1e-4
+momentum = 0.9
+[simsiam]
+proj_dim = 32
+pred_dim = 8
+[[views]]
+size = 32
+[[views]]
+size = 32
+"""
+
+
+def test_kill9_mid_epoch_then_resume_gives_the_same_losses(shard_dir, tmp_path):
+    """A real `kill -9` of `affpipe pretrain` once a mid-epoch last.pt is on disk; `--resume`
+    ends with the losses, probe scores and step count of a run never interrupted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY_RECIPE)
+
+    def cli(out: Path, *extra: str) -> list[str]:
+        return [str(Path(sys.executable).parent / "python"), "-m", "affpipe.cli", "pretrain", "--config", str(recipe),
+                "--shards", str(shard_dir), "-o", str(out), "--device", "cpu", "--max-steps-per-epoch", "6",
+                "--ckpt-every", "1", "--num-workers", "0", "--probe-frames", "32", "--max-val-steps", "2",
+                "--log-every", "1", "--no-tensorboard", *extra]
+
+    ref = tmp_path / "ref"
+    done = subprocess.run(cli(ref), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cli(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "last.pt").exists():
+                state = load_checkpoint(out / "last.pt")  # atomic writes: never a torn file
+                if state["epoch"] == 0 and 2 <= state["step_in_epoch"] < 6:
+                    break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before a mid-epoch checkpoint was seen"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = load_checkpoint(out / "last.pt")
+    assert killed_at["epoch"] == 0 and 0 < killed_at["step_in_epoch"] < 6
+    done = subprocess.run(cli(out, "--resume"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"] == list(range(1, 13))
+    assert _losses(out) == _losses(ref)
+    final = load_checkpoint(out / "last.pt")
+    assert (final["epoch"], final["step"]) == (2, 12)
