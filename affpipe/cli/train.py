@@ -290,7 +290,8 @@ def export_cmd(run: Path, out: Path, overwrite: bool) -> None:
     s = export(ExportConfig(run=run, out=out, overwrite=overwrite))
     click.echo(f"{s['file']}: {s['bytes']} bytes (from {s['source']}, {s['source_bytes']} bytes, "
                f"sha256 {s['source_sha256'][:16]}…); AU thresholds: {'tuned' if s['au_thresholds'] else 'none'}, "
-               f"smoothing: {'yes' if s['smoothing'] else 'none'}")
+               f"smoothing: {'yes' if s['smoothing'] else 'none'}"
+               + (f"; the frozen encoder(s) of its features: {', '.join(s['encoders'])}" if s["encoders"] else ""))
 
 
 @main.command()
