@@ -279,7 +279,26 @@ def interval_bounds(stats: VideoStats, weights: np.ndarray, level: float = DEFAU
     boot, point = fn(weights), fn(np.ones((1, n)))
     jack = fn(iv.jackknife_weights(n)) if how != "percentile" else {}
     se = iv.resample_se(fn, weights) if how == "studentized" else {}
-    return {k: iv.ci_bounds(point[k][0], v, level, how, jack=jack.get(k), boot_se=se.get(k)) for k, v in boot.items()}
+    out = {}
+    for k, v in boot.items():
+        b = iv.ci_bounds(point[k][0], v, level, how, jack=jack.get(k), boot_se=se.get(k))
+        lo, hi = metric_range(k)
+        out[k] = np.where(np.isnan(b), b, np.clip(b, lo, hi))  # a bootstrap-t bound can leave the metric's range
+    return out
+
+
+def metric_range(key: str) -> tuple[float, float]:
+    """The values metric ``key`` can take: a CCC in [-1, 1], an F1 in [0, 1], P_MTL (their sum:
+    VA CCC + EXPR F1 + AU F1) in [-1, 3]. A studentized interval is a point minus scaled
+    quantiles and can reach past them (seen on 9 recordings: AU F1 [-0.05, 3.03]); its bounds are
+    clipped to the range (the true value lies inside it, so clipping never lowers coverage)."""
+    if key == "p_mtl":
+        return -1.0, 3.0
+    if key.endswith("_ccc"):
+        return -1.0, 1.0
+    if "f1" in key:
+        return 0.0, 1.0
+    raise KeyError(f"no range known for the metric {key!r}")
 
 
 def bootstrap_ci(stats: VideoStats, *, resamples: int = DEFAULT_RESAMPLES, seed: int = 0,

@@ -170,3 +170,25 @@ def test_best_is_the_start_is_said(tmp_path):
         assert ("Best is the start (no step improved)" in (tmp_path / "eval.md").read_text()) is said
     report_evaluation(s["acc"], 120, cfg, tmp_path / "best.pt", {"step": 0}, "val")
     assert "best_is_start" not in json.loads((tmp_path / "eval.json").read_text())
+
+
+def test_studentized_bounds_stay_inside_each_metrics_range():
+    """With a handful of recordings a bootstrap-t bound runs off (seen: VA CCC up to 1e14, AU F1
+    down to -15): every interval is clipped to what the metric can take."""
+    seen_outside = 0
+    for seed in range(3):
+        s = _state([f"v{i}" for i in range(4)], frames=5, seed=seed)
+        stats = bs.video_stats(s["acc"].state(), s["video"])
+        w = bs.resample_weights(4, 300, seed=1)
+        fn = lambda w_: bs.metrics_from_stats(stats, w_)  # noqa: E731
+        boot, point, jack, se = fn(w), fn(np.ones((1, 4))), fn(iv.jackknife_weights(4)), iv.resample_se(fn, w)
+        got = bs.interval_bounds(stats, w)
+        for k in ("va_ccc", "valence_ccc", "expr_f1", "au_f1", "p_mtl", "au_f1_per_au"):
+            lo, hi = bs.metric_range(k)
+            raw = iv.ci_bounds(point[k][0], boot[k], 0.95, "studentized", jack=jack[k], boot_se=se[k])
+            seen_outside += int(np.nanmin(raw) < lo or np.nanmax(raw) > hi)
+            b = got[k][np.isfinite(got[k])]
+            assert ((b >= lo) & (b <= hi)).all(), (k, got[k])
+    assert seen_outside > 0  # the case the clipping is for did occur
+    with pytest.raises(KeyError):
+        bs.metric_range("loss")
