@@ -182,6 +182,12 @@ class Run:
         dev = pick_device(device)
         model = model if model is not None else self.image_model(dev)
         outs = model.outputs(arr, frames, batch_size=batch_size, device=dev) if len(arr) else {}
+        bad = np.zeros(len(arr), bool)
+        for v in outs.values():
+            bad |= ~np.isfinite(v).all(1)
+        if bad.any():  # never a NaN written as a prediction
+            raise ValueError(f"{self.ckpt}: {int(bad.sum())} of {len(arr)} crops gave NaN or infinite outputs (first: "
+                             f"crop {int(np.flatnonzero(bad)[0])}, frame {int(frames[bad][0])}); the weights hold NaN?")
         return _probabilities({t: [v] for t, v in outs.items()}, self.cfg.heads, len(arr))
 
     def check_tuned(self, record: dict[str, Any], path: Path) -> str:

@@ -175,3 +175,30 @@ def test_au_thresholds_flag_sets_the_submission_labels(trained_world, tmp_path):
         assert files
         cells = {c for f in files for line in f.read_text().splitlines()[1:] for c in line.split(",")}
         assert cells == {want}
+
+
+def test_nan_weights_are_one_line_not_nan_rows(copy_world, synth_tree):
+    from affpipe.run.folder import RunFolder
+    from affpipe.runs import RunInputs, open_run
+
+    best = RunFolder(copy_world / "runs" / "frame").best
+    state = torch.load(best, weights_only=True)
+    state["model"]["heads.va.weight"][0, 0] = float("nan")
+    torch.save(state, best)
+    video = sorted(p.name for p in (synth_tree / "cropped_aligned").iterdir())[0]
+    with pytest.raises(ValueError, match="3 of 3 crops gave NaN") as info:
+        open_run(RunInputs(run=copy_world / "runs" / "frame"), data=False).predict(
+            _crops(synth_tree, video, [1, 2, 3]), device="cpu")
+    assert "\n" not in str(info.value)
+
+
+def test_moved_feature_tables_are_named_and_found_with_features(copy_world, clips, tmp_path):
+    shutil.move(copy_world / "feats", copy_world / "moved")
+    run, clip = str(copy_world / "runs" / "temporal"), str(clips / "single.avi")
+    res = CliRunner().invoke(main, ["predict", run, "--video", clip, "-o", str(tmp_path / "a"), "--device", "cpu"])
+    assert res.exit_code == 1 and res.output.count("Error:") == 1 and "--features" in res.output, res.output
+    assert not (tmp_path / "a").exists()
+    res = CliRunner().invoke(main, ["predict", run, "--video", clip, "-o", str(tmp_path / "b"), "--device", "cpu",
+                                    "--features", str(copy_world / "moved")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "b" / "single.csv").is_file()
