@@ -180,7 +180,7 @@ def test_studentized_bounds_stay_inside_each_metrics_range():
         s = _state([f"v{i}" for i in range(4)], frames=5, seed=seed)
         stats = bs.video_stats(s["acc"].state(), s["video"])
         w = bs.resample_weights(4, 300, seed=1)
-        fn = lambda w_: bs.metrics_from_stats(stats, w_)  # noqa: E731
+        fn = lambda w_, st=stats: bs.metrics_from_stats(st, w_)  # noqa: E731
         boot, point, jack, se = fn(w), fn(np.ones((1, 4))), fn(iv.jackknife_weights(4)), iv.resample_se(fn, w)
         got = bs.interval_bounds(stats, w)
         for k in ("va_ccc", "valence_ccc", "expr_f1", "au_f1", "p_mtl", "au_f1_per_au"):
