@@ -422,11 +422,15 @@ def epoch_means(acc: dict[str, float]) -> dict[str, float]:
 
 
 def plot(run: Path) -> None:
-    """Redraw ``curves.png`` (a plot must never kill a long run)."""
+    """Redraw ``curves.png`` when ``metrics.jsonl`` changed since it was drawn (a plot must never
+    kill a long run)."""
     from affpipe.run.plots import plot_curves
 
+    folder = RunFolder(run)
     try:
-        plot_curves(RunFolder(run).metrics, RunFolder(run).curves, title=run.name)
+        if folder.curves.is_file() and folder.curves.stat().st_mtime_ns > folder.metrics.stat().st_mtime_ns:
+            return  # drawn from these metrics already (the end of a run after its last epoch)
+        plot_curves(folder.metrics, folder.curves, title=run.name)
     except Exception as exc:
         log.warning("curves.png not drawn: %s", exc)
 

@@ -232,8 +232,8 @@ def test_kill9_mid_epoch_then_resume_gives_the_same_losses(shard_dir, tmp_path):
 
     def cli(out: Path, *extra: str) -> list[str]:
         return [str(Path(sys.executable).parent / "python"), "-m", "affpipe.cli", "pretrain", "--config", str(recipe),
-                "--shards", str(shard_dir), "-o", str(out), "--device", "cpu", "--max-steps-per-epoch", "6",
-                "--ckpt-every", "1", "--num-workers", "0", "--probe-frames", "32", "--max-val-steps", "2",
+                "--shards", str(shard_dir), "-o", str(out), "--device", "cpu", "--max-steps-per-epoch", "4",
+                "--ckpt-every", "1", "--num-workers", "0", "--probe-frames", "16", "--max-val-steps", "2",
                 "--log-every", "1", "--no-tensorboard", *extra]
 
     ref = tmp_path / "ref"
@@ -246,7 +246,7 @@ def test_kill9_mid_epoch_then_resume_gives_the_same_losses(shard_dir, tmp_path):
         while time.monotonic() < deadline and proc.poll() is None:
             if (out / "last.pt").exists():
                 state = load_checkpoint(out / "last.pt")  # atomic writes: never a torn file
-                if state["epoch"] == 0 and 2 <= state["step_in_epoch"] < 6:
+                if state["epoch"] == 0 and 1 <= state["step_in_epoch"] < 4:
                     break
             time.sleep(0.02)
         assert proc.poll() is None, "the run ended before a mid-epoch checkpoint was seen"
@@ -256,10 +256,10 @@ def test_kill9_mid_epoch_then_resume_gives_the_same_losses(shard_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
     killed_at = load_checkpoint(out / "last.pt")
-    assert killed_at["epoch"] == 0 and 0 < killed_at["step_in_epoch"] < 6
+    assert killed_at["epoch"] == 0 and 0 < killed_at["step_in_epoch"] < 4
     done = subprocess.run(cli(out, "--resume"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"] == list(range(1, 13))
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"] == list(range(1, 9))
     assert _losses(out) == _losses(ref)
     final = load_checkpoint(out / "last.pt")
-    assert (final["epoch"], final["step"]) == (2, 12)
+    assert (final["epoch"], final["step"]) == (2, 8)

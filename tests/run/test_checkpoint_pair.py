@@ -12,7 +12,8 @@ from affpipe.run.checkpoint import load_checkpoint
 from affpipe.run.config import load_config
 
 TINY = {"task": "mtl", "epochs": 2, "image_size": 32, "batch_size": 16, "max_steps_per_epoch": 1,
-        "max_val_steps": 3, "loader": {"num_workers": 0, "backend": "torch"}, "device": "cpu", "log_every": 1}
+        "max_val_steps": 3, "loader": {"num_workers": 0, "backend": "torch"}, "device": "cpu", "log_every": 1,
+        "model": {"arch": "timm/test_resnet"}}  # 0.4M parameters: the checkpoint pair is the point, not the model
 
 
 class _Killed(BaseException):
