@@ -10,8 +10,12 @@ matplotlib, no network. It
 4. times the trainer's step (ResNet-18 + MultiTaskLoss, AdamW, bf16 autocast, channels_last) at 112 and
    224 px on synthetic tensors already on the GPU, and fed by the DALI loader, with the share
    of step time spent waiting for data;
-5. projects one epoch over 2.7M frames; writes ``DIR/results.json`` and ``DIR/results.md`` and
-   prints the markdown.
+5. projects one epoch over 2.7M frames;
+6. times a SimSiam pre-training step on ResNet-18 at the first size, fed two augmented views of
+   every frame by the pre-training loader (DALI on the GPU when importable), against the same
+   step on synthetic views: its data-wait share (target < 5%, ``affpipe.bench.pretrain``);
+
+and writes ``DIR/results.json`` and ``DIR/results.md`` and prints the markdown.
 
 ``--cpu-smoke`` runs every step with tiny sizes on the CPU (DALI CPU mode; the ``mixed``
 decoder row says "needs a GPU"), which the test suite does, so the GPU run is unlikely to fail
@@ -228,6 +232,8 @@ def run(cfg: GpuBenchConfig) -> dict:
     for size in cfg.sizes:
         log.info("training at %d px", size)
         results["sizes"].append(bench_size(cfg, data, table, size))
+    log.info("pre-training step (SimSiam, two views) at %d px", cfg.sizes[0])
+    results["pretrain"] = bench_pretrain_case(cfg, Path(data["shards"]))
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(markdown(results) + "\n")
@@ -236,11 +242,29 @@ def run(cfg: GpuBenchConfig) -> dict:
     return results
 
 
+def bench_pretrain_case(cfg: GpuBenchConfig, shards: Path) -> dict:
+    """The pre-training row (``affpipe.bench.pretrain``), isolated like every case."""
+    try:
+        from affpipe.bench.pretrain import bench_pretrain
+
+        row = bench_pretrain(shards, device=cfg.device, batch_size=cfg.batch_size, image_size=cfg.sizes[0],
+                             seed=cfg.seed, warmup=cfg.warmup, max_steps=cfg.max_steps, seconds=cfg.seconds,
+                             repeats=cfg.repeats)
+        return {**row, "status": "ok"}
+    except Exception as exc:  # noqa: BLE001 (a failed case is a row, the others still run)
+        return {"name": "pretrain-simsiam", "status": _error(exc)}
+    finally:
+        if cfg.device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def case_rows(results: dict) -> list[dict]:
     """Every case of a results dict as a row with ``name`` and ``status``."""
     rows = list(results.get("decode", []))
     for s in results.get("sizes", []):
         rows += [{"name": f"{part}-{s['image_size']}px", **s[part]} for part in ("loader", "synthetic", "fed") if part in s]
+    if "pretrain" in results:
+        rows.append(results["pretrain"])
     return rows
 
 
@@ -294,6 +318,18 @@ def markdown(results: dict) -> str:
         lines += ["", f"Targets at {first['image_size']} px: data wait < {WAIT_TARGET:.0%}: {'met' if wait_ok else 'not met'} "
                   f"({pct(fed['data_wait_share'])}); one epoch ≤ {EPOCH_TARGET_S:.0f} s: {'met' if epoch_ok else 'not met'} "
                   f"({secs(fed['epoch_s'])}, projected from the fed step rate)."]
+    p = results.get("pretrain")
+    if p is not None:
+        lines += ["", "| pre-training step (SimSiam, ResNet-18, 2 views) | frames/s | waiting for data | target |",
+                  "|---|---:|---:|---:|"]
+        if p.get("status") == "ok":
+            lines += [f"| fed by the pre-training loader (`{p['backend']}`), {p['image_size']} px, batch {p['batch_size']} | "
+                      f"{fmt_rate(p.get('fps'))} | {pct(p.get('data_wait_share'))} | < {WAIT_TARGET:.0%}: "
+                      f"{'met' if p.get('met') else 'not met'} |",
+                      f"| synthetic views (compute ceiling) | {fmt_rate(p.get('synthetic_fps'))} | 0 | |",
+                      f"| the loader alone | {fmt_rate(p.get('loader_fps'))} | | |"]
+        else:
+            lines.append(f"| pre-training step | {p.get('status')} | | |")
     return "\n".join(lines)
 
 

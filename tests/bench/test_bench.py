@@ -240,8 +240,12 @@ def test_bench_gpu_cpu_smoke(tmp_path, data):
     # fps is rounded to 0.1 (a large relative error when a loaded CPU manages a few frames/s)
     tol = 0.01 + 0.05 / fed["fps"]
     assert fed["epoch_s"] == pytest.approx(2_700_000 / fed["fps"] + (fed["epoch_start_s"] or 0.0), rel=tol, abs=0.1)
+    p = r["pretrain"]  # issue 26: the pre-training step's data wait, the row the GPU run fills in
+    assert p["status"] == "ok" and p["fps"] > 0 and p["synthetic_fps"] > 0 and 0 <= p["data_wait_share"] <= 1
+    assert p["image_size"] == 64 and p["views"] == 2
     text = (tmp_path / "g" / "results.md").read_text()
     assert "decoders.image" in text and "| 64 |" in text
+    assert "pre-training step (SimSiam, ResNet-18, 2 views)" in text and "the loader alone" in text
     assert "<!-- bench-gpu:start -->" in md.read_text() and "old figures" in md.read_text()
 
 
