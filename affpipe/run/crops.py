@@ -18,7 +18,7 @@ carries its encoders' tensors and specs, so the file alone predicts on crops).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -86,7 +86,6 @@ class EncoderSpec:
     width: int
     source: str = ""
     source_sha256: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

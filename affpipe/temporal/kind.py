@@ -181,7 +181,7 @@ class TemporalKind(RunKind):
 
     def _table_encoders(self, cfg: TrainConfig, source: str, ctx: CropContext) -> tuple[list, list[EncoderSpec]]:
         """The encoder of each feature table the run reads (flag, else lineage, else config)."""
-        from affpipe.temporal.features import features_fingerprint, read_manifest
+        from affpipe.temporal.features import MANIFEST_FILE, features_fingerprint, read_manifest
 
         rec = ctx.lineage or {}
         feats = run_data_paths(Path(source).parent, rec.get("features"), ctx.inputs, cfg.data.features)
@@ -192,7 +192,7 @@ class TemporalKind(RunKind):
                              f"order), {len(feats)} given")
         encoders, specs = [], []
         for i, f in enumerate(feats):
-            if not (Path(f) / "manifest.json").is_file():
+            if not (Path(f) / MANIFEST_FILE).is_file():
                 raise FileNotFoundError(f"{source}: its feature table {f} is not there (moved?); predicting on crops "
                                         "needs the encoder that embedded it: pass --features to point at the table")
             recorded = (rec.get("features_fingerprint") or [None] * len(feats))[i]
