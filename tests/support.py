@@ -151,3 +151,28 @@ TINY_RUN = {"task": "mtl", "epochs": 1, "image_size": 32, "batch_size": 16, "max
             "model.arch": "timm/test_resnet", "loader.num_workers": 0, "loader.backend": "torch", "device": "cpu",
             "log_every": 1}
 TINY_TEMPORAL = {"window": 8, "stride": 4, "hidden": 16, "layers": 1}
+
+
+def kill9_at_checkpoint(args: list[str], out: Path, seen, *, timeout_s: float = 120) -> None:
+    """Start the command ``args`` and ``kill -9`` it as soon as ``out/last.pt`` holds a state for
+    which ``seen(state)`` is true (checkpoints are written atomically: never read torn); fails if
+    the command ends first."""
+    import signal
+    import subprocess
+    import time
+
+    from affpipe.run.checkpoint import load_checkpoint
+
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "last.pt").exists() and seen(load_checkpoint(out / "last.pt")):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before the checkpoint looked for was seen"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

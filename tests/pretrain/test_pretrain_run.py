@@ -221,11 +221,11 @@ size = 32
 def test_kill9_mid_epoch_then_resume_gives_the_same_losses(shard_dir, tmp_path):
     """A real `kill -9` of `affpipe pretrain` once a mid-epoch last.pt is on disk; `--resume`
     ends with the losses, probe scores and step count of a run never interrupted."""
-    import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
+
+    from support import kill9_at_checkpoint
 
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(TINY_RECIPE)
@@ -240,21 +240,7 @@ def test_kill9_mid_epoch_then_resume_gives_the_same_losses(shard_dir, tmp_path):
     done = subprocess.run(cli(ref), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cli(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (out / "last.pt").exists():
-                state = load_checkpoint(out / "last.pt")  # atomic writes: never a torn file
-                if state["epoch"] == 0 and 1 <= state["step_in_epoch"] < 4:
-                    break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before a mid-epoch checkpoint was seen"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill9_at_checkpoint(cli(out), out, lambda st: st["epoch"] == 0 and 1 <= st["step_in_epoch"] < 4)
     killed_at = load_checkpoint(out / "last.pt")
     assert killed_at["epoch"] == 0 and 0 < killed_at["step_in_epoch"] < 4
     done = subprocess.run(cli(out, "--resume"), capture_output=True, text=True, timeout=300)

@@ -7,11 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from support import kill9_at_checkpoint
 
 from affpipe.run.checkpoint import load_checkpoint, read_metrics
 from affpipe.run.config import from_dict, load_config
@@ -108,21 +108,7 @@ def test_kill9_mid_epoch_then_resume(shard_dir, tmp_path):
     out = tmp_path / "killed"
     args = _cli("train", "--task", "mtl", "--shards", str(shard_dir), "-o", str(out), "--epochs", "2",
                 "--max-steps-per-epoch", "8", "--ckpt-every", "2", *TINY_FLAGS)
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (out / "last.pt").exists():
-                state = load_checkpoint(out / "last.pt")  # atomic writes: never a torn file
-                if state["step_in_epoch"] > 0:
-                    break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before a mid-epoch checkpoint was seen"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill9_at_checkpoint(args, out, lambda st: st["step_in_epoch"] > 0)
     killed_at = load_checkpoint(out / "last.pt")
     assert killed_at["epoch"] == 0 and 0 < killed_at["step_in_epoch"] < 8
     done = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
